@@ -1,0 +1,46 @@
+"""strands-dedup: distributed idempotency and dedup for AI-agent calls, backed by Redis.
+
+A call keyed by an idempotency token runs once across every process sharing a Redis; every
+duplicate gets the primary's result; a crashed primary is replaced within one lease TTL.
+"""
+
+from ._version import __version__
+from .config import DedupConfig
+from .core import Deduplicator
+from .errors import (
+    DedupError,
+    DuplicateInFlight,
+    FingerprintMismatch,
+    InvalidToken,
+    LeaseLost,
+    PrimaryFailed,
+    ResultTooLarge,
+    SerializationError,
+    StoreUnavailable,
+    WaitTimeout,
+)
+from .protocol import Outcome, Role
+from .serialization import JsonSerializer, Serializer, SignedPickleSerializer
+from .sync import SyncDeduplicator
+
+__all__ = [
+    "DedupConfig",
+    "DedupError",
+    "Deduplicator",
+    "DuplicateInFlight",
+    "FingerprintMismatch",
+    "InvalidToken",
+    "JsonSerializer",
+    "LeaseLost",
+    "Outcome",
+    "PrimaryFailed",
+    "ResultTooLarge",
+    "Role",
+    "SerializationError",
+    "Serializer",
+    "SignedPickleSerializer",
+    "StoreUnavailable",
+    "SyncDeduplicator",
+    "WaitTimeout",
+    "__version__",
+]

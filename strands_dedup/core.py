@@ -1,0 +1,588 @@
+"""`Deduplicator`: the asyncio core (claim, wait, complete, fail, take over)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import inspect
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar, cast, get_type_hints
+
+import pydantic_core
+import redis.asyncio as aredis
+
+from .config import DedupConfig
+from .errors import (
+    DedupError,
+    DuplicateInFlight,
+    FingerprintMismatch,
+    LeaseLost,
+    PrimaryFailed,
+    ResultTooLarge,
+    SerializationError,
+    WaitTimeout,
+)
+from .keys import KeySchema, TokenKeys
+from .protocol import (
+    Busy,
+    Claimed,
+    Envelope,
+    LeaseInfo,
+    Outcome,
+    Replay,
+    Role,
+    WakeUp,
+    decode_envelope,
+    decode_message,
+    encode_envelope,
+    encode_released_message,
+    encode_stored_message,
+    encode_value_message,
+    fingerprints_conflict,
+    parse_claim_reply,
+    wait_budget,
+)
+from .renewer import HeldLease, Renewer
+from .serialization import JsonSerializer, Serializer
+from .store import RedisStore, Subscriber, client_from_url
+from .store.connect import describe_url
+
+__all__ = ["Deduplicator", "call_identity", "return_type_of"]
+
+log = logging.getLogger("strands_dedup")
+T = TypeVar("T")
+Token = str | bytes
+_UNSET: Any = object()
+_MAX_ERROR_TEXT = 2000
+_HOST = socket.gethostname()
+
+
+def return_type_of(func: Callable[..., Any]) -> Any:
+    """The declared return type of ``func`` (the awaited type for ``async def``), else `Any`."""
+    try:
+        hints = get_type_hints(inspect.unwrap(func))
+    except Exception:  # partials, callable objects, unresolved forward references
+        return Any
+    hint = hints.get("return", Any)
+    origin = getattr(hint, "__origin__", None)
+    if origin is not None and getattr(origin, "__name__", "") in {"Awaitable", "Coroutine"}:
+        return hint.__args__[-1]
+    return hint
+
+
+def _normalize_fingerprint(fingerprint: str | bytes | None) -> str | None:
+    if fingerprint is None:
+        return None
+    if isinstance(fingerprint, bytes):
+        return hashlib.sha256(fingerprint).hexdigest()
+    if isinstance(fingerprint, str):
+        return fingerprint if len(fingerprint) <= 128 else hashlib.sha256(fingerprint.encode()).hexdigest()
+    raise TypeError(f"fingerprint must be str or bytes, not {type(fingerprint).__name__}")
+
+
+def call_identity(
+    func: Callable[..., Any],
+    key: Callable[..., Token] | None,
+    scope: Callable[..., Token | None] | None,
+    fingerprint: bool | Callable[..., str | bytes],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[Token, Token | None, str | None]:
+    """Token, scope and fingerprint of one call of an ``idempotent`` function."""
+    name = f"{func.__module__}.{func.__qualname__}"
+    digest: str | None = None
+    if key is None or fingerprint is True:
+        try:
+            bound = inspect.signature(func).bind(*args, **kwargs)
+            bound.apply_defaults()
+            encoded = pydantic_core.to_json([name, bound.arguments])
+        except (TypeError, pydantic_core.PydanticSerializationError) as exc:
+            raise SerializationError(
+                f"arguments of {name} cannot be fingerprinted as JSON ({exc}); pass key= and "
+                "fingerprint= (a callable or False)"
+            ) from exc
+        digest = hashlib.sha256(encoded).hexdigest()
+    token: Token = key(*args, **kwargs) if key is not None else f"{name}:{digest}"
+    if callable(fingerprint):
+        fp: str | None = _normalize_fingerprint(fingerprint(*args, **kwargs))
+    else:
+        fp = digest if fingerprint else None
+    return token, (scope(*args, **kwargs) if scope is not None else None), fp
+
+
+class Deduplicator:
+    """Runs each call keyed by an idempotency token once across every process sharing a Redis.
+
+    >>> dedup = Deduplicator.from_url("redis://127.0.0.1:6379/0", namespace="billing")
+    >>> result = await dedup.run("req-8f3a", lambda: agent.invoke_async(prompt), scope=tenant)
+
+    One instance belongs to one event loop (its connections, renewer and subscriber live there);
+    a process may hold several. Close it with ``await dedup.aclose()`` or ``async with``.
+    """
+
+    def __init__(
+        self,
+        client: aredis.Redis | None = None,
+        *,
+        config: DedupConfig | None = None,
+        serializer: Serializer | None = None,
+        **options: Any,
+    ) -> None:
+        if config is not None and options:
+            raise TypeError("pass either config= or keyword options, not both")
+        self.config = config if config is not None else DedupConfig(**options)
+        if client is not None and not isinstance(client, aredis.Redis):
+            raise TypeError(
+                "client must be a redis.asyncio.Redis (for blocking code use SyncDeduplicator); "
+                f"got {type(client).__name__}"
+            )
+        self._owns_client = client is None
+        self._client_name = f"strands-dedup:{_HOST}:{os.getpid()}"
+        if client is None:
+            client = client_from_url("memory://", self.config, client_name=self._client_name)
+        self._init(client, describe_url("memory://") if self._owns_client else "redis", serializer)
+
+    def _init(self, client: aredis.Redis, where: str, serializer: Serializer | None) -> None:
+        cfg = self.config
+        self._keys = KeySchema(cfg.namespace)
+        self._store = RedisStore(client, cfg, where=where)
+        self._serializer: Serializer = serializer if serializer is not None else JsonSerializer()
+        self._subscriber = Subscriber(
+            self._store.new_subscriber_connection,
+            decode=decode_message,
+            connect_timeout=cfg.connect_timeout,
+            give_up_after=cfg.retry_deadline,
+        )
+        self._renewer = Renewer(self._store, cfg.effective_renew_interval, self._lease_lost)
+        self._owner_prefix = os.urandom(6).hex()
+        self._owner_seq = itertools.count(1)
+        self._meta_tail = f',"h":{json.dumps(_HOST)},"p":{os.getpid()}'
+        self._fetches: dict[bytes, asyncio.Future[bytes | None]] = {}
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls, url: str = "memory://", *, serializer: Serializer | None = None, **options: Any
+    ) -> Deduplicator:
+        """Connect to ``redis://``, ``rediss://`` (TLS), ``unix://`` or the embedded ``memory://``.
+
+        Keyword options are `DedupConfig` fields (``namespace``, ``lease_ttl``, ...).
+        """
+        self = cls.__new__(cls)
+        self.config = DedupConfig(**options)
+        self._owns_client = True
+        self._client_name = f"strands-dedup:{_HOST}:{os.getpid()}"
+        client = client_from_url(url, self.config, client_name=self._client_name)
+        self._init(client, describe_url(url), serializer)
+        return self
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def execute(
+        self,
+        token: Token,
+        call: Callable[[], Awaitable[T] | T],
+        *,
+        scope: Token | None = None,
+        fingerprint: str | bytes | None = None,
+        returns: Any = _UNSET,
+        wait_timeout: float | None = None,
+        on_duplicate: Literal["wait", "raise"] | None = None,
+    ) -> Outcome[T]:
+        """Run ``call`` once for ``token`` (within ``scope``) and say how the value was obtained.
+
+        ``call`` takes no arguments and returns a value or an awaitable. ``fingerprint``
+        identifies the request: reusing the token for another fingerprint raises
+        `FingerprintMismatch`. ``returns`` is the type stored results are read back as (default:
+        ``call``'s return annotation).
+        """
+        if not callable(call):
+            raise TypeError(f"call must be callable, not {type(call).__name__}")
+        keys = self._keys.for_token(token, scope)
+        rtype = return_type_of(call) if returns is _UNSET else returns
+        first = await self._begin(
+            keys, _normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate
+        )
+        if isinstance(first, Outcome):
+            return cast(Outcome[T], first)
+        return await self._run_primary(first, call, rtype)
+
+    async def run(
+        self,
+        token: Token,
+        call: Callable[[], Awaitable[T] | T],
+        *,
+        scope: Token | None = None,
+        fingerprint: str | bytes | None = None,
+        returns: Any = _UNSET,
+        wait_timeout: float | None = None,
+        on_duplicate: Literal["wait", "raise"] | None = None,
+    ) -> T:
+        """Like `execute`, returning just the value."""
+        outcome = await self.execute(
+            token,
+            call,
+            scope=scope,
+            fingerprint=fingerprint,
+            returns=returns,
+            wait_timeout=wait_timeout,
+            on_duplicate=on_duplicate,
+        )
+        return outcome.value
+
+    def idempotent(
+        self,
+        key: Callable[..., Token] | None = None,
+        *,
+        scope: Callable[..., Token | None] | None = None,
+        fingerprint: bool | Callable[..., str | bytes] = True,
+        returns: Any = _UNSET,
+    ) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+        """Decorate an ``async def`` so each call runs once per token.
+
+        ``key`` maps the call's arguments to its token (default: a digest of the function's name
+        and arguments); ``scope`` maps them to a tenant or session; by default the arguments are
+        fingerprinted, so a token reused with other arguments raises `FingerprintMismatch`.
+        """
+
+        def decorate(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+            if not inspect.iscoroutinefunction(inspect.unwrap(func)):
+                raise TypeError(
+                    f"{func.__qualname__} is not async; use SyncDeduplicator.idempotent for "
+                    "blocking functions"
+                )
+            rtype = return_type_of(func) if returns is _UNSET else returns
+
+            @functools.wraps(func)
+            async def wrapper(*args: Any, **kwargs: Any) -> T:
+                token, sc, fp = call_identity(func, key, scope, fingerprint, args, kwargs)
+                outcome = await self.execute(
+                    token, lambda: func(*args, **kwargs), scope=sc, fingerprint=fp, returns=rtype
+                )
+                return outcome.value
+
+            return wrapper
+
+        return decorate
+
+    async def aclose(self) -> None:
+        """Stop the renewer and the subscriber and close the connections (if this owns them)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._renewer.aclose()
+        await self._subscriber.aclose()
+        if self._owns_client:
+            await self._store.aclose()
+
+    async def __aenter__(self) -> Deduplicator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def namespace(self) -> str:
+        return self.config.namespace
+
+    # -- the protocol (shared with SyncDeduplicator) -----------------------------------------
+
+    def _new_owner(self) -> str:
+        """A fresh owner id (hex): unique per claim attempt, so a retried claim knows its lease."""
+        return f"{self._owner_prefix}{next(self._owner_seq):x}"
+
+    def _lease_meta(self, keys: TokenKeys, fingerprint: str | None) -> bytes:
+        return (
+            '{"fp":%s,"tok":%s,"sc":%s,"t":%d%s}'
+            % (
+                json.dumps(fingerprint),
+                json.dumps(keys.token),
+                json.dumps(keys.scope),
+                time.time() * 1000,
+                self._meta_tail,
+            )
+        ).encode()
+
+    async def _begin(
+        self,
+        keys: TokenKeys,
+        fingerprint: str | None,
+        rtype: Any,
+        wait_timeout: float | None,
+        on_duplicate: str | None,
+    ) -> Outcome[Any] | HeldLease:
+        """Claim the token: a replayed `Outcome`, a `HeldLease` to run the call under, or wait."""
+        if self._closed:
+            raise DedupError("the deduplicator is closed", token=keys.token)
+        owner = self._new_owner()
+        meta = self._lease_meta(keys, fingerprint)
+        reply = parse_claim_reply(await self._store.claim(keys, owner, meta))
+        if isinstance(reply, Replay):
+            return self._from_envelope(reply.envelope, Role.REPLAY, keys, fingerprint, rtype)
+        if isinstance(reply, Claimed):
+            return self._hold(keys, owner, reply.fence, meta, Role.PRIMARY, fingerprint)
+        self._check_lease(reply.lease, keys, fingerprint)
+        if (on_duplicate or self.config.on_duplicate) == "raise":
+            raise DuplicateInFlight(
+                f"token {keys.token!r} is in flight (fence {reply.lease.fence}, "
+                f"{reply.lease.pttl_ms} ms left on its lease)",
+                token=keys.token,
+                owner=reply.lease.owner,
+                fence=reply.lease.fence,
+                retry_after=max(0.001, reply.lease.pttl_ms / 1000),
+            )
+        timeout = self.config.wait_timeout if wait_timeout is None else wait_timeout
+        return await self._wait(keys, owner, meta, fingerprint, rtype, timeout)
+
+    def _hold(
+        self,
+        keys: TokenKeys,
+        owner: str,
+        fence: int,
+        meta: bytes,
+        role: Role,
+        fingerprint: str | None,
+    ) -> HeldLease:
+        value = f"{owner}|{fence}|".encode() + meta
+        lease = HeldLease(keys, owner, fence, value, role, fingerprint)
+        self._renewer.add(lease)
+        return lease
+
+    def _check_lease(self, lease: LeaseInfo, keys: TokenKeys, fingerprint: str | None) -> None:
+        if fingerprints_conflict(fingerprint, lease.fingerprint):
+            raise FingerprintMismatch(
+                f"token {keys.token!r} is in flight for a different request (fingerprint differs)",
+                token=keys.token,
+            )
+
+    async def _wait(
+        self,
+        keys: TokenKeys,
+        owner: str,
+        meta: bytes,
+        fingerprint: str | None,
+        rtype: Any,
+        timeout: float,
+    ) -> Outcome[Any] | HeldLease:
+        """Wait as a duplicate: subscribe, re-read, then listen until a result or a takeover."""
+        started = time.monotonic()
+        deadline = started + timeout
+        watch = self._subscriber.register(keys.channel)
+        try:
+            await watch.ready(max(0.0, deadline - time.monotonic()))
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WaitTimeout(
+                        f"gave up waiting for token {keys.token!r} after {timeout:g}s",
+                        token=keys.token,
+                        waited=time.monotonic() - started,
+                    )
+                reply = parse_claim_reply(await self._store.claim(keys, owner, meta))
+                if isinstance(reply, Replay):
+                    return self._from_envelope(reply.envelope, Role.WAITER, keys, fingerprint, rtype)
+                if isinstance(reply, Claimed):
+                    return self._hold(keys, owner, reply.fence, meta, Role.TAKEOVER, fingerprint)
+                assert isinstance(reply, Busy)
+                self._check_lease(reply.lease, keys, fingerprint)
+                budget = wait_budget(
+                    reply.lease.pttl_ms, self.config.takeover_grace, deadline - time.monotonic()
+                )
+                event = await watch.next(budget)
+                if event is None or event is WakeUp.RELEASED or event is WakeUp.MALFORMED:
+                    continue  # re-read: lease expired, released, or an unknown message
+                if event is WakeUp.RECONNECTED:
+                    await watch.ready(max(0.0, deadline - time.monotonic()))
+                    continue
+                if event is WakeUp.STORED:
+                    stored = await self._fetch_shared(keys)
+                    if stored is None:
+                        continue
+                    return self._from_envelope(stored, Role.WAITER, keys, fingerprint, rtype)
+                return self._from_decoded(event, Role.WAITER, keys, fingerprint, rtype)
+        finally:
+            watch.close()
+
+    async def _fetch_shared(self, keys: TokenKeys) -> bytes | None:
+        """Read a large stored result once per process for all of its waiters."""
+        pending = self._fetches.get(keys.result)
+        if pending is None:
+            pending = asyncio.ensure_future(self._store.get_result(keys))
+            self._fetches[keys.result] = pending
+            pending.add_done_callback(lambda _: self._fetches.pop(keys.result, None))
+        return await asyncio.shield(pending)
+
+    def _from_envelope(
+        self, data: bytes, role: Role, keys: TokenKeys, fingerprint: str | None, rtype: Any
+    ) -> Outcome[Any]:
+        try:
+            envelope = decode_envelope(data)
+        except (ValueError, KeyError) as exc:
+            raise SerializationError(
+                f"the value stored for token {keys.token!r} is not a strands-dedup result",
+                token=keys.token,
+            ) from exc
+        return self._from_decoded(envelope, role, keys, fingerprint, rtype)
+
+    def _from_decoded(
+        self, envelope: Envelope, role: Role, keys: TokenKeys, fingerprint: str | None, rtype: Any
+    ) -> Outcome[Any]:
+        if fingerprints_conflict(fingerprint, envelope.fingerprint):
+            raise FingerprintMismatch(
+                f"token {keys.token!r} was used for a different request (fingerprint differs)",
+                token=keys.token,
+            )
+        if not envelope.ok:
+            raise PrimaryFailed(
+                f"the primary for token {keys.token!r} failed: "
+                f"{envelope.error_type}: {envelope.error_message}",
+                token=keys.token,
+                error_type=envelope.error_type,
+                error_message=envelope.error_message,
+                fence=envelope.fence,
+            )
+        if envelope.serializer != self._serializer.name:
+            raise SerializationError(
+                f"the result for token {keys.token!r} was written with serializer "
+                f"{envelope.serializer!r}; this deduplicator reads {self._serializer.name!r}",
+                token=keys.token,
+            )
+        try:
+            value = self._serializer.loads(envelope.payload, rtype)
+        except SerializationError as exc:
+            exc.token = keys.token
+            raise
+        except Exception as exc:
+            raise SerializationError(
+                f"the result for token {keys.token!r} could not be read: {exc}", token=keys.token
+            ) from exc
+        return Outcome(value, role, envelope.fence)
+
+    async def _run_primary(
+        self, lease: HeldLease, call: Callable[[], Awaitable[T] | T], rtype: Any
+    ) -> Outcome[T]:
+        task = asyncio.current_task()
+        if self.config.on_lease_lost == "cancel":
+            lease.task = task
+        try:
+            result = call()
+            if inspect.isawaitable(result):
+                result = await result
+        except asyncio.CancelledError:
+            lease.task = None
+            if lease.cancelling and task is not None:
+                task.uncancel()
+                self._renewer.discard(lease)
+                raise self._lost_error(lease, "the call was cancelled") from None
+            await asyncio.shield(self._abandon(lease, None))
+            raise
+        except BaseException as exc:
+            lease.task = None
+            await self._abandon(lease, exc)
+            raise
+        lease.task = None
+        return await self._complete(lease, cast(T, result), rtype)
+
+    def _lease_lost(self, lease: HeldLease) -> None:
+        log.warning(
+            "lease lost for token %r (fence %d): another caller may run it",
+            lease.keys.token,
+            lease.fence,
+        )
+        if lease.task is not None and not lease.task.done():
+            lease.cancelling = True
+            lease.task.cancel("strands-dedup: lease lost")
+
+    def _lost_error(self, lease: HeldLease, detail: str) -> LeaseLost:
+        return LeaseLost(
+            f"lease on token {lease.keys.token!r} (fence {lease.fence}) was lost: {detail}",
+            token=lease.keys.token,
+            fence=lease.fence,
+        )
+
+    def _header(self, lease: HeldLease, ok: bool) -> dict[str, Any]:
+        return {
+            "st": "ok" if ok else "error",
+            "f": lease.fence,
+            "fp": lease.fingerprint,
+            "ser": self._serializer.name,
+            "t": int(time.time() * 1000),
+            "tok": lease.keys.token,
+            "sc": lease.keys.scope,
+        }
+
+    async def _complete(self, lease: HeldLease, value: T, rtype: Any) -> Outcome[T]:
+        """Serialize and store the result, fenced; wake the waiters."""
+        try:
+            payload = self._serializer.dumps(value, rtype)
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, SerializationError)
+                else SerializationError(f"result could not be serialized: {exc}")
+            )
+            error.token = lease.keys.token
+            await self._abandon(lease, error)
+            raise error from (exc if error is not exc else None)
+        limit = self.config.max_result_bytes
+        if len(payload) > limit:
+            too_large = ResultTooLarge(
+                f"result for token {lease.keys.token!r} is {len(payload)} bytes; "
+                f"max_result_bytes is {limit}",
+                token=lease.keys.token,
+                size=len(payload),
+                limit=limit,
+            )
+            await self._abandon(lease, too_large)
+            raise too_large
+        envelope = encode_envelope(lease.owner, self._header(lease, True), payload)
+        message = (
+            encode_value_message(envelope)
+            if len(envelope) <= self.config.inline_result_bytes
+            else encode_stored_message(lease.fence)
+        )
+        try:
+            ok, reason = await self._store.settle(
+                lease.keys, lease.owner, lease.fence, envelope, message
+            )
+        finally:
+            self._renewer.discard(lease)
+        if not ok:
+            raise self._lost_error(lease, f"its completion was refused ({reason})")
+        return Outcome(value, lease.role, lease.fence)
+
+    async def _abandon(self, lease: HeldLease, exc: BaseException | None) -> None:
+        """The primary did not produce a result: share its failure, or release the token.
+
+        ``exc`` is None (or not an ``Exception``) when the call was cancelled or interrupted:
+        the token is released and one waiter takes over.
+        """
+        self._renewer.discard(lease)
+        if lease.lost:
+            return  # somebody else holds the token now; nothing of ours may be written
+        release = not isinstance(exc, Exception) or self.config.on_primary_error == "retry"
+        stored = b""
+        if release:
+            message = encode_released_message(lease.fence)
+        else:
+            header = self._header(lease, False)
+            header["et"] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            header["em"] = str(exc)[:_MAX_ERROR_TEXT]
+            envelope = encode_envelope(lease.owner, header, b"")
+            stored = envelope if self.config.cache_errors else b""
+            message = encode_value_message(envelope)
+        try:
+            await self._store.settle(lease.keys, lease.owner, lease.fence, stored, message)
+        except DedupError as error:
+            log.warning(
+                "could not release token %r (it frees itself within lease_ttl): %s",
+                lease.keys.token,
+                error,
+            )

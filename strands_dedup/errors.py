@@ -1,0 +1,105 @@
+"""Errors raised by strands-dedup.
+
+Every error the library raises on purpose derives from one root::
+
+    DedupError
+    ├── DuplicateInFlight     another caller holds the token and on_duplicate="raise"
+    ├── WaitTimeout           a duplicate waited longer than its wait_timeout
+    ├── FingerprintMismatch   the token was first used for a different request (HTTP 422)
+    ├── LeaseLost             a late primary: its completion was refused (fenced off)
+    ├── PrimaryFailed         the primary raised; the failure was shared with this duplicate
+    ├── StoreUnavailable      Redis could not be reached (or refused the credentials)
+    ├── ResultTooLarge        the serialized result exceeds max_result_bytes
+    ├── SerializationError    the result could not be serialized or deserialized
+    └── InvalidToken          the token or scope cannot be used (also a ValueError)
+
+Each error carries the display form of the token it is about (``token``) where there is one.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DedupError",
+    "DuplicateInFlight",
+    "FingerprintMismatch",
+    "InvalidToken",
+    "LeaseLost",
+    "PrimaryFailed",
+    "ResultTooLarge",
+    "SerializationError",
+    "StoreUnavailable",
+    "WaitTimeout",
+]
+
+
+class DedupError(Exception):
+    """Root of every error strands-dedup raises on purpose."""
+
+    def __init__(self, message: str, *, token: str | None = None) -> None:
+        super().__init__(message)
+        self.token = token
+
+
+class DuplicateInFlight(DedupError):
+    """The token is held by a live primary and ``on_duplicate="raise"`` was asked for."""
+
+    def __init__(
+        self, message: str, *, token: str | None, owner: str, fence: int, retry_after: float
+    ) -> None:
+        super().__init__(message, token=token)
+        self.owner = owner
+        self.fence = fence
+        self.retry_after = retry_after
+
+
+class WaitTimeout(DedupError):
+    """A duplicate waited ``wait_timeout`` seconds without getting a result."""
+
+    def __init__(self, message: str, *, token: str | None, waited: float) -> None:
+        super().__init__(message, token=token)
+        self.waited = waited
+
+
+class FingerprintMismatch(DedupError):
+    """The token is already in use (in flight or completed) for a different request."""
+
+
+class LeaseLost(DedupError):
+    """The primary lost its lease: another caller claimed the token, so this result is refused."""
+
+    def __init__(self, message: str, *, token: str | None, fence: int) -> None:
+        super().__init__(message, token=token)
+        self.fence = fence
+
+
+class PrimaryFailed(DedupError):
+    """The primary raised; its failure is handed to this duplicate (or replayed when cached)."""
+
+    def __init__(
+        self, message: str, *, token: str | None, error_type: str, error_message: str, fence: int
+    ) -> None:
+        super().__init__(message, token=token)
+        self.error_type = error_type
+        self.error_message = error_message
+        self.fence = fence
+
+
+class StoreUnavailable(DedupError):
+    """Redis could not be reached in bounded time, or refused the connection's credentials."""
+
+
+class ResultTooLarge(DedupError):
+    """The serialized result is larger than ``max_result_bytes``; nothing was stored."""
+
+    def __init__(self, message: str, *, token: str | None, size: int, limit: int) -> None:
+        super().__init__(message, token=token)
+        self.size = size
+        self.limit = limit
+
+
+class SerializationError(DedupError):
+    """A result could not be serialized, or stored bytes could not be turned back into a value."""
+
+
+class InvalidToken(DedupError, ValueError):
+    """A token or scope is empty, of the wrong type, or too long to be used."""

@@ -1,0 +1,119 @@
+"""The Redis key schema: every key and channel name strands-dedup uses is built here.
+
+All keys of one token share one Redis Cluster hash slot::
+
+    <namespace>:{<scope>:<token>}:lease     the primary's lease (SET NX PX), "owner|fence|meta"
+    <namespace>:{<scope>:<token>}:fence     the token's fence counter
+    <namespace>:{<scope>:<token>}:result    the stored result envelope
+    <namespace>:{<scope>:<token>}:chan      pub/sub channel that wakes waiting duplicates
+
+A token or scope that is not short plain text is replaced by a digest (``#`` + 32 hex digits), so
+no user input can break the hash tag (``{``/``}``), act as a SCAN glob (``* ? [ ]``) or make two
+different (scope, token) pairs collide; the original is kept, in display form, in the lease and
+the result envelope. A scope never holds ``:`` in its plain form, so ``scope:token`` is unambiguous.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidToken
+
+__all__ = ["MAX_TOKEN_BYTES", "KeySchema", "TokenKeys", "display_form", "validate_namespace"]
+
+#: Tokens and scopes above this size are refused outright (a digest would hide anything longer).
+MAX_TOKEN_BYTES = 64 * 1024
+_MAX_PLAIN = 128
+_MAX_DISPLAY = 200
+_PLAIN_TOKEN = re.compile(rb"[A-Za-z0-9._~@=+/:\-]+")
+_PLAIN_SCOPE = re.compile(rb"[A-Za-z0-9._~@=+/\-]+")
+_NAMESPACE = re.compile(r"[A-Za-z0-9._\-]+(:[A-Za-z0-9._\-]+)*")
+
+
+def validate_namespace(namespace: str) -> str:
+    """Return ``namespace`` if it can prefix keys, else raise ``ValueError`` saying why."""
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+        raise ValueError(
+            f"namespace {namespace!r} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ - "
+            "(':' may separate non-empty parts)"
+        )
+    if len(namespace) > 64:
+        raise ValueError(f"namespace is {len(namespace)} characters long; the limit is 64")
+    return namespace
+
+
+def _as_bytes(value: str | bytes, what: str) -> bytes:
+    if isinstance(value, bytes):
+        raw = value
+    elif isinstance(value, str):
+        raw = value.encode("utf-8", "surrogatepass")
+    else:
+        raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}")
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise InvalidToken(f"{what} is {len(raw)} bytes long; the limit is {MAX_TOKEN_BYTES}")
+    return raw
+
+
+def display_form(raw: bytes) -> str:
+    """A printable, bounded rendering of a token or scope, for logs, errors and the CLI."""
+    text = raw.decode("utf-8", "backslashreplace")
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= _MAX_DISPLAY else text[: _MAX_DISPLAY - 3] + "..."
+
+
+def _encode(raw: bytes, plain: re.Pattern[bytes], kind: bytes) -> bytes:
+    if len(raw) <= _MAX_PLAIN and plain.fullmatch(raw):
+        return raw
+    return b"#" + hashlib.sha256(kind + b"\0" + raw).hexdigest()[:32].encode()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenKeys:
+    """The names belonging to one (scope, token) pair."""
+
+    lease: bytes
+    fence: bytes
+    result: bytes
+    channel: bytes
+    token: str
+    """Display form of the token."""
+    scope: str
+    """Display form of the scope ("" when there is none)."""
+
+
+class KeySchema:
+    """Builds key names under one validated namespace."""
+
+    __slots__ = ("namespace", "_prefix")
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = validate_namespace(namespace)
+        self._prefix = namespace.encode() + b":{"
+
+    def for_token(self, token: str | bytes, scope: str | bytes | None = None) -> TokenKeys:
+        """The keys of ``token`` within ``scope``; raises ``InvalidToken`` for unusable input."""
+        raw = _as_bytes(token, "token")
+        if not raw:
+            raise InvalidToken("token must not be empty")
+        raw_scope = b"" if scope is None else _as_bytes(scope, "scope")
+        tag = (
+            self._prefix
+            + (_encode(raw_scope, _PLAIN_SCOPE, b"scope") if raw_scope else b"")
+            + b":"
+            + _encode(raw, _PLAIN_TOKEN, b"token")
+            + b"}:"
+        )
+        return TokenKeys(
+            lease=tag + b"lease",
+            fence=tag + b"fence",
+            result=tag + b"result",
+            channel=tag + b"chan",
+            token=display_form(raw),
+            scope=display_form(raw_scope),
+        )
+
+    def pattern(self, part: str) -> bytes:
+        """A SCAN MATCH pattern for every key of one part ("lease", "result", ...)."""
+        return self.namespace.encode() + b":{*}:" + part.encode()

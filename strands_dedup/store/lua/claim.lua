@@ -1,0 +1,30 @@
+--[[ claim: replay a stored result, or take the token's lease, or report who holds it.
+KEYS[1]  lease key     KEYS[2]  fence key     KEYS[3]  result key
+ARGV[1]  owner id (hex, unique per call attempt)
+ARGV[2]  lease TTL in ms
+ARGV[3]  lease metadata (JSON; stored after "owner|fence|")
+ARGV[4]  fence TTL in ms (outlives any result and lease of the token)
+Returns
+  {'R', envelope}             a result is stored: replay it
+  {'C', fence}                the lease is ours (new claim, or a retried claim finding its own lease)
+  {'L', lease value, pttl}    another owner holds the lease, with pttl ms left
+]]
+local result = redis.call('GET', KEYS[3])
+if result then
+  return {'R', result}
+end
+local lease = redis.call('GET', KEYS[1])
+if lease then
+  local owner, fence = string.match(lease, '^([^|]*)|(%d+)|')
+  if owner == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {'C', tonumber(fence)}
+  end
+  return {'L', lease, redis.call('PTTL', KEYS[1])}
+end
+local fence = (tonumber(redis.call('GET', KEYS[2])) or 0) + 1
+if redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence .. '|' .. ARGV[3], 'NX', 'PX', ARGV[2]) then
+  redis.call('SET', KEYS[2], fence, 'PX', ARGV[4])
+  return {'C', fence}
+end
+return redis.error_reply('strands-dedup: SET NX failed on an absent lease')

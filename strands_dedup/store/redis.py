@@ -1,0 +1,189 @@
+"""`RedisStore`: the protocol's round trips, each one Lua script (or one plain command).
+
+Driver errors become the library's own: credentials refused -> `StoreUnavailable` at once;
+connection errors and timeouts -> retried with tenacity while the operation is safe to repeat
+(every script recognises a repeated call by its owner id), then `StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, NamedTuple, TypeVar
+
+import redis.asyncio as aredis
+import redis.exceptions as rex
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from ..config import DedupConfig
+from ..errors import StoreUnavailable
+from ..keys import TokenKeys
+
+__all__ = ["HeldLeaseRef", "RedisStore", "is_transient"]
+
+log = logging.getLogger("strands_dedup.store")
+R = TypeVar("R")
+
+
+def _lua(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+_SCRIPTS = {name: _lua(name) for name in ("claim", "settle", "renew")}
+
+
+class HeldLeaseRef(NamedTuple):
+    """What the renew script needs to know about one held lease."""
+
+    keys: TokenKeys
+    value: bytes
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    if isinstance(exc, (rex.AuthenticationError, rex.AuthenticationWrongNumberOfArgsError)):
+        return True
+    if isinstance(exc, rex.NoPermissionError):
+        return True
+    text = str(exc)
+    return isinstance(exc, rex.ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: the connection failed or timed out, or the server is not ready."""
+    if _is_auth_error(exc):
+        return False
+    return isinstance(
+        exc,
+        (
+            rex.ConnectionError,
+            rex.TimeoutError,
+            rex.BusyLoadingError,
+            rex.ReadOnlyError,
+            rex.TryAgainError,
+            OSError,
+        ),
+    )
+
+
+class RedisStore:
+    """The protocol's operations on one Redis (scripts registered once, run with EVALSHA)."""
+
+    def __init__(self, client: aredis.Redis, config: DedupConfig, *, where: str = "redis") -> None:
+        self.client = client
+        self.where = where
+        self._config = config
+        self._claim = client.register_script(_SCRIPTS["claim"])
+        self._settle = client.register_script(_SCRIPTS["settle"])
+        self._renew = client.register_script(_SCRIPTS["renew"])
+        self._publish = "PUBLISH"
+        self._lease_ttl = str(config.lease_ttl_ms).encode()
+        self._result_ttl = str(config.result_ttl_ms).encode()
+        self._fence_ttl = str(config.fence_ttl_ms).encode()
+
+    # -- error handling ---------------------------------------------------------------------
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        if _is_auth_error(exc):
+            error = StoreUnavailable(f"Redis at {self.where} refused the credentials: {exc}")
+        else:
+            error = StoreUnavailable(f"Redis at {self.where} is unavailable: {exc}")
+        error.__cause__ = exc
+        return error
+
+    async def _run(self, op: Callable[[], Awaitable[R]]) -> R:
+        try:  # fast path: no retry machinery unless the first attempt fails
+            return await op()
+        except Exception as exc:
+            if not is_transient(exc):
+                if _is_auth_error(exc):
+                    raise self._unavailable(exc) from exc
+                raise
+            log.debug("transient Redis error, retrying: %s", exc)
+            first = exc
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._config.retry_attempts - 1)
+            | stop_after_delay(self._config.retry_deadline),
+            wait=wait_exponential_jitter(initial=0.05, max=1.0),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        )
+        if self._config.retry_attempts <= 1:
+            raise self._unavailable(first) from first
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await op()
+        except Exception as exc:
+            if is_transient(exc) or _is_auth_error(exc):
+                raise self._unavailable(exc) from exc
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- operations -------------------------------------------------------------------------
+
+    async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> list[Any]:
+        """Run claim.lua; see its header for the reply."""
+        args = (owner, self._lease_ttl, meta, self._fence_ttl)
+        reply: list[Any] = await self._run(
+            lambda: self._claim(keys=(keys.lease, keys.fence, keys.result), args=args)
+        )
+        return reply
+
+    async def settle(
+        self, keys: TokenKeys, owner: str, fence: int, stored: bytes, message: bytes
+    ) -> tuple[bool, str]:
+        """Run settle.lua: store ``stored`` (unless empty), drop the lease, publish ``message``."""
+        args = (
+            owner,
+            str(fence),
+            stored,
+            self._result_ttl,
+            keys.channel,
+            message,
+            self._fence_ttl,
+            self._publish,
+        )
+        reply = await self._run(
+            lambda: self._settle(keys=(keys.lease, keys.fence, keys.result), args=args)
+        )
+        reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        return bool(reply[0]), reason
+
+    async def renew(self, leases: Sequence[HeldLeaseRef]) -> list[bool]:
+        """Renew every lease in one round trip; True where the lease is still ours."""
+        if not leases:
+            return []
+        keys: list[bytes] = []
+        args: list[bytes] = [self._lease_ttl]
+        for ref in leases:
+            keys += (ref.keys.lease, ref.keys.fence, ref.keys.result)
+            args.append(ref.value)
+        reply = await self._run(lambda: self._renew(keys=keys, args=args))
+        return [bool(x) for x in reply]
+
+    async def get_result(self, keys: TokenKeys) -> bytes | None:
+        value: bytes | None = await self._run(lambda: self.client.get(keys.result))
+        return value
+
+    async def ping(self) -> None:
+        await self._run(lambda: self.client.ping())
+
+    def new_subscriber_connection(self) -> Any:
+        """A dedicated RESP2 connection for the shared subscriber (same address and credentials)."""
+        pool = self.client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs["protocol"] = 2
+        name = kwargs.get("client_name")
+        if name:
+            kwargs["client_name"] = f"{name}:sub"
+        return pool.connection_class(**kwargs)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

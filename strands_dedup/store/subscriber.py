@@ -1,0 +1,359 @@
+"""The shared subscriber: one pub/sub connection per deduplicator, multiplexing every channel.
+
+A waiting duplicate registers a `Watch` (a deque and, while it waits, one future). Nothing else
+exists per waiter: no task, no thread, no connection, no polling loop. One reader task reads the
+connection and wakes the watches of a channel; one sender task writes SUBSCRIBE/UNSUBSCRIBE in
+order. Each message is decoded once per process and the same decoded event goes to every watch.
+
+Subscribe-before-read: a waiter must not re-read the token until Redis has confirmed its
+subscription, or a completion published in between would be lost. Confirmations arrive in the
+order the commands were sent, so each channel counts its unconfirmed SUBSCRIBEs and is *ready*
+only when that count is back to zero while it is meant to be subscribed.
+
+When the connection breaks, every watch receives `WakeUp.RECONNECTED` (messages may have been
+missed: re-read after the channel is ready again), the reader reconnects with backoff and sends
+one SUBSCRIBE for every channel that still has watches. A PING every ``health_interval`` detects
+a connection that died silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import StoreUnavailable
+from ..protocol import WakeUp
+
+__all__ = ["Subscriber", "Watch"]
+
+log = logging.getLogger("strands_dedup.subscriber")
+
+
+class _Channel:
+    __slots__ = ("watches", "sent", "pending", "ready")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.watches: set[Watch] = set()
+        self.sent = False  # a SUBSCRIBE is in force (or on its way) on the current connection
+        self.pending = 0  # SUBSCRIBEs sent on the current connection, not yet confirmed
+        self.ready: asyncio.Future[None] = loop.create_future()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Watch:
+    """One waiter's registration on a channel."""
+
+    __slots__ = ("channel", "_sub", "_events", "_waiter", "_closed")
+
+    def __init__(self, sub: Subscriber, channel: bytes) -> None:
+        self.channel = channel
+        self._sub = sub
+        self._events: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    def deliver(self, event: Any) -> None:
+        self._events.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def ready(self, timeout: float) -> None:
+        """Wait until the subscription is confirmed on the current connection."""
+        state = self._sub._channels.get(self.channel)
+        if state is None:  # pragma: no cover - a registered watch keeps its channel
+            raise RuntimeError("watch is closed")
+        if state.ready.done():
+            state.ready.result()
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(state.ready), timeout)
+        except TimeoutError:
+            return  # the caller's own deadline logic decides what happens next
+
+    async def next(self, timeout: float) -> Any:
+        """The next event, or None when ``timeout`` passes first."""
+        if self._events:
+            return self._events.popleft()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiter = waiter
+        handle = loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
+        return self._events.popleft() if self._events else None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._sub._unregister(self)
+
+
+class Subscriber:
+    """Multiplexes every waiting duplicate of one deduplicator over one pub/sub connection."""
+
+    def __init__(
+        self,
+        new_connection: Callable[[], Any],
+        *,
+        decode: Callable[[bytes], Any],
+        connect_timeout: float,
+        give_up_after: float,
+        health_interval: float = 5.0,
+    ) -> None:
+        self._new_connection = new_connection
+        self._decode = decode
+        self._connect_timeout = connect_timeout
+        self._give_up_after = give_up_after
+        self._health_interval = health_interval
+        self._channels: dict[bytes, _Channel] = {}
+        self._dirty: set[bytes] = set()
+        self._flush_scheduled = False
+        self._conn: Any = None
+        self._outbox: asyncio.Queue[tuple[Any, tuple[bytes, ...]]] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._wanted: asyncio.Event | None = None
+        self._closed = False
+        self._ping_outstanding = False
+        self.connects = 0
+        """Connections made so far (more than one means it reconnected)."""
+        self.connected_since: float | None = None
+
+    # -- registration ---------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def waiters(self) -> int:
+        return sum(len(state.watches) for state in self._channels.values())
+
+    def register(self, channel: bytes) -> Watch:
+        """Start listening on ``channel``; await `Watch.ready` before re-reading the token."""
+        if self._closed:
+            raise StoreUnavailable("the deduplicator is closed")
+        loop = asyncio.get_running_loop()
+        state = self._channels.get(channel)
+        if state is None:
+            state = self._channels[channel] = _Channel(loop)
+        watch = Watch(self, channel)
+        state.watches.add(watch)
+        if not state.sent:
+            self._mark(channel)
+        self._start(loop)
+        return watch
+
+    def _unregister(self, watch: Watch) -> None:
+        state = self._channels.get(watch.channel)
+        if state is None:
+            return
+        state.watches.discard(watch)
+        if not state.watches:
+            self._mark(watch.channel)
+
+    def _mark(self, channel: bytes) -> None:
+        self._dirty.add(channel)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Reconcile what is subscribed with what is wanted; batch the commands."""
+        self._flush_scheduled = False
+        if self._conn is None or self._outbox is None:
+            return  # on (re)connect every wanted channel is subscribed anyway
+        subscribe: list[bytes] = []
+        unsubscribe: list[bytes] = []
+        for channel in self._dirty:
+            state = self._channels.get(channel)
+            if state is None:
+                continue
+            if state.watches and not state.sent:
+                state.sent = True
+                state.pending += 1
+                if state.ready.done():
+                    state.ready = asyncio.get_running_loop().create_future()
+                subscribe.append(channel)
+            elif not state.watches and state.sent:
+                state.sent = False
+                unsubscribe.append(channel)
+            if not state.watches and not state.sent and state.pending == 0:
+                del self._channels[channel]
+        self._dirty.clear()
+        for command, channels in (("SUBSCRIBE", subscribe), ("UNSUBSCRIBE", unsubscribe)):
+            for start in range(0, len(channels), 1000):
+                self._outbox.put_nowait((self._conn, (command.encode(), *channels[start : start + 1000])))
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._wanted is None:
+            self._wanted = asyncio.Event()
+            self._outbox = asyncio.Queue()
+        self._wanted.set()
+        if self._reader is None or self._reader.done():
+            self._reader = loop.create_task(self._read_loop(), name="strands-dedup-subscriber")
+        if self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._send_loop(), name="strands-dedup-sender")
+
+    async def _send_loop(self) -> None:
+        assert self._outbox is not None
+        while True:
+            conn, args = await self._outbox.get()
+            if conn is not self._conn:
+                continue  # meant for a connection that is gone; reconnect resubscribes
+            try:
+                await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            except Exception as exc:
+                log.warning("subscriber send failed, reconnecting: %s", exc)
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+
+    async def _connect(self) -> None:
+        conn = self._new_connection()
+        try:
+            await asyncio.wait_for(conn.connect(), self._connect_timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            raise
+        self._conn = conn
+        self._ping_outstanding = False
+        self.connects += 1
+        self.connected_since = time.monotonic()
+        for channel, state in self._channels.items():
+            if state.watches:
+                self._dirty.add(channel)
+        self._flush()
+
+    def _drop(self) -> None:
+        """The connection is gone: reset channel state and tell every watch to re-read."""
+        self._conn = None
+        self.connected_since = None
+        loop = asyncio.get_running_loop()
+        for channel in list(self._channels):
+            state = self._channels[channel]
+            state.sent, state.pending = False, 0
+            if state.ready.done():
+                state.ready = loop.create_future()
+            if not state.watches:
+                del self._channels[channel]
+            for watch in state.watches:
+                watch.deliver(WakeUp.RECONNECTED)
+
+    def _fail_waiting(self, exc: BaseException) -> None:
+        loop = asyncio.get_running_loop()
+        for state in self._channels.values():
+            if not state.ready.done():
+                state.ready.set_exception(exc)
+                state.ready.exception()  # mark retrieved: a watch may not be awaiting it
+            state.ready = loop.create_future()
+
+    async def _read_loop(self) -> None:
+        assert self._wanted is not None
+        failing_since: float | None = None
+        backoff = 0.05
+        while not self._closed:
+            if self._conn is None:
+                if not self._channels:
+                    self._wanted.clear()
+                    await self._wanted.wait()
+                    continue
+                try:
+                    await self._connect()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    now = time.monotonic()
+                    failing_since = failing_since or now
+                    log.warning("subscriber cannot connect: %s", exc)
+                    if now - failing_since >= self._give_up_after:
+                        error = StoreUnavailable(f"pub/sub connection to Redis failed: {exc}")
+                        error.__cause__ = exc
+                        self._fail_waiting(error)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                failing_since, backoff = None, 0.05
+            conn = self._conn
+            try:
+                response = await conn.read_response(
+                    disable_decoding=True, timeout=self._health_interval
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self._closed:
+                    log.info("subscriber connection lost, reconnecting: %s", exc)
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect(nowait=True)
+                    self._drop()
+                continue
+            if response is None:
+                if self._ping_outstanding:
+                    log.warning("subscriber connection unresponsive, reconnecting")
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect(nowait=True)
+                    self._drop()
+                else:
+                    self._ping_outstanding = True
+                    assert self._outbox is not None
+                    self._outbox.put_nowait((conn, (b"PING",)))
+                continue
+            self._handle(response)
+
+    def _handle(self, response: Any) -> None:
+        if not isinstance(response, list) or not response:
+            return
+        kind = response[0]
+        self._ping_outstanding = False
+        if kind == b"message":
+            state = self._channels.get(response[1])
+            if state is None or not state.watches:
+                return
+            event = self._decode(response[2])
+            for watch in tuple(state.watches):
+                watch.deliver(event)
+        elif kind == b"subscribe":
+            state = self._channels.get(response[1])
+            if state is None:
+                return
+            state.pending = max(0, state.pending - 1)
+            if state.pending == 0:
+                if state.sent:
+                    _wake(state.ready)
+                elif not state.watches:
+                    del self._channels[response[1]]
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for task in (self._reader, self._sender):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.disconnect(nowait=True)
+            self._conn = None
+        error = StoreUnavailable("the deduplicator was closed while this call waited")
+        for state in self._channels.values():
+            if not state.ready.done():
+                state.ready.set_exception(error)
+                state.ready.exception()
+            for watch in state.watches:
+                watch.deliver(WakeUp.RECONNECTED)

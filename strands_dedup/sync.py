@@ -1,0 +1,194 @@
+"""`SyncDeduplicator`: the blocking facade over the asyncio core.
+
+The core runs on one private event loop in a daemon thread (the *portal*); the blocking caller
+sends it the claim and the completion, and runs its call in its own thread in between. A waiting
+duplicate blocks only its own thread. The portal's loop owns the facade's renewer and subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar
+
+import redis.asyncio as aredis
+
+from .config import DedupConfig
+from .core import _UNSET, Deduplicator, Token, _normalize_fingerprint, call_identity, return_type_of
+from .protocol import Outcome
+from .renewer import HeldLease
+from .serialization import Serializer
+
+__all__ = ["SyncDeduplicator"]
+
+T = TypeVar("T")
+
+
+class _Portal:
+    """An event loop in a daemon thread that blocking callers hand coroutines to."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="strands-dedup-portal", daemon=True
+        )
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("SyncDeduplicator cannot be called from its own portal thread")
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class SyncDeduplicator:
+    """The same API as `Deduplicator` for blocking code; the call runs in the caller's thread.
+
+    Safe to share between threads, and usable inside a running event loop (it blocks that loop's
+    thread while it waits, like any blocking call).
+    """
+
+    def __init__(
+        self,
+        client: aredis.Redis | None = None,
+        *,
+        config: DedupConfig | None = None,
+        serializer: Serializer | None = None,
+        **options: Any,
+    ) -> None:
+        core = Deduplicator(client, config=config, serializer=serializer, **options)
+        self._setup(core)
+
+    def _setup(self, core: Deduplicator) -> None:
+        self._core = core
+        self._portal = _Portal()
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls, url: str = "memory://", *, serializer: Serializer | None = None, **options: Any
+    ) -> SyncDeduplicator:
+        """See `Deduplicator.from_url`."""
+        self = cls.__new__(cls)
+        self._setup(Deduplicator.from_url(url, serializer=serializer, **options))
+        return self
+
+    @property
+    def config(self) -> DedupConfig:
+        return self._core.config
+
+    def execute(
+        self,
+        token: Token,
+        call: Callable[[], T],
+        *,
+        scope: Token | None = None,
+        fingerprint: str | bytes | None = None,
+        returns: Any = _UNSET,
+        wait_timeout: float | None = None,
+        on_duplicate: Literal["wait", "raise"] | None = None,
+    ) -> Outcome[T]:
+        """See `Deduplicator.execute`; ``call`` is a blocking callable run in this thread."""
+        if not callable(call):
+            raise TypeError(f"call must be callable, not {type(call).__name__}")
+        core = self._core
+        keys = core._keys.for_token(token, scope)
+        rtype = return_type_of(call) if returns is _UNSET else returns
+        first = self._portal.call(
+            core._begin(keys, _normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate)
+        )
+        if isinstance(first, Outcome):
+            return first
+        return self._run_primary(first, call, rtype)
+
+    def _run_primary(self, lease: HeldLease, call: Callable[[], T], rtype: Any) -> Outcome[T]:
+        try:
+            value = call()
+        except BaseException as exc:
+            self._portal.call(self._core._abandon(lease, exc))
+            raise
+        if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()
+            error = TypeError("SyncDeduplicator got an awaitable; use Deduplicator for async calls")
+            self._portal.call(self._core._abandon(lease, error))
+            raise error
+        return self._portal.call(self._core._complete(lease, value, rtype))
+
+    def run(
+        self,
+        token: Token,
+        call: Callable[[], T],
+        *,
+        scope: Token | None = None,
+        fingerprint: str | bytes | None = None,
+        returns: Any = _UNSET,
+        wait_timeout: float | None = None,
+        on_duplicate: Literal["wait", "raise"] | None = None,
+    ) -> T:
+        """Like `execute`, returning just the value."""
+        return self.execute(
+            token,
+            call,
+            scope=scope,
+            fingerprint=fingerprint,
+            returns=returns,
+            wait_timeout=wait_timeout,
+            on_duplicate=on_duplicate,
+        ).value
+
+    def idempotent(
+        self,
+        key: Callable[..., Token] | None = None,
+        *,
+        scope: Callable[..., Token | None] | None = None,
+        fingerprint: bool | Callable[..., str | bytes] = True,
+        returns: Any = _UNSET,
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """See `Deduplicator.idempotent`, for blocking functions."""
+
+        def decorate(func: Callable[..., T]) -> Callable[..., T]:
+            if inspect.iscoroutinefunction(inspect.unwrap(func)):
+                raise TypeError(f"{func.__qualname__} is async; use Deduplicator.idempotent")
+            rtype = return_type_of(func) if returns is _UNSET else returns
+
+            @functools.wraps(func)
+            def wrapper(*args: Any, **kwargs: Any) -> T:
+                token, sc, fp = call_identity(func, key, scope, fingerprint, args, kwargs)
+                return self.execute(
+                    token, lambda: func(*args, **kwargs), scope=sc, fingerprint=fp, returns=rtype
+                ).value
+
+            return wrapper
+
+        return decorate
+
+    def close(self) -> None:
+        """Close the core on its loop and stop the portal thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._portal.call(self._core.aclose())
+        finally:
+            self._portal.stop()
+
+    def __enter__(self) -> SyncDeduplicator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
