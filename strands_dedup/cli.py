@@ -6,11 +6,13 @@ import asyncio
 import os
 import random
 import time
+from collections.abc import Awaitable
 
 import click
 
 from . import __version__
 from .core import Deduplicator
+from .protocol import Outcome
 
 __all__ = ["main"]
 
@@ -24,14 +26,34 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--redis-url", envvar=REDIS_URL_ENV, default="memory://", show_default=True,
-              help=f"Redis to use (env {REDIS_URL_ENV}); memory:// runs embedded, no server.")
-@click.option("--calls", default=500, show_default=True, type=click.IntRange(1, 1_000_000),
-              help="Calls to fire, duplicates included.")
-@click.option("--keys", default=10, show_default=True, type=click.IntRange(1, 1_000_000),
-              help="Distinct idempotency tokens among the calls.")
-@click.option("--work", default=0.2, show_default=True, type=click.FloatRange(0, 60),
-              help="Seconds each execution of the (fake) agent call takes.")
+@click.option(
+    "--redis-url",
+    envvar=REDIS_URL_ENV,
+    default="memory://",
+    show_default=True,
+    help=f"Redis to use (env {REDIS_URL_ENV}); memory:// runs embedded, no server.",
+)
+@click.option(
+    "--calls",
+    default=500,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Calls to fire, duplicates included.",
+)
+@click.option(
+    "--keys",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Distinct idempotency tokens among the calls.",
+)
+@click.option(
+    "--work",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 60),
+    help="Seconds each execution of the (fake) agent call takes.",
+)
 @click.option("--seed", default=None, type=int, help="Seed for the order of the calls.")
 def demo(redis_url: str, calls: int, keys: int, work: float, seed: int | None) -> None:
     """Fire a storm of duplicate calls and show that each token ran once."""
@@ -54,7 +76,10 @@ async def _demo(redis_url: str, calls: int, keys: int, work: float, seed: int | 
     async with Deduplicator.from_url(redis_url, namespace="strands-dedup-demo") as dedup:
 
         async def one(token: str) -> None:
-            outcome = await dedup.execute(token, lambda: agent_call(token))
+            def call() -> Awaitable[dict[str, str]]:
+                return agent_call(token)
+
+            outcome: Outcome[dict[str, str]] = await dedup.execute(token, call)
             roles[outcome.role.value] = roles.get(outcome.role.value, 0) + 1
 
         await asyncio.gather(*(one(t) for t in tokens))

@@ -37,7 +37,8 @@ class DedupConfig(BaseModel):
         description="A failed primary's error goes to waiting duplicates, or one of them retries.",
     )
     on_lease_lost: Literal["continue", "cancel"] = Field(
-        "continue", description="An async primary whose lease is lost keeps running or is cancelled."
+        "continue",
+        description="An async primary whose lease is lost keeps running or is cancelled.",
     )
     cache_errors: bool = Field(False, description="Store failures for result_ttl and replay them.")
     max_result_bytes: int = Field(16 * MiB, gt=0, le=512 * MiB, description="Result size bound.")

@@ -83,7 +83,11 @@ def _normalize_fingerprint(fingerprint: str | bytes | None) -> str | None:
     if isinstance(fingerprint, bytes):
         return hashlib.sha256(fingerprint).hexdigest()
     if isinstance(fingerprint, str):
-        return fingerprint if len(fingerprint) <= 128 else hashlib.sha256(fingerprint.encode()).hexdigest()
+        return (
+            fingerprint
+            if len(fingerprint) <= 128
+            else hashlib.sha256(fingerprint.encode()).hexdigest()
+        )
     raise TypeError(f"fingerprint must be str or bytes, not {type(fingerprint).__name__}")
 
 
@@ -188,7 +192,7 @@ class Deduplicator:
     async def execute(
         self,
         token: Token,
-        call: Callable[[], Awaitable[T] | T],
+        call: Callable[[], Awaitable[T]] | Callable[[], T],
         *,
         scope: Token | None = None,
         fingerprint: str | bytes | None = None,
@@ -217,7 +221,7 @@ class Deduplicator:
     async def run(
         self,
         token: Token,
-        call: Callable[[], Awaitable[T] | T],
+        call: Callable[[], Awaitable[T]] | Callable[[], T],
         *,
         scope: Token | None = None,
         fingerprint: str | bytes | None = None,
@@ -263,8 +267,12 @@ class Deduplicator:
             @functools.wraps(func)
             async def wrapper(*args: Any, **kwargs: Any) -> T:
                 token, sc, fp = call_identity(func, key, scope, fingerprint, args, kwargs)
-                outcome = await self.execute(
-                    token, lambda: func(*args, **kwargs), scope=sc, fingerprint=fp, returns=rtype
+
+                def bound() -> Awaitable[T]:
+                    return func(*args, **kwargs)
+
+                outcome: Outcome[T] = await self.execute(
+                    token, bound, scope=sc, fingerprint=fp, returns=rtype
                 )
                 return outcome.value
 
@@ -299,16 +307,9 @@ class Deduplicator:
         return f"{self._owner_prefix}{next(self._owner_seq):x}"
 
     def _lease_meta(self, keys: TokenKeys, fingerprint: str | None) -> bytes:
-        return (
-            '{"fp":%s,"tok":%s,"sc":%s,"t":%d%s}'
-            % (
-                json.dumps(fingerprint),
-                json.dumps(keys.token),
-                json.dumps(keys.scope),
-                time.time() * 1000,
-                self._meta_tail,
-            )
-        ).encode()
+        fp, tok, sc = json.dumps(fingerprint), json.dumps(keys.token), json.dumps(keys.scope)
+        now = int(time.time() * 1000)
+        return f'{{"fp":{fp},"tok":{tok},"sc":{sc},"t":{now}{self._meta_tail}}}'.encode()
 
     async def _begin(
         self,
@@ -387,7 +388,9 @@ class Deduplicator:
                     )
                 reply = parse_claim_reply(await self._store.claim(keys, owner, meta))
                 if isinstance(reply, Replay):
-                    return self._from_envelope(reply.envelope, Role.WAITER, keys, fingerprint, rtype)
+                    return self._from_envelope(
+                        reply.envelope, Role.WAITER, keys, fingerprint, rtype
+                    )
                 if isinstance(reply, Claimed):
                     return self._hold(keys, owner, reply.fence, meta, Role.TAKEOVER, fingerprint)
                 assert isinstance(reply, Busy)
@@ -466,7 +469,7 @@ class Deduplicator:
         return Outcome(value, role, envelope.fence)
 
     async def _run_primary(
-        self, lease: HeldLease, call: Callable[[], Awaitable[T] | T], rtype: Any
+        self, lease: HeldLease, call: Callable[[], Awaitable[T]] | Callable[[], T], rtype: Any
     ) -> Outcome[T]:
         task = asyncio.current_task()
         if self.config.on_lease_lost == "cancel":

@@ -86,7 +86,7 @@ class TokenKeys:
 class KeySchema:
     """Builds key names under one validated namespace."""
 
-    __slots__ = ("namespace", "_prefix")
+    __slots__ = ("_prefix", "namespace")
 
     def __init__(self, namespace: str) -> None:
         self.namespace = validate_namespace(namespace)

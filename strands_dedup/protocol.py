@@ -40,7 +40,7 @@ T = TypeVar("T")
 ENVELOPE_MAGIC = b"SD1|"
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     """How a caller got its outcome."""
 
     PRIMARY = "primary"
@@ -51,9 +51,6 @@ class Role(str, enum.Enum):
     """The result was already stored; nothing ran."""
     TAKEOVER = "takeover"
     """This caller waited, found the primary gone, claimed the token and ran the call."""
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +165,9 @@ def decode_lease(value: bytes, pttl_ms: int) -> LeaseInfo:
         parsed = json.loads(meta) if meta else {}
     except ValueError:
         parsed = {}
-    return LeaseInfo(owner.decode(), int(fence), parsed if isinstance(parsed, dict) else {}, pttl_ms)
+    return LeaseInfo(
+        owner.decode(), int(fence), parsed if isinstance(parsed, dict) else {}, pttl_ms
+    )
 
 
 def parse_claim_reply(reply: list[Any]) -> ClaimReply:

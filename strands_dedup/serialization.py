@@ -97,5 +97,7 @@ class SignedPickleSerializer:
     def loads(self, data: bytes, type_hint: Any) -> Any:
         signature, body = data[: self._DIGEST], data[self._DIGEST :]
         if len(signature) != self._DIGEST or not hmac.compare_digest(signature, self._sign(body)):
-            raise SerializationError("stored result's signature does not match: refusing to unpickle")
+            raise SerializationError(
+                "stored result's signature does not match: refusing to unpickle"
+            )
         return pickle.loads(body)  # noqa: S301 - signature checked above

@@ -109,7 +109,9 @@ class SyncDeduplicator:
         keys = core._keys.for_token(token, scope)
         rtype = return_type_of(call) if returns is _UNSET else returns
         first = self._portal.call(
-            core._begin(keys, _normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate)
+            core._begin(
+                keys, _normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate
+            )
         )
         if isinstance(first, Outcome):
             return first

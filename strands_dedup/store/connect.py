@@ -50,7 +50,7 @@ def client_from_url(url: str, config: DedupConfig, *, client_name: str) -> aredi
     if scheme == "unix":
         options.pop("socket_connect_timeout")
     pool = aredis.BlockingConnectionPool.from_url(url, **options)
-    return aredis.Redis(connection_pool=pool)
+    return aredis.Redis.from_pool(pool)
 
 
 def _memory_client(url: str, config: DedupConfig, client_name: str) -> aredis.Redis:

@@ -19,7 +19,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from ..config import DedupConfig
@@ -110,7 +111,7 @@ class RedisStore:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._config.retry_attempts - 1)
             | stop_after_delay(self._config.retry_deadline),
-            wait=wait_exponential_jitter(initial=0.05, max=1.0),
+            wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
             retry=retry_if_exception(is_transient),
             reraise=True,
         )
@@ -169,8 +170,8 @@ class RedisStore:
         return [bool(x) for x in reply]
 
     async def get_result(self, keys: TokenKeys) -> bytes | None:
-        value: bytes | None = await self._run(lambda: self.client.get(keys.result))
-        return value
+        value = await self._run(lambda: self.client.get(keys.result))
+        return value if value is None or isinstance(value, bytes) else str(value).encode()
 
     async def ping(self) -> None:
         await self._run(lambda: self.client.ping())

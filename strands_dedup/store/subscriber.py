@@ -35,7 +35,7 @@ log = logging.getLogger("strands_dedup.subscriber")
 
 
 class _Channel:
-    __slots__ = ("watches", "sent", "pending", "ready")
+    __slots__ = ("pending", "ready", "sent", "watches")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.watches: set[Watch] = set()
@@ -52,7 +52,7 @@ def _wake(future: asyncio.Future[None]) -> None:
 class Watch:
     """One waiter's registration on a channel."""
 
-    __slots__ = ("channel", "_sub", "_events", "_waiter", "_closed")
+    __slots__ = ("_closed", "_events", "_sub", "_waiter", "channel")
 
     def __init__(self, sub: Subscriber, channel: bytes) -> None:
         self.channel = channel
@@ -142,6 +142,16 @@ class Subscriber:
     def waiters(self) -> int:
         return sum(len(state.watches) for state in self._channels.values())
 
+    @property
+    def listening(self) -> int:
+        """Waiters blocked on a message right now (registered, subscribed and re-read done)."""
+        return sum(
+            1
+            for state in self._channels.values()
+            for watch in state.watches
+            if watch._waiter is not None and not watch._waiter.done()
+        )
+
     def register(self, channel: bytes) -> Watch:
         """Start listening on ``channel``; await `Watch.ready` before re-reading the token."""
         if self._closed:
@@ -196,7 +206,9 @@ class Subscriber:
         self._dirty.clear()
         for command, channels in (("SUBSCRIBE", subscribe), ("UNSUBSCRIBE", unsubscribe)):
             for start in range(0, len(channels), 1000):
-                self._outbox.put_nowait((self._conn, (command.encode(), *channels[start : start + 1000])))
+                self._outbox.put_nowait(
+                    (self._conn, (command.encode(), *channels[start : start + 1000]))
+                )
 
     # -- tasks ----------------------------------------------------------------------------
 

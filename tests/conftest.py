@@ -1,0 +1,95 @@
+"""Shared fixtures.
+
+Real-Redis tests use, in order: ``STRANDS_DEDUP_TEST_REDIS_URL``; a Redis on 127.0.0.1:6379; a
+redis-server started from the PATH on a free port. When none is found they skip, unless
+``STRANDS_DEDUP_REQUIRE_REDIS=1`` (set by .ci/run), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+from servers import REDIS_SERVER, RedisServer, reachable
+
+REQUIRE_REDIS = os.environ.get("STRANDS_DEDUP_REQUIRE_REDIS") == "1"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a real Redis for this test session."""
+    url = os.environ.get("STRANDS_DEDUP_TEST_REDIS_URL")
+    if url:
+        if not reachable(url):
+            pytest.fail(f"STRANDS_DEDUP_TEST_REDIS_URL={url} is not reachable")
+        yield url
+        return
+    if reachable("redis://127.0.0.1:6379/0"):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    if REDIS_SERVER is not None:
+        server = RedisServer()
+        try:
+            yield server.url
+        finally:
+            server.close()
+        return
+    message = "no Redis found (no STRANDS_DEDUP_TEST_REDIS_URL, nothing on :6379, no redis-server)"
+    if REQUIRE_REDIS:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A namespace of this test's own; its keys are deleted afterwards on the real Redis."""
+    ns = f"t-{uuid.uuid4().hex[:10]}"
+    yield ns
+    if "redis_url" in request.fixturenames:
+        url = request.getfixturevalue("redis_url")
+        client = redis.Redis.from_url(url)
+        try:
+            keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
+            for start in range(0, len(keys), 500):
+                client.delete(*keys[start : start + 500])
+        finally:
+            client.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend_url(request: pytest.FixtureRequest) -> str:
+    """Each contract test runs on the embedded memory:// store and on a real Redis."""
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex[:8]}"
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+@pytest.fixture
+async def dedup(backend_url: str, namespace: str) -> AsyncIterator[object]:
+    from strands_dedup import Deduplicator
+
+    async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=2) as d:
+        yield d
+
+
+@pytest.fixture
+def redis_server_factory() -> Iterator[type[RedisServer]]:
+    """Start extra redis-server processes (stopped at teardown); skips if there is none."""
+    if REDIS_SERVER is None:
+        if REQUIRE_REDIS:
+            pytest.fail("redis-server is not on the PATH")
+        pytest.skip("redis-server is not on the PATH")
+    started: list[RedisServer] = []
+
+    class Factory(RedisServer):
+        def __init__(self, *args: str, port: int | None = None) -> None:
+            super().__init__(*args, port=port)
+            started.append(self)
+
+    yield Factory
+    for server in started:
+        server.close()

@@ -1,0 +1,157 @@
+"""Connecting: URLs (redis://, rediss://, unix://, ACL users), failures surfacing as
+StoreUnavailable in bounded time, and transient errors retried. Each test starts its own
+redis-server on a free port (never 6379) where it needs special settings."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from servers import RedisServer, free_port
+
+from strands_dedup import Deduplicator, Role, StoreUnavailable
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(30)]
+
+
+async def test_unreachable_redis_fails_fast_with_store_unavailable(namespace: str) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    async with Deduplicator.from_url(url, namespace=namespace, retry_attempts=2) as dedup:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="unavailable") as info:
+            await dedup.execute("t", lambda: 1)
+        assert time.monotonic() - started < 3
+        assert isinstance(info.value.__cause__, redis.ConnectionError)
+        assert "127.0.0.1" in str(info.value) and "password" not in str(info.value)
+
+
+def test_unknown_url_scheme_is_refused() -> None:
+    with pytest.raises(ValueError, match="unsupported Redis URL"):
+        Deduplicator.from_url("http://user:secret@127.0.0.1:6379")
+    try:
+        Deduplicator.from_url("mongodb://u:topsecret@h/0")
+    except ValueError as exc:
+        assert "topsecret" not in str(exc)
+
+
+async def test_password_and_acl_users(
+    redis_server_factory: type[RedisServer], namespace: str
+) -> None:
+    server = redis_server_factory("--requirepass", "s3cret-pw")
+    admin = redis.Redis(port=server.port, password="s3cret-pw")
+    admin.execute_command("ACL", "SETUSER", "agent", "on", ">agent-pw", "~*", "&*", "+@all")
+    admin.close()
+    base = f"127.0.0.1:{server.port}/0"
+
+    async with Deduplicator.from_url(f"redis://:s3cret-pw@{base}", namespace=namespace) as d:
+        assert (await d.execute("t", lambda: "pw")).role is Role.PRIMARY
+    async with Deduplicator.from_url(f"redis://agent:agent-pw@{base}", namespace=namespace) as d:
+        assert (await d.execute("t", lambda: "acl")).value == "pw"
+
+    for bad in (f"redis://:wrong@{base}", f"redis://agent:wrong@{base}", f"redis://{base}"):
+        async with Deduplicator.from_url(bad, namespace=namespace, retry_attempts=5) as d:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="credentials") as info:
+                await d.execute("t", lambda: 1)
+            assert time.monotonic() - started < 1, "credential errors are not retried"
+            assert "wrong" not in str(info.value)
+
+
+async def test_unix_socket_url(redis_server_factory: type[RedisServer], namespace: str) -> None:
+    server = redis_server_factory()
+    async with Deduplicator.from_url(
+        f"unix://{server.unixsocket}?db=0", namespace=namespace
+    ) as dedup:
+        gate = asyncio.Event()
+
+        async def call() -> str:
+            await gate.wait()
+            return "over a socket"
+
+        primary = asyncio.create_task(dedup.execute("t", call))
+        dup = asyncio.create_task(dedup.execute("t", call))
+        while dedup._subscriber.listening < 1:
+            await asyncio.sleep(0.005)
+        gate.set()
+        assert {(await primary).value, (await dup).value} == {"over a socket"}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test CA")
+async def test_tls_url(
+    redis_server_factory: type[RedisServer], tmp_path: Path, namespace: str
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    tls_port = free_port()
+    redis_server_factory(
+        "--tls-port",
+        str(tls_port),
+        "--tls-cert-file",
+        str(cert),
+        "--tls-key-file",
+        str(key),
+        "--tls-ca-cert-file",
+        str(cert),
+        "--tls-auth-clients",
+        "no",
+    )
+    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+    async with Deduplicator.from_url(url, namespace=namespace) as dedup:
+        assert (await dedup.execute("t", lambda: "tls")).role is Role.PRIMARY
+        assert (await dedup.execute("t", lambda: "x")).value == "tls"
+
+
+async def test_killed_connections_are_retried_transparently(redis_url: str, namespace: str) -> None:
+    async with Deduplicator.from_url(redis_url, namespace=namespace) as dedup:
+        assert (await dedup.execute("a", lambda: 1)).role is Role.PRIMARY
+        admin = redis.Redis.from_url(redis_url)
+        try:
+            name = dedup._client_name
+            killed = admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            assert killed >= 1
+            assert not any(c["name"] == name for c in admin.client_list(_type="normal"))
+        finally:
+            admin.close()
+        # The pooled connection is dead; the claim fails once and is retried on a new one.
+        assert (await dedup.execute("b", lambda: 2)).role is Role.PRIMARY
+        assert (await dedup.execute("a", lambda: 3)).value == 1
+
+
+async def test_redis_restart_is_survived(
+    redis_server_factory: type[RedisServer], namespace: str
+) -> None:
+    server = redis_server_factory()
+    async with Deduplicator.from_url(server.url, namespace=namespace, retry_deadline=5) as dedup:
+        assert (await dedup.execute("a", lambda: 1)).role is Role.PRIMARY
+        server.stop()
+        with pytest.raises(StoreUnavailable):
+            await dedup.execute("b", lambda: 2)
+        server.start()
+        assert (await dedup.execute("b", lambda: 2)).role is Role.PRIMARY

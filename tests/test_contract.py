@@ -1,0 +1,376 @@
+"""The protocol's contract, run on every backend: embedded memory:// and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pydantic
+import pytest
+
+from strands_dedup import (
+    DedupError,
+    Deduplicator,
+    DuplicateInFlight,
+    FingerprintMismatch,
+    LeaseLost,
+    PrimaryFailed,
+    ResultTooLarge,
+    Role,
+    SerializationError,
+    SignedPickleSerializer,
+    WaitTimeout,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def make(backend_url: str, namespace: str) -> Callable[..., Any]:
+    @asynccontextmanager
+    async def factory(**options: Any) -> AsyncIterator[Deduplicator]:
+        options.setdefault("lease_ttl", 2)
+        async with Deduplicator.from_url(backend_url, namespace=namespace, **options) as d:
+            yield d
+
+    return factory
+
+
+class Gate:
+    """A call that signals when it starts and finishes only when released."""
+
+    def __init__(self, value: Any = "done") -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.runs = 0
+        self.value = value
+
+    async def __call__(self) -> Any:
+        self.runs += 1
+        self.started.set()
+        await self.release.wait()
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        await asyncio.sleep(0.005)
+
+
+async def waiting(dedup: Deduplicator, n: int) -> None:
+    await until(lambda: dedup._subscriber.listening >= n)
+
+
+async def test_primary_then_replay(dedup: Deduplicator) -> None:
+    runs = 0
+
+    async def call() -> dict[str, int]:
+        nonlocal runs
+        runs += 1
+        return {"n": runs}
+
+    first = await dedup.execute("t1", call)
+    again = await dedup.execute("t1", call)
+    assert (first.role, first.value, first.fence) == (Role.PRIMARY, {"n": 1}, 1)
+    assert (again.role, again.value, again.fence) == (Role.REPLAY, {"n": 1}, 1)
+    assert runs == 1
+    assert await dedup.run(b"t1", call) == {"n": 1}  # bytes and str tokens are one token
+
+
+async def test_concurrent_duplicates_wait_and_share_one_execution(dedup: Deduplicator) -> None:
+    gate = Gate({"answer": 42})
+    primary = asyncio.create_task(dedup.execute("t", gate))
+    await gate.started.wait()
+    dups = [asyncio.create_task(dedup.execute("t", gate)) for _ in range(20)]
+    await waiting(dedup, 20)
+    gate.release.set()
+    outcomes = await asyncio.gather(primary, *dups)
+    assert gate.runs == 1
+    assert outcomes[0].role is Role.PRIMARY
+    assert {o.role for o in outcomes[1:]} == {Role.WAITER}
+    assert all(o.value == {"answer": 42} and o.fence == 1 for o in outcomes)
+    assert dedup._subscriber.waiters == 0
+
+
+async def test_scopes_isolate_tenants(dedup: Deduplicator) -> None:
+    a = await dedup.execute("same", lambda: "tenant-a", scope="a")
+    b = await dedup.execute("same", lambda: "tenant-b", scope="b")
+    assert (a.value, b.value) == ("tenant-a", "tenant-b")
+    assert (await dedup.execute("same", lambda: "x", scope="a")).value == "tenant-a"
+
+
+async def test_fingerprint_mismatch_in_flight_and_completed(dedup: Deduplicator) -> None:
+    gate = Gate()
+    primary = asyncio.create_task(dedup.execute("t", gate, fingerprint="body-1"))
+    await gate.started.wait()
+    with pytest.raises(FingerprintMismatch, match="in flight"):
+        await dedup.execute("t", gate, fingerprint="body-2")
+    gate.release.set()
+    await primary
+    with pytest.raises(FingerprintMismatch, match="different request"):
+        await dedup.execute("t", gate, fingerprint="body-2")
+    assert (await dedup.execute("t", gate, fingerprint="body-1")).role is Role.REPLAY
+    assert gate.runs == 1
+
+
+async def test_on_duplicate_raise_fails_fast(make: Callable[..., Any]) -> None:
+    async with make(on_duplicate="raise") as dedup:
+        gate = Gate()
+        primary = asyncio.create_task(dedup.execute("t", gate))
+        await gate.started.wait()
+        with pytest.raises(DuplicateInFlight) as info:
+            await dedup.execute("t", gate)
+        assert info.value.fence == 1 and 0 < info.value.retry_after <= 2
+        assert info.value.token == "t"
+        gate.release.set()
+        await primary
+        assert (await dedup.execute("t", gate)).role is Role.REPLAY
+
+
+async def test_wait_timeout_bounds_a_waiter(dedup: Deduplicator) -> None:
+    gate = Gate()
+    primary = asyncio.create_task(dedup.execute("t", gate))
+    await gate.started.wait()
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout) as info:
+        await dedup.execute("t", gate, wait_timeout=0.3)
+    elapsed = time.monotonic() - started
+    assert 0.3 <= elapsed < 1.5 and info.value.waited >= 0.3
+    gate.release.set()
+    await primary
+
+
+async def test_failure_is_shared_with_waiters_but_not_stored(dedup: Deduplicator) -> None:
+    gate = Gate(ValueError("model refused"))
+    primary = asyncio.create_task(dedup.execute("t", gate))
+    await gate.started.wait()
+    dup = asyncio.create_task(dedup.execute("t", gate))
+    await waiting(dedup, 1)
+    gate.release.set()
+    with pytest.raises(ValueError, match="model refused"):
+        await primary
+    with pytest.raises(PrimaryFailed) as info:
+        await dup
+    assert info.value.error_type == "builtins.ValueError"
+    assert info.value.error_message == "model refused"
+    assert (await dedup.execute("t", lambda: "second try")).role is Role.PRIMARY
+
+
+async def test_retry_mode_hands_the_call_to_one_waiter(make: Callable[..., Any]) -> None:
+    async with make(on_primary_error="retry") as dedup:
+        gate = Gate(RuntimeError("boom"))
+        primary = asyncio.create_task(dedup.execute("t", gate))
+        await gate.started.wait()
+        runs = 0
+
+        async def retry_call() -> str:
+            nonlocal runs
+            runs += 1
+            return "recovered"
+
+        dups = [asyncio.create_task(dedup.execute("t", retry_call)) for _ in range(5)]
+        await waiting(dedup, 5)
+        gate.release.set()
+        with pytest.raises(RuntimeError):
+            await primary
+        outcomes = await asyncio.gather(*dups)
+        assert runs == 1
+        assert sorted(o.role.value for o in outcomes) == ["takeover"] + ["waiter"] * 4
+        assert {o.value for o in outcomes} == {"recovered"} and {o.fence for o in outcomes} == {2}
+
+
+async def test_cache_errors_replays_the_failure(make: Callable[..., Any]) -> None:
+    async with make(cache_errors=True) as dedup:
+
+        async def fail() -> None:
+            raise KeyError("nope")
+
+        with pytest.raises(KeyError):
+            await dedup.execute("t", fail)
+        with pytest.raises(PrimaryFailed, match="KeyError"):
+            await dedup.execute("t", lambda: "never runs")
+
+
+async def test_cancelled_primary_releases_and_a_waiter_takes_over(dedup: Deduplicator) -> None:
+    gate = Gate()
+    primary = asyncio.create_task(dedup.execute("t", gate))
+    await gate.started.wait()
+    dup = asyncio.create_task(dedup.execute("t", lambda: "mine"))
+    await waiting(dedup, 1)
+    primary.cancel()
+    outcome = await asyncio.wait_for(dup, 1.5)  # well before the 2 s lease would expire
+    assert (outcome.role, outcome.value, outcome.fence) == (Role.TAKEOVER, "mine", 2)
+
+
+async def test_unserializable_result_releases_and_tells_waiters(dedup: Deduplicator) -> None:
+    gate = Gate(object())
+    primary = asyncio.create_task(dedup.execute("t", gate))
+    await gate.started.wait()
+    dup = asyncio.create_task(dedup.execute("t", gate))
+    await waiting(dedup, 1)
+    gate.release.set()
+    with pytest.raises(SerializationError, match="cannot be serialized"):
+        await primary
+    with pytest.raises(PrimaryFailed, match="SerializationError"):
+        await dup
+    keys = dedup._keys.for_token("t")
+    assert await dedup._store.client.exists(keys.lease, keys.result) == 0
+    assert (await dedup.execute("t", lambda: "fine")).role is Role.PRIMARY
+
+
+async def test_oversized_result_is_refused_without_storing(make: Callable[..., Any]) -> None:
+    async with make(max_result_bytes=1000, inline_result_bytes=100) as dedup:
+        with pytest.raises(ResultTooLarge) as info:
+            await dedup.execute("t", lambda: "x" * 5000)
+        assert info.value.size > 1000 and info.value.limit == 1000
+        keys = dedup._keys.for_token("t")
+        assert await dedup._store.client.exists(keys.lease, keys.result) == 0
+
+
+async def test_large_result_is_read_once_and_shared(make: Callable[..., Any]) -> None:
+    async with make(inline_result_bytes=64) as dedup:
+        big = {"text": "y" * 10_000}
+        gate = Gate(big)
+        primary = asyncio.create_task(dedup.execute("t", gate))
+        await gate.started.wait()
+        dups = [asyncio.create_task(dedup.execute("t", gate)) for _ in range(10)]
+        await waiting(dedup, 10)
+        reads = 0
+        original = dedup._store.get_result
+
+        async def counting(keys: Any) -> bytes | None:
+            nonlocal reads
+            reads += 1
+            return await original(keys)
+
+        dedup._store.get_result = counting  # type: ignore[method-assign]
+        gate.release.set()
+        outcomes = await asyncio.gather(primary, *dups)
+        assert all(o.value == big for o in outcomes)
+        assert reads == 1
+
+
+class Receipt(pydantic.BaseModel):
+    order_id: str
+    amount: int
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+async def test_idempotent_decorator_round_trips_the_return_type(dedup: Deduplicator) -> None:
+    runs = 0
+
+    @dedup.idempotent(key=lambda order_id, amount: order_id)
+    async def refund(order_id: str, amount: int) -> Receipt:
+        nonlocal runs
+        runs += 1
+        return Receipt(order_id=order_id, amount=amount)
+
+    @dedup.idempotent()
+    async def where(x: int, y: int) -> Point:
+        return Point(x, y)
+
+    assert await refund("o-1", 5) == Receipt(order_id="o-1", amount=5)
+    replayed = await refund("o-1", 5)
+    assert isinstance(replayed, Receipt) and replayed.amount == 5 and runs == 1
+    with pytest.raises(FingerprintMismatch):
+        await refund("o-1", 6)
+    assert await where(1, 2) == Point(1, 2)
+    again = await where(1, 2)
+    assert isinstance(again, Point)
+    with pytest.raises(TypeError, match="not async"):
+        dedup.idempotent()(lambda: 1)
+
+
+async def test_lease_is_renewed_while_a_slow_primary_runs(make: Callable[..., Any]) -> None:
+    async with make(lease_ttl=0.3) as dedup:
+        gate = Gate("slow")
+        primary = asyncio.create_task(dedup.execute("t", gate))
+        await gate.started.wait()
+        keys = dedup._keys.for_token("t")
+        renewed_past = time.monotonic() + 0.9  # three lease lifetimes
+        await until(lambda: time.monotonic() > renewed_past)
+        assert await dedup._store.client.pttl(keys.lease) > 0
+        with pytest.raises(DuplicateInFlight):
+            await dedup.execute("t", gate, on_duplicate="raise")
+        gate.release.set()
+        assert (await primary).role is Role.PRIMARY and gate.runs == 1
+
+
+async def _steal(dedup: Deduplicator, token: str) -> None:
+    """Make the token look claimed by someone else (fence moved on, lease theirs)."""
+    keys = dedup._keys.for_token(token)
+    client = dedup._store.client
+    await client.incr(keys.fence)
+    await client.set(keys.lease, b"ffff|99|{}", px=60_000)
+
+
+async def test_lost_lease_cancels_the_primary_when_asked(make: Callable[..., Any]) -> None:
+    async with make(lease_ttl=0.3, on_lease_lost="cancel") as dedup:
+        gate = Gate()
+        primary = asyncio.create_task(dedup.execute("t", gate))
+        await gate.started.wait()
+        await _steal(dedup, "t")
+        with pytest.raises(LeaseLost) as info:
+            await asyncio.wait_for(primary, 2)
+        assert info.value.fence == 1
+
+
+async def test_lost_lease_refuses_the_completion(make: Callable[..., Any]) -> None:
+    async with make(lease_ttl=2) as dedup:
+        gate = Gate("late")
+        primary = asyncio.create_task(dedup.execute("t", gate))
+        await gate.started.wait()
+        await _steal(dedup, "t")
+        gate.release.set()
+        with pytest.raises(LeaseLost, match="refused"):
+            await primary
+        keys = dedup._keys.for_token("t")
+        assert await dedup._store.client.get(keys.result) is None
+
+
+@pytest.mark.parametrize(
+    "token", ["{a}", "a*b?[c]", "has space", "line\nbreak", b"\xff\x00bytes", "x" * 10_240]
+)
+async def test_awkward_tokens_work_end_to_end(dedup: Deduplicator, token: str | bytes) -> None:
+    assert (await dedup.execute(token, lambda: 1)).role is Role.PRIMARY
+    assert (await dedup.execute(token, lambda: 2)).value == 1
+
+
+async def test_bad_input_is_refused_before_touching_redis(dedup: Deduplicator) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        await dedup.execute("", lambda: 1)
+    with pytest.raises(TypeError, match="callable"):
+        await dedup.execute("t", 42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fingerprint"):
+        await dedup.execute("t", lambda: 1, fingerprint=3)  # type: ignore[arg-type]
+
+
+async def test_signed_pickle_serializer_round_trips(backend_url: str, namespace: str) -> None:
+    ser = SignedPickleSerializer(b"0123456789abcdef")
+    async with Deduplicator.from_url(backend_url, namespace=namespace, serializer=ser) as d:
+        assert (await d.execute("t", lambda: {1, 2})).value == {1, 2}
+        assert (await d.execute("t", lambda: None)).value == {1, 2}
+    async with Deduplicator.from_url(backend_url, namespace=namespace) as plain:
+        with pytest.raises(SerializationError, match="serializer"):
+            await plain.execute("t", lambda: None)
+
+
+async def test_closed_deduplicator_refuses_calls(make: Callable[..., Any]) -> None:
+    async with make() as dedup:
+        pass
+    with pytest.raises(DedupError, match="closed"):
+        await dedup.execute("t", lambda: 1)
