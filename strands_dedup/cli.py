@@ -12,11 +12,13 @@ import click
 
 from . import __version__
 from .core import Deduplicator
+from .errors import DedupError, StoreUnavailable
 from .protocol import Outcome
 
 __all__ = ["main"]
 
 REDIS_URL_ENV = "STRANDS_DEDUP_REDIS_URL"
+EXIT_UNREACHABLE = 3
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,7 +59,13 @@ def main() -> None:
 @click.option("--seed", default=None, type=int, help="Seed for the order of the calls.")
 def demo(redis_url: str, calls: int, keys: int, work: float, seed: int | None) -> None:
     """Fire a storm of duplicate calls and show that each token ran once."""
-    asyncio.run(_demo(redis_url, calls, keys, work, seed))
+    try:
+        asyncio.run(_demo(redis_url, calls, keys, work, seed))
+    except StoreUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_UNREACHABLE) from None
+    except (DedupError, ValueError) as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from None
 
 
 async def _demo(redis_url: str, calls: int, keys: int, work: float, seed: int | None) -> None:
