@@ -374,3 +374,32 @@ async def test_closed_deduplicator_refuses_calls(make: Callable[..., Any]) -> No
         pass
     with pytest.raises(DedupError, match="closed"):
         await dedup.execute("t", lambda: 1)
+
+
+async def test_a_call_outliving_the_fence_ttl_still_completes(make: Callable[..., Any]) -> None:
+    # fence TTL = result_ttl + 2 * lease_ttl = 0.5 s; the call runs for twice that.
+    async with make(lease_ttl=0.2, result_ttl=0.1) as dedup:
+        gate = Gate("long")
+        primary = asyncio.create_task(dedup.execute("t", gate))
+        await gate.started.wait()
+        past = time.monotonic() + 1.0
+        await until(lambda: time.monotonic() > past)
+        gate.release.set()
+        assert (await primary).role is Role.PRIMARY
+
+
+async def test_an_expired_lease_nobody_claimed_is_taken_back(make: Callable[..., Any]) -> None:
+    async with make(lease_ttl=0.3) as dedup:
+        gate = Gate("kept")
+        primary = asyncio.create_task(dedup.execute("t", gate))
+        await gate.started.wait()
+        keys = dedup._keys.for_token("t")
+        client = dedup._store.client
+        await client.delete(keys.lease)  # as if it had expired during a pause
+        deadline = time.monotonic() + 2
+        while not await client.exists(keys.lease):
+            assert time.monotonic() < deadline, "the renewer did not take the lease back"
+            await asyncio.sleep(0.01)
+        gate.release.set()
+        outcome = await primary
+        assert (outcome.role, outcome.fence) == (Role.PRIMARY, 1)

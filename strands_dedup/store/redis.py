@@ -162,7 +162,7 @@ class RedisStore:
         if not leases:
             return []
         keys: list[bytes] = []
-        args: list[bytes] = [self._lease_ttl]
+        args: list[bytes] = [self._lease_ttl, self._fence_ttl]
         for ref in leases:
             keys += (ref.keys.lease, ref.keys.fence, ref.keys.result)
             args.append(ref.value)
