@@ -51,7 +51,7 @@ from .protocol import (
 )
 from .renewer import HeldLease, Renewer
 from .serialization import JsonSerializer, Serializer
-from .store import RedisStore, Subscriber, client_from_url
+from .store import RedisStore, Subscriber, Watch, client_from_url
 from .store.connect import describe_url
 
 __all__ = ["Deduplicator", "call_identity", "return_type_of"]
@@ -324,23 +324,30 @@ class Deduplicator:
             raise DedupError("the deduplicator is closed", token=keys.token)
         owner = self._new_owner()
         meta = self._lease_meta(keys, fingerprint)
-        reply = parse_claim_reply(await self._store.claim(keys, owner, meta))
-        if isinstance(reply, Replay):
-            return self._from_envelope(reply.envelope, Role.REPLAY, keys, fingerprint, rtype)
-        if isinstance(reply, Claimed):
-            return self._hold(keys, owner, reply.fence, meta, Role.PRIMARY, fingerprint)
-        self._check_lease(reply.lease, keys, fingerprint)
-        if (on_duplicate or self.config.on_duplicate) == "raise":
-            raise DuplicateInFlight(
-                f"token {keys.token!r} is in flight (fence {reply.lease.fence}, "
-                f"{reply.lease.pttl_ms} ms left on its lease)",
-                token=keys.token,
-                owner=reply.lease.owner,
-                fence=reply.lease.fence,
-                retry_after=max(0.001, reply.lease.pttl_ms / 1000),
-            )
+        # Listening already (other local waiters on this token)? Then this read needs no repeat.
+        watch = self._subscriber.attach_if_subscribed(keys.channel)
+        try:
+            reply = parse_claim_reply(await self._store.claim(keys, owner, meta))
+            if isinstance(reply, Replay):
+                return self._from_envelope(reply.envelope, Role.REPLAY, keys, fingerprint, rtype)
+            if isinstance(reply, Claimed):
+                return self._hold(keys, owner, reply.fence, meta, Role.PRIMARY, fingerprint)
+            self._check_lease(reply.lease, keys, fingerprint)
+            if (on_duplicate or self.config.on_duplicate) == "raise":
+                raise DuplicateInFlight(
+                    f"token {keys.token!r} is in flight (fence {reply.lease.fence}, "
+                    f"{reply.lease.pttl_ms} ms left on its lease)",
+                    token=keys.token,
+                    owner=reply.lease.owner,
+                    fence=reply.lease.fence,
+                    retry_after=max(0.001, reply.lease.pttl_ms / 1000),
+                )
+        except BaseException:
+            if watch is not None:
+                watch.close()
+            raise
         timeout = self.config.wait_timeout if wait_timeout is None else wait_timeout
-        return await self._wait(keys, owner, meta, fingerprint, rtype, timeout)
+        return await self._wait(keys, owner, meta, fingerprint, rtype, timeout, watch, reply)
 
     def _hold(
         self,
@@ -371,36 +378,49 @@ class Deduplicator:
         fingerprint: str | None,
         rtype: Any,
         timeout: float,
+        watch: Watch | None,
+        busy: Busy,
     ) -> Outcome[Any] | HeldLease:
-        """Wait as a duplicate: subscribe, re-read, then listen until a result or a takeover."""
+        """Wait as a duplicate until a result arrives or the token is free to take over.
+
+        Subscribe-before-read: ``busy`` counts as a read made while listening only if ``watch``
+        was attached before it; otherwise subscribe, wait for Redis to confirm, and read again.
+        """
         started = time.monotonic()
         deadline = started + timeout
-        watch = self._subscriber.register(keys.channel)
+        current: Busy | None = busy
+        if watch is None:
+            watch = self._subscriber.register(keys.channel)
+            current = None
         try:
-            await watch.ready(max(0.0, deadline - time.monotonic()))
+            if current is None:
+                await watch.ready(max(0.0, deadline - time.monotonic()))
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WaitTimeout(
-                        f"gave up waiting for token {keys.token!r} after {timeout:g}s",
-                        token=keys.token,
-                        waited=time.monotonic() - started,
-                    )
-                reply = parse_claim_reply(await self._store.claim(keys, owner, meta))
-                if isinstance(reply, Replay):
-                    return self._from_envelope(
-                        reply.envelope, Role.WAITER, keys, fingerprint, rtype
-                    )
-                if isinstance(reply, Claimed):
-                    return self._hold(keys, owner, reply.fence, meta, Role.TAKEOVER, fingerprint)
-                assert isinstance(reply, Busy)
-                self._check_lease(reply.lease, keys, fingerprint)
+                if current is None:
+                    if time.monotonic() >= deadline:
+                        raise WaitTimeout(
+                            f"gave up waiting for token {keys.token!r} after {timeout:g}s",
+                            token=keys.token,
+                            waited=time.monotonic() - started,
+                        )
+                    reply = parse_claim_reply(await self._store.claim(keys, owner, meta))
+                    if isinstance(reply, Replay):
+                        return self._from_envelope(
+                            reply.envelope, Role.WAITER, keys, fingerprint, rtype
+                        )
+                    if isinstance(reply, Claimed):
+                        return self._hold(
+                            keys, owner, reply.fence, meta, Role.TAKEOVER, fingerprint
+                        )
+                    self._check_lease(reply.lease, keys, fingerprint)
+                    current = reply
                 budget = wait_budget(
-                    reply.lease.pttl_ms, self.config.takeover_grace, deadline - time.monotonic()
+                    current.lease.pttl_ms, self.config.takeover_grace, deadline - time.monotonic()
                 )
+                current = None  # whatever wakes us, the next step reads the token again
                 event = await watch.next(budget)
                 if event is None or event is WakeUp.RELEASED or event is WakeUp.MALFORMED:
-                    continue  # re-read: lease expired, released, or an unknown message
+                    continue  # lease expired, released, or a message that is not ours
                 if event is WakeUp.RECONNECTED:
                     await watch.ready(max(0.0, deadline - time.monotonic()))
                     continue

@@ -25,10 +25,11 @@ def describe_url(url: str) -> str:
 
 
 def client_from_url(url: str, config: DedupConfig, *, client_name: str) -> aredis.Redis:
-    """A client with a bounded, blocking pool (callers queue for a connection, never open more).
+    """A client whose pool holds at most ``max_connections`` connections.
 
-    Retries are left to strands-dedup (tenacity, on operations that are safe to repeat), so the
-    client itself does not retry.
+    Callers queue for a connection in `RedisStore` (a FIFO semaphore of the same size), so the
+    pool itself never has to block. Retries are left to strands-dedup (tenacity, on operations
+    that are safe to repeat), so the client itself does not retry.
     """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
@@ -40,7 +41,6 @@ def client_from_url(url: str, config: DedupConfig, *, client_name: str) -> aredi
         )
     options: dict[str, Any] = {
         "max_connections": config.max_connections,
-        "timeout": config.pool_timeout,
         "socket_connect_timeout": config.connect_timeout,
         "socket_timeout": config.socket_timeout,
         "client_name": client_name,
@@ -49,7 +49,7 @@ def client_from_url(url: str, config: DedupConfig, *, client_name: str) -> aredi
     }
     if scheme == "unix":
         options.pop("socket_connect_timeout")
-    pool = aredis.BlockingConnectionPool.from_url(url, **options)
+    pool = aredis.ConnectionPool.from_url(url, **options)
     return aredis.Redis.from_pool(pool)
 
 
@@ -64,8 +64,6 @@ def _memory_client(url: str, config: DedupConfig, client_name: str) -> aredis.Re
         host=f"strands-dedup-memory/{name}",
         port=0,
         client_name=client_name,
-        connection_pool_class=aredis.BlockingConnectionPool,
         max_connections=config.max_connections,
-        timeout=config.pool_timeout,
     )
     return client

@@ -7,6 +7,7 @@ connection errors and timeouts -> retried with tenacity while the operation is s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -84,6 +85,7 @@ class RedisStore:
         self._settle = client.register_script(_SCRIPTS["settle"])
         self._renew = client.register_script(_SCRIPTS["renew"])
         self._publish = "PUBLISH"
+        self._slots: asyncio.Semaphore | None = None
         self._lease_ttl = str(config.lease_ttl_ms).encode()
         self._result_ttl = str(config.result_ttl_ms).encode()
         self._fence_ttl = str(config.fence_ttl_ms).encode()
@@ -99,6 +101,32 @@ class RedisStore:
         return error
 
     async def _run(self, op: Callable[[], Awaitable[R]]) -> R:
+        """Run ``op`` holding one of ``max_connections`` slots, retrying transient errors.
+
+        The slots are a FIFO semaphore: a storm of thousands of calls queues here in O(1) per
+        hand-off, and the pool below never opens more than ``max_connections`` connections.
+        """
+        slots = self._slots
+        if slots is None:
+            slots = self._slots = asyncio.Semaphore(self._config.max_connections)
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self._config.pool_timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"no free connection to Redis at {self.where} within "
+                    f"{self._config.pool_timeout:g}s (max_connections="
+                    f"{self._config.max_connections})"
+                ) from None
+        else:
+            await slots.acquire()
+        try:
+            return await self._attempt(op)
+        finally:
+            slots.release()
+
+    async def _attempt(self, op: Callable[[], Awaitable[R]]) -> R:
         try:  # fast path: no retry machinery unless the first attempt fails
             return await op()
         except Exception as exc:

@@ -167,6 +167,27 @@ class Subscriber:
         self._start(loop)
         return watch
 
+    def attach_if_subscribed(self, channel: bytes) -> Watch | None:
+        """A watch on ``channel`` if Redis has already confirmed that subscription, else None.
+
+        A read made after this returns needs no second read: anything published after it
+        reaches the watch. Fresh calls thus cost no SUBSCRIBE, and duplicates joining a channel
+        other local waiters already listen on cost one read instead of two.
+        """
+        state = self._channels.get(channel)
+        if (
+            state is None
+            or not state.sent
+            or state.pending
+            or not state.ready.done()
+            or state.ready.exception() is not None
+            or self._closed
+        ):
+            return None
+        watch = Watch(self, channel)
+        state.watches.add(watch)
+        return watch
+
     def _unregister(self, watch: Watch) -> None:
         state = self._channels.get(watch.channel)
         if state is None:
