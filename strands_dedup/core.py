@@ -62,6 +62,8 @@ Token = str | bytes
 _UNSET: Any = object()
 _MAX_ERROR_TEXT = 2000
 _HOST = socket.gethostname()
+# A waiter's re-read in flight: when it was issued, and (reply, issuer owner, issuer fingerprint).
+_Reread = tuple[float, "asyncio.Future[tuple[Replay | Claimed | Busy, str, str | None]]"]
 
 
 def return_type_of(func: Callable[..., Any]) -> Any:
@@ -169,6 +171,7 @@ class Deduplicator:
         self._owner_seq = itertools.count(1)
         self._meta_tail = f',"h":{json.dumps(_HOST)},"p":{os.getpid()}'
         self._fetches: dict[bytes, asyncio.Future[bytes | None]] = {}
+        self._rereads: dict[bytes, _Reread] = {}
         self._closed = False
 
     @classmethod
@@ -389,12 +392,14 @@ class Deduplicator:
         started = time.monotonic()
         deadline = started + timeout
         current: Busy | None = busy
+        not_before = 0.0
         if watch is None:
             watch = self._subscriber.register(keys.channel)
             current = None
         try:
             if current is None:
                 await watch.ready(max(0.0, deadline - time.monotonic()))
+                not_before = watch.mark
             while True:
                 if current is None:
                     if time.monotonic() >= deadline:
@@ -403,7 +408,7 @@ class Deduplicator:
                             token=keys.token,
                             waited=time.monotonic() - started,
                         )
-                    reply = parse_claim_reply(await self._store.claim(keys, owner, meta))
+                    reply = await self._read_again(keys, owner, meta, fingerprint, not_before)
                     if isinstance(reply, Replay):
                         return self._from_envelope(
                             reply.envelope, Role.WAITER, keys, fingerprint, rtype
@@ -419,10 +424,14 @@ class Deduplicator:
                 )
                 current = None  # whatever wakes us, the next step reads the token again
                 event = await watch.next(budget)
+                # A shared read must postdate what woke us; after a timeout any read in flight
+                # is fresh enough (it only has to show whether the lease is still there).
+                not_before = watch.mark if event is not None else 0.0
                 if event is None or event is WakeUp.RELEASED or event is WakeUp.MALFORMED:
                     continue  # lease expired, released, or a message that is not ours
                 if event is WakeUp.RECONNECTED:
                     await watch.ready(max(0.0, deadline - time.monotonic()))
+                    not_before = watch.mark
                     continue
                 if event is WakeUp.STORED:
                     stored = await self._fetch_shared(keys)
@@ -432,6 +441,41 @@ class Deduplicator:
                 return self._from_decoded(event, Role.WAITER, keys, fingerprint, rtype)
         finally:
             watch.close()
+
+    async def _read_again(
+        self, keys: TokenKeys, owner: str, meta: bytes, fingerprint: str | None, not_before: float
+    ) -> Replay | Claimed | Busy:
+        """A waiter's re-read (a claim), shared by this process's waiters of the token.
+
+        One claim is in flight per token; a waiter joins it if it was issued at or after
+        ``not_before``, else issues its own. When the shared claim wins the token, only its
+        issuer takes over; the others see the issuer's fresh lease and keep waiting.
+        """
+        pending = self._rereads.get(keys.lease)
+        if pending is not None and pending[0] >= not_before:
+            try:
+                reply, issuer, issuer_fp = await asyncio.shield(pending[1])
+            except Exception as exc:  # the issuer's read failed: read on our own below
+                log.debug("shared re-read of %r failed: %s", keys.token, exc)
+            else:
+                if isinstance(reply, Claimed):
+                    shared = {"fp": issuer_fp} if issuer_fp is not None else {}
+                    return Busy(LeaseInfo(issuer, reply.fence, shared, self.config.lease_ttl_ms))
+                return reply
+        entry: _Reread = (time.monotonic(), asyncio.get_running_loop().create_future())
+        self._rereads[keys.lease] = entry
+        try:
+            reply = parse_claim_reply(await self._store.claim(keys, owner, meta))
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else DedupError("the read was cancelled")
+            entry[1].set_exception(error)
+            entry[1].exception()  # marked retrieved: there may be no joiner
+            raise
+        finally:
+            if self._rereads.get(keys.lease) is entry:
+                del self._rereads[keys.lease]
+        entry[1].set_result((reply, owner, fingerprint))
+        return reply
 
     async def _fetch_shared(self, keys: TokenKeys) -> bytes | None:
         """Read a large stored result once per process for all of its waiters."""

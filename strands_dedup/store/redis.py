@@ -85,7 +85,8 @@ class RedisStore:
         self._settle = client.register_script(_SCRIPTS["settle"])
         self._renew = client.register_script(_SCRIPTS["renew"])
         self._publish = "PUBLISH"
-        self._slots: asyncio.Semaphore | None = None
+        self._claim_lane: asyncio.Semaphore | None = None
+        self._settle_lane: asyncio.Semaphore | None = None
         self._lease_ttl = str(config.lease_ttl_ms).encode()
         self._result_ttl = str(config.result_ttl_ms).encode()
         self._fence_ttl = str(config.fence_ttl_ms).encode()
@@ -100,15 +101,24 @@ class RedisStore:
         error.__cause__ = exc
         return error
 
-    async def _run(self, op: Callable[[], Awaitable[R]]) -> R:
-        """Run ``op`` holding one of ``max_connections`` slots, retrying transient errors.
+    def _lanes(self) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
+        if self._claim_lane is None or self._settle_lane is None:
+            total = self._config.max_connections
+            reserved = max(1, min(4, total // 4))
+            self._claim_lane = asyncio.Semaphore(total - reserved)
+            self._settle_lane = asyncio.Semaphore(reserved)
+        return self._claim_lane, self._settle_lane
 
-        The slots are a FIFO semaphore: a storm of thousands of calls queues here in O(1) per
-        hand-off, and the pool below never opens more than ``max_connections`` connections.
+    async def _run(self, op: Callable[[], Awaitable[R]], *, priority: bool = False) -> R:
+        """Run ``op`` holding a connection slot, retrying transient errors.
+
+        Slots are FIFO semaphores over ``max_connections`` connections: a storm of thousands of
+        calls queues here with O(1) hand-offs and the pool never opens more. Completions and
+        renewals (``priority``) have a reserved lane, so a healthy primary never loses its lease
+        or its result while a storm of claims waits for connections.
         """
-        slots = self._slots
-        if slots is None:
-            slots = self._slots = asyncio.Semaphore(self._config.max_connections)
+        claim_lane, settle_lane = self._lanes()
+        slots = settle_lane if priority else claim_lane
         if slots.locked():
             try:
                 async with asyncio.timeout(self._config.pool_timeout):
@@ -180,7 +190,8 @@ class RedisStore:
             self._publish,
         )
         reply = await self._run(
-            lambda: self._settle(keys=(keys.lease, keys.fence, keys.result), args=args)
+            lambda: self._settle(keys=(keys.lease, keys.fence, keys.result), args=args),
+            priority=True,
         )
         reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         return bool(reply[0]), reason
@@ -194,7 +205,7 @@ class RedisStore:
         for ref in leases:
             keys += (ref.keys.lease, ref.keys.fence, ref.keys.result)
             args.append(ref.value)
-        reply = await self._run(lambda: self._renew(keys=keys, args=args))
+        reply = await self._run(lambda: self._renew(keys=keys, args=args), priority=True)
         return [bool(x) for x in reply]
 
     async def get_result(self, keys: TokenKeys) -> bytes | None:

@@ -35,13 +35,14 @@ log = logging.getLogger("strands_dedup.subscriber")
 
 
 class _Channel:
-    __slots__ = ("pending", "ready", "sent", "watches")
+    __slots__ = ("mark", "pending", "ready", "sent", "watches")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.watches: set[Watch] = set()
         self.sent = False  # a SUBSCRIBE is in force (or on its way) on the current connection
         self.pending = 0  # SUBSCRIBEs sent on the current connection, not yet confirmed
         self.ready: asyncio.Future[None] = loop.create_future()
+        self.mark = 0.0  # monotonic time of the last confirmation or message
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -94,6 +95,13 @@ class Watch:
             handle.cancel()
             self._waiter = None
         return self._events.popleft() if self._events else None
+
+    @property
+    def mark(self) -> float:
+        """When the channel last had news (subscription confirmed, or a message): a read of the
+        token issued after this instant cannot miss what woke the watch."""
+        state = self._sub._channels.get(self.channel)
+        return state.mark if state is not None else time.monotonic()
 
     def close(self) -> None:
         if not self._closed:
@@ -245,7 +253,7 @@ class Subscriber:
 
     async def _send_loop(self) -> None:
         assert self._outbox is not None
-        while True:
+        while not self._closed:
             conn, args = await self._outbox.get()
             if conn is not self._conn:
                 continue  # meant for a connection that is gone; reconnect resubscribes
@@ -358,6 +366,7 @@ class Subscriber:
             state = self._channels.get(response[1])
             if state is None or not state.watches:
                 return
+            state.mark = time.monotonic()
             event = self._decode(response[2])
             for watch in tuple(state.watches):
                 watch.deliver(event)
@@ -368,17 +377,19 @@ class Subscriber:
             state.pending = max(0, state.pending - 1)
             if state.pending == 0:
                 if state.sent:
+                    state.mark = time.monotonic()
                     _wake(state.ready)
                 elif not state.watches:
                     del self._channels[response[1]]
 
     async def aclose(self) -> None:
         self._closed = True
-        for task in (self._reader, self._sender):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+        tasks = [t for t in (self._reader, self._sender) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # Bounded: a cancel swallowed inside the driver must not hang the close.
+            await asyncio.wait(tasks, timeout=self._connect_timeout)
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.disconnect(nowait=True)

@@ -1,0 +1,117 @@
+"""A child process for the multi-process tests in test_processes.py.
+
+Usage::
+
+    python tests/proc_worker.py storm URL NAMESPACE TOKEN --calls N --seconds S --lease-ttl T
+    python tests/proc_worker.py hold URL NAMESPACE TOKEN --lease-ttl T
+
+It writes one JSON object per line to stdout (flushed at once), each with an ``event`` field:
+
+- ``ready``: connected to Redis; ``storm`` then waits for the barrier: one item pushed by the
+  test on the list ``<NAMESPACE>:barrier`` (BLPOP), so every process starts its calls together.
+- ``started``: (``hold``) this process claimed TOKEN and its call is running; the call then
+  blocks until a line arrives on stdin (never, if the test kills the process instead).
+- ``result``: one finished call: ``value``, ``role``, ``fence``.
+- ``error``: one failed call: ``type`` (the exception's class name) and ``message``.
+- ``finished``: every call returned (the deduplicator is still open).
+- ``closed``: the deduplicator is closed; the process exits 0 right after.
+
+Each execution of a call increments the Redis counter ``<NAMESPACE>:executions`` first, so the
+test can count executions across processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import redis.asyncio as aredis
+
+from strands_dedup import Deduplicator, Outcome
+
+
+def emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, "pid": os.getpid(), **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def emit_outcome(outcome: Outcome[Any]) -> None:
+    emit("result", value=outcome.value, role=str(outcome.role), fence=outcome.fence)
+
+
+def emit_error(exc: BaseException) -> None:
+    emit("error", type=type(exc).__name__, message=str(exc))
+
+
+async def storm(args: argparse.Namespace, side: aredis.Redis) -> None:
+    """``--calls`` concurrent calls of TOKEN, each taking ``--seconds``, after the barrier."""
+
+    async def call() -> dict[str, Any]:
+        n = await side.incr(f"{args.namespace}:executions")
+        await asyncio.sleep(args.seconds)
+        return {"pid": os.getpid(), "execution": n}
+
+    async with Deduplicator.from_url(
+        args.url, namespace=args.namespace, lease_ttl=args.lease_ttl, max_connections=8
+    ) as dedup:
+        await dedup._store.ping()  # connect before the barrier, so the calls start together
+        emit("ready")
+        if await side.blpop([f"{args.namespace}:barrier"], timeout=30) is None:
+            emit("error", type="BarrierTimeout", message="the barrier was not released in 30 s")
+            return
+        outcomes = await asyncio.gather(
+            *(dedup.execute(args.token, call) for _ in range(args.calls)), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                emit_error(outcome)
+            else:
+                emit_outcome(outcome)
+        emit("finished")
+
+
+async def hold(args: argparse.Namespace, side: aredis.Redis) -> None:
+    """One call of TOKEN that says it started and finishes when a line arrives on stdin."""
+
+    async def call() -> dict[str, Any]:
+        await side.incr(f"{args.namespace}:executions")
+        emit("started")
+        line = await asyncio.to_thread(sys.stdin.readline)
+        return {"pid": os.getpid(), "by": "child", "line": line.strip()}
+
+    async with Deduplicator.from_url(
+        args.url, namespace=args.namespace, lease_ttl=args.lease_ttl, max_connections=4
+    ) as dedup:
+        await dedup._store.ping()
+        emit("ready")
+        try:
+            emit_outcome(await dedup.execute(args.token, call))
+        except Exception as exc:
+            emit_error(exc)
+        emit("finished")
+
+
+async def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["storm", "hold"])
+    parser.add_argument("url")
+    parser.add_argument("namespace")
+    parser.add_argument("token")
+    parser.add_argument("--calls", type=int, default=25)
+    parser.add_argument("--seconds", type=float, default=0.5)
+    parser.add_argument("--lease-ttl", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    side = aredis.Redis.from_url(args.url, client_name="proc-worker-side")
+    try:
+        await (storm if args.mode == "storm" else hold)(args, side)
+    finally:
+        await side.aclose()
+    emit("closed")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))
