@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -12,6 +13,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar, cast, get_type_hints
 
@@ -66,16 +68,31 @@ _HOST = socket.gethostname()
 _Reread = tuple[float, "asyncio.Future[tuple[Replay | Claimed | Busy, str, str | None]]"]
 
 
+_HINTS: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
+
+
 def return_type_of(func: Callable[..., Any]) -> Any:
-    """The declared return type of ``func`` (the awaited type for ``async def``), else `Any`."""
-    try:
-        hints = get_type_hints(inspect.unwrap(func))
-    except Exception:  # partials, callable objects, unresolved forward references
+    """The declared return type of ``func`` (the awaited type for ``async def``), else `Any`.
+
+    Resolved once per function object (a lambda has no annotations and costs nothing).
+    """
+    target = inspect.unwrap(func)
+    annotations = getattr(target, "__annotations__", None)
+    if not annotations or "return" not in annotations:
         return Any
-    hint = hints.get("return", Any)
+    try:
+        return _HINTS[target]
+    except (KeyError, TypeError):
+        pass
+    try:
+        hint = get_type_hints(target).get("return", Any)
+    except Exception:  # partials, callable objects, unresolved forward references
+        hint = Any
     origin = getattr(hint, "__origin__", None)
     if origin is not None and getattr(origin, "__name__", "") in {"Awaitable", "Coroutine"}:
-        return hint.__args__[-1]
+        hint = hint.__args__[-1]
+    with contextlib.suppress(TypeError):
+        _HINTS[target] = hint
     return hint
 
 
@@ -329,6 +346,7 @@ class Deduplicator:
         meta = self._lease_meta(keys, fingerprint)
         # Listening already (other local waiters on this token)? Then this read needs no repeat.
         watch = self._subscriber.attach_if_subscribed(keys.channel)
+        handed_over = False
         try:
             reply = parse_claim_reply(await self._store.claim(keys, owner, meta))
             if isinstance(reply, Replay):
@@ -345,12 +363,12 @@ class Deduplicator:
                     fence=reply.lease.fence,
                     retry_after=max(0.001, reply.lease.pttl_ms / 1000),
                 )
-        except BaseException:
-            if watch is not None:
+            timeout = self.config.wait_timeout if wait_timeout is None else wait_timeout
+            handed_over = True  # from here on _wait owns the watch and closes it
+            return await self._wait(keys, owner, meta, fingerprint, rtype, timeout, watch, reply)
+        finally:
+            if watch is not None and not handed_over:
                 watch.close()
-            raise
-        timeout = self.config.wait_timeout if wait_timeout is None else wait_timeout
-        return await self._wait(keys, owner, meta, fingerprint, rtype, timeout, watch, reply)
 
     def _hold(
         self,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import InvalidToken
 
@@ -86,14 +87,25 @@ class TokenKeys:
 class KeySchema:
     """Builds key names under one validated namespace."""
 
-    __slots__ = ("_prefix", "namespace")
+    __slots__ = ("_cached", "_prefix", "namespace")
 
     def __init__(self, namespace: str) -> None:
         self.namespace = validate_namespace(namespace)
         self._prefix = namespace.encode() + b":{"
+        # Retries and duplicates reuse tokens: remember recent ones (bounded, per schema).
+        self._cached = lru_cache(maxsize=4096)(self._build)
 
     def for_token(self, token: str | bytes, scope: str | bytes | None = None) -> TokenKeys:
         """The keys of ``token`` within ``scope``; raises ``InvalidToken`` for unusable input."""
+        if (
+            type(token) in (str, bytes)
+            and len(token) <= _MAX_PLAIN
+            and (scope is None or (type(scope) in (str, bytes) and len(scope) <= _MAX_PLAIN))
+        ):
+            return self._cached(token, scope)
+        return self._build(token, scope)
+
+    def _build(self, token: str | bytes, scope: str | bytes | None) -> TokenKeys:
         raw = _as_bytes(token, "token")
         if not raw:
             raise InvalidToken("token must not be empty")

@@ -403,3 +403,18 @@ async def test_an_expired_lease_nobody_claimed_is_taken_back(make: Callable[...,
         gate.release.set()
         outcome = await primary
         assert (outcome.role, outcome.fence) == (Role.PRIMARY, 1)
+
+
+async def test_no_watch_outlives_its_call(dedup: Deduplicator) -> None:
+    # A bystander keeps the token's channel subscribed, so calls attach before they read.
+    keys = dedup._keys.for_token("t")
+    bystander = dedup._subscriber.register(keys.channel)
+    await bystander.ready(5)
+    try:
+        assert (await dedup.execute("t", lambda: "v")).role is Role.PRIMARY
+        assert dedup._subscriber.waiters == 1
+        assert (await dedup.execute("t", lambda: "w")).role is Role.REPLAY
+        assert dedup._subscriber.waiters == 1
+    finally:
+        bystander.close()
+    assert dedup._subscriber.waiters == 0
