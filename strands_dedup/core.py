@@ -327,9 +327,9 @@ class Deduplicator:
         return f"{self._owner_prefix}{next(self._owner_seq):x}"
 
     def _lease_meta(self, keys: TokenKeys, fingerprint: str | None) -> bytes:
-        fp, tok, sc = json.dumps(fingerprint), json.dumps(keys.token), json.dumps(keys.scope)
+        fp = "null" if fingerprint is None else json.dumps(fingerprint)
         now = int(time.time() * 1000)
-        return f'{{"fp":{fp},"tok":{tok},"sc":{sc},"t":{now}{self._meta_tail}}}'.encode()
+        return f'{{"fp":{fp},{keys.meta},"t":{now}{self._meta_tail}}}'.encode()
 
     async def _begin(
         self,

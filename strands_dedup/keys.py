@@ -16,6 +16,7 @@ the result envelope. A scope never holds ``:`` in its plain form, so ``scope:tok
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -82,6 +83,8 @@ class TokenKeys:
     """Display form of the token."""
     scope: str
     """Display form of the scope ("" when there is none)."""
+    meta: str
+    """The token and scope as a JSON object fragment, for lease metadata."""
 
 
 class KeySchema:
@@ -117,13 +120,15 @@ class KeySchema:
             + _encode(raw, _PLAIN_TOKEN, b"token")
             + b"}:"
         )
+        token_text, scope_text = display_form(raw), display_form(raw_scope)
         return TokenKeys(
             lease=tag + b"lease",
             fence=tag + b"fence",
             result=tag + b"result",
             channel=tag + b"chan",
-            token=display_form(raw),
-            scope=display_form(raw_scope),
+            token=token_text,
+            scope=scope_text,
+            meta=f'"tok":{json.dumps(token_text)},"sc":{json.dumps(scope_text)}',
         )
 
     def pattern(self, part: str) -> bytes:

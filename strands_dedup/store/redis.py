@@ -132,20 +132,22 @@ class RedisStore:
         else:
             await slots.acquire()
         try:
-            return await self._attempt(op)
+            try:  # fast path: no retry machinery unless the first attempt fails
+                return await op()
+            except Exception as exc:
+                if not is_transient(exc):
+                    if _is_auth_error(exc):
+                        raise self._unavailable(exc) from exc
+                    raise
+                log.debug("transient Redis error, retrying: %s", exc)
+                first = exc
+            return await self._retry(op, first)
         finally:
             slots.release()
 
-    async def _attempt(self, op: Callable[[], Awaitable[R]]) -> R:
-        try:  # fast path: no retry machinery unless the first attempt fails
-            return await op()
-        except Exception as exc:
-            if not is_transient(exc):
-                if _is_auth_error(exc):
-                    raise self._unavailable(exc) from exc
-                raise
-            log.debug("transient Redis error, retrying: %s", exc)
-            first = exc
+    async def _retry(self, op: Callable[[], Awaitable[R]], first: Exception) -> R:
+        if self._config.retry_attempts <= 1:
+            raise self._unavailable(first) from first
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._config.retry_attempts - 1)
             | stop_after_delay(self._config.retry_deadline),
@@ -153,8 +155,6 @@ class RedisStore:
             retry=retry_if_exception(is_transient),
             reraise=True,
         )
-        if self._config.retry_attempts <= 1:
-            raise self._unavailable(first) from first
         try:
             async for attempt in retrying:
                 with attempt:
@@ -186,7 +186,6 @@ class RedisStore:
             self._result_ttl,
             keys.channel,
             message,
-            self._fence_ttl,
             self._publish,
         )
         reply = await self._run(

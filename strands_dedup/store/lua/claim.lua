@@ -13,18 +13,15 @@ local result = redis.call('GET', KEYS[3])
 if result then
   return {'R', result}
 end
-local lease = redis.call('GET', KEYS[1])
-if lease then
-  local owner, fence = string.match(lease, '^([^|]*)|(%d+)|')
-  if owner == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {'C', tonumber(fence)}
-  end
-  return {'L', lease, redis.call('PTTL', KEYS[1])}
-end
 local fence = (tonumber(redis.call('GET', KEYS[2])) or 0) + 1
 if redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence .. '|' .. ARGV[3], 'NX', 'PX', ARGV[2]) then
   redis.call('SET', KEYS[2], fence, 'PX', ARGV[4])
   return {'C', fence}
 end
-return redis.error_reply('strands-dedup: SET NX failed on an absent lease')
+local lease = redis.call('GET', KEYS[1])
+local owner, held = string.match(lease, '^([^|]*)|(%d+)|')
+if owner == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'C', tonumber(held)}
+end
+return {'L', lease, redis.call('PTTL', KEYS[1])}

@@ -3,25 +3,18 @@ KEYS[1]  lease key     KEYS[2]  fence key     KEYS[3]  result key
 ARGV[1]  owner id                ARGV[2]  the primary's fence
 ARGV[3]  envelope to store under the result key ('' stores nothing)
 ARGV[4]  result TTL in ms        ARGV[5]  channel of the token
-ARGV[6]  message to publish      ARGV[7]  fence TTL in ms
-ARGV[8]  publish command: 'PUBLISH' (or 'SPUBLISH' on a cluster)
+ARGV[6]  message to publish
+ARGV[7]  publish command: 'PUBLISH' (or 'SPUBLISH' on a cluster)
 Accepted only while the fence still equals the primary's and the lease is the primary's or absent:
-a primary paused past its lease, whose token was claimed again, is refused.
+a primary paused past its lease, whose token was claimed again, is refused. Each claim bumps the
+fence, so a stored result can only be replaced by a repeat of this same settle (same owner, same
+envelope: harmless). The fence key needs no new TTL here: claims and renewals keep it alive for
+result TTL + 2 lease TTLs, longer than the result it guards.
 Returns
   {1, 'ok'}                   accepted: stored (if asked), lease deleted, message published
-  {1, 'again'}                this owner's result is already stored (a retried settle)
-  {0, 'result'}               another owner's result is stored
   {0, 'fence', current}       the token was claimed again since ('' if the fence expired)
   {0, 'owner'}                another owner holds the lease
 ]]
-local stored = redis.call('GET', KEYS[3])
-if stored then
-  local prefix = 'SD1|' .. ARGV[1] .. '|'
-  if string.sub(stored, 1, #prefix) == prefix then
-    return {1, 'again'}
-  end
-  return {0, 'result'}
-end
 local current = redis.call('GET', KEYS[2])
 if current ~= ARGV[2] then
   return {0, 'fence', current or ''}
@@ -36,6 +29,5 @@ end
 if ARGV[3] ~= '' then
   redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[7])
-redis.call(ARGV[8], ARGV[5], ARGV[6])
+redis.call(ARGV[7], ARGV[5], ARGV[6])
 return {1, 'ok'}
