@@ -131,6 +131,24 @@ class KeySchema:
             meta=f'"tok":{json.dumps(token_text)},"sc":{json.dumps(scope_text)}',
         )
 
-    def pattern(self, part: str) -> bytes:
-        """A SCAN MATCH pattern for every key of one part ("lease", "result", ...)."""
-        return self.namespace.encode() + b":{*}:" + part.encode()
+    def pattern(self, part: str, scope: str | bytes | None = None) -> bytes:
+        """A SCAN MATCH pattern for every key of one part ("lease", "result", ...).
+
+        With ``scope``, only that scope's keys (its encoded form holds no glob characters).
+        """
+        if scope is None:
+            return self.namespace.encode() + b":{*}:" + part.encode()
+        raw = _as_bytes(scope, "scope")
+        encoded = _encode(raw, _PLAIN_SCOPE, b"scope") if raw else b""
+        return self._prefix + encoded + b":*}:" + part.encode()
+
+    def stats_key(self, process: str) -> bytes:
+        """Where one process publishes its event counters (outside any token's hash slot)."""
+        return self.namespace.encode() + b":stats:" + process.encode()
+
+    def stats_pattern(self) -> bytes:
+        return self.namespace.encode() + b":stats:*"
+
+    def channel_of(self, key: bytes) -> bytes:
+        """The channel of the token a lease or result key belongs to."""
+        return key[: key.rindex(b"}:") + 2] + b"chan"

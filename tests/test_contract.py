@@ -418,3 +418,17 @@ async def test_no_watch_outlives_its_call(dedup: Deduplicator) -> None:
     finally:
         bystander.close()
     assert dedup._subscriber.waiters == 0
+
+
+async def test_idle_subscriber_is_not_taken_for_dead(dedup: Deduplicator) -> None:
+    dedup._subscriber._health_interval = 0.05  # PING often; each PING must be answered
+    gate = Gate("v")
+    primary = asyncio.create_task(dedup.execute("t", gate))
+    await gate.started.wait()
+    dup = asyncio.create_task(dedup.execute("t", gate))
+    await waiting(dedup, 1)
+    gate.release.set()
+    await asyncio.gather(primary, dup)  # the channel is unsubscribed again: plain PONG replies
+    later = time.monotonic() + 0.5
+    await until(lambda: time.monotonic() > later)
+    assert dedup._subscriber.connects == 1

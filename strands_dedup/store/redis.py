@@ -38,7 +38,7 @@ def _lua(name: str) -> str:
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
 
 
-_SCRIPTS = {name: _lua(name) for name in ("claim", "settle", "renew")}
+_SCRIPTS = {name: _lua(name) for name in ("claim", "settle", "renew", "release")}
 
 
 class HeldLeaseRef(NamedTuple):
@@ -84,6 +84,7 @@ class RedisStore:
         self._claim = client.register_script(_SCRIPTS["claim"])
         self._settle = client.register_script(_SCRIPTS["settle"])
         self._renew = client.register_script(_SCRIPTS["renew"])
+        self._release = client.register_script(_SCRIPTS["release"])
         self._publish = "PUBLISH"
         self._claim_lane: asyncio.Semaphore | None = None
         self._settle_lane: asyncio.Semaphore | None = None
@@ -210,6 +211,14 @@ class RedisStore:
     async def get_result(self, keys: TokenKeys) -> bytes | None:
         value = await self._run(lambda: self.client.get(keys.result))
         return value if value is None or isinstance(value, bytes) else str(value).encode()
+
+    async def force_release(self, keys: TokenKeys) -> bytes | None:
+        """Delete the lease whoever holds it and wake its waiters; the lease value, or None."""
+        reply = await self._run(
+            lambda: self._release(keys=(keys.lease,), args=(keys.channel, self._publish)),
+            priority=True,
+        )
+        return reply[1] if reply[0] else None
 
     async def ping(self) -> None:
         await self._run(lambda: self.client.ping())

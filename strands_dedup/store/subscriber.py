@@ -358,10 +358,11 @@ class Subscriber:
             self._handle(response)
 
     def _handle(self, response: Any) -> None:
+        self._ping_outstanding = False  # any reply proves the connection alive (PING answers
+        # ["pong", ""] while subscribed, plain PONG once every channel is unsubscribed)
         if not isinstance(response, list) or not response:
             return
         kind = response[0]
-        self._ping_outstanding = False
         if kind == b"message":
             state = self._channels.get(response[1])
             if state is None or not state.watches:

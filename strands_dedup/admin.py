@@ -1,0 +1,332 @@
+"""Seeing and repairing what is in flight: the data behind ``strands-dedup ls/show/...``.
+
+`Inspector` reads leases and results with SCAN (never KEYS), pipelined reads and one
+``PUBSUB NUMSUB`` per batch; it writes only when asked to (`release`, `forget`). Every view has
+``to_json()`` with stable field names (documented in the README).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis.asyncio as aredis
+
+from .config import DedupConfig
+from .keys import KeySchema, TokenKeys
+from .protocol import decode_envelope, decode_lease
+from .store import RedisStore, client_from_url
+from .store.connect import describe_url
+
+__all__ = ["Inspector", "LeaseView", "ResultView", "StatsView"]
+
+_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """A token in flight: who holds it, since when, for how much longer, who listens."""
+
+    token: str
+    scope: str
+    owner: str
+    host: str
+    pid: int | None
+    fence: int
+    age_s: float | None
+    ttl_s: float
+    listeners: int
+    """Processes subscribed to the token's channel (each hosts one or more waiting duplicates)."""
+    fingerprint: str | None
+    key: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultView:
+    """A stored result's metadata (and its payload only when asked for)."""
+
+    token: str
+    scope: str
+    status: str
+    fence: int
+    size: int
+    age_s: float | None
+    ttl_s: float | None
+    serializer: str
+    error_type: str | None
+    error_message: str | None
+    key: str
+    value: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsView:
+    """How much a namespace holds."""
+
+    namespace: str
+    in_flight: int
+    results: int
+    lease_bytes: int
+    result_bytes: int
+    counters: dict[str, int]
+    """Fleet-wide event counters, summed over the live processes' published counters."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _text(key: bytes) -> str:
+    return key.decode("utf-8", "backslashreplace")
+
+
+def _ttl(pttl: int) -> float | None:
+    return pttl / 1000 if pttl >= 0 else None
+
+
+class Inspector:
+    """Read (and, on request, repair) one namespace's tokens."""
+
+    def __init__(self, client: aredis.Redis, *, config: DedupConfig | None = None, **options: Any):
+        self.config = config if config is not None else DedupConfig(**options)
+        self._keys = KeySchema(self.config.namespace)
+        self._store = RedisStore(client, self.config)
+        self._owns_client = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Inspector:
+        config = DedupConfig(**options)
+        client = client_from_url(url, config, client_name="strands-dedup-cli")
+        self = cls(client, config=config)
+        self._store.where = describe_url(url)
+        self._owns_client = True
+        return self
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._store.aclose()
+
+    async def __aenter__(self) -> Inspector:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def _scan(self, pattern: bytes) -> AsyncIterator[list[bytes]]:
+        client = self._store.client
+        cursor = 0
+
+        async def step() -> tuple[int, list[bytes]]:
+            next_cursor, found = await client.scan(cursor=cursor, match=pattern, count=1000)
+            return int(next_cursor), [k if isinstance(k, bytes) else k.encode() for k in found]
+
+        while True:
+            cursor, keys = await self._store._run(step)
+            if keys:
+                yield keys
+            if cursor == 0:
+                return
+
+    async def _lease_views(self, keys: list[bytes]) -> list[LeaseView]:
+        client = self._store.client
+
+        async def read() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.get(key)
+                    pipe.pttl(key)
+                return list(await pipe.execute())
+
+        replies = await self._store._run(read)
+        channels = [self._keys.channel_of(key) for key in keys]
+        counts = await self._store._run(lambda: client.pubsub_numsub(*channels))
+        listeners = {ch if isinstance(ch, bytes) else ch.encode(): int(n) for ch, n in counts}
+        now_ms = time.time() * 1000
+        views = []
+        for i, key in enumerate(keys):
+            value, pttl = replies[2 * i], replies[2 * i + 1]
+            if value is None:
+                continue  # released between SCAN and GET
+            try:
+                lease = decode_lease(value, int(pttl))
+            except ValueError:
+                continue  # not one of ours
+            started = lease.meta.get("t")
+            pid = lease.meta.get("p")
+            views.append(
+                LeaseView(
+                    token=str(lease.meta.get("tok", "")),
+                    scope=str(lease.meta.get("sc", "")),
+                    owner=lease.owner,
+                    host=str(lease.meta.get("h", "")),
+                    pid=pid if isinstance(pid, int) else None,
+                    fence=lease.fence,
+                    age_s=max(0.0, (now_ms - started) / 1000) if isinstance(started, int) else None,
+                    ttl_s=max(0.0, int(pttl) / 1000),
+                    listeners=listeners.get(channels[i], 0),
+                    fingerprint=lease.fingerprint,
+                    key=_text(key),
+                )
+            )
+        return views
+
+    async def leases(
+        self, scope: str | bytes | None = None, older_than: float | None = None
+    ) -> list[LeaseView]:
+        """Every token in flight (optionally of one scope, or older than N s), oldest first."""
+        views: list[LeaseView] = []
+        async for batch in self._scan(self._keys.pattern("lease", scope)):
+            for start in range(0, len(batch), _BATCH):
+                views += await self._lease_views(batch[start : start + _BATCH])
+        if older_than is not None:
+            views = [v for v in views if v.age_s is not None and v.age_s >= older_than]
+        return sorted(views, key=lambda v: -(v.age_s or 0.0))
+
+    def keys_of(self, token: str | bytes, scope: str | bytes | None = None) -> TokenKeys:
+        return self._keys.for_token(token, scope)
+
+    async def lease(self, token: str | bytes, scope: str | bytes | None = None) -> LeaseView | None:
+        views = await self._lease_views([self._keys.for_token(token, scope).lease])
+        return views[0] if views else None
+
+    async def result(
+        self, token: str | bytes, scope: str | bytes | None = None, *, with_value: bool = False
+    ) -> ResultView | None:
+        """The stored result's metadata; its payload (as text) only with ``with_value``."""
+        keys = self._keys.for_token(token, scope)
+        client = self._store.client
+
+        async def read() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.get(keys.result)
+                pipe.pttl(keys.result)
+                return list(await pipe.execute())
+
+        data, pttl = await self._store._run(read)
+        if data is None:
+            return None
+        try:
+            env = decode_envelope(data)
+        except (ValueError, KeyError):
+            return ResultView(
+                token=keys.token,
+                scope=keys.scope,
+                status="unreadable",
+                fence=0,
+                size=len(data),
+                age_s=None,
+                ttl_s=_ttl(int(pttl)),
+                serializer="",
+                error_type=None,
+                error_message=None,
+                key=_text(keys.result),
+            )
+        return ResultView(
+            token=env.token or keys.token,
+            scope=env.scope,
+            status="ok" if env.ok else "error",
+            fence=env.fence,
+            size=env.size,
+            age_s=max(0.0, time.time() - env.created_ms / 1000) if env.created_ms else None,
+            ttl_s=_ttl(int(pttl)),
+            serializer=env.serializer,
+            error_type=env.error_type or None,
+            error_message=env.error_message or None,
+            key=_text(keys.result),
+            value=env.payload.decode("utf-8", "backslashreplace") if with_value else None,
+        )
+
+    async def stats(self) -> StatsView:
+        """Counts and memory of the namespace's leases and results, and fleet-wide counters."""
+        client = self._store.client
+        totals = {"lease": [0, 0], "result": [0, 0]}
+        for part, acc in totals.items():
+            async for batch in self._scan(self._keys.pattern(part)):
+
+                async def usage(batch: list[bytes] = batch) -> list[Any]:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for key in batch:
+                            pipe.memory_usage(key)
+                        return list(await pipe.execute())
+
+                sizes = await self._store._run(usage)
+                acc[0] += sum(1 for s in sizes if s is not None)
+                acc[1] += sum(int(s) for s in sizes if s is not None)
+        return StatsView(
+            namespace=self.config.namespace,
+            in_flight=totals["lease"][0],
+            results=totals["result"][0],
+            lease_bytes=totals["lease"][1],
+            result_bytes=totals["result"][1],
+            counters=await self.counters(),
+        )
+
+    async def counters(self) -> dict[str, int]:
+        """Event counters summed over every live process of the namespace."""
+        client = self._store.client
+        total: dict[str, int] = {}
+        async for batch in self._scan(self._keys.stats_pattern()):
+
+            async def read(batch: list[bytes] = batch) -> list[Any]:
+                async with client.pipeline(transaction=False) as pipe:
+                    for key in batch:
+                        pipe.hgetall(key)
+                    return list(await pipe.execute())
+
+            for mapping in await self._store._run(read):
+                for name, value in mapping.items():
+                    field = name.decode() if isinstance(name, bytes) else str(name)
+                    total[field] = total.get(field, 0) + int(value)
+        return total
+
+    # -- repairing --------------------------------------------------------------------------
+
+    async def release(
+        self, token: str | bytes, scope: str | bytes | None = None
+    ) -> LeaseView | None:
+        """Force-release the token's lease; its waiters re-read and one takes over.
+
+        Returns what the lease was, or None if nothing held it.
+        """
+        before = await self.lease(token, scope)
+        value = await self._store.force_release(self._keys.for_token(token, scope))
+        if value is None:
+            return None
+        return (
+            before
+            if before is not None
+            else LeaseView(
+                token=self._keys.for_token(token, scope).token,
+                scope="",
+                owner="",
+                host="",
+                pid=None,
+                fence=decode_lease(value, 0).fence,
+                age_s=None,
+                ttl_s=0.0,
+                listeners=0,
+                fingerprint=None,
+                key=_text(self._keys.for_token(token, scope).lease),
+            )
+        )
+
+    async def forget(self, token: str | bytes, scope: str | bytes | None = None) -> bool:
+        """Delete the stored result so the next call runs again; False if there was none."""
+        keys = self._keys.for_token(token, scope)
+        deleted = await self._store._run(lambda: self._store.client.delete(keys.result))
+        return bool(deleted)
+
+
+def dumps(payload: Any) -> str:
+    """JSON for ``--json`` output (stable, sorted keys)."""
+    return json.dumps(payload, sort_keys=True, ensure_ascii=False)
