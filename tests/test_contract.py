@@ -431,4 +431,4 @@ async def test_idle_subscriber_is_not_taken_for_dead(dedup: Deduplicator) -> Non
     await asyncio.gather(primary, dup)  # the channel is unsubscribed again: plain PONG replies
     later = time.monotonic() + 0.5
     await until(lambda: time.monotonic() > later)
-    assert dedup._subscriber.connects == 1
+    assert dedup._subscriber.connected and dedup._subscriber.connects == 1
