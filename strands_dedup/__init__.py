@@ -4,6 +4,8 @@ A call keyed by an idempotency token runs once across every process sharing a Re
 duplicate gets the primary's result; a crashed primary is replaced within one lease TTL.
 """
 
+import logging
+
 from ._version import __version__
 from .config import DedupConfig
 from .core import Deduplicator
@@ -19,9 +21,12 @@ from .errors import (
     StoreUnavailable,
     WaitTimeout,
 )
+from .observe import Health, PrometheusMetrics
 from .protocol import Outcome, Role
 from .serialization import JsonSerializer, Serializer, SignedPickleSerializer
 from .sync import SyncDeduplicator
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "DedupConfig",
@@ -29,11 +34,13 @@ __all__ = [
     "Deduplicator",
     "DuplicateInFlight",
     "FingerprintMismatch",
+    "Health",
     "InvalidToken",
     "JsonSerializer",
     "LeaseLost",
     "Outcome",
     "PrimaryFailed",
+    "PrometheusMetrics",
     "ResultTooLarge",
     "Role",
     "SerializationError",

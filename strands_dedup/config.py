@@ -52,6 +52,9 @@ class DedupConfig(BaseModel):
     pool_timeout: float = Field(20.0, gt=0, description="Longest wait for a free connection.")
     connect_timeout: float = Field(5.0, gt=0, description="Socket connect timeout.")
     socket_timeout: float = Field(5.0, gt=0, description="Socket read/write timeout.")
+    stats_interval: float = Field(
+        5.0, ge=0.05, le=3600, description="How often a process publishes its counters."
+    )
     retry_attempts: int = Field(3, ge=1, le=20, description="Attempts for a safe operation.")
     retry_deadline: float = Field(
         10.0, gt=0, description="Total time a retried operation may take before StoreUnavailable."

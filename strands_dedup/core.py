@@ -29,9 +29,11 @@ from .errors import (
     PrimaryFailed,
     ResultTooLarge,
     SerializationError,
+    StoreUnavailable,
     WaitTimeout,
 )
 from .keys import KeySchema, TokenKeys
+from .observe import Health, Observer, PrometheusMetrics
 from .protocol import (
     Busy,
     Claimed,
@@ -156,6 +158,7 @@ class Deduplicator:
         *,
         config: DedupConfig | None = None,
         serializer: Serializer | None = None,
+        metrics: PrometheusMetrics | bool | None = None,
         **options: Any,
     ) -> None:
         if config is not None and options:
@@ -170,9 +173,16 @@ class Deduplicator:
         self._client_name = f"strands-dedup:{_HOST}:{os.getpid()}"
         if client is None:
             client = client_from_url("memory://", self.config, client_name=self._client_name)
-        self._init(client, describe_url("memory://") if self._owns_client else "redis", serializer)
+        where = describe_url("memory://") if self._owns_client else "redis"
+        self._init(client, where, serializer, metrics)
 
-    def _init(self, client: aredis.Redis, where: str, serializer: Serializer | None) -> None:
+    def _init(
+        self,
+        client: aredis.Redis,
+        where: str,
+        serializer: Serializer | None,
+        metrics: PrometheusMetrics | bool | None,
+    ) -> None:
         cfg = self.config
         self._keys = KeySchema(cfg.namespace)
         self._store = RedisStore(client, cfg, where=where)
@@ -190,21 +200,34 @@ class Deduplicator:
         self._fetches: dict[bytes, asyncio.Future[bytes | None]] = {}
         self._rereads: dict[bytes, _Reread] = {}
         self._closed = False
+        if metrics is None or metrics is True:
+            metrics = PrometheusMetrics.default()
+        self._observer = Observer(cfg.namespace, metrics or None)
+        self._observer.watch_gauges(lambda: self._renewer.held, lambda: self._subscriber.waiters)
+        self._stats_key = self._keys.stats_key(f"{_HOST}:{os.getpid()}:{self._owner_prefix}")
+        self._publisher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(
-        cls, url: str = "memory://", *, serializer: Serializer | None = None, **options: Any
+        cls,
+        url: str = "memory://",
+        *,
+        serializer: Serializer | None = None,
+        metrics: PrometheusMetrics | bool | None = None,
+        **options: Any,
     ) -> Deduplicator:
         """Connect to ``redis://``, ``rediss://`` (TLS), ``unix://`` or the embedded ``memory://``.
 
         Keyword options are `DedupConfig` fields (``namespace``, ``lease_ttl``, ...).
+        ``metrics``: Prometheus collectors to report to (default: prometheus-client's default
+        registry when it is installed; False for none).
         """
         self = cls.__new__(cls)
         self.config = DedupConfig(**options)
         self._owns_client = True
         self._client_name = f"strands-dedup:{_HOST}:{os.getpid()}"
         client = client_from_url(url, self.config, client_name=self._client_name)
-        self._init(client, describe_url(url), serializer)
+        self._init(client, describe_url(url), serializer, metrics)
         return self
 
     # -- public API ---------------------------------------------------------------------------
@@ -231,12 +254,18 @@ class Deduplicator:
             raise TypeError(f"call must be callable, not {type(call).__name__}")
         keys = self._keys.for_token(token, scope)
         rtype = return_type_of(call) if returns is _UNSET else returns
-        first = await self._begin(
-            keys, _normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate
-        )
-        if isinstance(first, Outcome):
-            return cast(Outcome[T], first)
-        return await self._run_primary(first, call, rtype)
+        with self._observer.span(keys) as span:
+            first = await self._begin(
+                keys, _normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate
+            )
+            if isinstance(first, Outcome):
+                outcome = cast(Outcome[T], first)
+            else:
+                outcome = await self._run_primary(first, call, rtype)
+            if span is not None:
+                span.set_attribute("strands_dedup.role", outcome.role.value)
+                span.set_attribute("strands_dedup.fence", outcome.fence)
+            return outcome
 
     async def run(
         self,
@@ -305,6 +334,10 @@ class Deduplicator:
         if self._closed:
             return
         self._closed = True
+        if self._publisher is not None and not self._publisher.done():
+            self._publisher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._publisher
         await self._renewer.aclose()
         await self._subscriber.aclose()
         if self._owns_client:
@@ -319,6 +352,56 @@ class Deduplicator:
     @property
     def namespace(self) -> str:
         return self.config.namespace
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Events so far: claims, replays, waits, takeovers, lease_lost, ... (see `observe`)."""
+        return dict(self._observer.counters)
+
+    async def health(self) -> Health:
+        """Store reachable (one PING, bounded), subscriber connected, local load, renewal lag."""
+        started = time.monotonic()
+        error = None
+        try:
+            await asyncio.wait_for(self._store.client.ping(), self.config.connect_timeout)
+            latency: float | None = (time.monotonic() - started) * 1000
+        except Exception as exc:
+            latency, error = None, f"{type(exc).__name__}: {exc}"
+        waiters = self._subscriber.waiters
+        connected = self._subscriber.connected
+        return Health(
+            ok=error is None and (connected or waiters == 0),
+            store_reachable=error is None,
+            store_latency_ms=latency,
+            subscriber_connected=connected,
+            in_flight=self._renewer.held,
+            waiters=waiters,
+            renewal_lag_s=self._renewer.lag,
+            error=error,
+        )
+
+    def _start_publisher(self) -> None:
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.get_running_loop().create_task(
+                self._publish_counters(), name="strands-dedup-stats"
+            )
+
+    async def _publish_counters(self) -> None:
+        """Publish this process's counters for the CLI, every few seconds while they change."""
+        client = self._store.client
+        interval = self.config.stats_interval
+        while not self._closed:
+            if self._observer.changed:
+                counts = self._observer.snapshot()
+                try:
+                    async with client.pipeline(transaction=False) as pipe:
+                        pipe.hset(self._stats_key, mapping=counts)  # type: ignore[arg-type]
+                        pipe.pexpire(self._stats_key, int(interval * 4 * 1000))
+                        await pipe.execute()
+                except Exception as exc:  # best effort: counters are not part of the protocol
+                    log.debug("could not publish counters: %s", exc)
+                    self._observer.changed = True
+            await asyncio.sleep(interval)
 
     # -- the protocol (shared with SyncDeduplicator) -----------------------------------------
 
@@ -340,6 +423,35 @@ class Deduplicator:
         on_duplicate: str | None,
     ) -> Outcome[Any] | HeldLease:
         """Claim the token: a replayed `Outcome`, a `HeldLease` to run the call under, or wait."""
+        started = time.monotonic()
+        observer = self._observer
+        if self._publisher is None and not self._closed:
+            self._start_publisher()
+        try:
+            first = await self._claim_or_wait(keys, fingerprint, rtype, wait_timeout, on_duplicate)
+        except FingerprintMismatch:
+            observer.count("fingerprint_mismatch")
+            raise
+        except StoreUnavailable:
+            observer.count("store_errors")
+            raise
+        if isinstance(first, Outcome):
+            observer.count("replays" if first.role is Role.REPLAY else "waits")
+            observer.outcome(keys, first.role, first.fence, time.monotonic() - started)
+        else:
+            observer.count("claims")
+            if first.role is Role.TAKEOVER:
+                observer.count("takeovers")
+        return first
+
+    async def _claim_or_wait(
+        self,
+        keys: TokenKeys,
+        fingerprint: str | None,
+        rtype: Any,
+        wait_timeout: float | None,
+        on_duplicate: str | None,
+    ) -> Outcome[Any] | HeldLease:
         if self._closed:
             raise DedupError("the deduplicator is closed", token=keys.token)
         owner = self._new_owner()
@@ -586,6 +698,7 @@ class Deduplicator:
             lease.task.cancel("strands-dedup: lease lost")
 
     def _lost_error(self, lease: HeldLease, detail: str) -> LeaseLost:
+        self._observer.count("lease_lost")
         return LeaseLost(
             f"lease on token {lease.keys.token!r} (fence {lease.fence}) was lost: {detail}",
             token=lease.keys.token,
@@ -637,10 +750,16 @@ class Deduplicator:
             ok, reason = await self._store.settle(
                 lease.keys, lease.owner, lease.fence, envelope, message
             )
+        except StoreUnavailable:
+            self._observer.count("store_errors")
+            raise
         finally:
             self._renewer.discard(lease)
         if not ok:
             raise self._lost_error(lease, f"its completion was refused ({reason})")
+        self._observer.outcome(
+            lease.keys, lease.role, lease.fence, time.monotonic() - lease.started
+        )
         return Outcome(value, lease.role, lease.fence)
 
     async def _abandon(self, lease: HeldLease, exc: BaseException | None) -> None:
@@ -650,6 +769,8 @@ class Deduplicator:
         the token is released and one waiter takes over.
         """
         self._renewer.discard(lease)
+        if isinstance(exc, Exception):
+            self._observer.count("failures")
         if lease.lost:
             return  # somebody else holds the token now; nothing of ours may be written
         release = not isinstance(exc, Exception) or self.config.on_primary_error == "retry"

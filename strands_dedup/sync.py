@@ -18,6 +18,7 @@ import redis.asyncio as aredis
 
 from .config import DedupConfig
 from .core import _UNSET, Deduplicator, Token, _normalize_fingerprint, call_identity, return_type_of
+from .observe import Health, PrometheusMetrics
 from .protocol import Outcome
 from .renewer import HeldLease
 from .serialization import Serializer
@@ -68,9 +69,12 @@ class SyncDeduplicator:
         *,
         config: DedupConfig | None = None,
         serializer: Serializer | None = None,
+        metrics: PrometheusMetrics | bool | None = None,
         **options: Any,
     ) -> None:
-        core = Deduplicator(client, config=config, serializer=serializer, **options)
+        core = Deduplicator(
+            client, config=config, serializer=serializer, metrics=metrics, **options
+        )
         self._setup(core)
 
     def _setup(self, core: Deduplicator) -> None:
@@ -80,11 +84,16 @@ class SyncDeduplicator:
 
     @classmethod
     def from_url(
-        cls, url: str = "memory://", *, serializer: Serializer | None = None, **options: Any
+        cls,
+        url: str = "memory://",
+        *,
+        serializer: Serializer | None = None,
+        metrics: PrometheusMetrics | bool | None = None,
+        **options: Any,
     ) -> SyncDeduplicator:
         """See `Deduplicator.from_url`."""
         self = cls.__new__(cls)
-        self._setup(Deduplicator.from_url(url, serializer=serializer, **options))
+        self._setup(Deduplicator.from_url(url, serializer=serializer, metrics=metrics, **options))
         return self
 
     @property
@@ -108,14 +117,17 @@ class SyncDeduplicator:
         core = self._core
         keys = core._keys.for_token(token, scope)
         rtype = return_type_of(call) if returns is _UNSET else returns
-        first = self._portal.call(
-            core._begin(
-                keys, _normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate
+        with core._observer.span(keys) as span:
+            first = self._portal.call(
+                core._begin(
+                    keys, _normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate
+                )
             )
-        )
-        if isinstance(first, Outcome):
-            return first
-        return self._run_primary(first, call, rtype)
+            outcome = first if isinstance(first, Outcome) else self._run_primary(first, call, rtype)
+            if span is not None:
+                span.set_attribute("strands_dedup.role", outcome.role.value)
+                span.set_attribute("strands_dedup.fence", outcome.fence)
+            return outcome
 
     def _run_primary(self, lease: HeldLease, call: Callable[[], T], rtype: Any) -> Outcome[T]:
         try:
@@ -178,6 +190,15 @@ class SyncDeduplicator:
             return wrapper
 
         return decorate
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """See `Deduplicator.counters`."""
+        return self._core.counters
+
+    def health(self) -> Health:
+        """See `Deduplicator.health`."""
+        return self._portal.call(self._core.health())
 
     def close(self) -> None:
         """Close the core on its loop and stop the portal thread."""

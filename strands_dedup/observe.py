@@ -1,0 +1,205 @@
+"""What a deduplicator reports about itself: counters, metrics, logs, spans and health.
+
+- Counters (``claims``, ``replays``, ``waits``, ``takeovers``, ``lease_lost``,
+  ``fingerprint_mismatch``, ``store_errors``, ``failures``) are kept per deduplicator and
+  published every few seconds to ``<namespace>:stats:<process>`` (a hash that expires when the
+  process stops), where ``strands-dedup watch`` and ``stats`` sum them across the fleet.
+- Prometheus metrics, when ``prometheus-client`` is installed: the same counters, histograms of
+  call and wait duration, gauges of in-flight calls and local waiters. Labels are bounded: the
+  namespace and the role, never a token.
+- Logs go to the ``strands_dedup`` logger (silent unless the application configures logging),
+  each outcome at DEBUG with ``extra`` fields: ``token_digest``, ``role``, ``fence``, ``duration``.
+- OpenTelemetry spans, when ``opentelemetry-api`` is installed: one span per call, with its role
+  and fence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .keys import TokenKeys
+    from .protocol import Role
+
+__all__ = ["EVENTS", "Health", "Observer", "PrometheusMetrics"]
+
+log = logging.getLogger("strands_dedup")
+
+EVENTS = (
+    "claims",
+    "replays",
+    "waits",
+    "takeovers",
+    "lease_lost",
+    "fingerprint_mismatch",
+    "store_errors",
+    "failures",
+)
+_DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A deduplicator's view of itself (`Deduplicator.health`)."""
+
+    ok: bool
+    """Store reachable and, if anybody waits, the subscriber connected."""
+    store_reachable: bool
+    store_latency_ms: float | None
+    subscriber_connected: bool
+    in_flight: int
+    """Calls this deduplicator runs as primary right now."""
+    waiters: int
+    """Duplicates waiting in this deduplicator right now."""
+    renewal_lag_s: float
+    """How late the last lease renewal finished after it was due."""
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PrometheusMetrics:
+    """The deduplicator's Prometheus collectors, registered once per registry.
+
+    `PrometheusMetrics.default()` registers them in prometheus-client's default registry the first
+    time it is asked (deduplicators share them, labelled by namespace).
+    """
+
+    _default: ClassVar[PrometheusMetrics | None] = None
+
+    def __init__(self, registry: Any = None, prefix: str = "strands_dedup") -> None:
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+        registry = REGISTRY if registry is None else registry
+        self.events = {
+            name: Counter(
+                f"{prefix}_{name}",
+                f"strands-dedup {name.replace('_', ' ')}",
+                ["namespace"],
+                registry=registry,
+            )
+            for name in EVENTS
+        }
+        self.call_seconds = Histogram(
+            f"{prefix}_call_duration_seconds",
+            "Duration of calls run as primary or takeover",
+            ["namespace", "role"],
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.wait_seconds = Histogram(
+            f"{prefix}_wait_duration_seconds",
+            "Time duplicates waited for a result",
+            ["namespace"],
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            f"{prefix}_in_flight",
+            "Calls running as primary in this process",
+            ["namespace"],
+            registry=registry,
+        )
+        self.waiters = Gauge(
+            f"{prefix}_waiters",
+            "Duplicates waiting in this process",
+            ["namespace"],
+            registry=registry,
+        )
+
+    @classmethod
+    def default(cls) -> PrometheusMetrics | None:
+        """Collectors in the default registry, or None without prometheus-client."""
+        if cls._default is None:
+            try:
+                cls._default = cls()
+            except ImportError:
+                return None
+        return cls._default
+
+
+def _tracer() -> Any:
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return None
+    return trace.get_tracer("strands_dedup")
+
+
+class Observer:
+    """Collects what one deduplicator does; cheap when no metrics or tracing are installed."""
+
+    def __init__(self, namespace: str, metrics: PrometheusMetrics | None) -> None:
+        self.namespace = namespace
+        self.counters = dict.fromkeys(EVENTS, 0)
+        self.changed = False
+        self._metrics = metrics
+        self._tracer = _tracer()
+        if metrics is not None:
+            self._events = {name: c.labels(namespace) for name, c in metrics.events.items()}
+
+    def watch_gauges(self, in_flight: Any, waiters: Any) -> None:
+        """Have the Prometheus gauges read the live counts when scraped."""
+        if self._metrics is not None:
+            self._metrics.in_flight.labels(self.namespace).set_function(in_flight)
+            self._metrics.waiters.labels(self.namespace).set_function(waiters)
+
+    def count(self, event: str) -> None:
+        self.counters[event] += 1
+        self.changed = True
+        if self._metrics is not None:
+            self._events[event].inc()
+
+    def outcome(self, keys: TokenKeys, role: Role, fence: int, duration: float) -> None:
+        """A call ended with a value (or, for a primary, stored one)."""
+        if self._metrics is not None:
+            if role.value in ("primary", "takeover"):
+                self._metrics.call_seconds.labels(self.namespace, role.value).observe(duration)
+            elif role.value == "waiter":
+                self._metrics.wait_seconds.labels(self.namespace).observe(duration)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s %s fence=%d in %.3fs",
+                role.value,
+                digest(keys),
+                fence,
+                duration,
+                extra={
+                    "token_digest": digest(keys),
+                    "role": role.value,
+                    "fence": fence,
+                    "duration": duration,
+                    "namespace": self.namespace,
+                },
+            )
+
+    @contextlib.contextmanager
+    def span(self, keys: TokenKeys) -> Iterator[Any]:
+        """An OpenTelemetry span around one call (a no-op without opentelemetry-api)."""
+        if self._tracer is None:
+            yield None
+            return
+        with self._tracer.start_as_current_span("strands_dedup.call") as span:
+            span.set_attribute("strands_dedup.namespace", self.namespace)
+            span.set_attribute("strands_dedup.token_digest", digest(keys))
+            yield span
+
+    def snapshot(self) -> dict[str, int]:
+        self.changed = False
+        return dict(self.counters)
+
+
+def digest(keys: TokenKeys) -> str:
+    """A short, stable, non-reversible name of a token for logs and spans."""
+    return hashlib.sha256(keys.lease).hexdigest()[:12]
+
+
+def monotonic() -> float:
+    return time.monotonic()
