@@ -432,3 +432,13 @@ async def test_idle_subscriber_is_not_taken_for_dead(dedup: Deduplicator) -> Non
     later = time.monotonic() + 0.5
     await until(lambda: time.monotonic() > later)
     assert dedup._subscriber.connected and dedup._subscriber.connects == 1
+
+
+async def test_a_retried_claim_recognises_its_own_lease(dedup: Deduplicator) -> None:
+    keys = dedup._keys.for_token("t")
+    meta = dedup._lease_meta(keys, None)
+    first = await dedup._store.claim(keys, "abc1", meta)
+    again = await dedup._store.claim(keys, "abc1", meta)  # as if the reply had been lost
+    other = await dedup._store.claim(keys, "abc2", meta)
+    assert first == again == [b"C", 1]
+    assert other[0] == b"L" and other[1].startswith(b"abc1|1|")
