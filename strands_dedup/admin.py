@@ -137,7 +137,7 @@ class Inspector:
             if cursor == 0:
                 return
 
-    async def _lease_views(self, keys: list[bytes]) -> list[LeaseView]:
+    async def _lease_views(self, keys: list[bytes], now_ms: float | None = None) -> list[LeaseView]:
         client = self._store.client
 
         async def read() -> list[Any]:
@@ -151,33 +151,15 @@ class Inspector:
         channels = [self._keys.channel_of(key) for key in keys]
         counts = await self._store._run(lambda: client.pubsub_numsub(*channels))
         listeners = {ch if isinstance(ch, bytes) else ch.encode(): int(n) for ch, n in counts}
-        now_ms = time.time() * 1000
+        now_ms = time.time() * 1000 if now_ms is None else now_ms
         views = []
         for i, key in enumerate(keys):
             value, pttl = replies[2 * i], replies[2 * i + 1]
             if value is None:
                 continue  # released between SCAN and GET
-            try:
-                lease = decode_lease(value, int(pttl))
-            except ValueError:
-                continue  # not one of ours
-            started = lease.meta.get("t")
-            pid = lease.meta.get("p")
-            views.append(
-                LeaseView(
-                    token=str(lease.meta.get("tok", "")),
-                    scope=str(lease.meta.get("sc", "")),
-                    owner=lease.owner,
-                    host=str(lease.meta.get("h", "")),
-                    pid=pid if isinstance(pid, int) else None,
-                    fence=lease.fence,
-                    age_s=max(0.0, (now_ms - started) / 1000) if isinstance(started, int) else None,
-                    ttl_s=max(0.0, int(pttl) / 1000),
-                    listeners=listeners.get(channels[i], 0),
-                    fingerprint=lease.fingerprint,
-                    key=_text(key),
-                )
-            )
+            view = _lease_view(key, value, int(pttl), listeners.get(channels[i], 0), now_ms)
+            if view is not None:
+                views.append(view)
         return views
 
     async def leases(
@@ -185,9 +167,10 @@ class Inspector:
     ) -> list[LeaseView]:
         """Every token in flight (optionally of one scope, or older than N s), oldest first."""
         views: list[LeaseView] = []
+        now_ms = time.time() * 1000  # one clock for every batch, so ages compare
         async for batch in self._scan(self._keys.pattern("lease", scope)):
             for start in range(0, len(batch), _BATCH):
-                views += await self._lease_views(batch[start : start + _BATCH])
+                views += await self._lease_views(batch[start : start + _BATCH], now_ms)
         if older_than is not None:
             views = [v for v in views if v.age_s is not None and v.age_s >= older_than]
         return sorted(views, key=lambda v: -(v.age_s or 0.0))
@@ -217,7 +200,7 @@ class Inspector:
             return None
         try:
             env = decode_envelope(data)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return ResultView(
                 token=keys.token,
                 scope=keys.scope,
@@ -296,35 +279,46 @@ class Inspector:
     ) -> LeaseView | None:
         """Force-release the token's lease; its waiters re-read and one takes over.
 
-        Returns what the lease was, or None if nothing held it.
+        The fence moves on, so the released primary (if alive) can neither renew nor complete.
+        Returns the lease that was released, or None if nothing held it.
         """
-        before = await self.lease(token, scope)
-        value = await self._store.force_release(self._keys.for_token(token, scope))
+        keys = self._keys.for_token(token, scope)
+        before = await self.lease(token, scope)  # for the count of processes told
+        value = await self._store.force_release(keys)
         if value is None:
             return None
-        return (
-            before
-            if before is not None
-            else LeaseView(
-                token=self._keys.for_token(token, scope).token,
-                scope="",
-                owner="",
-                host="",
-                pid=None,
-                fence=decode_lease(value, 0).fence,
-                age_s=None,
-                ttl_s=0.0,
-                listeners=0,
-                fingerprint=None,
-                key=_text(self._keys.for_token(token, scope).lease),
-            )
-        )
+        listeners = before.listeners if before is not None else 0
+        return _lease_view(keys.lease, value, 0, listeners, time.time() * 1000)
 
     async def forget(self, token: str | bytes, scope: str | bytes | None = None) -> bool:
         """Delete the stored result so the next call runs again; False if there was none."""
         keys = self._keys.for_token(token, scope)
         deleted = await self._store._run(lambda: self._store.client.delete(keys.result))
         return bool(deleted)
+
+
+def _lease_view(
+    key: bytes, value: bytes, pttl: int, listeners: int, now_ms: float
+) -> LeaseView | None:
+    try:
+        lease = decode_lease(value, pttl)
+    except ValueError:
+        return None  # not one of ours
+    started = lease.meta.get("t")
+    pid = lease.meta.get("p")
+    return LeaseView(
+        token=str(lease.meta.get("tok", "")),
+        scope=str(lease.meta.get("sc", "")),
+        owner=lease.owner,
+        host=str(lease.meta.get("h", "")),
+        pid=pid if isinstance(pid, int) else None,
+        fence=lease.fence,
+        age_s=max(0.0, (now_ms - started) / 1000) if isinstance(started, int) else None,
+        ttl_s=max(0.0, pttl / 1000),
+        listeners=listeners,
+        fingerprint=lease.fingerprint,
+        key=_text(key),
+    )
 
 
 def dumps(payload: Any) -> str:

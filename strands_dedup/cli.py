@@ -1,30 +1,346 @@
-"""The ``strands-dedup`` command line."""
+"""The ``strands-dedup`` command line: a demo, and the operator's view of what is in flight.
+
+The operator commands (``ls``, ``show``, ``watch``, ``release``, ``forget``, ``stats``) read, or on
+request repair, one namespace of one Redis through `strands_dedup.admin.Inspector`. Read commands
+take ``--json`` and then print one JSON document whose field names are the views' ``to_json()``
+keys. Exit codes: 0 ok; 1 not found (or a declined confirmation); 2 usage or invalid input;
+3 Redis unreachable, refused the credentials or failed the command. Errors are one line on stderr.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
+from typing import Any, TypeVar
 
 import click
+import redis.exceptions
+from click.core import ParameterSource
+from pydantic import ValidationError
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 from . import __version__
+from .admin import Inspector, LeaseView, ResultView, StatsView, dumps
 from .core import Deduplicator
 from .errors import DedupError, StoreUnavailable
+from .keys import validate_namespace
+from .observe import EVENTS
 from .protocol import Outcome
+from .store.connect import describe_url
 
 __all__ = ["main"]
 
 REDIS_URL_ENV = "STRANDS_DEDUP_REDIS_URL"
+NAMESPACE_ENV = "STRANDS_DEDUP_NAMESPACE"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_NAMESPACE = "strands-dedup"
+
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
+RATE_EVENTS = ("claims", "replays", "takeovers")
+"""Counters whose rates `watch` puts first."""
+KNOWN_EVENTS = (*RATE_EVENTS, *(event for event in EVENTS if event not in RATE_EVENTS))
+"""Counters shown (as 0 while no process has published them) by `watch` and `stats`."""
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+PIPE_WIDTH = 1000
+"""Line width for tables written to a pipe or file: wide enough that no token is cut."""
+
+_URL_KEY = "strands_dedup.redis_url"
+_NAMESPACE_KEY = "strands_dedup.namespace"
+
+T = TypeVar("T")
+FC = TypeVar("FC", bound=Callable[..., Any])
+
+
+# -- errors: handled here, for every command -------------------------------------------------
+
+
+class Failure(click.ClickException):
+    """Invalid input: shown as one line on stderr (``Error: ...``), exit 2."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()) or "unknown error")
+
+
+class NotFound(Failure):
+    """Nothing to show, release or forget: exit 1."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class Unreachable(Failure):
+    """Redis could not be reached, refused the credentials or failed the command: exit 3."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "option"
+        parts.append(f"invalid {field}: {str(error['msg']).removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+class _Cli(click.Group):
+    """The command group: turns the library's errors into one line on stderr and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreUnavailable as exc:
+            raise Unreachable(str(exc)) from None
+        except redis.exceptions.RedisError as exc:
+            raise Unreachable(f"Redis failed the command: {exc}") from None
+        except ValidationError as exc:
+            raise Failure(_validation_message(exc)) from None
+        except (DedupError, ValueError) as exc:
+            raise Failure(str(exc) or type(exc).__name__) from None
+
+
+# -- where to connect: options accepted before the command and on each command ----------------
+
+
+def _remember(key: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None:
+            ctx.meta[key] = value  # meta is shared by the group's and the command's contexts
+        return value
+
+    return callback
+
+
+def _target_options(*, on_group: bool) -> Callable[[FC], FC]:
+    """``--redis-url`` and ``--namespace``; the group's also read the environment.
+
+    A value given on the command overrides one given before it, which overrides the variable.
+    """
+
+    def decorate(func: FC) -> FC:
+        func = click.option(
+            "--namespace",
+            envvar=NAMESPACE_ENV if on_group else None,
+            callback=_remember(_NAMESPACE_KEY),
+            expose_value=False,
+            metavar="NAME",
+            help=f"Namespace (key prefix) of the deduplicators to inspect "
+            f"[env {NAMESPACE_ENV}; default {DEFAULT_NAMESPACE}].",
+        )(func)
+        func = click.option(
+            "--redis-url",
+            envvar=REDIS_URL_ENV if on_group else None,
+            callback=_remember(_URL_KEY),
+            expose_value=False,
+            metavar="URL",
+            help=f"Redis the deduplicators share [env {REDIS_URL_ENV}; "
+            f"default {DEFAULT_REDIS_URL}].",
+        )(func)
+        return func
+
+    return decorate
+
+
+def _target() -> tuple[str, str]:
+    """The Redis URL and namespace the current command works on (validated)."""
+    meta = click.get_current_context().meta
+    url: str = meta.get(_URL_KEY, DEFAULT_REDIS_URL)
+    namespace: str = meta.get(_NAMESPACE_KEY, DEFAULT_NAMESPACE)
+    if url.split("://", 1)[0].lower() == "memory":
+        raise Failure(
+            "memory:// is private to the process that opens it; give --redis-url the Redis your "
+            "deduplicators share"
+        )
+    return url, validate_namespace(namespace)
+
+
+def _run(work: Callable[[Inspector], Awaitable[T]]) -> T:
+    """Run one command's work on an `Inspector` of the target, in a fresh event loop."""
+    url, namespace = _target()
+
+    async def session() -> T:
+        async with Inspector.from_url(url, namespace=namespace) as inspector:
+            return await work(inspector)
+
+    return asyncio.run(session())
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def _console() -> Console:
+    console = Console(highlight=False, markup=False, emoji=False)
+    if console.is_terminal:
+        return console
+    return Console(highlight=False, markup=False, emoji=False, width=PIPE_WIDTH)
+
+
+def _echo_json(payload: Any) -> None:
+    click.echo(dumps(payload))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+def _owner(view: LeaseView) -> str:
+    if view.host or view.pid is not None:
+        return f"{view.host or '?'}:{view.pid if view.pid is not None else '?'}"
+    return view.owner or "-"
+
+
+def _token_label(token: str, scope: str | None) -> str:
+    return f"token {token!r}" + (f" (scope {scope!r})" if scope else "")
+
+
+def _leases_table(views: list[LeaseView], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("token", overflow="fold")
+    table.add_column("scope", overflow="fold")
+    table.add_column("owner (host:pid)")
+    table.add_column("fence", justify="right")
+    table.add_column("age", justify="right")
+    table.add_column("lease left", justify="right")
+    table.add_column("waiting procs", justify="right")
+    for view in views:
+        table.add_row(
+            Text(view.token),
+            Text(view.scope or "-"),
+            Text(_owner(view)),
+            str(view.fence),
+            _duration(view.age_s),
+            _duration(view.ttl_s),
+            str(view.listeners),
+        )
+    return table
+
+
+def _in_flight_title(views: list[LeaseView], namespace: str) -> str:
+    return f"{len(views)} in flight in namespace {namespace} (oldest first)"
+
+
+def _fields_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for name, value in rows:
+        table.add_row(name, Text(value))
+    return table
+
+
+def _lease_rows(view: LeaseView) -> list[tuple[str, str]]:
+    return [
+        ("token", view.token),
+        ("scope", view.scope or "-"),
+        ("owner (host:pid)", _owner(view)),
+        ("owner id", view.owner or "-"),
+        ("fence", str(view.fence)),
+        ("age", _duration(view.age_s)),
+        ("lease left", _duration(view.ttl_s)),
+        ("waiting procs", str(view.listeners)),
+        ("fingerprint", view.fingerprint or "-"),
+        ("key", view.key),
+    ]
+
+
+def _result_rows(view: ResultView) -> list[tuple[str, str]]:
+    rows = [
+        ("token", view.token),
+        ("scope", view.scope or "-"),
+        ("status", view.status),
+        ("fence", str(view.fence)),
+        ("size", f"{_size(view.size)} ({view.size} bytes)"),
+        ("age", _duration(view.age_s)),
+        ("expires in", _duration(view.ttl_s) if view.ttl_s is not None else "never"),
+        ("serializer", view.serializer or "-"),
+    ]
+    if view.error_type or view.error_message:
+        rows.append(("error", f"{view.error_type or 'error'}: {view.error_message or ''}"))
+    rows.append(("key", view.key))
+    return rows
+
+
+def _counters_table(
+    counters: dict[str, int], rates: dict[str, float] | None, *, title: str
+) -> Table:
+    """Totals of every known counter (0 while unpublished) and, given ``rates``, per second."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("event")
+    table.add_column("total", justify="right")
+    if rates is not None:
+        table.add_column("per second", justify="right")
+    extra = sorted(set(counters) - set(KNOWN_EVENTS))
+    for name in (*KNOWN_EVENTS, *extra):
+        cells: list[RenderableType] = [Text(name), str(counters.get(name, 0))]
+        if rates is not None:
+            cells.append(f"{rates.get(name, 0.0):.1f}")
+        table.add_row(*cells)
+    return table
+
+
+def _rates(
+    before: tuple[float, dict[str, int]], after: tuple[float, dict[str, int]]
+) -> dict[str, float]:
+    """Events per second between two counter snapshots.
+
+    Counters are summed over live processes, so a total falls when a process exits; that reads
+    as 0, not as a negative rate.
+    """
+    (t0, c0), (t1, c1) = before, after
+    elapsed = max(t1 - t0, 1e-9)
+    return {name: max(0, c1.get(name, 0) - c0.get(name, 0)) / elapsed for name in {*c0, *c1}}
+
+
+# -- commands --------------------------------------------------------------------------------
+
+scope_option = click.option(
+    "--scope",
+    default=None,
+    metavar="SCOPE",
+    help="The tenant or session scope of the token(s); '' means no scope.",
+)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document instead of a table."
+)
+yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="strands-dedup")
+@_target_options(on_group=True)
 def main() -> None:
-    """Distributed idempotency and dedup for AI-agent calls, backed by Redis."""
+    """Distributed idempotency and dedup for AI-agent calls, backed by Redis.
+
+    Exit codes: 0 ok, 1 not found, 2 usage or invalid input, 3 Redis unreachable.
+    """
 
 
 @main.command()
@@ -57,15 +373,19 @@ def main() -> None:
     help="Seconds each execution of the (fake) agent call takes.",
 )
 @click.option("--seed", default=None, type=int, help="Seed for the order of the calls.")
-def demo(redis_url: str, calls: int, keys: int, work: float, seed: int | None) -> None:
+@click.pass_context
+def demo(
+    ctx: click.Context, redis_url: str, calls: int, keys: int, work: float, seed: int | None
+) -> None:
     """Fire a storm of duplicate calls and show that each token ran once."""
-    try:
-        asyncio.run(_demo(redis_url, calls, keys, work, seed))
-    except StoreUnavailable as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(EXIT_UNREACHABLE) from None
-    except (DedupError, ValueError) as exc:
-        raise click.ClickException(str(exc).splitlines()[0]) from None
+    parent = ctx.parent
+    if (
+        ctx.get_parameter_source("redis_url") is not ParameterSource.COMMANDLINE
+        and parent is not None
+        and parent.get_parameter_source("redis_url") is ParameterSource.COMMANDLINE
+    ):
+        redis_url = ctx.meta[_URL_KEY]  # given before the command: `strands-dedup --redis-url`
+    asyncio.run(_demo(redis_url, calls, keys, work, seed))
 
 
 async def _demo(redis_url: str, calls: int, keys: int, work: float, seed: int | None) -> None:
@@ -100,3 +420,203 @@ async def _demo(redis_url: str, calls: int, keys: int, work: float, seed: int | 
     click.echo(f"wall time:         {elapsed:.2f}s (each execution takes {work:g}s)")
     if total != keys:
         raise SystemExit(1)
+
+
+@main.command("ls")
+@scope_option
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="Only tokens in flight for at least this long.",
+)
+@json_option
+@_target_options(on_group=False)
+def ls_command(scope: str | None, older_than: float | None, as_json: bool) -> None:
+    """List the tokens in flight, oldest first.
+
+    Columns: the token and its scope; the owner (host:pid of the process running the call);
+    the fence (how many times the token was claimed); how long it has been in flight; how long
+    its lease lives unless renewed; and "waiting procs": how many processes listen for its
+    result, each hosting one or more waiting duplicate calls (processes, not calls).
+    """
+    views = _run(lambda inspector: inspector.leases(scope, older_than))
+    if as_json:
+        _echo_json([view.to_json() for view in views])
+    elif not views:
+        where = f" in scope {scope!r}" if scope is not None else ""
+        click.echo(f"nothing in flight in namespace {_target()[1]}{where}")
+    else:
+        _console().print(_leases_table(views, _in_flight_title(views, _target()[1])))
+
+
+@main.command()
+@click.argument("token")
+@scope_option
+@click.option("--show-value", is_flag=True, help="Also print the stored value (it may be large).")
+@json_option
+@_target_options(on_group=False)
+def show(token: str, scope: str | None, show_value: bool, as_json: bool) -> None:
+    """Show TOKEN's lease (if in flight) and its stored result's metadata.
+
+    The stored value is printed only with --show-value. Exits 1 when the token has neither.
+    """
+
+    async def read(inspector: Inspector) -> tuple[LeaseView | None, ResultView | None]:
+        lease = await inspector.lease(token, scope)
+        return lease, await inspector.result(token, scope, with_value=show_value)
+
+    lease, result = _run(read)
+    if as_json:
+        _echo_json(
+            {
+                "lease": lease.to_json() if lease is not None else None,
+                "result": result.to_json() if result is not None else None,
+            }
+        )
+    else:
+        console = _console()
+        if lease is not None:
+            console.print(_fields_table("lease (in flight)", _lease_rows(lease)))
+        if result is not None:
+            console.print(_fields_table("stored result", _result_rows(result)))
+            if result.value is not None:
+                click.echo("value:")
+                click.echo(result.value)
+    if lease is None and result is None:
+        raise NotFound(f"nothing is in flight or stored for {_token_label(token, scope)}")
+
+
+@main.command()
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between refreshes.",
+)
+@scope_option
+@click.option("--iterations", type=click.IntRange(min=1), default=None, hidden=True)
+@_target_options(on_group=False)
+def watch(interval: float, scope: str | None, iterations: int | None) -> None:
+    """Live view of the tokens in flight (as `ls`) and of event rates; Ctrl-C quits.
+
+    Rates per second (claims, replays, takeovers, ...) are computed from the counters the
+    deduplicators of the namespace publish; they show 0 while none are published.
+    """
+    url, namespace = _target()
+    where = describe_url(url)
+
+    async def refresh(inspector: Inspector) -> None:
+        previous: tuple[float, dict[str, int]] | None = None
+        done = 0
+        console = _console()
+        try:
+            with Live(console=console, auto_refresh=False) as live:
+                while True:
+                    sample = (time.monotonic(), await inspector.counters())
+                    views = await inspector.leases(scope)
+                    rates = _rates(previous, sample) if previous is not None else None
+                    previous = sample
+                    header = (
+                        f"{where} · namespace {namespace} · every {interval:g}s · "
+                        f"{datetime.now():%H:%M:%S} · Ctrl-C quits"
+                    )
+                    frame = Group(
+                        Text(header),
+                        _leases_table(views, _in_flight_title(views, namespace)),
+                        _counters_table(sample[1], rates, title="events (all live processes)"),
+                    )
+                    live.update(frame, refresh=True)
+                    done += 1
+                    if iterations is not None and done >= iterations:
+                        return
+                    await asyncio.sleep(interval)
+        finally:
+            if not console.is_terminal:
+                console.line()  # off a terminal, the last frame ends without a newline
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+        _run(refresh)
+
+
+@main.command()
+@click.argument("token")
+@scope_option
+@yes_option
+@_target_options(on_group=False)
+def release(token: str, scope: str | None, yes: bool) -> None:
+    """Force-release TOKEN's lease, so that one of its waiting duplicates takes over.
+
+    For a token whose primary is stuck or gone. The taking-over call runs with a higher fence,
+    so a released primary that is still alive cannot store its result; if no duplicate claims
+    the token before that primary renews its lease, the primary keeps it. Exits 1 when no lease
+    was held.
+    """
+    url, namespace = _target()
+    if not yes:
+        click.confirm(
+            f"Release the lease on {_token_label(token, scope)} in namespace {namespace} at "
+            f"{describe_url(url)}? A waiting duplicate, if any, takes over and runs the call",
+            abort=True,
+        )
+    view = _run(lambda inspector: inspector.release(token, scope))
+    if view is None:
+        raise NotFound(f"no lease is held on {_token_label(token, scope)}")
+    click.echo(
+        f"released {_token_label(token, scope)}: held by {_owner(view)}, fence {view.fence}, "
+        f"in flight {_duration(view.age_s)}; {view.listeners} waiting procs notified"
+    )
+
+
+@main.command()
+@click.argument("token")
+@scope_option
+@yes_option
+@_target_options(on_group=False)
+def forget(token: str, scope: str | None, yes: bool) -> None:
+    """Delete TOKEN's stored result, so that its next call runs again.
+
+    Exits 1 when no result was stored.
+    """
+    url, namespace = _target()
+    if not yes:
+        click.confirm(
+            f"Delete the stored result of {_token_label(token, scope)} in namespace {namespace} "
+            f"at {describe_url(url)}? Its next call will run again",
+            abort=True,
+        )
+    if not _run(lambda inspector: inspector.forget(token, scope)):
+        raise NotFound(f"no result is stored for {_token_label(token, scope)}")
+    click.echo(f"forgot the stored result of {_token_label(token, scope)}")
+
+
+@main.command()
+@json_option
+@_target_options(on_group=False)
+def stats(as_json: bool) -> None:
+    """Counts and memory of the tokens in flight and the stored results.
+
+    Also the event counters (claims, replays, takeovers, ...) of the namespace's live processes.
+    """
+    view: StatsView = _run(lambda inspector: inspector.stats())
+    if as_json:
+        _echo_json(view.to_json())
+        return
+    rows = [
+        ("in flight", str(view.in_flight)),
+        ("stored results", str(view.results)),
+        ("lease memory", _size(view.lease_bytes)),
+        ("result memory", _size(view.result_bytes)),
+    ]
+    parts: list[RenderableType] = [
+        _fields_table(f"namespace {view.namespace}", rows),
+        _counters_table(view.counters, None, title="events (all live processes)"),
+    ]
+    _console().print(Group(*parts))
+
+
+if __name__ == "__main__":
+    main()

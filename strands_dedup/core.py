@@ -390,17 +390,18 @@ class Deduplicator:
         """Publish this process's counters for the CLI, every few seconds while they change."""
         client = self._store.client
         interval = self.config.stats_interval
+        ttl_ms = int(interval * 4 * 1000)  # outlives a few missed publications, not the process
         while not self._closed:
-            if self._observer.changed:
-                counts = self._observer.snapshot()
-                try:
-                    async with client.pipeline(transaction=False) as pipe:
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    if self._observer.changed:
+                        counts = self._observer.snapshot()
                         pipe.hset(self._stats_key, mapping=counts)  # type: ignore[arg-type]
-                        pipe.pexpire(self._stats_key, int(interval * 4 * 1000))
-                        await pipe.execute()
-                except Exception as exc:  # best effort: counters are not part of the protocol
-                    log.debug("could not publish counters: %s", exc)
-                    self._observer.changed = True
+                    pipe.pexpire(self._stats_key, ttl_ms)
+                    await pipe.execute()
+            except Exception as exc:  # best effort: counters are not part of the protocol
+                log.debug("could not publish counters: %s", exc)
+                self._observer.changed = True
             await asyncio.sleep(interval)
 
     # -- the protocol (shared with SyncDeduplicator) -----------------------------------------

@@ -215,7 +215,9 @@ class RedisStore:
     async def force_release(self, keys: TokenKeys) -> bytes | None:
         """Delete the lease whoever holds it and wake its waiters; the lease value, or None."""
         reply = await self._run(
-            lambda: self._release(keys=(keys.lease,), args=(keys.channel, self._publish)),
+            lambda: self._release(
+                keys=(keys.lease, keys.fence), args=(keys.channel, self._publish, self._fence_ttl)
+            ),
             priority=True,
         )
         return reply[1] if reply[0] else None
