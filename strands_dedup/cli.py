@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
@@ -29,11 +27,9 @@ from rich.text import Text
 
 from . import __version__
 from .admin import Inspector, LeaseView, ResultView, StatsView, dumps
-from .core import Deduplicator
 from .errors import DedupError, StoreUnavailable
 from .keys import validate_namespace
 from .observe import EVENTS
-from .protocol import Outcome
 from .store.connect import describe_url
 
 __all__ = ["main"]
@@ -352,32 +348,53 @@ def main() -> None:
     help=f"Redis to use (env {REDIS_URL_ENV}); memory:// runs embedded, no server.",
 )
 @click.option(
-    "--calls",
-    default=500,
+    "--requests",
+    default=150,
     show_default=True,
-    type=click.IntRange(1, 1_000_000),
-    help="Calls to fire, duplicates included.",
+    type=click.IntRange(1, 100_000),
+    help="POSTs to fire, retries included.",
 )
 @click.option(
     "--keys",
     default=10,
     show_default=True,
-    type=click.IntRange(1, 1_000_000),
-    help="Distinct idempotency tokens among the calls.",
+    type=click.IntRange(1, 100_000),
+    help="Distinct idempotency keys among the requests.",
+)
+@click.option(
+    "--concurrency",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, 2_000),
+    help="Requests in flight at once.",
+)
+@click.option(
+    "--replicas",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Gateway processes to spread the storm over (needs a real --redis-url above 1).",
 )
 @click.option(
     "--work",
-    default=0.2,
+    default=0.5,
     show_default=True,
     type=click.FloatRange(0, 60),
-    help="Seconds each execution of the (fake) agent call takes.",
+    help="Seconds the fake agent takes per execution.",
 )
-@click.option("--seed", default=None, type=int, help="Seed for the order of the calls.")
+@click.option("--seed", default=None, type=int, help="Seed for the order of the requests.")
 @click.pass_context
 def demo(
-    ctx: click.Context, redis_url: str, calls: int, keys: int, work: float, seed: int | None
+    ctx: click.Context,
+    redis_url: str,
+    requests: int,
+    keys: int,
+    concurrency: int,
+    replicas: int,
+    work: float,
+    seed: int | None,
 ) -> None:
-    """Fire a storm of duplicate calls and show that each token ran once."""
+    """Fire a retry storm through the gateway at a slow fake agent; show each key ran once."""
     parent = ctx.parent
     if (
         ctx.get_parameter_source("redis_url") is not ParameterSource.COMMANDLINE
@@ -385,41 +402,80 @@ def demo(
         and parent.get_parameter_source("redis_url") is ParameterSource.COMMANDLINE
     ):
         redis_url = ctx.meta[_URL_KEY]  # given before the command: `strands-dedup --redis-url`
-    asyncio.run(_demo(redis_url, calls, keys, work, seed))
+    try:
+        from .demo import run_demo
+    except ImportError as exc:
+        raise Failure(
+            f"the demo needs the http extra ({exc}): pip install 'strands-dedup[http]'"
+        ) from None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    console = _console()
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("retry storm", total=requests)
+        report = asyncio.run(
+            run_demo(
+                redis_url=redis_url,
+                requests=requests,
+                keys=keys,
+                concurrency=concurrency,
+                replicas=replicas,
+                work=work,
+                seed=seed,
+                progress=lambda done, total: bar.update(task, completed=done),
+            )
+        )
+    table = Table(
+        title=f"retry storm through {replicas} gateway(s) on {describe_url(redis_url)}",
+        show_header=False,
+    )
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    executions = (
+        f"{report.executions} ({'one per key' if report.executions == keys else 'NOT one per key'})"
+    )
+    rows = [
+        ("requests sent", str(report.requests)),
+        ("distinct keys", str(keys)),
+        ("upstream executions", executions),
+        ("responses replayed or waited", str(report.requests - report.executions)),
+        ("  of which marked Idempotent-Replayed", str(report.replayed)),
+        ("HTTP statuses", ", ".join(f"{k}: {v}" for k, v in sorted(report.statuses.items()))),
+        (
+            "latency p50 / p90 / p99",
+            " / ".join(f"{report.percentile(q):.0f} ms" for q in (0.5, 0.9, 0.99)),
+        ),
+        ("wall time", f"{report.elapsed_s:.2f} s (the agent takes {work:g} s per execution)"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    if not report.ok:
+        raise NotFound("a key ran more than once, or a request failed")
 
 
-async def _demo(redis_url: str, calls: int, keys: int, work: float, seed: int | None) -> None:
-    executions: dict[str, int] = {}
-    run_id = f"demo-{os.getpid()}-{time.time_ns()}"
+@main.command("fake-agent")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--work", default=1.0, show_default=True, type=click.FloatRange(0, 600))
+def fake_agent(host: str, port: int, work: float) -> None:
+    """Serve the demo's slow fake agent: POST answers after WORK s; GET /executions counts."""
+    try:
+        import uvicorn
 
-    async def agent_call(token: str) -> dict[str, str]:
-        executions[token] = executions.get(token, 0) + 1
-        await asyncio.sleep(work)
-        return {"token": token, "answer": f"result for {token}"}
-
-    tokens = [f"{run_id}-{i % keys}" for i in range(calls)]
-    random.Random(seed).shuffle(tokens)
-    roles: dict[str, int] = {}
-    started = time.perf_counter()
-    async with Deduplicator.from_url(redis_url, namespace="strands-dedup-demo") as dedup:
-
-        async def one(token: str) -> None:
-            def call() -> Awaitable[dict[str, str]]:
-                return agent_call(token)
-
-            outcome: Outcome[dict[str, str]] = await dedup.execute(token, call)
-            roles[outcome.role.value] = roles.get(outcome.role.value, 0) + 1
-
-        await asyncio.gather(*(one(t) for t in tokens))
-    elapsed = time.perf_counter() - started
-    total = sum(executions.values())
-    click.echo(f"calls sent:        {calls} over {keys} tokens ({redis_url})")
-    click.echo(f"executions:        {total} (one per token: {'yes' if total == keys else 'NO'})")
-    for role in ("primary", "waiter", "replay", "takeover"):
-        click.echo(f"  {role + ':':<16} {roles.get(role, 0)}")
-    click.echo(f"wall time:         {elapsed:.2f}s (each execution takes {work:g}s)")
-    if total != keys:
-        raise SystemExit(1)
+        from .demo import FakeAgent
+    except ImportError as exc:
+        raise Failure(
+            f"this needs the http extra ({exc}): pip install 'strands-dedup[http]'"
+        ) from None
+    uvicorn.run(FakeAgent(work), host=host, port=port, log_level="warning")
 
 
 @main.command("ls")
@@ -616,6 +672,84 @@ def stats(as_json: bool) -> None:
         _counters_table(view.counters, None, title="events (all live processes)"),
     ]
     _console().print(Group(*parts))
+
+
+@main.command()
+@click.option("--upstream", required=True, metavar="URL", help="The agent service to protect.")
+@click.option(
+    "--redis-url",
+    envvar=REDIS_URL_ENV,
+    default="memory://",
+    show_default=True,
+    help=f"Redis shared by the replicas [env {REDIS_URL_ENV}]; memory:// serves one process.",
+)
+@click.option("--namespace", default=DEFAULT_NAMESPACE, show_default=True, help="Key prefix.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8787, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--lease-ttl", default=30.0, show_default=True, type=click.FloatRange(0.05))
+@click.option("--result-ttl", default=86400.0, show_default=True, type=click.FloatRange(0.001))
+@click.option("--scope-header", default=None, metavar="NAME", help="Header naming the tenant.")
+@click.option("--require-key", is_flag=True, help="Refuse POST/PATCH without Idempotency-Key.")
+@click.option(
+    "--on-duplicate",
+    type=click.Choice(["wait", "reject"]),
+    default="wait",
+    show_default=True,
+    help="A concurrent duplicate waits for the response, or gets 409 with Retry-After.",
+)
+@click.option(
+    "--max-body",
+    default="10MB",
+    show_default=True,
+    help="Largest request body accepted and response body retained (e.g. 512KiB, 10MB).",
+)
+@click.option("--upstream-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1))
+@click.option(
+    "--shutdown-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="On SIGTERM, how long requests in flight may finish before their tokens are released.",
+)
+def gateway(
+    upstream: str,
+    redis_url: str,
+    namespace: str,
+    host: str,
+    port: int,
+    lease_ttl: float,
+    result_ttl: float,
+    scope_header: str | None,
+    require_key: bool,
+    on_duplicate: str,
+    max_body: str,
+    upstream_timeout: float,
+    shutdown_timeout: float,
+) -> None:
+    """Serve a retry-safe reverse proxy in front of an HTTP agent service.
+
+    Requests with an Idempotency-Key run once across every replica sharing the Redis; duplicates
+    get the first response. GET /healthz, /readyz and /metrics are the gateway's own.
+    """
+    from .gateway import parse_size, run_gateway
+
+    size = parse_size(max_body)
+    run_gateway(
+        upstream=upstream,
+        redis_url=redis_url,
+        host=host,
+        port=port,
+        namespace=validate_namespace(namespace),
+        lease_ttl=lease_ttl,
+        result_ttl=result_ttl,
+        shutdown_timeout=shutdown_timeout,
+        upstream_timeout=upstream_timeout,
+        scope_header=scope_header,
+        require_key=require_key,
+        on_duplicate=on_duplicate,
+        max_request_body=size,
+        max_stored_body=size,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""The gateway: three replicas on one real Redis in front of a real upstream process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from servers import free_port
+
+from strands_dedup.admin import Inspector
+from strands_dedup.gateway import parse_size
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+HERE = Path(__file__).parent
+
+
+def _wait_http(url: str, deadline: float) -> None:
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not come up")
+        time.sleep(0.05)  # polling a child process's port against a deadline
+
+
+@contextlib.contextmanager
+def process(args: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_http(ready_url, time.monotonic() + 20)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@pytest.fixture
+def upstream() -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with process(
+        [sys.executable, str(HERE / "upstream_app.py"), str(port), "1.0"], url + "/executions"
+    ):
+        yield url
+
+
+@pytest.fixture
+def gateways(
+    upstream: str, redis_url: str, namespace: str
+) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+    with contextlib.ExitStack() as stack:
+        replicas = []
+        for _ in range(3):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            args = [
+                sys.executable,
+                "-m",
+                "strands_dedup.cli",
+                "gateway",
+                "--upstream",
+                upstream,
+                "--redis-url",
+                redis_url,
+                "--namespace",
+                namespace,
+                "--port",
+                str(port),
+                "--lease-ttl",
+                "1",
+            ]
+            replicas.append((url, stack.enter_context(process(args, url + "/healthz"))))
+        yield replicas
+
+
+async def _storm(urls: list[str], keys: list[str]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+        return await asyncio.gather(
+            *(
+                client.post(
+                    urls[i % len(urls)] + "/invoke",
+                    json={"q": key},
+                    headers={"Idempotency-Key": key},
+                )
+                for i, key in enumerate(keys)
+            )
+        )
+
+
+@pytest.mark.timeout(90)
+def test_storm_over_three_replicas_runs_each_key_once(
+    gateways: list[tuple[str, subprocess.Popen[bytes]]], upstream: str
+) -> None:
+    urls = [url for url, _ in gateways]
+    one_key = asyncio.run(_storm(urls, ["storm-one"] * 150))
+    assert {r.status_code for r in one_key} == {200}
+    assert len({r.content for r in one_key}) == 1
+    counts = httpx.get(upstream + "/executions").json()
+    assert counts["storm-one"] == 1
+    many = asyncio.run(_storm(urls, [f"storm-{i % 20}" for i in range(200)]))
+    assert {r.status_code for r in many} == {200}
+    counts = httpx.get(upstream + "/executions").json()
+    assert [counts[f"storm-{i}"] for i in range(20)] == [1] * 20
+    ready = httpx.get(urls[0] + "/readyz").json()
+    assert ready["status"] == "ready" and ready["in_flight"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_killed_replica_is_taken_over_by_another(
+    gateways: list[tuple[str, subprocess.Popen[bytes]]],
+    upstream: str,
+    redis_url: str,
+    namespace: str,
+) -> None:
+    urls = [url for url, _ in gateways]
+
+    async def scenario() -> httpx.Response:
+        async with (
+            httpx.AsyncClient(timeout=60) as client,
+            Inspector.from_url(redis_url, namespace=namespace) as inspector,
+        ):
+            first = asyncio.create_task(
+                client.post(urls[0] + "/invoke", json={}, headers={"Idempotency-Key": "crash"})
+            )
+            deadline = time.monotonic() + 10
+            while (lease := await inspector.lease("crash")) is None:
+                assert time.monotonic() < deadline, "the first replica never claimed the key"
+                await asyncio.sleep(0.01)
+            while (await client.get(upstream + "/executions")).json().get("crash") != 1:
+                assert time.monotonic() < deadline, "the upstream never saw the first request"
+                await asyncio.sleep(0.01)
+            holder = next(p for _, p in gateways if p.pid == lease.pid)
+            os.kill(holder.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            survivor = next(url for url, p in gateways if p is not holder)
+            response = await client.post(
+                survivor + "/invoke", json={}, headers={"Idempotency-Key": "crash"}
+            )
+            # lease 1 s + renew period + grace, plus the upstream's own 1 s of work
+            assert time.monotonic() - killed_at < 1 + 1 / 3 + 0.5 + 1.0 + 1.0
+            with contextlib.suppress(httpx.HTTPError):
+                await first
+            return response
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 200
+    assert response.json()["key"] == "crash"
+    # the killed replica's upstream call had started: a crash mid-call runs it again (the
+    # README's "what can still run twice"); the takeover's response is the one returned
+    assert httpx.get(upstream + "/executions").json()["crash"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_demo_on_the_embedded_default() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "strands_dedup.cli",
+            "demo",
+            "--requests",
+            "60",
+            "--keys",
+            "6",
+            "--work",
+            "0.2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "requests sent" in out and "60" in out
+    assert "upstream executions" in out
+
+
+def test_sizes_parse() -> None:
+    assert parse_size("10MB") == 10_000_000
+    assert parse_size("512KiB") == 524_288
+    assert parse_size("2048") == 2048
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("ten")
