@@ -236,3 +236,39 @@ async def test_store_unavailable_is_503(namespace: str) -> None:
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="on_duplicate"):
         IdempotencyMiddleware(lambda *a: None, dedup=None, on_duplicate="queue")  # type: ignore[arg-type]
+
+
+async def test_wait_timeout_and_handler_failure(backend_url: str, namespace: str) -> None:
+    async with Deduplicator.from_url(
+        backend_url, namespace=namespace, lease_ttl=1, wait_timeout=0.3
+    ) as dedup:
+        agent = Agent()
+        agent.release.clear()
+        async with client(agent.app(dedup)) as http:
+            first = asyncio.create_task(http.post("/invoke", headers=key("slow")))
+            await agent.started.wait()
+            waited = await http.post("/invoke", headers=key("slow"))
+            agent.release.set()
+            await first
+        assert waited.status_code == 409 and waited.json()["type"].endswith("/wait-timeout")
+        assert "retry-after" in waited.headers
+
+        async def crash(request: Request) -> Response:
+            started.set()
+            await go.wait()
+            raise RuntimeError("handler crashed")
+
+        started, go = asyncio.Event(), asyncio.Event()
+        app = Starlette(routes=[Route("/crash", crash, methods=["POST"])])
+        app.add_middleware(IdempotencyMiddleware, dedup=dedup)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            primary = asyncio.create_task(http.post("/crash", headers=key("boom")))
+            await started.wait()
+            dup = asyncio.create_task(http.post("/crash", headers=key("boom")))
+            await until(lambda: dedup._subscriber.listening == 1)
+            go.set()
+            assert (await primary).status_code == 500  # the server's own answer to a crash
+            shared = await dup
+        assert shared.status_code == 502 and shared.json()["type"].endswith("/primary-failed")
+        assert "handler crashed" in shared.json()["detail"]
