@@ -36,8 +36,8 @@ def free_port() -> int:
 
 
 class FakeAgent:
-    """A slow agent service: ``POST /invoke`` answers after ``work`` seconds and counts each
-    execution per Idempotency-Key; ``GET /executions`` returns the counts."""
+    """A slow agent service: a POST answers after ``work`` seconds (five times that under
+    ``/slow``) and counts each execution per Idempotency-Key; ``GET /executions`` returns them."""
 
     def __init__(self, work: float) -> None:
         self.work = work
@@ -59,7 +59,7 @@ class FakeAgent:
             while (await receive()).get("more_body", False):
                 pass
             self.executions[key] = self.executions.get(key, 0) + 1
-            await asyncio.sleep(self.work)
+            await asyncio.sleep(self.work * (5 if scope["path"].startswith("/slow") else 1))
             body = json.dumps({"key": key, "answer": f"the agent's answer for {key}"}).encode()
         await send(
             {

@@ -198,3 +198,62 @@ def test_sizes_parse() -> None:
     assert parse_size("2048") == 2048
     with pytest.raises(ValueError, match="not a size"):
         parse_size("ten")
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_releases_what_it_cannot_finish(
+    upstream: str, redis_url: str, namespace: str
+) -> None:
+    """A replica told to stop lets requests finish for --shutdown-timeout, then releases the rest:
+    a duplicate waiting on another replica takes over long before the 30 s lease would expire."""
+    with contextlib.ExitStack() as stack:
+        urls, procs = [], []
+        for _ in range(2):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            args = [
+                sys.executable,
+                "-m",
+                "strands_dedup.cli",
+                "gateway",
+                "--upstream",
+                upstream + "/slow",
+                "--redis-url",
+                redis_url,
+                "--namespace",
+                namespace,
+                "--port",
+                str(port),
+                "--lease-ttl",
+                "30",
+                "--shutdown-timeout",
+                "1",
+            ]
+            procs.append(stack.enter_context(process(args, url + "/healthz")))
+            urls.append(url)
+
+        async def scenario() -> tuple[httpx.Response, float]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                first = asyncio.create_task(
+                    client.post(urls[0] + "/invoke", headers={"Idempotency-Key": "term"})
+                )
+                deadline = time.monotonic() + 10
+                while (await client.get(upstream + "/executions")).json().get("term") != 1:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.01)
+                dup = asyncio.create_task(
+                    client.post(urls[1] + "/invoke", headers={"Idempotency-Key": "term"})
+                )
+                await asyncio.sleep(0.2)  # let the duplicate reach the second replica
+                procs[0].send_signal(signal.SIGTERM)
+                stopped = time.monotonic()
+                response = await dup
+                with contextlib.suppress(httpx.HTTPError):
+                    await first
+                return response, time.monotonic() - stopped
+
+        response, elapsed = asyncio.run(scenario())
+        assert response.status_code == 200
+        # the 1 s shutdown timeout plus the takeover's own 5 s upstream call, not the 30 s lease
+        assert elapsed < 15
+        assert procs[0].wait(timeout=15) is not None
