@@ -180,13 +180,30 @@ class Observer:
                 },
             )
 
+    def _active_tracer(self) -> Any:
+        """The tracer, unless tracing is off: no opentelemetry-api, or no provider configured
+        (a no-op span still costs tens of microseconds per call)."""
+        tracer = self._tracer
+        if tracer is None:
+            return None
+        from opentelemetry import trace
+
+        if isinstance(tracer, trace.NoOpTracer):
+            return None
+        if isinstance(tracer, trace.ProxyTracer) and isinstance(
+            trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+        ):
+            return None
+        return tracer
+
     @contextlib.contextmanager
     def span(self, keys: TokenKeys) -> Iterator[Any]:
-        """An OpenTelemetry span around one call (a no-op without opentelemetry-api)."""
-        if self._tracer is None:
+        """An OpenTelemetry span around one call (none unless tracing is configured)."""
+        tracer = self._active_tracer()
+        if tracer is None:
             yield None
             return
-        with self._tracer.start_as_current_span("strands_dedup.call") as span:
+        with tracer.start_as_current_span("strands_dedup.call") as span:
             span.set_attribute("strands_dedup.namespace", self.namespace)
             span.set_attribute("strands_dedup.token_digest", digest(keys))
             yield span

@@ -153,3 +153,13 @@ async def test_a_span_per_call(backend_url: str, namespace: str) -> None:
     assert [s.name for s in spans] == ["strands_dedup.call"] * 2
     assert [s.attributes["strands_dedup.role"] for s in spans] == ["primary", "replay"]
     assert all(s.attributes["strands_dedup.fence"] == 1 for s in spans)
+
+
+def test_no_span_work_without_a_configured_tracer_provider() -> None:
+    from opentelemetry import trace
+
+    from strands_dedup.observe import Observer
+
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        pytest.skip("a tracer provider was configured globally in this process")
+    assert Observer("ns", None)._active_tracer() is None
