@@ -23,17 +23,16 @@ import sys
 import termios
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from children import WORKER, Child
 from click.testing import CliRunner, Result
 
 from strands_dedup import Deduplicator, Role
 from strands_dedup.cli import NAMESPACE_ENV, REDIS_URL_ENV, _rates, main
 
-WORKER = str(Path(__file__).with_name("proc_worker.py"))
 HOST = socket.gethostname()
 LEASE_FIELDS = {
     "token", "scope", "owner", "host", "pid", "fence", "age_s", "ttl_s", "listeners",
@@ -50,54 +49,6 @@ Invoke = Callable[..., Awaitable[Result]]
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-class Child:
-    """A proc_worker.py process whose JSON-line reports are read against deadlines."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.events: list[dict[str, Any]] = []
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def expect(self, kind: str, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = await asyncio.wait_for(
-                    self.proc.stdout.readline(), max(0.0, deadline - time.monotonic())
-                )
-            except TimeoutError:
-                raise AssertionError(
-                    f"child {self.pid} did not report {kind!r} within {timeout}s: {self.events}"
-                ) from None
-            if not line:
-                raise AssertionError(f"child {self.pid} exited before {kind!r}: {self.events}")
-            event = json.loads(line)
-            self.events.append(event)
-            if event["event"] == kind:
-                return event
-
-    async def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        await self.proc.stdin.drain()
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-        await self.proc.wait()
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-            with contextlib.suppress(Exception):
-                await self.proc.stdin.wait_closed()
-        if self.proc.stdout is not None:
-            await self.proc.stdout.read()
 
 
 @pytest.fixture

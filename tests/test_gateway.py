@@ -51,6 +51,27 @@ def process(args: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]
             proc.stderr.close()
 
 
+def gateway_args(
+    upstream: str, redis_url: str, namespace: str, port: int, *extra: str
+) -> list[str]:
+    """The command line of one gateway replica on the test's Redis and namespace."""
+    return [
+        sys.executable,
+        "-m",
+        "strands_dedup.cli",
+        "gateway",
+        "--upstream",
+        upstream,
+        "--redis-url",
+        redis_url,
+        "--namespace",
+        namespace,
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
 @pytest.fixture
 def upstream() -> Iterator[str]:
     port = free_port()
@@ -70,22 +91,7 @@ def gateways(
         for _ in range(3):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            args = [
-                sys.executable,
-                "-m",
-                "strands_dedup.cli",
-                "gateway",
-                "--upstream",
-                upstream,
-                "--redis-url",
-                redis_url,
-                "--namespace",
-                namespace,
-                "--port",
-                str(port),
-                "--lease-ttl",
-                "1",
-            ]
+            args = gateway_args(upstream, redis_url, namespace, port, "--lease-ttl", "1")
             replicas.append((url, stack.enter_context(process(args, url + "/healthz"))))
         yield replicas
 
@@ -211,24 +217,16 @@ def test_sigterm_releases_what_it_cannot_finish(
         for _ in range(2):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            args = [
-                sys.executable,
-                "-m",
-                "strands_dedup.cli",
-                "gateway",
-                "--upstream",
+            args = gateway_args(
                 upstream + "/slow",
-                "--redis-url",
                 redis_url,
-                "--namespace",
                 namespace,
-                "--port",
-                str(port),
+                port,
                 "--lease-ttl",
                 "30",
                 "--shutdown-timeout",
                 "1",
-            ]
+            )
             procs.append(stack.enter_context(process(args, url + "/healthz")))
             urls.append(url)
 
