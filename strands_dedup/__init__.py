@@ -8,8 +8,9 @@ import logging
 
 from ._version import __version__
 from .config import DedupConfig
-from .core import Deduplicator
+from .core import CallContext, Deduplicator, current_call
 from .errors import (
+    BusyReason,
     DedupError,
     DuplicateInFlight,
     FingerprintMismatch,
@@ -18,17 +19,21 @@ from .errors import (
     PrimaryFailed,
     ResultTooLarge,
     SerializationError,
+    SessionBusy,
     StoreUnavailable,
     WaitTimeout,
 )
-from .observe import Health, PrometheusMetrics
+from .observe import Health, PrometheusMetrics, SessionLoad
 from .protocol import Outcome, Role
 from .serialization import JsonSerializer, Serializer, SignedPickleSerializer
+from .session import SessionConfig, SessionGuard, SessionHold, current_session
 from .sync import SyncDeduplicator
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "BusyReason",
+    "CallContext",
     "DedupConfig",
     "DedupError",
     "Deduplicator",
@@ -45,9 +50,16 @@ __all__ = [
     "Role",
     "SerializationError",
     "Serializer",
+    "SessionBusy",
+    "SessionConfig",
+    "SessionGuard",
+    "SessionHold",
+    "SessionLoad",
     "SignedPickleSerializer",
     "StoreUnavailable",
     "SyncDeduplicator",
     "WaitTimeout",
     "__version__",
+    "current_call",
+    "current_session",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import hashlib
 import inspect
@@ -12,9 +13,11 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast, get_type_hints
 
 import pydantic_core
@@ -32,8 +35,8 @@ from .errors import (
     StoreUnavailable,
     WaitTimeout,
 )
-from .keys import KeySchema, TokenKeys
-from .observe import Health, Observer, PrometheusMetrics
+from .keys import KeySchema, SessionKeys, TokenKeys
+from .observe import Health, Observer, PrometheusMetrics, SessionLoad
 from .protocol import (
     Busy,
     Claimed,
@@ -58,7 +61,7 @@ from .serialization import JsonSerializer, Serializer
 from .store import RedisStore, Subscriber, Watch, client_from_url
 from .store.connect import describe_url
 
-__all__ = ["Deduplicator", "call_identity", "return_type_of"]
+__all__ = ["CallContext", "Deduplicator", "call_identity", "current_call", "return_type_of"]
 
 log = logging.getLogger("strands_dedup")
 T = TypeVar("T")
@@ -68,6 +71,33 @@ _MAX_ERROR_TEXT = 2000
 _HOST = socket.gethostname()
 # A waiter's re-read in flight: when it was issued, and (reply, issuer owner, issuer fingerprint).
 _Reread = tuple[float, "asyncio.Future[tuple[Replay | Claimed | Busy, str, str | None]]"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What a primary's call can know about itself (`current_call`)."""
+
+    token: str
+    """Display form of the token."""
+    scope: str
+    fence: int
+    """The token's fence: pass it downstream so a store there can refuse a stale writer."""
+    role: Role
+    """`Role.PRIMARY`, or `Role.TAKEOVER` when this call replaces a failed or crashed one."""
+    lost: threading.Event = field(default_factory=threading.Event)
+    """Set when the lease is lost (the call should stop: its result will be refused). A
+    ``threading.Event``, so it can be handed to code in other threads (a Strands agent's
+    ``cancel_signal``)."""
+
+
+_CURRENT_CALL: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "strands_dedup_call", default=None
+)
+
+
+def current_call() -> CallContext | None:
+    """The primary call running in this context (its token and fence), or None outside one."""
+    return _CURRENT_CALL.get()
 
 
 _HINTS: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
@@ -206,6 +236,10 @@ class Deduplicator:
         self._observer.watch_gauges(lambda: self._renewer.held, lambda: self._subscriber.waiters)
         self._stats_key = self._keys.stats_key(f"{_HOST}:{os.getpid()}:{self._owner_prefix}")
         self._publisher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sessions: dict[SessionKeys, list[int]] = {}
+        """Sessions this deduplicator's callers hold or wait for: [held, waiting]."""
+        """The event loop this deduplicator serves (known from its first call)."""
 
     @classmethod
     def from_url(
@@ -369,6 +403,9 @@ class Deduplicator:
             latency, error = None, f"{type(exc).__name__}: {exc}"
         waiters = self._subscriber.waiters
         connected = self._subscriber.connected
+        sessions: list[SessionLoad] = []
+        if error is None and self._sessions:
+            sessions = await self._session_loads()
         return Health(
             ok=error is None and (connected or waiters == 0),
             store_reachable=error is None,
@@ -378,7 +415,34 @@ class Deduplicator:
             waiters=waiters,
             renewal_lag_s=self._renewer.lag,
             error=error,
+            sessions_held=sum(x[0] for x in self._sessions.values()),
+            sessions_waiting=sum(x[1] for x in self._sessions.values()),
+            sessions=sessions,
         )
+
+    async def _session_loads(self, limit: int = 100) -> list[SessionLoad]:
+        local = list(self._sessions.items())[:limit]
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                async with self._store.client.pipeline(transaction=False) as pipe:
+                    for keys, _ in local:
+                        pipe.zcard(keys.holders)
+                        pipe.zcard(keys.qexp)
+                    counts = await pipe.execute()
+        except Exception as exc:  # health must answer; the counts are a bonus
+            log.debug("could not read session loads: %s", exc)
+            return []
+        return [
+            SessionLoad(keys.name, int(counts[2 * i]), int(counts[2 * i + 1]), held, waiting)
+            for i, (keys, (held, waiting)) in enumerate(local)
+        ]
+
+    def _session_activity(self, keys: SessionKeys, *, held: int = 0, waiting: int = 0) -> None:
+        entry = self._sessions.setdefault(keys, [0, 0])
+        entry[0] += held
+        entry[1] += waiting
+        if entry == [0, 0]:
+            del self._sessions[keys]
 
     def _start_publisher(self) -> None:
         if self._publisher is None or self._publisher.done():
@@ -427,6 +491,7 @@ class Deduplicator:
         started = time.monotonic()
         observer = self._observer
         if self._publisher is None and not self._closed:
+            self._loop = asyncio.get_running_loop()
             self._start_publisher()
         try:
             first = await self._claim_or_wait(keys, fingerprint, rtype, wait_timeout, on_duplicate)
@@ -669,6 +734,10 @@ class Deduplicator:
         task = asyncio.current_task()
         if self.config.on_lease_lost == "cancel":
             lease.task = task
+        context = lease.context = CallContext(
+            lease.keys.token, lease.keys.scope, lease.fence, lease.role
+        )
+        reset = _CURRENT_CALL.set(context)
         try:
             result = call()
             if inspect.isawaitable(result):
@@ -685,6 +754,8 @@ class Deduplicator:
             lease.task = None
             await self._abandon(lease, exc)
             raise
+        finally:
+            _CURRENT_CALL.reset(reset)
         lease.task = None
         return await self._complete(lease, cast(T, result), rtype)
 
@@ -694,6 +765,8 @@ class Deduplicator:
             lease.keys.token,
             lease.fence,
         )
+        if lease.context is not None:
+            lease.context.lost.set()
         if lease.task is not None and not lease.task.done():
             lease.cancelling = True
             lease.task.cancel("strands-dedup: lease lost")

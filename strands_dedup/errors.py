@@ -11,14 +11,19 @@ Every error the library raises on purpose derives from one root::
     ├── StoreUnavailable      Redis could not be reached (or refused the credentials)
     ├── ResultTooLarge        the serialized result exceeds max_result_bytes
     ├── SerializationError    the result could not be serialized or deserialized
-    └── InvalidToken          the token or scope cannot be used (also a ValueError)
+    ├── InvalidToken          the token or scope cannot be used (also a ValueError)
+    └── SessionBusy           a guarded session is taken (mode "throw"), its queue is full, or
+                              the wait in its queue passed queue_timeout (see ``reason``)
 
 Each error carries the display form of the token it is about (``token``) where there is one.
 """
 
 from __future__ import annotations
 
+import enum
+
 __all__ = [
+    "BusyReason",
     "DedupError",
     "DuplicateInFlight",
     "FingerprintMismatch",
@@ -27,6 +32,7 @@ __all__ = [
     "PrimaryFailed",
     "ResultTooLarge",
     "SerializationError",
+    "SessionBusy",
     "StoreUnavailable",
     "WaitTimeout",
 ]
@@ -103,3 +109,38 @@ class SerializationError(DedupError):
 
 class InvalidToken(DedupError, ValueError):
     """A token or scope is empty, of the wrong type, or too long to be used."""
+
+
+class BusyReason(enum.StrEnum):
+    """Why a `SessionBusy` was raised."""
+
+    TAKEN = "taken"
+    """mode="throw" and the session has ``max_concurrent`` holders (or callers queued)."""
+    QUEUE_FULL = "queue_full"
+    """mode="queue" and ``max_queue`` callers already wait."""
+    QUEUE_TIMEOUT = "queue_timeout"
+    """The caller waited ``queue_timeout`` seconds in the queue without being admitted."""
+
+
+class SessionBusy(DedupError):
+    """A guarded session could not be entered: the distributed form of Strands'
+    ``ConcurrencyException``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        session: str,
+        reason: BusyReason,
+        holders: int | None,
+        depth: int,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.session = session
+        self.reason = reason
+        self.holders = holders
+        """Holders of the session when it was refused (None when not known)."""
+        self.depth = depth
+        """Callers waiting in the session's queue when it was refused."""
+        self.retry_after = retry_after

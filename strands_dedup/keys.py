@@ -7,6 +7,17 @@ All keys of one token share one Redis Cluster hash slot::
     <namespace>:{<scope>:<token>}:result    the stored result envelope
     <namespace>:{<scope>:<token>}:chan      pub/sub channel that wakes waiting duplicates
 
+and all keys of one guarded session (`SessionGuard`; the tag holds no ``:``, so it never meets a
+token's tag), or of the fleet-wide total, ``{!total}``::
+
+    <namespace>:{<session>}:holders   holder tickets -> lease expiry     (sorted set)
+    <namespace>:{<session>}:queue     unsequenced waiters -> arrival      (sorted set)
+    <namespace>:{<session>}:seqq      sequenced waiters -> sequence no.   (sorted set)
+    <namespace>:{<session>}:qexp      every waiter -> lease expiry        (sorted set)
+    <namespace>:{<session>}:meta      ticket -> caller metadata           (hash)
+    <namespace>:{<session>}:state     counters, next sequence number, grants (hash)
+    <namespace>:{<session>}:schan     pub/sub channel announcing admissions
+
 A token or scope that is not short plain text is replaced by a digest (``#`` + 32 hex digits), so
 no user input can break the hash tag (``{``/``}``), act as a SCAN glob (``* ? [ ]``) or make two
 different (scope, token) pairs collide; the original is kept, in display form, in the lease and
@@ -23,7 +34,14 @@ from functools import lru_cache
 
 from .errors import InvalidToken
 
-__all__ = ["MAX_TOKEN_BYTES", "KeySchema", "TokenKeys", "display_form", "validate_namespace"]
+__all__ = [
+    "MAX_TOKEN_BYTES",
+    "KeySchema",
+    "SessionKeys",
+    "TokenKeys",
+    "display_form",
+    "validate_namespace",
+]
 
 #: Tokens and scopes above this size are refused outright (a digest would hide anything longer).
 MAX_TOKEN_BYTES = 64 * 1024
@@ -87,6 +105,29 @@ class TokenKeys:
     """The token and scope as a JSON object fragment, for lease metadata."""
 
 
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    """The names belonging to one guarded session (or the fleet-wide total)."""
+
+    holders: bytes
+    queue: bytes
+    seqq: bytes
+    qexp: bytes
+    meta: bytes
+    state: bytes
+    channel: bytes
+    name: str
+    """Display form of the session name ("(fleet total)" for the total)."""
+
+    @property
+    def all(self) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
+        """The six keys in the order the session script takes them."""
+        return (self.holders, self.queue, self.seqq, self.qexp, self.meta, self.state)
+
+
+TOTAL_TAG = b"!total"
+
+
 class KeySchema:
     """Builds key names under one validated namespace."""
 
@@ -130,6 +171,34 @@ class KeySchema:
             scope=scope_text,
             meta=f'"tok":{json.dumps(token_text)},"sc":{json.dumps(scope_text)}',
         )
+
+    def for_session(self, name: str | bytes) -> SessionKeys:
+        """The keys of a guarded session; raises `InvalidToken` for an unusable name."""
+        raw = _as_bytes(name, "session")
+        if not raw:
+            raise InvalidToken("session name must not be empty")
+        return self._session(_encode(raw, _PLAIN_SCOPE, b"session"), display_form(raw))
+
+    def for_total(self) -> SessionKeys:
+        """The keys of the fleet-wide holder count (``max_concurrent_total``)."""
+        return self._session(TOTAL_TAG, "(fleet total)")
+
+    def _session(self, tag: bytes, name: str) -> SessionKeys:
+        base = self._prefix + tag + b"}:"
+        return SessionKeys(
+            holders=base + b"holders",
+            queue=base + b"queue",
+            seqq=base + b"seqq",
+            qexp=base + b"qexp",
+            meta=base + b"meta",
+            state=base + b"state",
+            channel=base + b"schan",
+            name=name,
+        )
+
+    def session_pattern(self, part: str) -> bytes:
+        """A SCAN MATCH pattern for one part of every session's keys."""
+        return self._prefix + b"*}:" + part.encode()
 
     def pattern(self, part: str, scope: str | bytes | None = None) -> bytes:
         """A SCAN MATCH pattern for every key of one part ("lease", "result", ...).

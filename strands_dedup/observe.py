@@ -20,14 +20,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from .keys import TokenKeys
     from .protocol import Role
 
-__all__ = ["EVENTS", "Health", "Observer", "PrometheusMetrics"]
+__all__ = ["EVENTS", "Health", "Observer", "PrometheusMetrics", "SessionLoad"]
 
 log = logging.getLogger("strands_dedup")
 
@@ -42,6 +42,19 @@ EVENTS = (
     "failures",
 )
 _DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLoad:
+    """One guarded session's load (`Health.sessions`)."""
+
+    session: str
+    holders: int
+    """Holders across the fleet (expired, not yet pruned, leases included)."""
+    queue_depth: int
+    """Callers waiting across the fleet."""
+    held_here: int
+    waiting_here: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +73,12 @@ class Health:
     renewal_lag_s: float
     """How late the last lease renewal finished after it was due."""
     error: str | None = None
+    sessions_held: int = 0
+    """Session holds (`SessionGuard`) this deduplicator's callers have right now."""
+    sessions_waiting: int = 0
+    """Callers of this deduplicator waiting in a session's queue right now."""
+    sessions: list[SessionLoad] = field(default_factory=list)
+    """Every session this deduplicator's callers hold or wait for, as Redis sees it now."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,10 +22,15 @@ __all__ = [
     "Claimed",
     "ClaimReply",
     "Envelope",
+    "Grant",
     "LeaseInfo",
     "Outcome",
+    "QueueFull",
+    "Queued",
     "Replay",
     "Role",
+    "SessionReply",
+    "Taken",
     "WakeUp",
     "decode_envelope",
     "decode_lease",
@@ -33,6 +38,8 @@ __all__ = [
     "encode_envelope",
     "fingerprints_conflict",
     "parse_claim_reply",
+    "parse_grant",
+    "parse_session_reply",
     "wait_budget",
 ]
 
@@ -194,9 +201,15 @@ def encode_value_message(envelope: bytes) -> bytes:
     return b"V" + envelope
 
 
-def decode_message(data: bytes) -> Envelope | WakeUp:
+def decode_message(data: bytes) -> Envelope | Grant | WakeUp:
     """Parse a wake-up message once for every waiter of the channel."""
     kind = data[:1]
+    if kind == b"G":
+        try:
+            ticket, _, grant = data[1:].decode().partition("|")
+            return parse_grant(ticket, grant)
+        except ValueError:
+            return WakeUp.MALFORMED
     if kind == b"V":
         try:
             return decode_envelope(data[1:])
@@ -207,6 +220,69 @@ def decode_message(data: bytes) -> Envelope | WakeUp:
     if kind == b"R":
         return WakeUp.RELEASED
     return WakeUp.MALFORMED
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An admission to a guarded session (see ``store/lua/session.lua``)."""
+
+    ticket: str
+    fence: int
+    """The session's fence: grows with every admission, so downstream can refuse a stale holder."""
+    skipped: tuple[int, int] | None
+    """Sequence numbers given up on (inclusive range) to admit this holder after a gap."""
+    late: bool
+    """The holder's sequence number had already been passed (it arrived after a skip)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    ticket: str
+    position: int
+    depth: int
+    wake_ms: int
+    """Ask again within this many ms (a lease or a gap may expire then) unless woken first."""
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    holders: int
+    depth: int
+    retry_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFull:
+    holders: int
+    depth: int
+
+
+SessionReply = Grant | Queued | Taken | QueueFull
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_grant(ticket: str, grant: str) -> Grant:
+    fence, skip_from, skip_to, late = grant.split("|")
+    first, last = int(skip_from), int(skip_to)
+    skipped = (first, last) if first >= 0 and last >= first else None
+    return Grant(ticket, int(fence), skipped, late == "1")
+
+
+def parse_session_reply(reply: list[Any]) -> SessionReply:
+    """Turn the session script's acquire reply into a typed value."""
+    kind = _text(reply[0])
+    if kind == "H":
+        return parse_grant(_text(reply[1]), _text(reply[2]))
+    if kind == "Q":
+        return Queued(_text(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]))
+    if kind == "B":
+        return Taken(int(reply[1]), int(reply[2]), int(reply[3]))
+    if kind == "O":
+        return QueueFull(int(reply[1]), int(reply[2]))
+    raise ValueError(f"unexpected session reply {reply!r}")
 
 
 def fingerprints_conflict(ours: str | None, theirs: str | None) -> bool:

@@ -8,13 +8,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .keys import TokenKeys
+from .keys import SessionKeys, TokenKeys
 from .protocol import Role
 from .store import HeldLeaseRef, RedisStore
+from .store.redis import HeldTicketRef
 
-__all__ = ["HeldLease", "Renewer"]
+if TYPE_CHECKING:
+    from .core import CallContext
+
+__all__ = ["HeldLease", "HeldTicket", "Renewer"]
 
 log = logging.getLogger("strands_dedup.renewer")
 
@@ -34,13 +38,27 @@ class HeldLease:
     task: asyncio.Task[Any] | None = None
     """The primary's task, set only when a lost lease should cancel it."""
     cancelling: bool = False
+    context: CallContext | None = None
+    """What the running call sees as `current_call()`; its ``lost`` is set with the lease."""
+
+
+@dataclass(eq=False, slots=True)
+class HeldTicket:
+    """A session ticket this process holds, or waits in a session's queue with."""
+
+    keys: SessionKeys
+    ticket: str
+    on_lost: Callable[[HeldTicket], None] | None = None
+    lost: bool = False
 
 
 class Renewer:
     """Renews all held leases together, every ``interval`` seconds, with one script call.
 
-    The task exists only while leases are held. A lease found lost (another owner claimed the
-    token, or a result is stored) is dropped and reported to ``on_lost``.
+    Session tickets (held or queued, see `SessionGuard`) are renewed in the same period with one
+    more script call. The task exists only while something is held. A lease found lost (another
+    owner claimed the token, or a result is stored) is dropped and reported to ``on_lost``; a
+    lost ticket to its own ``on_lost``.
     """
 
     def __init__(
@@ -50,6 +68,7 @@ class Renewer:
         self._interval = interval
         self._on_lost = on_lost
         self._held: dict[str, HeldLease] = {}
+        self._tickets: dict[HeldTicket, None] = {}
         self._task: asyncio.Task[None] | None = None
         self.last_renewal: float | None = None
         self.lag = 0.0
@@ -59,37 +78,67 @@ class Renewer:
     def held(self) -> int:
         return len(self._held)
 
+    @property
+    def tickets(self) -> int:
+        return len(self._tickets)
+
     def add(self, lease: HeldLease) -> None:
         self._held[lease.owner] = lease
+        self._start()
+
+    def discard(self, lease: HeldLease) -> None:
+        self._held.pop(lease.owner, None)
+
+    def add_ticket(self, ticket: HeldTicket) -> None:
+        self._tickets[ticket] = None
+        self._start()
+
+    def discard_ticket(self, ticket: HeldTicket) -> None:
+        self._tickets.pop(ticket, None)
+
+    def _start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="strands-dedup-renewer"
             )
 
-    def discard(self, lease: HeldLease) -> None:
-        self._held.pop(lease.owner, None)
-
     async def _run(self) -> None:
-        while self._held:
+        while self._held or self._tickets:
             due = time.monotonic() + self._interval
             await asyncio.sleep(self._interval)
             leases = list(self._held.values())
-            if not leases:
+            tickets = list(self._tickets)
+            if not leases and not tickets:
                 break
-            try:
-                alive = await self._store.renew([HeldLeaseRef(x.keys, x.value) for x in leases])
-            except Exception as exc:  # keep renewing: the next period may reach Redis again
-                log.warning("lease renewal failed (%d leases): %s", len(leases), exc)
-                continue
-            self.last_renewal = time.monotonic()
-            self.lag = max(0.0, self.last_renewal - due)
-            for lease, ok in zip(leases, alive, strict=True):
-                if not ok and self._held.pop(lease.owner, None) is not None:
-                    lease.lost = True
-                    self._on_lost(lease)
+            renewed = await asyncio.gather(
+                self._store.renew([HeldLeaseRef(x.keys, x.value) for x in leases]),
+                self._store.renew_tickets([HeldTicketRef(x.keys, x.ticket) for x in tickets]),
+                return_exceptions=True,
+            )
+            failed = False
+            for what, reply in zip(("lease", "session"), renewed, strict=True):
+                if isinstance(reply, BaseException):  # keep renewing: the next period may work
+                    log.warning("%s renewal failed: %s", what, reply)
+                    failed = True
+            if not failed:
+                self.last_renewal = time.monotonic()
+                self.lag = max(0.0, self.last_renewal - due)
+            if isinstance(renewed[0], list):
+                for lease, ok in zip(leases, renewed[0], strict=True):
+                    if not ok and self._held.pop(lease.owner, None) is not None:
+                        lease.lost = True
+                        self._on_lost(lease)
+            if isinstance(renewed[1], list):
+                for ticket, ok in zip(tickets, renewed[1], strict=True):
+                    if not ok and ticket in self._tickets:
+                        del self._tickets[ticket]
+                        ticket.lost = True
+                        if ticket.on_lost is not None:
+                            ticket.on_lost(ticket)
 
     async def aclose(self) -> None:
         self._held.clear()
+        self._tickets.clear()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -17,7 +17,16 @@ from typing import Any, Literal, TypeVar
 import redis.asyncio as aredis
 
 from .config import DedupConfig
-from .core import _UNSET, Deduplicator, Token, _normalize_fingerprint, call_identity, return_type_of
+from .core import (
+    _CURRENT_CALL,
+    _UNSET,
+    CallContext,
+    Deduplicator,
+    Token,
+    _normalize_fingerprint,
+    call_identity,
+    return_type_of,
+)
 from .observe import Health, PrometheusMetrics
 from .protocol import Outcome
 from .renewer import HeldLease
@@ -130,11 +139,16 @@ class SyncDeduplicator:
             return outcome
 
     def _run_primary(self, lease: HeldLease, call: Callable[[], T], rtype: Any) -> Outcome[T]:
+        keys = lease.keys
+        lease.context = CallContext(keys.token, keys.scope, lease.fence, lease.role)
+        reset = _CURRENT_CALL.set(lease.context)
         try:
             value = call()
         except BaseException as exc:
             self._portal.call(self._core._abandon(lease, exc))
             raise
+        finally:
+            _CURRENT_CALL.reset(reset)
         if inspect.isawaitable(value):
             if inspect.iscoroutine(value):
                 value.close()

@@ -26,9 +26,9 @@ from tenacity import (
 
 from ..config import DedupConfig
 from ..errors import StoreUnavailable
-from ..keys import TokenKeys
+from ..keys import SessionKeys, TokenKeys
 
-__all__ = ["HeldLeaseRef", "RedisStore", "is_transient"]
+__all__ = ["HeldLeaseRef", "HeldTicketRef", "RedisStore", "is_transient"]
 
 log = logging.getLogger("strands_dedup.store")
 R = TypeVar("R")
@@ -38,7 +38,9 @@ def _lua(name: str) -> str:
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
 
 
-_SCRIPTS = {name: _lua(name) for name in ("claim", "settle", "renew", "release")}
+_SCRIPTS = {
+    name: _lua(name) for name in ("claim", "settle", "renew", "release", "session", "session_renew")
+}
 
 
 class HeldLeaseRef(NamedTuple):
@@ -46,6 +48,13 @@ class HeldLeaseRef(NamedTuple):
 
     keys: TokenKeys
     value: bytes
+
+
+class HeldTicketRef(NamedTuple):
+    """What the session renew script needs to know about one held or waiting ticket."""
+
+    keys: SessionKeys
+    ticket: str
 
 
 def _is_auth_error(exc: BaseException) -> bool:
@@ -85,6 +94,8 @@ class RedisStore:
         self._settle = client.register_script(_SCRIPTS["settle"])
         self._renew = client.register_script(_SCRIPTS["renew"])
         self._release = client.register_script(_SCRIPTS["release"])
+        self._session = client.register_script(_SCRIPTS["session"])
+        self._session_renew = client.register_script(_SCRIPTS["session_renew"])
         self._publish = "PUBLISH"
         self._claim_lane: asyncio.Semaphore | None = None
         self._settle_lane: asyncio.Semaphore | None = None
@@ -206,6 +217,33 @@ class RedisStore:
             keys += (ref.keys.lease, ref.keys.fence, ref.keys.result)
             args.append(ref.value)
         reply = await self._run(lambda: self._renew(keys=keys, args=args), priority=True)
+        return [bool(x) for x in reply]
+
+    async def session(
+        self,
+        keys: SessionKeys,
+        args: Sequence[bytes | str | int],
+        idle_ttl_ms: int,
+        *,
+        priority: bool = False,
+    ) -> list[Any]:
+        """Run session.lua with ``args`` as its ARGV[1..11] (see its header)."""
+        full = [*args, keys.channel, self._publish, idle_ttl_ms]
+        reply: list[Any] = await self._run(
+            lambda: self._session(keys=keys.all, args=full), priority=priority
+        )
+        return reply
+
+    async def renew_tickets(self, tickets: Sequence[HeldTicketRef]) -> list[bool]:
+        """Extend every session ticket in one round trip; True where it is still held or queued."""
+        if not tickets:
+            return []
+        keys: list[bytes] = []
+        args: list[bytes | str] = [self._lease_ttl]
+        for ref in tickets:
+            keys += (ref.keys.holders, ref.keys.qexp)
+            args.append(ref.ticket)
+        reply = await self._run(lambda: self._session_renew(keys=keys, args=args), priority=True)
         return [bool(x) for x in reply]
 
     async def get_result(self, keys: TokenKeys) -> bytes | None:
