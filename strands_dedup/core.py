@@ -61,7 +61,14 @@ from .serialization import JsonSerializer, Serializer
 from .store import RedisStore, Subscriber, Watch, client_from_url
 from .store.connect import describe_url
 
-__all__ = ["CallContext", "Deduplicator", "call_identity", "current_call", "return_type_of"]
+__all__ = [
+    "CallContext",
+    "Deduplicator",
+    "LostSignal",
+    "call_identity",
+    "current_call",
+    "return_type_of",
+]
 
 log = logging.getLogger("strands_dedup")
 T = TypeVar("T")
@@ -71,6 +78,34 @@ _MAX_ERROR_TEXT = 2000
 _HOST = socket.gethostname()
 # A waiter's re-read in flight: when it was issued, and (reply, issuer owner, issuer fingerprint).
 _Reread = tuple[float, "asyncio.Future[tuple[Replay | Claimed | Busy, str, str | None]]"]
+
+
+class LostSignal(threading.Event):
+    """A ``threading.Event`` set when a lease is lost, that can also run callbacks then.
+
+    Hand it (or an event linked to it) to code that polls for cancellation, such as a Strands
+    agent's ``cancel_signal``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the signal is set (at once if it already is)."""
+        self._callbacks.append(callback)
+        if self.is_set():
+            callback()
+
+    def set(self) -> None:
+        if self.is_set():
+            return
+        super().set()
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:  # a callback must not break the renewer that reports the loss
+                log.exception("a lease-lost callback failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +119,7 @@ class CallContext:
     """The token's fence: pass it downstream so a store there can refuse a stale writer."""
     role: Role
     """`Role.PRIMARY`, or `Role.TAKEOVER` when this call replaces a failed or crashed one."""
-    lost: threading.Event = field(default_factory=threading.Event)
+    lost: LostSignal = field(default_factory=LostSignal)
     """Set when the lease is lost (the call should stop: its result will be refused). A
     ``threading.Event``, so it can be handed to code in other threads (a Strands agent's
     ``cancel_signal``)."""

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .core import LostSignal
 from .errors import BusyReason, DedupError, LeaseLost, SessionBusy
 from .keys import SessionKeys
 from .protocol import Grant, Queued, QueueFull, Taken, WakeUp, parse_session_reply
@@ -119,7 +119,7 @@ class SessionHold:
     """The caller's sequence number had already been passed (it came after a skip)."""
     waited: float
     """Seconds spent waiting for admission."""
-    lost: threading.Event = field(default_factory=threading.Event)
+    lost: LostSignal = field(default_factory=LostSignal)
     """Set when the hold's lease is lost; another caller may be admitted. A ``threading.Event``
     so that code in other threads (a Strands agent's ``cancel_signal``) can watch it."""
     _tickets: list[HeldTicket] = field(default_factory=list, repr=False)
@@ -250,7 +250,7 @@ class SessionGuard:
     # -- running on the deduplicator's loop ---------------------------------------------------
 
     async def _on_core(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._portal is None:
+        if self._portal is None or asyncio.get_running_loop() is self._portal.loop:
             return await coro
         future = asyncio.run_coroutine_threadsafe(coro, self._portal.loop)
         return await asyncio.wrap_future(future)

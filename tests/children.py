@@ -1,4 +1,5 @@
-"""A proc_worker.py child process whose JSON-line reports are read against deadlines."""
+"""A worker child process (tests/proc_worker.py by default) whose JSON-line reports are read
+against deadlines."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ class Child:
         self.events: list[dict[str, Any]] = []
 
     @classmethod
-    async def start(cls, *args: str) -> Child:
+    async def start(cls, *args: str, worker: str = WORKER) -> Child:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            WORKER,
+            worker,
             *args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

@@ -278,9 +278,8 @@ async def test_bad_input_is_refused_up_front(make: Any) -> None:
             SessionGuard(dedup, max_concurrent=0)
         with pytest.raises(pydantic.ValidationError):
             SessionGuard(dedup, mode="wait")
-        with pytest.raises(TypeError, match="async with"):
-            with guard.hold("s"):
-                pass
+        with pytest.raises(TypeError, match="async with"), guard.hold("s"):
+            pass
         with pytest.raises(TypeError, match="Deduplicator"):
             SessionGuard(object())  # type: ignore[arg-type]
         async with guard.hold("{weird*name}\n") as hold:  # any text is a usable name
