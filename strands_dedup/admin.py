@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from .protocol import decode_envelope, decode_lease
 from .store import RedisStore, client_from_url
 from .store.connect import describe_url
 
-__all__ = ["Inspector", "LeaseView", "ResultView", "StatsView"]
+__all__ = ["Inspector", "LeaseView", "ResultView", "SessionEntryView", "SessionView", "StatsView"]
 
 _BATCH = 500
 
@@ -82,6 +83,61 @@ class StatsView:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEntryView:
+    """A holder of a guarded session, or a caller waiting in its queue."""
+
+    ticket: str
+    host: str
+    pid: int | None
+    seq: int | None
+    """The sequence number the caller gave, if any."""
+    age_s: float | None
+    """Since the caller asked to enter."""
+    ttl_s: float
+    """How long its lease lives unless renewed."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """A guarded session (`SessionGuard`) with holders or waiters."""
+
+    session: str
+    holders: list[SessionEntryView]
+    waiting: list[SessionEntryView]
+    """In arrival order (sequenced callers are admitted by number, not by arrival)."""
+    fence: int
+    """Admissions so far."""
+    next_seq: int | None
+    """The sequence number the queue admits next, once sequence numbers are in use."""
+    gap_s: float | None
+    """How long the queue has been waiting for a missing sequence number."""
+    key: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _entry_view(
+    ticket: bytes, expiry: float, meta: bytes | None, now_ms: float
+) -> SessionEntryView:
+    try:
+        data = json.loads(meta) if meta else {}
+        if not isinstance(data, dict):
+            data = {}
+    except ValueError:
+        data = {}
+    started = data.get("t")
+    return SessionEntryView(
+        ticket=_text(ticket),
+        host=str(data.get("h", "?")),
+        pid=data.get("p") if isinstance(data.get("p"), int) else None,
+        seq=data.get("q") if isinstance(data.get("q"), int) else None,
+        age_s=(now_ms - started) / 1000 if isinstance(started, (int, float)) else None,
+        ttl_s=max(0.0, (expiry - now_ms) / 1000),
+    )
 
 
 def _text(key: bytes) -> str:
@@ -174,6 +230,61 @@ class Inspector:
         if older_than is not None:
             views = [v for v in views if v.age_s is not None and v.age_s >= older_than]
         return sorted(views, key=lambda v: -(v.age_s or 0.0))
+
+    async def sessions(self) -> list[SessionView]:
+        """Every guarded session with holders or waiters, the longest queue first."""
+        bases: set[bytes] = set()
+        for part in ("holders", "qexp"):
+            async for batch in self._scan(self._keys.session_pattern(part)):
+                bases.update(key[: key.rindex(b"}:") + 2] for key in batch)
+        views: list[SessionView] = []
+        ordered = sorted(bases)
+        for start in range(0, len(ordered), _BATCH):
+            views += await self._session_views(ordered[start : start + _BATCH])
+        return sorted(views, key=lambda v: (-len(v.waiting), -len(v.holders), v.session))
+
+    async def _session_views(self, bases: list[bytes]) -> list[SessionView]:
+        client = self._store.client
+
+        async def read() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.time()
+                for base in bases:
+                    pipe.zrange(base + b"holders", 0, -1, withscores=True)
+                    pipe.zrange(base + b"qexp", 0, -1, withscores=True)
+                    pipe.hgetall(base + b"meta")
+                    pipe.hmget(base + b"state", "fence", "next", "gap")
+                return list(await pipe.execute())
+
+        replies = await self._store._run(read)
+        seconds, micros = replies[0]
+        now_ms = int(seconds) * 1000 + int(micros) / 1000  # the clock the leases are set by
+        views = []
+        for i, base in enumerate(bases):
+            holders, waiting, meta, state = replies[1 + 4 * i : 5 + 4 * i]
+            live_holders = [(t, e) for t, e in holders if e > now_ms]
+            live_waiting = sorted((t, e) for t, e in waiting if e > now_ms)
+            if not live_holders and not live_waiting:
+                continue
+            name = None
+            for raw in meta.values():
+                with contextlib.suppress(ValueError, AttributeError):
+                    name = json.loads(raw).get("s")
+                    break
+            tag = _text(base[base.index(b"{") + 1 : base.rindex(b"}")])
+            fence, next_seq, gap = state
+            views.append(
+                SessionView(
+                    session=str(name) if name is not None else tag,
+                    holders=[_entry_view(t, e, meta.get(t), now_ms) for t, e in live_holders],
+                    waiting=[_entry_view(t, e, meta.get(t), now_ms) for t, e in live_waiting],
+                    fence=int(fence or 0),
+                    next_seq=int(next_seq) if next_seq is not None else None,
+                    gap_s=(now_ms - int(gap)) / 1000 if gap is not None else None,
+                    key=_text(base),
+                )
+            )
+        return views
 
     def keys_of(self, token: str | bytes, scope: str | bytes | None = None) -> TokenKeys:
         return self._keys.for_token(token, scope)

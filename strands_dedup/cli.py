@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .admin import Inspector, LeaseView, ResultView, StatsView, dumps
+from .admin import Inspector, LeaseView, ResultView, SessionView, StatsView, dumps
 from .errors import DedupError, StoreUnavailable
 from .keys import validate_namespace
 from .observe import EVENTS
@@ -235,6 +235,35 @@ def _leases_table(views: list[LeaseView], title: str) -> Table:
             _duration(view.age_s),
             _duration(view.ttl_s),
             str(view.listeners),
+        )
+    return table
+
+
+def _sessions_table(views: list[SessionView], namespace: str) -> Table:
+    table = Table(
+        title=f"{len(views)} guarded session(s) in use in namespace {namespace}",
+        title_justify="left",
+    )
+    table.add_column("session", overflow="fold")
+    table.add_column("holders (host:pid, held for, lease left)", overflow="fold")
+    table.add_column("waiting", justify="right")
+    table.add_column("fence", justify="right")
+    table.add_column("next seq", justify="right")
+    for view in views:
+        holders = ", ".join(
+            f"{h.host}:{h.pid if h.pid is not None else '?'} ({_duration(h.age_s)}, "
+            f"{_duration(h.ttl_s)})"
+            for h in view.holders
+        )
+        next_seq = "-" if view.next_seq is None else str(view.next_seq)
+        if view.gap_s is not None:
+            next_seq += f" (missing for {_duration(view.gap_s)})"
+        table.add_row(
+            Text(view.session),
+            Text(holders or "-"),
+            str(len(view.waiting)),
+            str(view.fence),
+            next_seq,
         )
     return table
 
@@ -487,16 +516,38 @@ def fake_agent(host: str, port: int, work: float) -> None:
     metavar="SECONDS",
     help="Only tokens in flight for at least this long.",
 )
+@click.option(
+    "--sessions",
+    "sessions",
+    is_flag=True,
+    help="List guarded sessions (SessionGuard): holders and queue depth.",
+)
 @json_option
 @_target_options(on_group=False)
-def ls_command(scope: str | None, older_than: float | None, as_json: bool) -> None:
-    """List the tokens in flight, oldest first.
+def ls_command(scope: str | None, older_than: float | None, sessions: bool, as_json: bool) -> None:
+    """List the tokens in flight, oldest first (or, with --sessions, the guarded sessions).
 
     Columns: the token and its scope; the owner (host:pid of the process running the call);
     the fence (how many times the token was claimed); how long it has been in flight; how long
     its lease lives unless renewed; and "waiting procs": how many processes listen for its
     result, each hosting one or more waiting duplicate calls (processes, not calls).
+
+    With --sessions: each session with holders or waiters, the longest queue first: its
+    holders (host:pid, for how long), how many callers wait, the fence (admissions so far) and,
+    when callers pass sequence numbers, the next number due and how long a missing one has been
+    waited for.
     """
+    if sessions:
+        if scope is not None or older_than is not None:
+            raise click.UsageError("--sessions cannot be combined with --scope or --older-than")
+        found = _run(lambda inspector: inspector.sessions())
+        if as_json:
+            _echo_json([view.to_json() for view in found])
+        elif not found:
+            click.echo(f"no guarded session is held or waited for in namespace {_target()[1]}")
+        else:
+            _console().print(_sessions_table(found, _target()[1]))
+        return
     views = _run(lambda inspector: inspector.leases(scope, older_than))
     if as_json:
         _echo_json([view.to_json() for view in views])

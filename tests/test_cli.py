@@ -30,7 +30,7 @@ import redis
 from children import WORKER, Child
 from click.testing import CliRunner, Result
 
-from strands_dedup import Deduplicator, Role
+from strands_dedup import Deduplicator, Role, SessionGuard
 from strands_dedup.cli import NAMESPACE_ENV, REDIS_URL_ENV, _rates, main
 
 HOST = socket.gethostname()
@@ -501,3 +501,34 @@ async def test_release_fences_a_live_primary_off_even_without_waiters(
         with pytest.raises(LeaseLost):
             await primary
         assert await inspector.lease("alone") is None
+
+
+@pytest.mark.timeout(30)
+async def test_ls_sessions_shows_holders_and_queue_depth(cli: Invoke, local: Deduplicator) -> None:
+    assert (await cli("ls", "--sessions")).stdout.startswith("no guarded session")
+    guard = SessionGuard(local, first_seq=1, gap_timeout=60)
+    async with guard.hold("chat-7", seq=1):
+        waiters = [asyncio.create_task(guard.hold("chat-7", seq=n).__aenter__()) for n in (3, 4)]
+        try:
+            while (await local.health()).sessions_waiting < 2:
+                await asyncio.sleep(0.01)
+            found = json.loads((await cli("ls", "--sessions", "--json")).stdout)
+            assert len(found) == 1
+            view = found[0]
+            assert view["session"] == "chat-7" and view["fence"] == 1 and view["next_seq"] == 2
+            assert [(h["host"], h["pid"]) for h in view["holders"]] == [(HOST, os.getpid())]
+            assert [w["seq"] for w in view["waiting"]] == [3, 4]
+            table = await cli("ls", "--sessions")
+            assert table.exit_code == 0, table.output
+            assert "chat-7" in table.stdout and f"{HOST}:{os.getpid()}" in table.stdout
+            health = await local.health()
+            assert health.sessions_held == 1 and health.sessions_waiting == 2
+            assert [(s.session, s.holders, s.queue_depth) for s in health.sessions] == [
+                ("chat-7", 1, 2)
+            ]
+            misuse = await cli("ls", "--sessions", "--scope", "x")
+            assert misuse.exit_code == 2 and "cannot be combined" in misuse.output
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
