@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -93,3 +94,15 @@ class FakeModel(Model):
                 "metrics": {"latencyMs": 1},
             }
         }
+
+
+class _PidModel(FakeModel):
+    async def _events(self, messages: Any) -> AsyncIterator[Any]:
+        self.reply = f"answered by pid {os.getpid()} call {self.calls}"
+        async for event in super()._events(messages):
+            yield event
+
+
+def pid_model() -> FakeModel:
+    """A model whose reply names the process and call that produced it (slow enough to race)."""
+    return _PidModel(delay=0.5)
