@@ -98,7 +98,7 @@ class SessionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SessionConfig:
-        if self.mode == "throw" and self.max_queue != 1000:
+        if self.mode == "throw" and "max_queue" in self.model_fields_set:
             raise ValueError("max_queue applies to mode='queue' only")
         return self
 
