@@ -5,6 +5,7 @@ Usage::
     python tests/agent_worker.py invoke URL NAMESPACE SESSION TOKEN --delay D
     python tests/agent_worker.py queue URL NAMESPACE SESSION --calls N --work S
     python tests/agent_worker.py hold URL NAMESPACE SESSION --lease-ttl T
+    python tests/agent_worker.py wait URL NAMESPACE SESSION --lease-ttl T
 
 Reports are JSON lines on stdout (see tests/children.py), each with an ``event`` field:
 
@@ -15,6 +16,7 @@ Reports are JSON lines on stdout (see tests/children.py), each with an ``event``
 - ``entered`` (``queue``): one call is inside the session: its index in this process and how many
   callers were inside at that moment (``inside``, counted in Redis); ``finished`` when all are.
 - ``holding`` (``hold``): inside the session; it then blocks until killed.
+- ``queued`` (``wait``): waiting in the session's queue; it then waits until killed.
 """
 
 from __future__ import annotations
@@ -97,9 +99,22 @@ async def hold(args: argparse.Namespace, side: aredis.Redis) -> None:
         await asyncio.Event().wait()
 
 
+async def wait(args: argparse.Namespace, side: aredis.Redis) -> None:
+    async with Deduplicator.from_url(
+        args.url, namespace=args.namespace, lease_ttl=args.lease_ttl
+    ) as dedup:
+        entering = asyncio.ensure_future(SessionGuard(dedup).hold(args.session).__aenter__())
+        while (await dedup.health()).sessions_waiting < 1:
+            await asyncio.sleep(0.01)
+        emit("queued")
+        await entering
+        emit("holding")
+        await asyncio.Event().wait()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["invoke", "queue", "hold"])
+    parser.add_argument("mode", choices=["invoke", "queue", "hold", "wait"])
     parser.add_argument("url")
     parser.add_argument("namespace")
     parser.add_argument("session")
@@ -111,7 +126,7 @@ async def main() -> None:
     args = parser.parse_args()
     side = aredis.Redis.from_url(args.url)
     try:
-        await {"invoke": invoke, "queue": queue, "hold": hold}[args.mode](args, side)
+        await {"invoke": invoke, "queue": queue, "hold": hold, "wait": wait}[args.mode](args, side)
     finally:
         await side.aclose()
 

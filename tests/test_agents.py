@@ -399,3 +399,25 @@ async def test_a_sigkilled_holder_frees_the_session_within_one_lease(
             waited = time.monotonic() - killed
             assert hold.fence > held["fence"]
         assert waited < lease_ttl + 0.5 + 0.5
+
+
+@pytest.mark.redis
+async def test_a_sigkilled_waiter_blocks_the_queue_at_most_one_lease(
+    redis_url: str, namespace: str, children: Callable[..., Awaitable[Child]]
+) -> None:
+    lease_ttl = 1.0
+    async with Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=lease_ttl) as dedup:
+        guard = SessionGuard(dedup, queue_timeout=10)
+        async with guard.hold("s-w"):
+            dead = await children("wait", redis_url, namespace, "s-w", "--lease-ttl", "1")
+            await dead.expect("queued", 30)
+            os.kill(dead.pid, signal.SIGKILL)
+            entry = guard.hold("s-w")
+            behind = asyncio.ensure_future(entry.__aenter__())
+            while (await dedup.health()).sessions_waiting < 1:
+                await asyncio.sleep(0.01)
+            released = time.monotonic()
+        await asyncio.wait_for(behind, 10)
+        waited = time.monotonic() - released
+        await entry.__aexit__(None, None, None)
+        assert waited < lease_ttl + 0.5 + 0.5, waited

@@ -284,3 +284,21 @@ async def test_bad_input_is_refused_up_front(make: Any) -> None:
             SessionGuard(object())  # type: ignore[arg-type]
         async with guard.hold("{weird*name}\n") as hold:  # any text is a usable name
             assert hold.session == "{weird*name}\\n"
+
+
+async def test_the_next_in_line_is_woken_by_a_message_not_a_timer(make: Any) -> None:
+    async with make(lease_ttl=30) as dedup:  # a timer would fire after ~30 s, not in 1 s
+        guard = SessionGuard(dedup)
+        admitted_after: list[float] = []
+
+        async def waiter() -> None:
+            async with guard.hold("s-wake"):
+                admitted_after.append(time.monotonic())
+
+        async with guard.hold("s-wake"):
+            task = asyncio.create_task(waiter())
+            while (await dedup.health()).sessions_waiting < 1:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+        await asyncio.wait_for(task, 5)
+        assert admitted_after[0] - started < 1.0
