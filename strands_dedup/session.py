@@ -27,6 +27,7 @@ lease TTL. A holder whose lease is lost (its process stalled past the TTL) sees
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -179,7 +180,9 @@ class _Hold:
         if self._hold is None:
             raise RuntimeError("the session hold was not entered")
         if self._reset is not None:
-            _CURRENT_SESSION.reset(self._reset)
+            with contextlib.suppress(ValueError):  # entered in another task's context
+                _CURRENT_SESSION.reset(self._reset)
+            self._reset = None
         return self._hold
 
     @staticmethod
