@@ -379,50 +379,42 @@ class SessionGuard:
         max_queue: int,
     ) -> tuple[HeldTicket, Grant]:
         core = self._core
-        store = core._store
         owner = core._new_owner()
-        # Subscribe before the first read, so an admission announced in between is not missed.
-        watch = core._subscriber.register(keys.channel) if mode == "queue" else None
+        args = self._args(keys, "acquire", "", owner, mode, limit, max_queue, seq)
+        lock, users = self._enqueue_lock(keys)
         try:
-            if watch is not None:
-                await watch.ready(max(0.0, deadline - time.monotonic()))
-            lock, users = self._enqueue_lock(keys)
-            try:
-                async with lock:  # callers of one process join the queue in the order they came
-                    args = self._args(keys, "acquire", "", owner, mode, limit, max_queue, seq)
-                    reply = parse_session_reply(await store.session(keys, args, self._idle_ms))
-            finally:
-                users[0] -= 1
-                if users[0] == 0:
-                    del self._enqueueing[keys.holders]
-            if isinstance(reply, Taken):
-                raise SessionBusy(
-                    f"session {keys.name!r} is taken ({reply.holders} holder(s), "
-                    f"{reply.depth} waiting)",
-                    session=keys.name,
-                    reason=BusyReason.TAKEN,
-                    holders=reply.holders,
-                    depth=reply.depth,
-                    retry_after=reply.retry_ms / 1000,
-                )
-            if isinstance(reply, QueueFull):
-                raise self._queue_full(keys, reply)
-            ticket = HeldTicket(keys, reply.ticket)
-            core._renewer.add_ticket(ticket)
-            if isinstance(reply, Grant):
-                return ticket, reply
-            assert watch is not None
-            core._session_activity(keys, waiting=1)
-            try:
-                return ticket, await self._wait(keys, ticket, reply, watch, deadline, args)
-            except BaseException:
-                await asyncio.shield(self._leave(ticket))
-                raise
-            finally:
-                core._session_activity(keys, waiting=-1)
+            async with lock:  # callers of one process join the queue in the order they came
+                reply = parse_session_reply(await core._store.session(keys, args, self._idle_ms))
         finally:
-            if watch is not None:
-                watch.close()
+            users[0] -= 1
+            if users[0] == 0:
+                del self._enqueueing[keys.holders]
+        if isinstance(reply, Taken):
+            raise SessionBusy(
+                f"session {keys.name!r} is taken ({reply.holders} holder(s), "
+                f"{reply.depth} waiting)",
+                session=keys.name,
+                reason=BusyReason.TAKEN,
+                holders=reply.holders,
+                depth=reply.depth,
+                retry_after=reply.retry_ms / 1000,
+            )
+        if isinstance(reply, QueueFull):
+            raise self._queue_full(keys, reply)
+        ticket = HeldTicket(keys, reply.ticket)
+        core._renewer.add_ticket(ticket)
+        if isinstance(reply, Grant):
+            return ticket, reply  # the uncontended path: no subscription at all
+        core._session_activity(keys, waiting=1)
+        watch = core._subscriber.register(keys.channel)
+        try:
+            return ticket, await self._wait(keys, ticket, reply, watch, deadline, args)
+        except BaseException:
+            await asyncio.shield(self._leave(ticket))
+            raise
+        finally:
+            watch.close()
+            core._session_activity(keys, waiting=-1)
 
     def _enqueue_lock(self, keys: SessionKeys) -> tuple[asyncio.Lock, list[int]]:
         entry = self._enqueueing.get(keys.holders)
@@ -451,10 +443,15 @@ class SessionGuard:
         args: list[bytes | str | int],
     ) -> Grant:
         """Wait in the queue until a message announces our admission, re-asking when a lease or
-        a gap may have expired (the reply says when) or the subscriber reconnected."""
+        a gap may have expired (the reply says when) or the subscriber reconnected.
+
+        The watch was registered after the caller joined the queue: once Redis confirms the
+        subscription, the first step asks again, so a grant published before that is not missed.
+        """
         core = self._core
         depth = queued.depth
-        wake_at = time.monotonic() + queued.wake_ms / 1000 + self._grace
+        await watch.ready(max(0.0, deadline - time.monotonic()))
+        wake_at = 0.0  # ask again at once
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -466,7 +463,7 @@ class SessionGuard:
                     holders=None,
                     depth=depth,
                 )
-            event = await watch.next(max(0.0, min(deadline, wake_at) - now))
+            event = await watch.next(max(0.0, min(deadline, wake_at) - now)) if wake_at else None
             if isinstance(event, Grant):
                 if event.ticket == ticket.ticket:
                     return event
@@ -474,7 +471,7 @@ class SessionGuard:
             if event is WakeUp.RECONNECTED:
                 await watch.ready(max(0.0, deadline - time.monotonic()))
             elif event is None and time.monotonic() < wake_at:
-                continue  # the deadline passed: raised above
+                continue  # the deadline passed: raised at the top
             args[1] = ticket.ticket
             reply = parse_session_reply(await core._store.session(keys, args, self._idle_ms))
             if isinstance(reply, Grant):

@@ -131,6 +131,8 @@ class RedisStore:
         """
         claim_lane, settle_lane = self._lanes()
         slots = settle_lane if priority else claim_lane
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
         if slots.locked():
             try:
                 async with asyncio.timeout(self._config.pool_timeout):
@@ -145,7 +147,7 @@ class RedisStore:
             await slots.acquire()
         try:
             try:  # fast path: no retry machinery unless the first attempt fails
-                return await op()
+                result = await op()
             except Exception as exc:
                 if not is_transient(exc):
                     if _is_auth_error(exc):
@@ -153,6 +155,11 @@ class RedisStore:
                     raise
                 log.debug("transient Redis error, retrying: %s", exc)
                 first = exc
+            else:
+                if task is not None and task.cancelling() > cancelling:
+                    # A client swallowed our cancellation (its reply raced it): honour it here.
+                    raise asyncio.CancelledError
+                return result
             return await self._retry(op, first)
         finally:
             slots.release()
