@@ -27,6 +27,7 @@ from .observe import Health, PrometheusMetrics, SessionLoad
 from .protocol import Outcome, Role
 from .serialization import JsonSerializer, Serializer, SignedPickleSerializer
 from .session import SessionConfig, SessionGuard, SessionHold, current_session
+from .streaming import StreamReset
 from .sync import SyncDeduplicator
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -57,6 +58,7 @@ __all__ = [
     "SessionLoad",
     "SignedPickleSerializer",
     "StoreUnavailable",
+    "StreamReset",
     "SyncDeduplicator",
     "WaitTimeout",
     "__version__",

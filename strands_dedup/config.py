@@ -42,6 +42,12 @@ class DedupConfig(BaseModel):
     )
     cache_errors: bool = Field(False, description="Store failures for result_ttl and replay them.")
     max_result_bytes: int = Field(16 * MiB, gt=0, le=512 * MiB, description="Result size bound.")
+    max_stream_chunks: int = Field(
+        100_000, ge=1, le=10_000_000, description="Most chunks one streamed call may produce."
+    )
+    max_stream_bytes: int = Field(
+        16 * MiB, gt=0, le=512 * MiB, description="Most bytes one streamed call may produce."
+    )
     inline_result_bytes: int = Field(
         64 * 1024, ge=0, description="Results up to this size travel inside the wake-up message."
     )

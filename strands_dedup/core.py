@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast, get_type_hints
 
@@ -273,6 +273,8 @@ class Deduplicator:
         self._publisher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: dict[SessionKeys, list[int]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        """Streaming primaries whose callers may have stopped listening (see `stream`)."""
         """Sessions this deduplicator's callers hold or wait for: [held, waiting]."""
         """The event loop this deduplicator serves (known from its first call)."""
 
@@ -359,6 +361,66 @@ class Deduplicator:
         )
         return outcome.value
 
+    async def stream(
+        self,
+        token: Token,
+        make_stream: Callable[[], AsyncIterable[Any]],
+        *,
+        scope: Token | None = None,
+        fingerprint: str | bytes | None = None,
+        wait_timeout: float | None = None,
+    ) -> AsyncIterator[Any]:
+        """Stream ``make_stream()`` once for ``token``; duplicates get the same chunks.
+
+        ``make_stream`` returns an async iterable of JSON-able chunks. The primary's caller gets
+        them as produced; a duplicate (in any process) gets them from the start, then live as
+        the primary produces them; a retry after completion (within ``result_ttl``) gets the
+        stored list of chunks. Duplicates get the chunks as JSON data (dicts, lists, ...).
+
+        A duplicate that was following an attempt whose primary died gets a `StreamReset`, then
+        the new attempt's chunks from the start. Leaving the loop early does not stop the
+        primary: it completes, and its followers and retries get the whole stream.
+        Bounded by ``max_stream_chunks`` and ``max_stream_bytes`` (`ResultTooLarge`).
+        """
+        from .streaming import Chunk, Final, stream_events
+
+        if not callable(make_stream):
+            raise TypeError(f"make_stream must be callable, not {type(make_stream).__name__}")
+        keys = self._keys.for_token(token, scope)
+
+        async def produce(emit: Callable[..., None]) -> list[Any]:
+            chunks: list[Any] = []
+            async for chunk in make_stream():
+                try:
+                    data = pydantic_core.to_json(chunk)
+                except pydantic_core.PydanticSerializationError as exc:
+                    raise SerializationError(
+                        f"a chunk of token {keys.token!r} is not JSON-serializable: {exc}",
+                        token=keys.token,
+                    ) from exc
+                emit(data, chunk)
+                chunks.append(chunk)
+            return chunks
+
+        received = 0
+        async for event in stream_events(
+            self,
+            keys,
+            produce,
+            rtype=list[Any],
+            fingerprint=_normalize_fingerprint(fingerprint),
+            wait_timeout=wait_timeout,
+        ):
+            if isinstance(event, Chunk):
+                received += 1
+                yield event.original if event.original is not None else json.loads(event.data)
+            elif isinstance(event, Final):
+                for chunk in event.outcome.value[received:]:  # a replay, or chunks we missed
+                    yield chunk
+            else:
+                received = 0
+                yield event
+
     def idempotent(
         self,
         key: Callable[..., Token] | None = None,
@@ -403,6 +465,10 @@ class Deduplicator:
         if self._closed:
             return
         self._closed = True
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.config.connect_timeout)
         if self._publisher is not None and not self._publisher.done():
             self._publisher.cancel()
             with contextlib.suppress(BaseException):
@@ -650,11 +716,13 @@ class Deduplicator:
                         )
                     self._check_lease(reply.lease, keys, fingerprint)
                     current = reply
-                budget = wait_budget(
+                reread_at = time.monotonic() + wait_budget(
                     current.lease.pttl_ms, self.config.takeover_grace, deadline - time.monotonic()
                 )
                 current = None  # whatever wakes us, the next step reads the token again
-                event = await watch.next(budget)
+                event = await watch.next(max(0.0, reread_at - time.monotonic()))
+                while event is WakeUp.APPENDED:  # a streaming primary is alive: keep waiting
+                    event = await watch.next(max(0.0, reread_at - time.monotonic()))
                 # A shared read must postdate what woke us; after a timeout any read in flight
                 # is fresh enough (it only has to show whether the lease is still there).
                 not_before = watch.mark if event is not None else 0.0

@@ -6,6 +6,7 @@ All keys of one token share one Redis Cluster hash slot::
     <namespace>:{<scope>:<token>}:fence     the token's fence counter
     <namespace>:{<scope>:<token>}:result    the stored result envelope
     <namespace>:{<scope>:<token>}:chan      pub/sub channel that wakes waiting duplicates
+    <namespace>:{<scope>:<token>}:stream    a streamed call's chunks, for followers (Redis Stream)
 
 and all keys of one guarded session (`SessionGuard`; the tag holds no ``:``, so it never meets a
 token's tag), or of the fleet-wide total, ``{!total}``::
@@ -97,6 +98,7 @@ class TokenKeys:
     fence: bytes
     result: bytes
     channel: bytes
+    stream: bytes
     token: str
     """Display form of the token."""
     scope: str
@@ -167,6 +169,7 @@ class KeySchema:
             fence=tag + b"fence",
             result=tag + b"result",
             channel=tag + b"chan",
+            stream=tag + b"stream",
             token=token_text,
             scope=scope_text,
             meta=f'"tok":{json.dumps(token_text)},"sc":{json.dumps(scope_text)}',

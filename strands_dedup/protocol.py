@@ -135,6 +135,8 @@ class WakeUp(enum.Enum):
     """The shared subscriber reconnected: messages may have been lost, re-read."""
     MALFORMED = "malformed"
     """A message that is not ours arrived on the channel: re-read."""
+    APPENDED = "appended"
+    """A streaming primary appended chunks (followers read them; plain waiters keep waiting)."""
 
 
 def encode_envelope(owner: str, header: dict[str, Any], payload: bytes) -> bytes:
@@ -219,6 +221,8 @@ def decode_message(data: bytes) -> Envelope | Grant | WakeUp:
         return WakeUp.STORED
     if kind == b"R":
         return WakeUp.RELEASED
+    if kind == b"A":
+        return WakeUp.APPENDED
     return WakeUp.MALFORMED
 
 

@@ -4,6 +4,7 @@ Usage::
 
     python tests/proc_worker.py storm URL NAMESPACE TOKEN --calls N --seconds S --lease-ttl T
     python tests/proc_worker.py hold URL NAMESPACE TOKEN --lease-ttl T
+    python tests/proc_worker.py stream URL NAMESPACE TOKEN --calls N --seconds S --lease-ttl T
 
 It writes one JSON object per line to stdout (flushed at once), each with an ``event`` field:
 
@@ -13,6 +14,7 @@ It writes one JSON object per line to stdout (flushed at once), each with an ``e
   blocks until a line arrives on stdin (never, if the test kills the process instead).
 - ``result``: one finished call: ``value``, ``role``, ``fence``.
 - ``error``: one failed call: ``type`` (the exception's class name) and ``message``.
+- ``streaming``: (``stream``) the third chunk of TOKEN's stream was produced.
 - ``finished``: every call returned (the deduplicator is still open).
 - ``closed``: the deduplicator is closed; the process exits 0 right after.
 
@@ -95,9 +97,30 @@ async def hold(args: argparse.Namespace, side: aredis.Redis) -> None:
         emit("finished")
 
 
+async def stream(args: argparse.Namespace, side: aredis.Redis) -> None:
+    """Stream TOKEN: ``--calls`` chunks ``{"pid", "i"}``, one every ``--seconds``; reports
+    ``streaming`` after the third chunk."""
+
+    async def chunks() -> Any:
+        for i in range(args.calls):
+            if i == 3:
+                emit("streaming")
+            await asyncio.sleep(args.seconds)
+            yield {"pid": os.getpid(), "i": i}
+
+    async with Deduplicator.from_url(
+        args.url, namespace=args.namespace, lease_ttl=args.lease_ttl, max_connections=4
+    ) as dedup:
+        await dedup._store.ping()
+        emit("ready")
+        async for _ in dedup.stream(args.token, chunks):
+            pass
+        emit("finished")
+
+
 async def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["storm", "hold"])
+    parser.add_argument("mode", choices=["storm", "hold", "stream"])
     parser.add_argument("url")
     parser.add_argument("namespace")
     parser.add_argument("token")
@@ -107,7 +130,7 @@ async def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     side = aredis.Redis.from_url(args.url, client_name="proc-worker-side")
     try:
-        await (storm if args.mode == "storm" else hold)(args, side)
+        await {"storm": storm, "hold": hold, "stream": stream}[args.mode](args, side)
     finally:
         await side.aclose()
     emit("closed")

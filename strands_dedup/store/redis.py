@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import redis.asyncio as aredis
 import redis.exceptions as rex
@@ -39,7 +39,16 @@ def _lua(name: str) -> str:
 
 
 _SCRIPTS = {
-    name: _lua(name) for name in ("claim", "settle", "renew", "release", "session", "session_renew")
+    name: _lua(name)
+    for name in (
+        "claim",
+        "settle",
+        "renew",
+        "release",
+        "session",
+        "session_renew",
+        "stream_append",
+    )
 }
 
 
@@ -96,6 +105,7 @@ class RedisStore:
         self._release = client.register_script(_SCRIPTS["release"])
         self._session = client.register_script(_SCRIPTS["session"])
         self._session_renew = client.register_script(_SCRIPTS["session_renew"])
+        self._stream_append = client.register_script(_SCRIPTS["stream_append"])
         self._publish = "PUBLISH"
         self._claim_lane: asyncio.Semaphore | None = None
         self._settle_lane: asyncio.Semaphore | None = None
@@ -252,6 +262,34 @@ class RedisStore:
             args.append(ref.ticket)
         reply = await self._run(lambda: self._session_renew(keys=keys, args=args), priority=True)
         return [bool(x) for x in reply]
+
+    async def append(
+        self,
+        keys: TokenKeys,
+        owner: str,
+        fence: int,
+        items: Sequence[tuple[bytes, bytes]],
+        ttl_ms: int,
+    ) -> bool:
+        """Run stream_append.lua: append (kind, data) items if the lease is still ours."""
+        args: list[bytes | str | int] = [owner, fence, ttl_ms, keys.channel, self._publish]
+        for kind, data in items:
+            args += (kind, data)
+        reply = await self._run(
+            lambda: self._stream_append(keys=(keys.lease, keys.fence, keys.stream), args=args),
+            priority=True,
+        )
+        return bool(reply)
+
+    async def read_stream(
+        self, keys: TokenKeys, after: bytes | None, count: int
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Stream entries after the id ``after`` (from the start when None), at most ``count``."""
+        start = b"-" if after is None else b"(" + after
+        reply: Any = await self._run(
+            lambda: self.client.xrange(keys.stream, min=start, max=b"+", count=count)
+        )
+        return cast(list[tuple[bytes, dict[bytes, bytes]]], reply or [])
 
     async def get_result(self, keys: TokenKeys) -> bytes | None:
         value = await self._run(lambda: self.client.get(keys.result))
