@@ -49,6 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .core import Deduplicator, current_call
 from .protocol import Outcome
 from .session import SessionGuard
+from .streaming import Chunk, Emit, StreamReset, stream_events
 from .tokens import message_token
 from .tools import idempotent_tool
 
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from .sync import SyncDeduplicator, _Portal
 
 __all__ = [
+    "STREAMED_KEYS",
     "DedupAgent",
     "ReplayedMetrics",
     "StoredAgentResult",
@@ -106,10 +108,15 @@ class StoredAgentResult(BaseModel):
     structured_output: dict[str, Any] | None = None
     metrics: dict[str, Any] = {}
     checkpoint: dict[str, Any] | None = None
+    events: list[dict[str, Any]] | None = None
+    """The streamed events (`DedupAgent.stream_async`), replayed to later duplicates."""
 
     @classmethod
-    def from_result(cls, result: AgentResult) -> StoredAgentResult:
+    def from_result(
+        cls, result: AgentResult, events: list[dict[str, Any]] | None = None
+    ) -> StoredAgentResult:
         return cls(
+            events=events,
             stop_reason=str(result.stop_reason),
             message=encode_bytes_values(result.message),
             state=_plain(result.state),
@@ -156,6 +163,35 @@ class StoredAgentResult(BaseModel):
             structured_output=structured,
             checkpoint=checkpoint,
         )
+
+
+STREAMED_KEYS = frozenset(
+    {
+        "data",
+        "delta",
+        "current_tool_use",
+        "message",
+        "event",
+        "reasoningText",
+        "reasoning",
+        "type",
+        "init_event_loop",
+        "start",
+        "start_event_loop",
+        "force_stop",
+        "force_stop_reason",
+        "tool_stream_event",
+    }
+)
+"""Keys of Strands stream events that duplicates receive (the rest are live objects: the agent,
+spans, traces, the model, request state)."""
+
+
+def _project(event: Any) -> dict[str, Any] | None:
+    if not isinstance(event, dict) or "result" in event:
+        return None
+    kept = {k: v for k, v in event.items() if k in STREAMED_KEYS}
+    return _plain(kept) if kept else None
 
 
 class _AnySignal(threading.Event):
@@ -249,34 +285,87 @@ class DedupAgent:
         seq: int | None = None,
         **options: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Stream the agent's events. The primary's caller gets every event live; a duplicate
-        gets the final ``{"result": AgentResult}`` event (as Strands' own duplicates do)."""
+        """Stream the agent's events, once per ``idempotency_token`` across every replica.
+
+        The primary's caller gets Strands' own events, live. A duplicate (any process, joining
+        at any time, or a retry within ``result_ttl``) gets the same events from the start,
+        then live: their serializable part (text deltas, tool use, messages with tool results,
+        raw model events; see `STREAMED_KEYS`), and a final ``{"result": AgentResult}``. A
+        duplicate whose primary died mid-stream gets ``{"stream_reset": fence}``, then the new
+        attempt's events from the start.
+        """
         self._check(session_id, seq, options)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
         end = object()
 
-        def emit(event: Any) -> None:
+        def deliver(event: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        primary = [False]
         run = asyncio.ensure_future(
-            self._on_core(
-                self._invoke(prompt, session_id, idempotency_token, seq, options, emit, primary)
-            )
+            self._on_core(self._pump(prompt, session_id, idempotency_token, seq, options, deliver))
         )
         run.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, end))
         try:
             while (event := await events.get()) is not end:
                 yield event
-            result = run.result()
-            if not primary[0]:
-                yield {"result": result}
+            run.result()
         finally:
             if not run.done():
                 run.cancel()
                 with contextlib.suppress(BaseException):
                     await run
+
+    async def _pump(
+        self,
+        prompt: Any,
+        session_id: str,
+        token: str | None,
+        seq: int | None,
+        options: dict[str, Any],
+        deliver: Callable[[Any], None],
+    ) -> None:
+        """Run (or follow) the streamed call on the deduplicator's loop; hand events over."""
+        if token is None:
+            await self._run_agent(prompt, session_id, seq, options, deliver)
+            return
+        keys = self._core._keys.for_token(token, session_id)
+        ran: list[AgentResult] = []
+
+        async def produce(emit: Emit) -> StoredAgentResult:
+            streamed: list[dict[str, Any]] = []
+
+            def forward(event: Any) -> None:
+                projected = _project(event)
+                if projected is not None:
+                    emit(pydantic_core.to_json(projected), event)
+                    streamed.append(projected)
+
+            result = await self._run_agent(prompt, session_id, seq, options, forward)
+            ran.append(result)
+            return StoredAgentResult.from_result(result, events=streamed)
+
+        received = 0
+        model = options.get("structured_output_model")
+        async for item in stream_events(
+            self._core,
+            keys,
+            produce,
+            rtype=StoredAgentResult,
+            fingerprint=self.fingerprint(prompt, session_id, options),
+            wait_timeout=None,
+        ):
+            if isinstance(item, Chunk):
+                received += 1
+                deliver(item.original if item.original is not None else json.loads(item.data))
+            elif isinstance(item, StreamReset):
+                received = 0
+                deliver({"stream_reset": item.fence})
+            else:
+                stored: StoredAgentResult = item.outcome.value
+                for event in (stored.events or [])[received:]:  # a replay, or what we missed
+                    deliver(event)
+                deliver({"result": ran[0] if ran else stored.to_agent_result(model)})
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -327,19 +416,13 @@ class DedupAgent:
         token: str | None,
         seq: int | None,
         options: dict[str, Any],
-        emit: Callable[[Any], None] | None = None,
-        primary: list[bool] | None = None,
     ) -> AgentResult:
         if token is None:
-            if primary is not None:
-                primary[0] = True
-            return await self._run_agent(prompt, session_id, seq, options, emit)
+            return await self._run_agent(prompt, session_id, seq, options, None)
         ran: list[AgentResult] = []
 
         async def call() -> StoredAgentResult:
-            if primary is not None:
-                primary[0] = True
-            result = await self._run_agent(prompt, session_id, seq, options, emit)
+            result = await self._run_agent(prompt, session_id, seq, options, None)
             ran.append(result)
             return StoredAgentResult.from_result(result)
 

@@ -133,10 +133,10 @@ async def test_a_lost_lease_sets_the_agents_cancel_signal(redis_url: str, namesp
         side.close()
 
 
-async def test_stream_async_primary_streams_and_a_duplicate_gets_the_result(
+async def test_stream_async_duplicates_replay_the_primarys_events(
     backend_url: str, namespace: str
 ) -> None:
-    model = FakeModel("one two three", delay=0.2)
+    model = FakeModel("one two three", chunk_delay=0.05)
     async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=2) as dedup:
         guarded = DedupAgent(dedup, agent_of(model), session_guard=SessionGuard(dedup))
 
@@ -145,13 +145,19 @@ async def test_stream_async_primary_streams_and_a_duplicate_gets_the_result(
                 e async for e in guarded.stream_async("q", session_id="s", idempotency_token="st")
             ]
 
-        a, b = await asyncio.gather(collect(), collect())
-        primary, duplicate = (a, b) if len(a) > len(b) else (b, a)
-        deltas = [e["data"] for e in primary if "data" in e]
-        assert deltas == ["one ", "two ", "three "]
-        assert len(duplicate) == 1 and isinstance(duplicate[0]["result"], AgentResult)
-        assert duplicate[0]["result"].message == primary[-1]["result"].message
+        primary = asyncio.create_task(collect())
+        while model.chunks < 1:  # the duplicate joins mid-stream
+            await asyncio.sleep(0.005)
+        duplicate = await collect()
+        first = await primary
+        later = await collect()  # a retry after completion
         assert model.calls == 1
+        for events in (first, duplicate, later):
+            assert [e["data"] for e in events if "data" in e] == ["one ", "two ", "three "]
+            assert isinstance(events[-1]["result"], AgentResult)
+            assert events[-1]["result"].message == first[-1]["result"].message
+        assert "agent" in next(e for e in first if "data" in e)  # the primary's own events
+        assert [e for e in duplicate if "message" in e] == [e for e in later if "message" in e]
 
 
 def test_blocking_calls_over_a_sync_deduplicator(backend_url: str, namespace: str) -> None:
