@@ -51,6 +51,7 @@ from .errors import (
     WaitTimeout,
 )
 from .protocol import Outcome
+from .streaming import Chunk, Emit, StreamReset, stream_events
 
 __all__ = ["IdempotencyMiddleware", "StoredResponse", "default_retain", "problem"]
 
@@ -150,6 +151,51 @@ async def problem(
     await send_response(
         send, status, [(b"content-type", b"application/problem+json"), *(headers or [])], body
     )
+
+
+def is_streamed(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """A response duplicates should follow live: server-sent events, or no Content-Length."""
+    names = {n.lower(): v for n, v in headers}
+    kind = names.get(b"content-type", b"").split(b";")[0].strip().lower()
+    return kind == b"text/event-stream" or b"content-length" not in names
+
+
+class _Streamed:
+    """Sends a followed stream to one client: the head chunk, then body chunks as they come."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self._head_seen = False
+
+    async def chunk(self, chunk: Chunk) -> None:
+        if not self._head_seen:
+            self._head_seen = True
+            if self.started:
+                return  # a new attempt's head after a reset: the client has the first one
+            head = json.loads(chunk.data)
+            headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in head["headers"]]
+            if chunk.original is None:  # followed from another caller's stream
+                headers.append((b"idempotent-replayed", b"true"))
+            await self._send(
+                {"type": "http.response.start", "status": int(head["status"]), "headers": headers}
+            )
+            self.started = True
+            return
+        await self._send({"type": "http.response.body", "body": chunk.data, "more_body": True})
+
+    def reset(self) -> None:
+        if self.started:
+            # Part of a dead attempt's body went out: the response cannot be taken back.
+            raise _StreamBroken("the stream's primary died; retry the request")
+        self._head_seen = False
+
+    async def end(self) -> None:
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _StreamBroken(Exception):
+    """A streamed response's attempt died after part of it was sent: end it; the client retries."""
 
 
 class IdempotencyMiddleware:
@@ -281,8 +327,15 @@ class IdempotencyMiddleware:
     ) -> None:
         produced: dict[str, StoredResponse] = {}
 
-        async def call() -> StoredResponse:
-            response, complete = await self._run_app(scope, body)
+        async def produce(emit: Emit) -> StoredResponse:
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.add(task)
+            try:
+                response, complete = await self._run_app(scope, body, emit)
+            finally:
+                if task is not None:
+                    self._tasks.discard(task)
             produced["response"] = response
             if not complete:
                 raise _NotRetained(None, "the response body exceeded max_stored_body")
@@ -290,32 +343,52 @@ class IdempotencyMiddleware:
                 raise _NotRetained(response, f"status {response.status} is not retained")
             return response
 
-        def run_call() -> Awaitable[StoredResponse]:
-            return call()
-
-        async def execute() -> Outcome[StoredResponse]:
-            outcome: Outcome[StoredResponse] = await self.dedup.execute(
-                key,
-                run_call,
-                scope=tenant,
-                fingerprint=self._fingerprint(scope, body),
-                returns=StoredResponse,
-                on_duplicate=self.on_duplicate,
-            )
-            return outcome
-
-        task = asyncio.ensure_future(execute())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        streamed = _Streamed(send)
+        outcome: Outcome[StoredResponse] | None = None
         try:
-            outcome = await asyncio.shield(task)  # a client that leaves does not stop the call
-        except _NotRetained as exc:
+            keys = self.dedup._keys.for_token(key, tenant)
+            async for event in stream_events(
+                self.dedup,
+                keys,
+                produce,
+                rtype=StoredResponse,
+                fingerprint=self._fingerprint(scope, body),
+                wait_timeout=None,
+                on_duplicate=self.on_duplicate,
+            ):
+                if isinstance(event, Chunk):
+                    await streamed.chunk(event)
+                elif isinstance(event, StreamReset):
+                    streamed.reset()
+                else:
+                    outcome = event.outcome
+        except Exception as exc:
+            if not streamed.started:
+                await self._send_error(send, exc, produced)
+            elif isinstance(exc, (_NotRetained, LeaseLost)):
+                await streamed.end()  # the primary's own client has had the whole body
+            else:
+                raise  # part of a body went out: abort the connection; the client retries
+            return
+        if outcome is None:  # pragma: no cover - the stream always ends with its value
+            raise RuntimeError("the stream ended without a value")
+        if streamed.started:
+            await streamed.end()
+            return
+        response = outcome.value
+        headers = response.raw_headers()
+        if outcome.role.value not in ("primary", "takeover"):
+            headers.append((b"idempotent-replayed", b"true"))
+        await send_response(send, response.status, headers, response.raw_body())
+
+    async def _send_error(
+        self, send: Send, exc: Exception, produced: dict[str, StoredResponse]
+    ) -> None:
+        if isinstance(exc, _NotRetained):
             await self._send_own(send, produced.get("response"), exc.response)
-            return
-        except LeaseLost:
+        elif isinstance(exc, LeaseLost):
             await self._send_own(send, produced.get("response"), None)
-            return
-        except FingerprintMismatch:
+        elif isinstance(exc, FingerprintMismatch):
             await problem(
                 send,
                 422,
@@ -323,8 +396,7 @@ class IdempotencyMiddleware:
                 "Idempotency-Key reused",
                 "this key was used for a different request",
             )
-            return
-        except DuplicateInFlight as exc:
+        elif isinstance(exc, DuplicateInFlight):
             retry = str(max(1, math.ceil(exc.retry_after))).encode()
             await problem(
                 send,
@@ -334,8 +406,7 @@ class IdempotencyMiddleware:
                 "a request with this key is being processed",
                 [(b"retry-after", retry)],
             )
-            return
-        except WaitTimeout as exc:
+        elif isinstance(exc, WaitTimeout):
             await problem(
                 send,
                 409,
@@ -344,11 +415,9 @@ class IdempotencyMiddleware:
                 f"gave up waiting after {exc.waited:.0f}s",
                 [(b"retry-after", b"1")],
             )
-            return
-        except PrimaryFailed as exc:
+        elif isinstance(exc, PrimaryFailed):
             await self._send_shared_failure(send, exc)
-            return
-        except StoreUnavailable as exc:
+        elif isinstance(exc, StoreUnavailable):
             await problem(
                 send,
                 503,
@@ -357,15 +426,10 @@ class IdempotencyMiddleware:
                 str(exc).split(":")[0],
                 [(b"retry-after", b"1")],
             )
-            return
-        except InvalidToken as exc:
+        elif isinstance(exc, InvalidToken):
             await problem(send, 400, "key-invalid", "Invalid Idempotency-Key", str(exc))
-            return
-        response = outcome.value
-        headers = response.raw_headers()
-        if outcome.role.value not in ("primary", "takeover"):
-            headers.append((b"idempotent-replayed", b"true"))
-        await send_response(send, response.status, headers, response.raw_body())
+        else:
+            raise exc
 
     async def _send_own(
         self, send: Send, full: StoredResponse | None, fallback: StoredResponse | None
@@ -405,8 +469,13 @@ class IdempotencyMiddleware:
             f"{exc.error_type}: {exc.error_message}"[:500],
         )
 
-    async def _run_app(self, scope: Scope, body: bytes) -> tuple[StoredResponse, bool]:
-        """Run the app on the buffered request; capture its response (complete if it fits)."""
+    async def _run_app(self, scope: Scope, body: bytes, emit: Emit) -> tuple[StoredResponse, bool]:
+        """Run the app on the buffered request; capture its response (complete if it fits).
+
+        A streamed response (``text/event-stream``, or a body without ``Content-Length``) is also
+        emitted as it comes, head first, so that duplicates can follow it live.
+        """
+        streaming = False
         delivered = False
         never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -424,14 +493,24 @@ class IdempotencyMiddleware:
         size = 0
 
         async def capture(message: Message) -> None:
-            nonlocal status, headers, size
+            nonlocal status, headers, size, streaming
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                headers = strip_hop_by_hop(message.get("headers", []))
+                raw = list(message.get("headers", []))
+                headers = strip_hop_by_hop(raw)
+                streaming = is_streamed(raw)
+                if streaming:
+                    head = {
+                        "status": status,
+                        "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers],
+                    }
+                    emit(json.dumps(head).encode(), head)  # the original marks our own
             elif message["type"] == "http.response.body":
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 chunks.append(chunk)
+                if streaming and chunk:
+                    emit(chunk, chunk)
 
         try:
             await self.app(dict(scope), receive, capture)

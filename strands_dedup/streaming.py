@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import LeaseLost, ResultTooLarge, WaitTimeout
+from .errors import DuplicateInFlight, LeaseLost, ResultTooLarge, WaitTimeout
 from .protocol import Claimed, Envelope, Outcome, Replay, Role, WakeUp, parse_claim_reply
 from .protocol import wait_budget as _wait_budget
 
@@ -159,6 +159,7 @@ async def stream_events(
     rtype: Any,
     fingerprint: str | None,
     wait_timeout: float | None,
+    on_duplicate: str | None = None,
 ) -> AsyncIterator[Event]:
     """Run ``produce(emit)`` once for the token across every process, or follow who does.
 
@@ -206,6 +207,15 @@ async def stream_events(
                     yield event
                 return
             dedup._check_lease(reply.lease, keys, fingerprint)
+            if claims == 1 and (on_duplicate or dedup.config.on_duplicate) == "raise":
+                raise DuplicateInFlight(
+                    f"token {keys.token!r} is in flight (fence {reply.lease.fence}, "
+                    f"{reply.lease.pttl_ms} ms left on its lease)",
+                    token=keys.token,
+                    owner=reply.lease.owner,
+                    fence=reply.lease.fence,
+                    retry_after=max(0.001, reply.lease.pttl_ms / 1000),
+                )
             reread_at = time.monotonic() + _wait_budget(
                 reply.lease.pttl_ms, dedup.config.takeover_grace, deadline - time.monotonic()
             )
