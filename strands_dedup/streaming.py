@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .core import Deduplicator
     from .keys import TokenKeys
     from .renewer import HeldLease
+    from .store import Watch
 
 __all__ = ["Chunk", "Emit", "Final", "StreamReset", "stream_events"]
 
@@ -173,13 +174,12 @@ async def stream_events(
     started = time.monotonic()
     owner = dedup._new_owner()
     meta = dedup._lease_meta(keys, fingerprint)
-    watch = dedup._subscriber.register(keys.channel)
+    watch: Watch | None = None  # subscribed only once there is somebody to follow
     attempt: int | None = None  # fence of the attempt whose chunks this caller follows
     received = 0  # chunks of that attempt handed to the caller
     cursor: bytes | None = None  # last stream entry read
     first_read = True
     try:
-        await watch.ready(max(0.0, deadline - time.monotonic()))
         claims = 0
         while True:
             if time.monotonic() >= deadline:
@@ -202,7 +202,8 @@ async def stream_events(
                 if received:
                     yield StreamReset(reply.fence)
                 lease = dedup._hold(keys, owner, reply.fence, meta, role, fingerprint)
-                watch.close()
+                if watch is not None:
+                    watch.close()
                 async for event in _lead(dedup, lease, produce, rtype):
                     yield event
                 return
@@ -216,6 +217,10 @@ async def stream_events(
                     fence=reply.lease.fence,
                     retry_after=max(0.001, reply.lease.pttl_ms / 1000),
                 )
+            if watch is None:  # subscribe, then read again: no append or result is missed
+                watch = dedup._subscriber.register(keys.channel)
+                await watch.ready(max(0.0, deadline - time.monotonic()))
+                continue
             reread_at = time.monotonic() + _wait_budget(
                 reply.lease.pttl_ms, dedup.config.takeover_grace, deadline - time.monotonic()
             )
@@ -254,7 +259,8 @@ async def stream_events(
                     await watch.ready(max(0.0, deadline - time.monotonic()))
                 break  # stored (large), released, lease expired, or a reconnect: claim again
     finally:
-        watch.close()
+        if watch is not None:
+            watch.close()
 
 
 async def _lead(
