@@ -123,22 +123,23 @@ async def test_the_stream_size_is_bounded(backend_url: str, namespace: str) -> N
 
 async def test_a_failing_primary_fails_its_followers(backend_url: str, namespace: str) -> None:
     async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=2) as dedup:
-        gate = asyncio.Event()
+        started, gate = asyncio.Event(), asyncio.Event()
 
         async def broken() -> AsyncIterator[int]:
+            started.set()
             yield 1
             await gate.wait()
             raise RuntimeError("model exploded")
 
         primary = asyncio.create_task(collect(dedup.stream("fail", broken)))
-        follower = asyncio.create_task(collect(dedup.stream("fail", broken)))
-        while dedup._subscriber.waiters < 1:
-            await asyncio.sleep(0.005)
+        await asyncio.wait_for(started.wait(), 5)
+        follower = dedup.stream("fail", broken)
+        assert await anext(follower) == 1  # following the live stream
         gate.set()
         with pytest.raises(RuntimeError):
             await primary
         with pytest.raises(PrimaryFailed, match="model exploded"):
-            await follower
+            await anext(follower)
 
 
 async def test_a_fenced_out_primary_cannot_append(redis_url: str, namespace: str) -> None:
