@@ -558,7 +558,10 @@ class Deduplicator:
         ttl_ms = int(interval * 4 * 1000)  # outlives a few missed publications, not the process
         while not self._closed:
             try:
-                async with client.pipeline(transaction=False) as pipe:
+                async with (
+                    asyncio.timeout(self.config.socket_timeout),
+                    client.pipeline(transaction=False) as pipe,
+                ):
                     if self._observer.changed:
                         counts = self._observer.snapshot()
                         pipe.hset(self._stats_key, mapping=counts)  # type: ignore[arg-type]

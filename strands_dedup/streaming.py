@@ -127,6 +127,8 @@ class _Appender:
             await self._flusher
         if self.error is not None:
             raise self.error
+        if self.chunks == 0 and self._flusher is None:
+            return  # nothing was streamed: followers just wait for the stored value
         if not self.lost:
             batch, self._pending = [*self._pending, (b"e", b"")], []
             ok = await self._store.append(

@@ -29,7 +29,9 @@ def client_from_url(url: str, config: DedupConfig, *, client_name: str) -> aredi
 
     Callers queue for a connection in `RedisStore` (a FIFO semaphore of the same size), so the
     pool itself never has to block. Retries are left to strands-dedup (tenacity, on operations
-    that are safe to repeat), so the client itself does not retry.
+    that are safe to repeat), so the client itself does not retry. The connections have no
+    socket timeout of their own: `RedisStore` bounds every operation with ``socket_timeout``
+    (redis-py would wrap every write in a task of its own to apply one).
     """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
@@ -42,7 +44,6 @@ def client_from_url(url: str, config: DedupConfig, *, client_name: str) -> aredi
     options: dict[str, Any] = {
         "max_connections": config.max_connections,
         "socket_connect_timeout": config.connect_timeout,
-        "socket_timeout": config.socket_timeout,
         "client_name": client_name,
         "protocol": 2,
         "retry": Retry(NoBackoff(), 0),

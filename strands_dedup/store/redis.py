@@ -109,6 +109,7 @@ class RedisStore:
         self._publish = "PUBLISH"
         self._claim_lane: asyncio.Semaphore | None = None
         self._settle_lane: asyncio.Semaphore | None = None
+        self._timeout = config.socket_timeout
         self._lease_ttl = str(config.lease_ttl_ms).encode()
         self._result_ttl = str(config.result_ttl_ms).encode()
         self._fence_ttl = str(config.fence_ttl_ms).encode()
@@ -157,7 +158,8 @@ class RedisStore:
             await slots.acquire()
         try:
             try:  # fast path: no retry machinery unless the first attempt fails
-                result = await op()
+                async with asyncio.timeout(self._timeout):
+                    result = await op()
             except Exception as exc:
                 if not is_transient(exc):
                     if _is_auth_error(exc):
@@ -187,7 +189,8 @@ class RedisStore:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await op()
+                    async with asyncio.timeout(self._timeout):
+                        return await op()
         except Exception as exc:
             if is_transient(exc) or _is_auth_error(exc):
                 raise self._unavailable(exc) from exc
