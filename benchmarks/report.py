@@ -218,16 +218,34 @@ def draw_plots(report: dict[str, Any], out: Path) -> list[Path]:
         written.append(path)
     if "storm" in res:
         fig, ax = plt.subplots(figsize=(8, 4))
-        by_peer: dict[str, list[tuple[int, float]]] = {}
+        by_peer: dict[str, list[tuple[int, float, int]]] = {}
         for row in res["storm"].values():
             if "all_done_s" in row and row["processes"] == 1:
-                by_peer.setdefault(row["peer"], []).append((row["n"], row["all_done_s"]))
+                point = (row["n"], row["all_done_s"], row["ok"])
+                by_peer.setdefault(row["peer"], []).append(point)
         for peer, points in by_peer.items():
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=peer)
+            line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=peer)
+            for n, seconds, ok in points:
+                if ok < n:  # the others got an error, not the result
+                    ax.annotate(
+                        f"{ok}/{n} ok",
+                        (n, seconds),
+                        fontsize=7,
+                        color=line[0].get_color(),
+                        xytext=(4, -10),
+                        textcoords="offset points",
+                    )
         ax.set_xscale("log")
         ax.set_xlabel("concurrent duplicates (one process)")
         ax.set_ylabel("seconds until every caller had an answer")
+        ax.text(
+            0.3,
+            0.93,
+            "n/N ok: only n callers got the result; the others an error",
+            transform=ax.transAxes,
+            fontsize=7,
+        )
         ax.set_title("Storm of duplicates (the call takes 0.2 s)")
         ax.legend(fontsize=8)
         fig.tight_layout()
