@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
-from servers import REDIS_SERVER, RedisServer, reachable
+from servers import REDIS_SERVER, RedisServer, SentinelSetup, reachable
 
 REQUIRE_REDIS = os.environ.get("STRANDS_DEDUP_REQUIRE_REDIS") == "1"
 
@@ -93,3 +93,36 @@ def redis_server_factory() -> Iterator[type[RedisServer]]:
     yield Factory
     for server in started:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def sentinel_setup() -> Iterator[SentinelSetup]:
+    """A primary, a replica and three Sentinels for the session (started on first use)."""
+    if REDIS_SERVER is None:
+        if REQUIRE_REDIS:
+            pytest.fail("redis-server is not on the PATH")
+        pytest.skip("redis-server is not on the PATH")
+    setup = SentinelSetup()
+    yield setup
+    setup.close()
+
+
+class Target:
+    """Where a multi-process test runs: ``url`` for the deduplicators, ``side_url`` (a plain
+    ``redis://`` URL of the current primary) for inspecting and synchronizing."""
+
+    def __init__(self, url: str, side_url: str) -> None:
+        self.url = url
+        self.side_url = side_url
+
+
+@pytest.fixture(params=["redis", "sentinel"])
+def target(request: pytest.FixtureRequest) -> Target:
+    """A single Redis, or a primary behind three Sentinels (``redis+sentinel://``)."""
+    if request.param == "redis":
+        url: str = request.getfixturevalue("redis_url")
+        return Target(url, url)
+    setup: SentinelSetup = request.getfixturevalue("sentinel_setup")
+    port = setup.primary_port()
+    assert port is not None, "the Sentinels know no primary"
+    return Target(setup.url, f"redis://127.0.0.1:{port}/0")

@@ -127,8 +127,9 @@ async def main(argv: list[str]) -> None:
     parser.add_argument("--calls", type=int, default=25)
     parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--lease-ttl", type=float, default=2.0)
+    parser.add_argument("--side-url", help="a plain redis:// URL for the side client (default URL)")
     args = parser.parse_args(argv)
-    side = aredis.Redis.from_url(args.url, client_name="proc-worker-side")
+    side = aredis.Redis.from_url(args.side_url or args.url, client_name="proc-worker-side")
     try:
         await {"storm": storm, "hold": hold, "stream": stream}[args.mode](args, side)
     finally:

@@ -106,3 +106,103 @@ def reachable(url: str) -> bool:
             client.close()
     except Exception:
         return False
+
+
+class SentinelSetup:
+    """A Redis primary, one replica and three Sentinels watching them (service ``mymaster``),
+    all on free ports; `close` stops them all."""
+
+    SERVICE = "mymaster"
+
+    def __init__(self) -> None:
+        if REDIS_SERVER is None:
+            raise RuntimeError("redis-server is not on the PATH")
+        fast_sync = ("--repl-diskless-sync-delay", "0")
+        self.primary = RedisServer(*fast_sync)
+        self.replica = RedisServer(*fast_sync, "--replicaof", "127.0.0.1", str(self.primary.port))
+        self.dir = tempfile.mkdtemp(prefix="strands-dedup-sentinel-")
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        try:
+            for port in self.sentinel_ports:
+                conf = os.path.join(self.dir, f"sentinel-{port}.conf")
+                with open(conf, "w") as out:
+                    out.write(
+                        f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                        f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.primary.port} 2\n"
+                        f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+                        f"sentinel failover-timeout {self.SERVICE} 4000\n"
+                    )
+                self.sentinels.append(
+                    subprocess.Popen(
+                        [REDIS_SERVER, conf, "--sentinel"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            self._wait_until_watching()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.SERVICE}"
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the first Sentinel that answers sees it."""
+        for port in self.sentinel_ports:
+            with contextlib.suppress(redis.RedisError):
+                client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+                try:
+                    addr = client.execute_command(
+                        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE
+                    )
+                finally:
+                    client.close()
+                if addr:
+                    return int(addr[1])
+        return None
+
+    def _wait_until_watching(self, timeout: float = 30) -> None:
+        """Until the replica is in sync and every Sentinel knows the primary, the replica and
+        the other Sentinels."""
+        deadline = time.monotonic() + timeout
+        replica = redis.Redis(port=self.replica.port, socket_timeout=1)
+        try:
+            while replica.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the replica did not sync within 30 s")
+                time.sleep(0.05)
+        finally:
+            replica.close()
+        while time.monotonic() < deadline:
+            ready = 0
+            for port in self.sentinel_ports:
+                with contextlib.suppress(redis.RedisError):
+                    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+                    try:
+                        replicas = client.execute_command("SENTINEL", "REPLICAS", self.SERVICE)
+                        others = client.execute_command("SENTINEL", "SENTINELS", self.SERVICE)
+                    finally:
+                        client.close()
+                    ready += bool(replicas) and len(others) >= 2
+            if ready == len(self.sentinel_ports):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Sentinels did not discover each other within 30 s")
+
+    def close(self) -> None:
+        for proc in self.sentinels:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.sentinels:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.replica.close()
+        self.primary.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

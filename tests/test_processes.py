@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 from children import Child
+from conftest import Target
 
 from strands_dedup import Deduplicator, Role, SyncDeduplicator
 from strands_dedup.protocol import decode_envelope
@@ -49,6 +50,14 @@ async def children() -> AsyncIterator[Callable[..., Awaitable[Child]]]:
     yield spawn
     for child in started:
         await child.stop()
+
+
+@pytest.fixture
+def rt(target: Target) -> Iterator[redis.Redis]:
+    """A plain client of the target's primary (for the tests that run on every topology)."""
+    client = redis.Redis.from_url(target.side_url, client_name="proc-test-inspector")
+    yield client
+    client.close()
 
 
 @pytest.fixture
@@ -90,12 +99,13 @@ def our_connections(r: redis.Redis) -> list[dict[str, Any]]:
 
 @pytest.mark.timeout(30)
 async def test_four_processes_share_one_execution(
-    redis_url: str, namespace: str, r: redis.Redis, children: Callable[..., Awaitable[Child]]
+    target: Target, namespace: str, rt: redis.Redis, children: Callable[..., Awaitable[Child]]
 ) -> None:
+    r = rt
     procs = [
         await children(
             "storm",
-            redis_url,
+            target.url,
             namespace,
             "tok",
             "--calls",
@@ -104,6 +114,8 @@ async def test_four_processes_share_one_execution(
             "0.5",
             "--lease-ttl",
             "2",
+            "--side-url",
+            target.side_url,
         )
         for _ in range(4)
     ]
@@ -138,10 +150,20 @@ async def test_four_processes_share_one_execution(
 
 @pytest.mark.timeout(30)
 async def test_sigkilled_primary_is_taken_over_within_one_lease(
-    redis_url: str, namespace: str, r: redis.Redis, children: Callable[..., Awaitable[Child]]
+    target: Target, namespace: str, rt: redis.Redis, children: Callable[..., Awaitable[Child]]
 ) -> None:
+    r, redis_url = rt, target.url
     lease_ttl = 2.0
-    a = await children("hold", redis_url, namespace, "tok", "--lease-ttl", str(lease_ttl))
+    a = await children(
+        "hold",
+        redis_url,
+        namespace,
+        "tok",
+        "--lease-ttl",
+        str(lease_ttl),
+        "--side-url",
+        target.side_url,
+    )
     await a.expect("started", 20)
     lease = token_key(namespace, "tok", "lease")
     assert r.exists(lease) == 1
@@ -181,9 +203,12 @@ async def test_sigkilled_primary_is_taken_over_within_one_lease(
 
 @pytest.mark.timeout(30)
 async def test_paused_primary_past_its_lease_gets_lease_lost(
-    redis_url: str, namespace: str, r: redis.Redis, children: Callable[..., Awaitable[Child]]
+    target: Target, namespace: str, rt: redis.Redis, children: Callable[..., Awaitable[Child]]
 ) -> None:
-    a = await children("hold", redis_url, namespace, "tok", "--lease-ttl", "1")
+    r, redis_url = rt, target.url
+    a = await children(
+        "hold", redis_url, namespace, "tok", "--lease-ttl", "1", "--side-url", target.side_url
+    )
     await a.expect("started", 20)
     lease = token_key(namespace, "tok", "lease")
     assert r.exists(lease) == 1

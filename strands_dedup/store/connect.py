@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
@@ -11,13 +11,17 @@ from redis.backoff import NoBackoff
 
 from ..config import DedupConfig
 
-__all__ = ["client_from_url", "describe_url"]
+__all__ = ["client_from_url", "close_client", "describe_url"]
 
-SCHEMES = ("redis", "rediss", "unix", "memory")
+SCHEMES = ("redis", "rediss", "unix", "memory", "redis+sentinel")
 
 
 def describe_url(url: str) -> str:
     """The URL without credentials, for messages."""
+    if url.lower().startswith("redis+sentinel://"):
+        rest = url.split("://", 1)[1]
+        hosts, _, path = rest.rpartition("@")[2].partition("/")
+        return f"redis+sentinel://{hosts}/{path.split('?', 1)[0]}"
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
@@ -36,10 +40,12 @@ def client_from_url(url: str, config: DedupConfig, *, client_name: str) -> aredi
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
         return _memory_client(url, config, client_name)
+    if scheme == "redis+sentinel":
+        return _sentinel_client(url, config, client_name)
     if scheme not in SCHEMES:
         raise ValueError(
             f"unsupported Redis URL {describe_url(url)!r}: use redis://, rediss:// (TLS), "
-            "unix:// or memory:// (embedded)"
+            "unix://, redis+sentinel://host:port[,host:port...]/service or memory:// (embedded)"
         )
     options: dict[str, Any] = {
         "max_connections": config.max_connections,
@@ -68,3 +74,65 @@ def _memory_client(url: str, config: DedupConfig, client_name: str) -> aredis.Re
         max_connections=config.max_connections,
     )
     return client
+
+
+def _sentinel_client(url: str, config: DedupConfig, client_name: str) -> aredis.Redis:
+    """``redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db]``.
+
+    The Sentinels are asked for the service's primary whenever a connection is made, so a
+    failover is followed by reconnecting. Credentials are the Redis primary's.
+    """
+    from redis.asyncio.sentinel import Sentinel
+
+    rest = url.split("://", 1)[1]
+    credentials, _, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    path = path.split("?", 1)[0]
+    service, _, db = path.partition("/")
+    sentinels: list[tuple[str, int]] = []
+    for host in hosts.split(","):
+        name, _, port = host.strip().rpartition(":")
+        if not name or not port.isdigit():
+            raise ValueError(
+                f"unusable Sentinel address {host!r} in {describe_url(url)!r}: use host:port"
+            )
+        sentinels.append((name.strip("[]"), int(port)))
+    if not service:
+        raise ValueError(
+            f"{describe_url(url)!r} names no service: redis+sentinel://host:port/service_name"
+        )
+    if db and not db.isdigit():
+        raise ValueError(f"database {db!r} in {describe_url(url)!r} is not a number")
+    username, _, password = credentials.partition(":")
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels,
+        socket_connect_timeout=config.connect_timeout,
+        socket_timeout=config.connect_timeout,
+    )
+    client: aredis.Redis = sentinel.master_for(
+        service,
+        redis_class=aredis.Redis,
+        max_connections=config.max_connections,
+        socket_connect_timeout=config.connect_timeout,
+        client_name=client_name,
+        protocol=2,
+        retry=Retry(NoBackoff(), 0),
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        db=int(db or 0),
+    )
+    SENTINELS[id(client)] = sentinel
+    return client
+
+
+SENTINELS: dict[int, Any] = {}
+"""The Sentinel managers of the clients built here, closed with them (`close_client`)."""
+
+
+async def close_client(client: aredis.Redis) -> None:
+    """Close a client built by `client_from_url`, with its Sentinel connections if any."""
+    await client.aclose()
+    sentinel = SENTINELS.pop(id(client), None)
+    if sentinel is not None:
+        for node in sentinel.sentinels:
+            await node.aclose()

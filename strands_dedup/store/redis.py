@@ -322,4 +322,6 @@ class RedisStore:
         return pool.connection_class(**kwargs)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        from .connect import close_client
+
+        await close_client(self.client)
