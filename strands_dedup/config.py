@@ -54,6 +54,15 @@ class DedupConfig(BaseModel):
     takeover_grace: float = Field(
         0.1, ge=0, le=60, description="Slack after a lease's TTL before a waiter re-reads it."
     )
+    min_replicas: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="After a claim and a completion, WAIT for this many replicas (0: do not).",
+    )
+    replica_timeout: float = Field(
+        1.0, gt=0, le=60, description="Longest WAIT for min_replicas acknowledgements."
+    )
     max_connections: int = Field(32, ge=2, le=10_000, description="Bound of the connection pool.")
     pool_timeout: float = Field(20.0, gt=0, description="Longest wait for a free connection.")
     connect_timeout: float = Field(5.0, gt=0, description="Socket connect timeout.")

@@ -74,3 +74,24 @@ async def test_a_failover_during_a_storm_loses_no_waiter(namespace: str) -> None
         assert {o.role for o in outcomes[1:]} == {Role.WAITER}
     finally:
         setup.close()
+
+
+@pytest.mark.timeout(60)
+async def test_min_replicas_waits_for_the_replica(
+    sentinel_setup: SentinelSetup, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Deduplicator.from_url(
+        sentinel_setup.url, namespace=namespace, min_replicas=1, metrics=False
+    ) as dedup:
+        first = await dedup.execute("tok", lambda: {"n": 1})
+        again = await dedup.execute("tok", lambda: {"n": 2})
+    assert (first.role, again.role, again.value) == (Role.PRIMARY, Role.REPLAY, {"n": 1})
+    assert "replicas acknowledged" not in caplog.text
+    async with Deduplicator.from_url(
+        sentinel_setup.url, namespace=namespace, min_replicas=2, replica_timeout=0.2, metrics=False
+    ) as dedup:
+        started = time.monotonic()
+        outcome = await dedup.execute("other", lambda: {"n": 3})
+        assert time.monotonic() - started >= 0.2  # it waited for a second replica
+    assert outcome.value == {"n": 3}
+    assert "only 1 of 2 replicas acknowledged" in caplog.text

@@ -199,12 +199,32 @@ class RedisStore:
 
     # -- operations -------------------------------------------------------------------------
 
+    async def _replicated(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        """Run ``script``, then ``WAIT`` for ``min_replicas`` on the same connection (one round
+        trip). Fewer acknowledgements within ``replica_timeout`` are logged, not raised: WAIT
+        narrows the window in which a failover can lose a write; it cannot close it."""
+        wanted = self._config.min_replicas
+        async with self.client.pipeline(transaction=False) as pipe:
+            await script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", wanted, int(self._config.replica_timeout * 1000))
+            reply, acked = await pipe.execute()
+        if int(acked) < wanted:
+            log.warning(
+                "only %s of %d replicas acknowledged a write within %gs",
+                acked,
+                wanted,
+                self._config.replica_timeout,
+            )
+        return reply
+
     async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> list[Any]:
         """Run claim.lua; see its header for the reply."""
         args = (owner, self._lease_ttl, meta, self._fence_ttl)
-        reply: list[Any] = await self._run(
-            lambda: self._claim(keys=(keys.lease, keys.fence, keys.result), args=args)
-        )
+        names = (keys.lease, keys.fence, keys.result)
+        if self._config.min_replicas:
+            reply: list[Any] = await self._run(lambda: self._replicated(self._claim, names, args))
+            return reply
+        reply = await self._run(lambda: self._claim(keys=names, args=args))
         return reply
 
     async def settle(
@@ -220,10 +240,13 @@ class RedisStore:
             message,
             self._publish,
         )
-        reply = await self._run(
-            lambda: self._settle(keys=(keys.lease, keys.fence, keys.result), args=args),
-            priority=True,
-        )
+        names = (keys.lease, keys.fence, keys.result)
+        if self._config.min_replicas:
+            reply = await self._run(
+                lambda: self._replicated(self._settle, names, args), priority=True
+            )
+        else:
+            reply = await self._run(lambda: self._settle(keys=names, args=args), priority=True)
         reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         return bool(reply[0]), reason
 
