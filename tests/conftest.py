@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import redis
+from children import WORKER, Child
 from servers import REDIS_SERVER, RedisServer, SentinelSetup, reachable
 
 REQUIRE_REDIS = os.environ.get("STRANDS_DEDUP_REQUIRE_REDIS") == "1"
@@ -126,3 +129,33 @@ def target(request: pytest.FixtureRequest) -> Target:
     port = setup.primary_port()
     assert port is not None, "the Sentinels know no primary"
     return Target(setup.url, f"redis://127.0.0.1:{port}/0")
+
+
+@pytest.fixture
+def make(backend_url: str, namespace: str) -> Callable[..., Any]:
+    """``async with make(**options) as dedup``: a deduplicator on this test's backend."""
+    from strands_dedup import Deduplicator
+
+    @asynccontextmanager
+    async def factory(**options: Any) -> AsyncIterator[Deduplicator]:
+        options.setdefault("lease_ttl", 2)
+        async with Deduplicator.from_url(backend_url, namespace=namespace, **options) as d:
+            yield d
+
+    return factory
+
+
+@pytest.fixture
+async def children() -> AsyncIterator[Callable[..., Awaitable[Child]]]:
+    """Start worker children (tests/proc_worker.py unless ``worker=``); every one is killed
+    and reaped at teardown."""
+    started: list[Child] = []
+
+    async def spawn(*args: str, worker: str = WORKER) -> Child:
+        child = await Child.start(*args, worker=worker)
+        started.append(child)
+        return child
+
+    yield spawn
+    for child in started:
+        await child.stop()

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,16 @@ from strands_dedup.strands import DedupAgent, StoredAgentResult, idempotent_tool
 
 pytestmark = pytest.mark.timeout(60)
 WORKER = str(Path(__file__).with_name("agent_worker.py"))
+
+
+@pytest.fixture
+def agents(children: Callable[..., Awaitable[Child]]) -> Callable[..., Awaitable[Child]]:
+    """Start tests/agent_worker.py children."""
+
+    async def spawn(*args: str) -> Child:
+        return await children(*args, worker=WORKER)
+
+    return spawn
 
 
 def agent_of(model: FakeModel, **kwargs: Any) -> Callable[[str], Agent]:
@@ -326,26 +336,12 @@ async def test_idempotent_functions_outside_strands(backend_url: str, namespace:
 # -- several processes on a real Redis -------------------------------------------------------
 
 
-@pytest.fixture
-async def children() -> AsyncIterator[Callable[..., Awaitable[Child]]]:
-    started: list[Child] = []
-
-    async def spawn(*args: str) -> Child:
-        child = await Child.start(*args, worker=WORKER)
-        started.append(child)
-        return child
-
-    yield spawn
-    for child in started:
-        await child.stop()
-
-
 @pytest.mark.redis
 async def test_two_processes_each_with_an_agent_run_the_model_once(
-    redis_url: str, namespace: str, children: Callable[..., Awaitable[Child]]
+    redis_url: str, namespace: str, agents: Callable[..., Awaitable[Child]]
 ) -> None:
     procs = [
-        await children("invoke", redis_url, namespace, "s-42", "req-8f3a", "--delay", "0.5")
+        await agents("invoke", redis_url, namespace, "s-42", "req-8f3a", "--delay", "0.5")
         for _ in range(2)
     ]
     for proc in procs:
@@ -363,10 +359,10 @@ async def test_two_processes_each_with_an_agent_run_the_model_once(
 
 @pytest.mark.redis
 async def test_three_processes_share_one_session_one_at_a_time(
-    redis_url: str, namespace: str, children: Callable[..., Awaitable[Child]]
+    redis_url: str, namespace: str, agents: Callable[..., Awaitable[Child]]
 ) -> None:
     procs = [
-        await children("queue", redis_url, namespace, "s-q", "--calls", "10", "--work", "0.02")
+        await agents("queue", redis_url, namespace, "s-q", "--calls", "10", "--work", "0.02")
         for _ in range(3)
     ]
     for proc in procs:
@@ -388,10 +384,10 @@ async def test_three_processes_share_one_session_one_at_a_time(
 
 @pytest.mark.redis
 async def test_a_sigkilled_holder_frees_the_session_within_one_lease(
-    redis_url: str, namespace: str, children: Callable[..., Awaitable[Child]]
+    redis_url: str, namespace: str, agents: Callable[..., Awaitable[Child]]
 ) -> None:
     lease_ttl = 1.0
-    holder = await children("hold", redis_url, namespace, "s-k", "--lease-ttl", str(lease_ttl))
+    holder = await agents("hold", redis_url, namespace, "s-k", "--lease-ttl", str(lease_ttl))
     held = await holder.expect("holding", 30)
     async with Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=lease_ttl) as dedup:
         guard = SessionGuard(dedup, mode="throw")
@@ -409,13 +405,13 @@ async def test_a_sigkilled_holder_frees_the_session_within_one_lease(
 
 @pytest.mark.redis
 async def test_a_sigkilled_waiter_blocks_the_queue_at_most_one_lease(
-    redis_url: str, namespace: str, children: Callable[..., Awaitable[Child]]
+    redis_url: str, namespace: str, agents: Callable[..., Awaitable[Child]]
 ) -> None:
     lease_ttl = 1.0
     async with Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=lease_ttl) as dedup:
         guard = SessionGuard(dedup, queue_timeout=10)
         async with guard.hold("s-w"):
-            dead = await children("wait", redis_url, namespace, "s-w", "--lease-ttl", "1")
+            dead = await agents("wait", redis_url, namespace, "s-w", "--lease-ttl", "1")
             await dead.expect("queued", 30)
             os.kill(dead.pid, signal.SIGKILL)
             entry = guard.hold("s-w")

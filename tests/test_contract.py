@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pydantic
@@ -27,17 +26,6 @@ from strands_dedup import (
 )
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def make(backend_url: str, namespace: str) -> Callable[..., Any]:
-    @asynccontextmanager
-    async def factory(**options: Any) -> AsyncIterator[Deduplicator]:
-        options.setdefault("lease_ttl", 2)
-        async with Deduplicator.from_url(backend_url, namespace=namespace, **options) as d:
-            yield d
-
-    return factory
 
 
 class Gate:

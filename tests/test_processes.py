@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,21 +35,6 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def children() -> AsyncIterator[Callable[..., Awaitable[Child]]]:
-    """Start proc_worker.py children; every one is killed and reaped at teardown."""
-    started: list[Child] = []
-
-    async def spawn(*args: str) -> Child:
-        child = await Child.start(*args)
-        started.append(child)
-        return child
-
-    yield spawn
-    for child in started:
-        await child.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,7 +14,6 @@ import pytest
 
 from strands_dedup import (
     BusyReason,
-    Deduplicator,
     InvalidToken,
     LeaseLost,
     SessionBusy,
@@ -24,17 +23,6 @@ from strands_dedup import (
 )
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def make(backend_url: str, namespace: str) -> Callable[..., Any]:
-    @asynccontextmanager
-    async def factory(**options: Any) -> AsyncIterator[Deduplicator]:
-        options.setdefault("lease_ttl", 2)
-        async with Deduplicator.from_url(backend_url, namespace=namespace, **options) as d:
-            yield d
-
-    return factory
 
 
 class Occupancy:

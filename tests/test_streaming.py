@@ -176,20 +176,6 @@ async def test_bad_input(namespace: str) -> None:
 # -- a primary SIGKILLed mid-stream ------------------------------------------------------------
 
 
-@pytest.fixture
-async def children() -> AsyncIterator[Callable[..., Awaitable[Child]]]:
-    started: list[Child] = []
-
-    async def spawn(*args: str) -> Child:
-        child = await Child.start(*args)
-        started.append(child)
-        return child
-
-    yield spawn
-    for child in started:
-        await child.stop()
-
-
 @pytest.mark.redis
 async def test_a_primary_killed_mid_stream_is_replaced_and_followers_reset(
     redis_url: str, namespace: str, children: Callable[..., Awaitable[Child]]
