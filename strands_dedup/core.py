@@ -637,14 +637,7 @@ class Deduplicator:
                 return self._hold(keys, owner, reply.fence, meta, Role.PRIMARY, fingerprint)
             self._check_lease(reply.lease, keys, fingerprint)
             if (on_duplicate or self.config.on_duplicate) == "raise":
-                raise DuplicateInFlight(
-                    f"token {keys.token!r} is in flight (fence {reply.lease.fence}, "
-                    f"{reply.lease.pttl_ms} ms left on its lease)",
-                    token=keys.token,
-                    owner=reply.lease.owner,
-                    fence=reply.lease.fence,
-                    retry_after=max(0.001, reply.lease.pttl_ms / 1000),
-                )
+                raise self._in_flight(keys, reply.lease)
             timeout = self.config.wait_timeout if wait_timeout is None else wait_timeout
             handed_over = True  # from here on _wait owns the watch and closes it
             return await self._wait(keys, owner, meta, fingerprint, rtype, timeout, watch, reply)
@@ -665,6 +658,17 @@ class Deduplicator:
         lease = HeldLease(keys, owner, fence, value, role, fingerprint)
         self._renewer.add(lease)
         return lease
+
+    @staticmethod
+    def _in_flight(keys: TokenKeys, lease: LeaseInfo) -> DuplicateInFlight:
+        return DuplicateInFlight(
+            f"token {keys.token!r} is in flight (fence {lease.fence}, "
+            f"{lease.pttl_ms} ms left on its lease)",
+            token=keys.token,
+            owner=lease.owner,
+            fence=lease.fence,
+            retry_after=max(0.001, lease.pttl_ms / 1000),
+        )
 
     def _check_lease(self, lease: LeaseInfo, keys: TokenKeys, fingerprint: str | None) -> None:
         if fingerprints_conflict(fingerprint, lease.fingerprint):

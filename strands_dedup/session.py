@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from .core import Deduplicator
-    from .sync import SyncDeduplicator, _Portal
+    from .sync import SyncDeduplicator
 
 __all__ = ["SessionConfig", "SessionGuard", "SessionHold", "current_session"]
 
@@ -205,19 +205,11 @@ class SessionGuard:
     """
 
     def __init__(self, dedup: Deduplicator | SyncDeduplicator, **options: Any) -> None:
-        from .core import Deduplicator
-        from .sync import SyncDeduplicator
+        from .sync import Bridge
 
         self.config = SessionConfig(**options)
-        self._portal: _Portal | None
-        if isinstance(dedup, SyncDeduplicator):
-            self._core, self._portal = dedup._core, dedup._portal
-        elif isinstance(dedup, Deduplicator):
-            self._core, self._portal = dedup, None
-        else:
-            raise TypeError(
-                f"SessionGuard needs a Deduplicator or SyncDeduplicator, not {type(dedup).__name__}"
-            )
+        self._bridge = Bridge(dedup, "SessionGuard")
+        self._core = self._bridge.core
         self.dedup = dedup
         core_config = self._core.config
         self._queue_timeout = (
@@ -253,19 +245,14 @@ class SessionGuard:
     # -- running on the deduplicator's loop ---------------------------------------------------
 
     async def _on_core(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._portal is None or asyncio.get_running_loop() is self._portal.loop:
-            return await coro
-        future = asyncio.run_coroutine_threadsafe(coro, self._portal.loop)
-        return await asyncio.wrap_future(future)
+        return await self._bridge.run(coro)
 
     def _blocking(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._portal is None:
-            coro.close()
-            raise TypeError(
-                "this SessionGuard wraps an asyncio Deduplicator: enter it with `async with`; "
-                "for blocking code build the guard over a SyncDeduplicator"
-            )
-        return self._portal.call(coro)
+        return self._bridge.block(
+            coro,
+            "this SessionGuard wraps an asyncio Deduplicator whose loop does not run in another "
+            "thread: enter it with `async with`, or build the guard over a SyncDeduplicator",
+        )
 
     # -- admission ------------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ from .tokens import message_token
 from .tools import idempotent_tool
 
 if TYPE_CHECKING:
-    from .sync import SyncDeduplicator, _Portal
+    from .sync import SyncDeduplicator
 
 __all__ = [
     "STREAMED_KEYS",
@@ -222,17 +222,10 @@ class DedupAgent:
         *,
         session_guard: SessionGuard | None = None,
     ) -> None:
-        from .sync import SyncDeduplicator
+        from .sync import Bridge
 
-        self._portal: _Portal | None
-        if isinstance(dedup, SyncDeduplicator):
-            self._core, self._portal = dedup._core, dedup._portal
-        elif isinstance(dedup, Deduplicator):
-            self._core, self._portal = dedup, None
-        else:
-            raise TypeError(
-                f"DedupAgent needs a Deduplicator or SyncDeduplicator, not {type(dedup).__name__}"
-            )
+        self._bridge = Bridge(dedup, "DedupAgent")
+        self._core = self._bridge.core
         if not callable(agent_factory):
             raise TypeError("agent_factory must be callable: session_id -> Agent")
         if session_guard is not None and session_guard._core is not self._core:
@@ -378,27 +371,15 @@ class DedupAgent:
             raise TypeError("pass idempotency_token as a keyword of this method")
 
     async def _on_core(self, coro: Coroutine[Any, Any, T]) -> T:
-        portal = self._portal
-        if portal is None or asyncio.get_running_loop() is portal.loop:
-            return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, portal.loop))
+        return await self._bridge.run(coro)
 
     def _blocking(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._portal is not None:
-            return self._portal.call(coro)
-        loop = self._core._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is None or not loop.is_running() or running is loop:
-            coro.close()
-            raise RuntimeError(
-                "this DedupAgent wraps an asyncio Deduplicator: await invoke_async(), or call it "
-                "blocking from another thread while the deduplicator's loop runs, or build it "
-                "over a SyncDeduplicator"
-            )
-        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+        return self._bridge.block(
+            coro,
+            "this DedupAgent wraps an asyncio Deduplicator: await invoke_async(), or call it "
+            "blocking from another thread while the deduplicator's loop runs, or build it "
+            "over a SyncDeduplicator",
+        )
 
     def fingerprint(self, prompt: Any, session_id: str, options: dict[str, Any]) -> str:
         """What identifies a request: the prompt, the session and the structured output type."""

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import DuplicateInFlight, LeaseLost, ResultTooLarge, WaitTimeout
+from .errors import LeaseLost, ResultTooLarge, WaitTimeout
 from .protocol import Claimed, Envelope, Outcome, Replay, Role, WakeUp, parse_claim_reply
 from .protocol import wait_budget as _wait_budget
 
@@ -211,14 +211,7 @@ async def stream_events(
                 return
             dedup._check_lease(reply.lease, keys, fingerprint)
             if claims == 1 and (on_duplicate or dedup.config.on_duplicate) == "raise":
-                raise DuplicateInFlight(
-                    f"token {keys.token!r} is in flight (fence {reply.lease.fence}, "
-                    f"{reply.lease.pttl_ms} ms left on its lease)",
-                    token=keys.token,
-                    owner=reply.lease.owner,
-                    fence=reply.lease.fence,
-                    retry_after=max(0.001, reply.lease.pttl_ms / 1000),
-                )
+                raise dedup._in_flight(keys, reply.lease)
             if watch is None:  # subscribe, then read again: no append or result is missed
                 watch = dedup._subscriber.register(keys.channel)
                 await watch.ready(max(0.0, deadline - time.monotonic()))

@@ -32,7 +32,7 @@ from .protocol import Outcome
 from .renewer import HeldLease
 from .serialization import Serializer
 
-__all__ = ["SyncDeduplicator"]
+__all__ = ["Bridge", "SyncDeduplicator"]
 
 T = TypeVar("T")
 
@@ -229,3 +229,48 @@ class SyncDeduplicator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Bridge:
+    """Runs coroutines on a deduplicator's event loop, from any loop or thread.
+
+    The surfaces built over either facade (`SessionGuard`, `DedupAgent`) use it: over a
+    `SyncDeduplicator` the core lives on the portal loop; over a `Deduplicator`, on the loop
+    that uses it.
+    """
+
+    def __init__(self, dedup: Deduplicator | SyncDeduplicator, user: str) -> None:
+        self.portal: _Portal | None
+        if isinstance(dedup, SyncDeduplicator):
+            self.core, self.portal = dedup._core, dedup._portal
+        elif isinstance(dedup, Deduplicator):
+            self.core, self.portal = dedup, None
+        else:
+            raise TypeError(
+                f"{user} needs a Deduplicator or SyncDeduplicator, not {type(dedup).__name__}"
+            )
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro`` on the core's loop from the current one."""
+        portal = self.portal
+        if portal is None or asyncio.get_running_loop() is portal.loop:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, portal.loop))
+
+    def block(self, coro: Coroutine[Any, Any, T], hint: str) -> T:
+        """Run ``coro`` on the core's loop and block this thread until it is done.
+
+        Over an asyncio `Deduplicator` that needs its loop running in another thread; else
+        ``RuntimeError`` with ``hint`` (what to do instead).
+        """
+        if self.portal is not None:
+            return self.portal.call(coro)
+        loop = self.core._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or not loop.is_running() or running is loop:
+            coro.close()
+            raise RuntimeError(hint)
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()

@@ -266,7 +266,7 @@ async def test_bad_input_is_refused_up_front(make: Any) -> None:
             SessionGuard(dedup, max_concurrent=0)
         with pytest.raises(pydantic.ValidationError):
             SessionGuard(dedup, mode="wait")
-        with pytest.raises(TypeError, match="async with"), guard.hold("s"):
+        with pytest.raises(RuntimeError, match="async with"), guard.hold("s"):
             pass
         with pytest.raises(TypeError, match="Deduplicator"):
             SessionGuard(object())  # type: ignore[arg-type]
