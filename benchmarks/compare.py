@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -42,6 +41,7 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 
+from benchmarks._common import median_p99, redis_for
 from benchmarks.peers import PEERS, Floor, Peer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,12 +65,8 @@ def stats(values: list[float], scale: float = 1e3) -> dict[str, float]:
     """Median and p99 (in ms by default) of a sample."""
     if not values:
         return {"median": float("nan"), "p99": float("nan"), "n": 0}
-    ordered = sorted(values)
-    return {
-        "median": statistics.median(ordered) * scale,
-        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * scale,
-        "n": len(ordered),
-    }
+    median, p99 = median_p99(values)
+    return {"median": median * scale, "p99": p99 * scale, "n": len(values)}
 
 
 async def small() -> dict[str, Any]:
@@ -678,21 +674,8 @@ def main(argv: list[str] | None = None) -> int:
         elif kind == "hold":
             asyncio.run(hold_worker(*rest))
         return 0
-    server = None
-    if args.redis_url:
-        url = args.redis_url
-    else:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from servers import RedisServer
-
-        server = RedisServer()
-        url = server.url
-        progress(f"started redis-server on port {server.port}")
-    try:
+    with redis_for(args.redis_url, progress=True) as url:
         report = asyncio.run(run(args, url))
-    finally:
-        if server is not None:
-            server.close()
     from benchmarks.report import write_report
 
     written = write_report(report, args.out, plots=not args.no_plots)

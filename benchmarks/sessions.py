@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import median_p99, redis_for
 from strands_dedup import DedupConfig, Deduplicator, SessionGuard
 from strands_dedup.store.connect import client_from_url, describe_url
 
@@ -40,12 +40,8 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "sessions-latest.json"
 
 
 def summarize(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "median_us": statistics.median(ordered) * 1e6,
-        "p99_us": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6,
-        "n": len(ordered),
-    }
+    median, p99 = median_p99(values)
+    return {"median_us": median * 1e6, "p99_us": p99 * 1e6, "n": len(values)}
 
 
 async def bench(url: str, samples: int, waiters: int) -> dict[str, Any]:
@@ -105,20 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--waiters", type=int, default=200, help="callers queued for hand-offs")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
-    server = None
-    if args.redis_url:
-        url = args.redis_url
-    else:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from servers import RedisServer
-
-        server = RedisServer()
-        url = server.url
-    try:
+    with redis_for(args.redis_url) as url:
         report = asyncio.run(bench(url, max(10, args.samples), max(1, args.waiters)))
-    finally:
-        if server is not None:
-            server.close()
     floor, hold, handoff = report["floor_set_nx_px"], report["hold_enter_exit"], report["handoff"]
     print(f"{'':28}{'median':>12}{'p99':>12}{'x floor':>10}")
     print(

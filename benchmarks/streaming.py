@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import time
 import uuid
@@ -34,6 +33,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import median_p99, redis_for
 from strands_dedup import DedupConfig, Deduplicator
 from strands_dedup.store.connect import client_from_url, describe_url
 
@@ -42,12 +42,8 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "streaming-latest.json"
 
 
 def summarize(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "median_ms": statistics.median(ordered) * 1e3,
-        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3,
-        "n": len(ordered),
-    }
+    median, p99 = median_p99(values)
+    return {"median_ms": median * 1e3, "p99_ms": p99 * 1e3, "n": len(values)}
 
 
 async def one_run(
@@ -140,20 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.join < args.chunks:
         parser.error("--join must be below --chunks")
-    server = None
-    if args.redis_url:
-        url = args.redis_url
-    else:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from servers import RedisServer
-
-        server = RedisServer()
-        url = server.url
-    try:
+    with redis_for(args.redis_url) as url:
         report = asyncio.run(bench(url, args.runs, args.chunks, args.interval, args.join))
-    finally:
-        if server is not None:
-            server.close()
     print(f"floor SET NX PX: {report['floor_set_nx_px']['median_ms']:.3f} ms median")
     print(f"{'':34}{'median':>10}{'p99':>10}")
     for name in ("paced", "burst"):

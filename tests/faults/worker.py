@@ -74,60 +74,40 @@ async def run(args: argparse.Namespace) -> None:
                 await asyncio.sleep(work)
                 return {"id": mine["id"], "fence": ctx.fence}
 
-            t0 = time.time()
-            try:
-                outcome = await dedup.execute(token, call, returns=dict)
-            except LeaseLost as exc:
+            def finished(accepted: bool) -> None:
                 log(
                     "done",
                     tok=token,
                     fence=mine.get("fence"),
                     id=mine.get("id"),
                     t1=time.time(),
-                    accepted=False,
+                    accepted=accepted,
                 )
+
+            def called(value: Any, error: BaseException | None, role: str | None) -> None:
                 log(
                     "call",
                     tok=token,
                     t0=t0,
                     t1=time.time(),
-                    ok=False,
-                    val=None,
-                    err=type(exc).__name__,
+                    ok=error is None,
+                    val=value,
+                    err=None if error is None else type(error).__name__,
+                    role=role,
                     work=work,
                 )
-                return
+
+            t0 = time.time()
+            try:
+                outcome = await dedup.execute(token, call, returns=dict)
             except DedupError as exc:
-                log(
-                    "call",
-                    tok=token,
-                    t0=t0,
-                    t1=time.time(),
-                    ok=False,
-                    val=None,
-                    err=type(exc).__name__,
-                    work=work,
-                )
+                if isinstance(exc, LeaseLost):
+                    finished(False)
+                called(None, exc, None)
                 return
             if outcome.role in (Role.PRIMARY, Role.TAKEOVER):
-                log(
-                    "done",
-                    tok=token,
-                    fence=mine["fence"],
-                    id=mine["id"],
-                    t1=time.time(),
-                    accepted=True,
-                )
-            log(
-                "call",
-                tok=token,
-                t0=t0,
-                t1=time.time(),
-                ok=True,
-                val=outcome.value,
-                role=str(outcome.role),
-                work=work,
-            )
+                finished(True)
+            called(outcome.value, None, str(outcome.role))
 
         async def stopped() -> bool:
             try:
