@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DemoReport", "FakeAgent", "run_demo"]
+__all__ = ["DemoReport", "FakeAgent", "gateway_command", "run_demo"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -94,6 +94,27 @@ class DemoReport:
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def gateway_command(
+    upstream: str, redis_url: str, namespace: str, port: int, *extra: str
+) -> list[str]:
+    """The command line of one `strands-dedup gateway` replica (used by the demo and tests)."""
+    return [
+        sys.executable,
+        "-m",
+        "strands_dedup.cli",
+        "gateway",
+        "--upstream",
+        upstream,
+        "--redis-url",
+        redis_url,
+        "--namespace",
+        namespace,
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
 async def _serve(app: Any, port: int) -> tuple[Any, asyncio.Task[None]]:
     import uvicorn
 
@@ -142,20 +163,7 @@ async def _gateways(
     ports = [free_port() for _ in range(replicas)]
     procs = [
         subprocess.Popen(  # noqa: ASYNC220 - starting a child is brief; it runs on its own
-            [
-                sys.executable,
-                "-m",
-                "strands_dedup.cli",
-                "gateway",
-                "--upstream",
-                upstream,
-                "--redis-url",
-                redis_url,
-                "--namespace",
-                namespace,
-                "--port",
-                str(port),
-            ],
+            gateway_command(upstream, redis_url, namespace, port),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

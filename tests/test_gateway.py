@@ -17,6 +17,7 @@ import pytest
 from servers import free_port
 
 from strands_dedup.admin import Inspector
+from strands_dedup.demo import gateway_command
 from strands_dedup.gateway import parse_size
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -51,27 +52,6 @@ def process(args: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]
             proc.stderr.close()
 
 
-def gateway_args(
-    upstream: str, redis_url: str, namespace: str, port: int, *extra: str
-) -> list[str]:
-    """The command line of one gateway replica on the test's Redis and namespace."""
-    return [
-        sys.executable,
-        "-m",
-        "strands_dedup.cli",
-        "gateway",
-        "--upstream",
-        upstream,
-        "--redis-url",
-        redis_url,
-        "--namespace",
-        namespace,
-        "--port",
-        str(port),
-        *extra,
-    ]
-
-
 @pytest.fixture
 def upstream() -> Iterator[str]:
     port = free_port()
@@ -91,7 +71,7 @@ def gateways(
         for _ in range(3):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            args = gateway_args(upstream, redis_url, namespace, port, "--lease-ttl", "1")
+            args = gateway_command(upstream, redis_url, namespace, port, "--lease-ttl", "1")
             replicas.append((url, stack.enter_context(process(args, url + "/healthz"))))
         yield replicas
 
@@ -217,7 +197,7 @@ def test_sigterm_releases_what_it_cannot_finish(
         for _ in range(2):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            args = gateway_args(
+            args = gateway_command(
                 upstream + "/slow",
                 redis_url,
                 namespace,
