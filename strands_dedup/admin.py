@@ -14,13 +14,12 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import redis.asyncio as aredis
-
 from .config import DedupConfig
 from .keys import KeySchema, TokenKeys
 from .protocol import decode_envelope, decode_lease
 from .store import RedisStore, client_from_url
 from .store.connect import describe_url
+from .store.redis import Client
 
 __all__ = ["Inspector", "LeaseView", "ResultView", "SessionEntryView", "SessionView", "StatsView"]
 
@@ -151,7 +150,7 @@ def _ttl(pttl: int) -> float | None:
 class Inspector:
     """Read (and, on request, repair) one namespace's tokens."""
 
-    def __init__(self, client: aredis.Redis, *, config: DedupConfig | None = None, **options: Any):
+    def __init__(self, client: Client, *, config: DedupConfig | None = None, **options: Any):
         self.config = config if config is not None else DedupConfig(**options)
         self._keys = KeySchema(self.config.namespace)
         self._store = RedisStore(client, self.config)
@@ -178,20 +177,8 @@ class Inspector:
 
     # -- reading ----------------------------------------------------------------------------
 
-    async def _scan(self, pattern: bytes) -> AsyncIterator[list[bytes]]:
-        client = self._store.client
-        cursor = 0
-
-        async def step() -> tuple[int, list[bytes]]:
-            next_cursor, found = await client.scan(cursor=cursor, match=pattern, count=1000)
-            return int(next_cursor), [k if isinstance(k, bytes) else k.encode() for k in found]
-
-        while True:
-            cursor, keys = await self._store._run(step)
-            if keys:
-                yield keys
-            if cursor == 0:
-                return
+    def _scan(self, pattern: bytes) -> AsyncIterator[list[bytes]]:
+        return self._store.scan(pattern)
 
     async def _lease_views(self, keys: list[bytes], now_ms: float | None = None) -> list[LeaseView]:
         client = self._store.client
@@ -205,8 +192,7 @@ class Inspector:
 
         replies = await self._store._run(read)
         channels = [self._keys.channel_of(key) for key in keys]
-        counts = await self._store._run(lambda: client.pubsub_numsub(*channels))
-        listeners = {ch if isinstance(ch, bytes) else ch.encode(): int(n) for ch, n in counts}
+        listeners = await self._store.listeners(channels)
         now_ms = time.time() * 1000 if now_ms is None else now_ms
         views = []
         for i, key in enumerate(keys):

@@ -58,7 +58,7 @@ from .protocol import (
 )
 from .renewer import HeldLease, Renewer
 from .serialization import JsonSerializer, Serializer
-from .store import RedisStore, Subscriber, Watch, client_from_url
+from .store import Client, RedisStore, ShardedSubscriber, Subscriber, Watch, client_from_url
 from .store.connect import describe_url
 
 __all__ = [
@@ -219,7 +219,7 @@ class Deduplicator:
 
     def __init__(
         self,
-        client: aredis.Redis | None = None,
+        client: Client | None = None,
         *,
         config: DedupConfig | None = None,
         serializer: Serializer | None = None,
@@ -229,9 +229,10 @@ class Deduplicator:
         if config is not None and options:
             raise TypeError("pass either config= or keyword options, not both")
         self.config = config if config is not None else DedupConfig(**options)
-        if client is not None and not isinstance(client, aredis.Redis):
+        if client is not None and not isinstance(client, (aredis.Redis, aredis.RedisCluster)):
             raise TypeError(
-                "client must be a redis.asyncio.Redis (for blocking code use SyncDeduplicator); "
+                "client must be a redis.asyncio.Redis or RedisCluster (for blocking code use "
+                "SyncDeduplicator); "
                 f"got {type(client).__name__}"
             )
         self._owns_client = client is None
@@ -243,7 +244,7 @@ class Deduplicator:
 
     def _init(
         self,
-        client: aredis.Redis,
+        client: Client,
         where: str,
         serializer: Serializer | None,
         metrics: PrometheusMetrics | bool | None,
@@ -252,11 +253,15 @@ class Deduplicator:
         self._keys = KeySchema(cfg.namespace)
         self._store = RedisStore(client, cfg, where=where)
         self._serializer: Serializer = serializer if serializer is not None else JsonSerializer()
-        self._subscriber = Subscriber(
-            self._store.new_subscriber_connection,
-            decode=decode_message,
-            connect_timeout=cfg.connect_timeout,
-            give_up_after=cfg.retry_deadline,
+        subscriber_options: dict[str, Any] = {
+            "decode": decode_message,
+            "connect_timeout": cfg.connect_timeout,
+            "give_up_after": cfg.retry_deadline,
+        }
+        self._subscriber: Subscriber | ShardedSubscriber = (
+            Subscriber(self._store.new_subscriber_connection, **subscriber_options)
+            if self._store.cluster is None
+            else ShardedSubscriber(self._store, **subscriber_options)
         )
         self._renewer = Renewer(self._store, cfg.effective_renew_interval, self._lease_lost)
         self._owner_prefix = os.urandom(6).hex()

@@ -74,7 +74,7 @@ class SyncDeduplicator:
 
     def __init__(
         self,
-        client: aredis.Redis | None = None,
+        client: aredis.Redis | aredis.RedisCluster | None = None,
         *,
         config: DedupConfig | None = None,
         serializer: Serializer | None = None,

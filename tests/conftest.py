@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 from children import WORKER, Child
-from servers import REDIS_SERVER, RedisServer, SentinelSetup, reachable
+from servers import REDIS_CLI, REDIS_SERVER, ClusterSetup, RedisServer, SentinelSetup, reachable
 
 REQUIRE_REDIS = os.environ.get("STRANDS_DEDUP_REQUIRE_REDIS") == "1"
 
@@ -62,11 +62,15 @@ def namespace(request: pytest.FixtureRequest) -> Iterator[str]:
             client.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend_url(request: pytest.FixtureRequest) -> str:
-    """Each contract test runs on the embedded memory:// store and on a real Redis."""
+    """Each contract test runs on the embedded memory:// store, on a real Redis and on a real
+    Redis Cluster."""
     if request.param == "memory":
         return f"memory://{uuid.uuid4().hex[:8]}"
+    if request.param == "cluster":
+        cluster: ClusterSetup = request.getfixturevalue("cluster_setup")
+        return cluster.url
     url: str = request.getfixturevalue("redis_url")
     return url
 
@@ -110,21 +114,46 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
     setup.close()
 
 
+@pytest.fixture(scope="session")
+def cluster_setup() -> Iterator[ClusterSetup]:
+    """Three primaries and three replicas in a Redis Cluster for the session (on first use)."""
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        if REQUIRE_REDIS:
+            pytest.fail("redis-server and redis-cli must be on the PATH")
+        pytest.skip("redis-server and redis-cli must be on the PATH")
+    setup = ClusterSetup()
+    yield setup
+    setup.close()
+
+
 class Target:
-    """Where a multi-process test runs: ``url`` for the deduplicators, ``side_url`` (a plain
-    ``redis://`` URL of the current primary) for inspecting and synchronizing."""
+    """Where a multi-process test runs: ``url`` for the deduplicators, ``side_url`` for
+    inspecting and synchronizing (a plain ``redis://`` URL of the current primary, or
+    ``redis+cluster://`` for a cluster: open it with `side_client`)."""
 
     def __init__(self, url: str, side_url: str) -> None:
         self.url = url
         self.side_url = side_url
 
 
-@pytest.fixture(params=["redis", "sentinel"])
+def side_client(url: str, **options: Any) -> redis.Redis | redis.RedisCluster:
+    """A blocking client of ``url`` (``redis+cluster://host:port`` opens a cluster client)."""
+    if url.startswith("redis+cluster://"):
+        first = url.split("://", 1)[1].split(",", 1)[0].split("/", 1)[0]
+        return redis.RedisCluster.from_url(f"redis://{first}", **options)
+    return redis.Redis.from_url(url, **options)
+
+
+@pytest.fixture(params=["redis", "sentinel", "cluster"])
 def target(request: pytest.FixtureRequest) -> Target:
-    """A single Redis, or a primary behind three Sentinels (``redis+sentinel://``)."""
+    """A single Redis, a primary behind three Sentinels (``redis+sentinel://``), or a Redis
+    Cluster (``redis+cluster://``)."""
     if request.param == "redis":
         url: str = request.getfixturevalue("redis_url")
         return Target(url, url)
+    if request.param == "cluster":
+        cluster: ClusterSetup = request.getfixturevalue("cluster_setup")
+        return Target(cluster.url, cluster.url)
     setup: SentinelSetup = request.getfixturevalue("sentinel_setup")
     port = setup.primary_port()
     assert port is not None, "the Sentinels know no primary"

@@ -49,7 +49,7 @@ def emit_error(exc: BaseException) -> None:
     emit("error", type=type(exc).__name__, message=str(exc))
 
 
-async def storm(args: argparse.Namespace, side: aredis.Redis) -> None:
+async def storm(args: argparse.Namespace, side: aredis.Redis | aredis.RedisCluster) -> None:
     """``--calls`` concurrent calls of TOKEN, each taking ``--seconds``, after the barrier."""
 
     async def call() -> dict[str, Any]:
@@ -76,7 +76,7 @@ async def storm(args: argparse.Namespace, side: aredis.Redis) -> None:
         emit("finished")
 
 
-async def hold(args: argparse.Namespace, side: aredis.Redis) -> None:
+async def hold(args: argparse.Namespace, side: aredis.Redis | aredis.RedisCluster) -> None:
     """One call of TOKEN that says it started and finishes when a line arrives on stdin."""
 
     async def call() -> dict[str, Any]:
@@ -97,7 +97,7 @@ async def hold(args: argparse.Namespace, side: aredis.Redis) -> None:
         emit("finished")
 
 
-async def stream(args: argparse.Namespace, side: aredis.Redis) -> None:
+async def stream(args: argparse.Namespace, side: aredis.Redis | aredis.RedisCluster) -> None:
     """Stream TOKEN: ``--calls`` chunks ``{"pid", "i"}``, one every ``--seconds``; reports
     ``streaming`` after the third chunk."""
 
@@ -127,9 +127,17 @@ async def main(argv: list[str]) -> None:
     parser.add_argument("--calls", type=int, default=25)
     parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--lease-ttl", type=float, default=2.0)
-    parser.add_argument("--side-url", help="a plain redis:// URL for the side client (default URL)")
+    parser.add_argument(
+        "--side-url", help="redis:// (or redis+cluster://) URL for the side client (default: URL)"
+    )
     args = parser.parse_args(argv)
-    side = aredis.Redis.from_url(args.side_url or args.url, client_name="proc-worker-side")
+    side_url = args.side_url or args.url
+    side: aredis.Redis | aredis.RedisCluster
+    if side_url.startswith("redis+cluster://"):
+        first = side_url.split("://", 1)[1].split(",", 1)[0].split("/", 1)[0]
+        side = aredis.RedisCluster.from_url(f"redis://{first}", client_name="proc-worker-side")
+    else:
+        side = aredis.Redis.from_url(side_url, client_name="proc-worker-side")
     try:
         await {"storm": storm, "hold": hold, "stream": stream}[args.mode](args, side)
     finally:

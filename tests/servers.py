@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import redis
 
 REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
 
 
 def free_port() -> int:
@@ -206,3 +207,129 @@ class SentinelSetup:
         self.replica.close()
         self.primary.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is also free."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("found no free port pair for a cluster node")
+
+
+class ClusterSetup:
+    """A Redis Cluster of three primaries and three replicas on free ports (``redis-cli --cluster
+    create``), with a short node timeout so a replica takes over a killed primary within
+    seconds; `close` stops every node."""
+
+    NODE_TIMEOUT_MS = 1000
+
+    def __init__(self, primaries: int = 3, replicas_each: int = 1) -> None:
+        if REDIS_SERVER is None or REDIS_CLI is None:
+            raise RuntimeError("redis-server and redis-cli must be on the PATH")
+        self.nodes: list[RedisServer] = []
+        try:
+            for _ in range(primaries * (1 + replicas_each)):
+                port = free_cluster_port()
+                self.nodes.append(
+                    RedisServer(
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        f"nodes-{port}.conf",
+                        "--cluster-node-timeout",
+                        str(self.NODE_TIMEOUT_MS),
+                        "--repl-diskless-sync-delay",
+                        "0",
+                        port=port,
+                    )
+                )
+            subprocess.run(
+                [
+                    REDIS_CLI,
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                    "--cluster-replicas",
+                    str(replicas_each),
+                    "--cluster-yes",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=60,
+            )
+            self.wait_until_healthy()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:3])
+        return f"redis+cluster://{hosts}/0"
+
+    def _nodes_view(self) -> list[list[str]]:
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            with contextlib.suppress(redis.RedisError):
+                client = redis.Redis(port=node.port, socket_timeout=1, socket_connect_timeout=1)
+                try:
+                    text = client.execute_command("CLUSTER", "NODES")
+                finally:
+                    client.close()
+                if isinstance(text, bytes):
+                    text = text.decode()
+                return [line.split() for line in text.splitlines() if line.strip()]
+        return []
+
+    def primary_port_for(self, key: bytes | str) -> int:
+        """The port of the live primary serving ``key``'s hash slot."""
+        from redis.crc import key_slot
+
+        slot = key_slot(key.encode() if isinstance(key, str) else key)
+        for fields in self._nodes_view():
+            flags = fields[2].split(",")
+            if "master" not in flags or "fail" in flags:
+                continue
+            for spec in fields[8:]:
+                low, _, high = spec.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    return int(fields[1].split("@")[0].rpartition(":")[2])
+        raise LookupError(f"no live primary serves slot {slot}")
+
+    def node(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def wait_until_healthy(self, timeout: float = 30) -> None:
+        """Until every live node reports ``cluster_state:ok`` and every slot has a primary."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            healthy = 0
+            live = [node for node in self.nodes if node.proc is not None]
+            for node in live:
+                with contextlib.suppress(redis.RedisError):
+                    client = redis.Redis(port=node.port, socket_timeout=1, socket_connect_timeout=1)
+                    try:
+                        info = client.execute_command("CLUSTER", "INFO")
+                    finally:
+                        client.close()
+                    if isinstance(info, bytes):
+                        info = info.decode()
+                    healthy += "cluster_state:ok" in str(info)
+            if healthy == len(live):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the cluster was not healthy within {timeout:g} s")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()

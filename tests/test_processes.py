@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 from children import Child
-from conftest import Target
+from conftest import Target, side_client
 
 from strands_dedup import Deduplicator, Role, SyncDeduplicator
 from strands_dedup.protocol import decode_envelope
@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 @pytest.fixture
 def rt(target: Target) -> Iterator[redis.Redis]:
     """A plain client of the target's primary (for the tests that run on every topology)."""
-    client = redis.Redis.from_url(target.side_url, client_name="proc-test-inspector")
+    client = side_client(target.side_url, client_name="proc-test-inspector")
     yield client
     client.close()
 

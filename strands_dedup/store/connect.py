@@ -13,22 +13,25 @@ from ..config import DedupConfig
 
 __all__ = ["client_from_url", "close_client", "describe_url"]
 
-SCHEMES = ("redis", "rediss", "unix", "memory", "redis+sentinel")
+SCHEMES = ("redis", "rediss", "unix", "memory", "redis+sentinel", "redis+cluster", "rediss+cluster")
 
 
 def describe_url(url: str) -> str:
     """The URL without credentials, for messages."""
-    if url.lower().startswith("redis+sentinel://"):
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("redis+sentinel", "redis+cluster", "rediss+cluster"):
         rest = url.split("://", 1)[1]
         hosts, _, path = rest.rpartition("@")[2].partition("/")
-        return f"redis+sentinel://{hosts}/{path.split('?', 1)[0]}"
+        return f"{scheme}://{hosts}/{path.split('?', 1)[0]}"
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-def client_from_url(url: str, config: DedupConfig, *, client_name: str) -> aredis.Redis:
+def client_from_url(
+    url: str, config: DedupConfig, *, client_name: str
+) -> aredis.Redis | aredis.RedisCluster:
     """A client whose pool holds at most ``max_connections`` connections.
 
     Callers queue for a connection in `RedisStore` (a FIFO semaphore of the same size), so the
@@ -42,10 +45,13 @@ def client_from_url(url: str, config: DedupConfig, *, client_name: str) -> aredi
         return _memory_client(url, config, client_name)
     if scheme == "redis+sentinel":
         return _sentinel_client(url, config, client_name)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return _cluster_client(url, config, client_name)
     if scheme not in SCHEMES:
         raise ValueError(
             f"unsupported Redis URL {describe_url(url)!r}: use redis://, rediss:// (TLS), "
-            "unix://, redis+sentinel://host:port[,host:port...]/service or memory:// (embedded)"
+            "unix://, redis+sentinel://host:port[,host:port...]/service, "
+            "redis+cluster://host:port[,host:port...] or memory:// (embedded)"
         )
     options: dict[str, Any] = {
         "max_connections": config.max_connections,
@@ -76,6 +82,56 @@ def _memory_client(url: str, config: DedupConfig, client_name: str) -> aredis.Re
     return client
 
 
+def _addresses(hosts: str, url: str, what: str) -> list[tuple[str, int]]:
+    found: list[tuple[str, int]] = []
+    for host in hosts.split(","):
+        name, _, port = host.strip().rpartition(":")
+        if not name or not port.isdigit():
+            raise ValueError(
+                f"unusable {what} address {host!r} in {describe_url(url)!r}: use host:port"
+            )
+        found.append((name.strip("[]"), int(port)))
+    return found
+
+
+def _cluster_client(url: str, config: DedupConfig, client_name: str) -> aredis.RedisCluster:
+    """``redis+cluster://[user:password@]host:port[,host:port...][/0]`` (``rediss+cluster`` for
+    TLS): any reachable nodes; the rest of the cluster is discovered from them.
+
+    The client follows MOVED/ASK redirections and refreshes its slot map after a connection
+    error; retrying is left to strands-dedup as for a single Redis.
+    """
+    from redis.asyncio.cluster import ClusterNode
+
+    scheme, rest = url.split("://", 1)
+    credentials, _, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    path = path.split("?", 1)[0].strip("/")
+    if path not in ("", "0"):
+        raise ValueError(
+            f"{describe_url(url)!r} names database {path!r}: a Redis Cluster has database 0 only"
+        )
+    username, _, password = credentials.partition(":")
+    options: dict[str, Any] = {
+        "max_connections": config.max_connections,
+        "socket_connect_timeout": config.connect_timeout,
+        "socket_timeout": None,
+        "client_name": client_name,
+        "protocol": 2,
+        "retry": Retry(NoBackoff(), 0),
+        "username": unquote(username) or None,
+        "password": unquote(password) or None,
+    }
+    if scheme.lower() == "rediss+cluster":
+        options["ssl"] = True
+    return aredis.RedisCluster(
+        startup_nodes=[
+            ClusterNode(host, port) for host, port in _addresses(hosts, url, "cluster node")
+        ],
+        **options,
+    )
+
+
 def _sentinel_client(url: str, config: DedupConfig, client_name: str) -> aredis.Redis:
     """``redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db]``.
 
@@ -89,14 +145,7 @@ def _sentinel_client(url: str, config: DedupConfig, client_name: str) -> aredis.
     hosts, _, path = rest.partition("/")
     path = path.split("?", 1)[0]
     service, _, db = path.partition("/")
-    sentinels: list[tuple[str, int]] = []
-    for host in hosts.split(","):
-        name, _, port = host.strip().rpartition(":")
-        if not name or not port.isdigit():
-            raise ValueError(
-                f"unusable Sentinel address {host!r} in {describe_url(url)!r}: use host:port"
-            )
-        sentinels.append((name.strip("[]"), int(port)))
+    sentinels = _addresses(hosts, url, "Sentinel")
     if not service:
         raise ValueError(
             f"{describe_url(url)!r} names no service: redis+sentinel://host:port/service_name"
@@ -129,7 +178,7 @@ SENTINELS: dict[int, Any] = {}
 """The Sentinel managers of the clients built here, closed with them (`close_client`)."""
 
 
-async def close_client(client: aredis.Redis) -> None:
+async def close_client(client: aredis.Redis | aredis.RedisCluster) -> None:
     """Close a client built by `client_from_url`, with its Sentinel connections if any."""
     await client.aclose()
     sentinel = SENTINELS.pop(id(client), None)

@@ -8,13 +8,15 @@ connection errors and timeouts -> retried with tenacity while the operation is s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar, cast
 
 import redis.asyncio as aredis
 import redis.exceptions as rex
+from redis.asyncio.cluster import ClusterNode
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -28,10 +30,14 @@ from ..config import DedupConfig
 from ..errors import StoreUnavailable
 from ..keys import SessionKeys, TokenKeys
 
-__all__ = ["HeldLeaseRef", "HeldTicketRef", "RedisStore", "is_transient"]
+__all__ = ["Client", "HeldLeaseRef", "HeldTicketRef", "RedisStore", "is_transient"]
 
 log = logging.getLogger("strands_dedup.store")
 R = TypeVar("R")
+K = TypeVar("K")
+
+Client = aredis.Redis | aredis.RedisCluster
+"""A single Redis (direct or behind Sentinel) or a Redis Cluster."""
 
 
 def _lua(name: str) -> str:
@@ -87,6 +93,9 @@ def is_transient(exc: BaseException) -> bool:
             rex.BusyLoadingError,
             rex.ReadOnlyError,
             rex.TryAgainError,
+            rex.ClusterDownError,
+            rex.AskError,  # and MovedError: a slot moved while we talked to a node directly
+            rex.SlotNotCoveredError,
             OSError,
         ),
     )
@@ -95,9 +104,14 @@ def is_transient(exc: BaseException) -> bool:
 class RedisStore:
     """The protocol's operations on one Redis (scripts registered once, run with EVALSHA)."""
 
-    def __init__(self, client: aredis.Redis, config: DedupConfig, *, where: str = "redis") -> None:
+    def __init__(self, client: Client, config: DedupConfig, *, where: str = "redis") -> None:
         self.client = client
         self.where = where
+        self.cluster: aredis.RedisCluster | None = (
+            client if isinstance(client, aredis.RedisCluster) else None
+        )
+        """The client when it is a Redis Cluster: scripts then touch one slot each and
+        notifications use sharded pub/sub (SPUBLISH, SSUBSCRIBE)."""
         self._config = config
         self._claim = client.register_script(_SCRIPTS["claim"])
         self._settle = client.register_script(_SCRIPTS["settle"])
@@ -106,7 +120,7 @@ class RedisStore:
         self._session = client.register_script(_SCRIPTS["session"])
         self._session_renew = client.register_script(_SCRIPTS["session_renew"])
         self._stream_append = client.register_script(_SCRIPTS["stream_append"])
-        self._publish = "PUBLISH"
+        self._publish = "PUBLISH" if self.cluster is None else "SPUBLISH"
         self._claim_lane: asyncio.Semaphore | None = None
         self._settle_lane: asyncio.Semaphore | None = None
         self._timeout = config.socket_timeout
@@ -204,10 +218,14 @@ class RedisStore:
         trip). Fewer acknowledgements within ``replica_timeout`` are logged, not raised: WAIT
         narrows the window in which a failover can lose a write; it cannot close it."""
         wanted = self._config.min_replicas
-        async with self.client.pipeline(transaction=False) as pipe:
-            await script(keys=keys, args=args, client=pipe)
-            pipe.execute_command("WAIT", wanted, int(self._config.replica_timeout * 1000))
-            reply, acked = await pipe.execute()
+        wait = ("WAIT", wanted, int(self._config.replica_timeout * 1000))
+        if self.cluster is not None:
+            reply, acked = await self._on_slot_primary(script, keys, args, wait)
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                await script(keys=keys, args=args, client=pipe)
+                pipe.execute_command(*wait)
+                reply, acked = await pipe.execute()
         if int(acked) < wanted:
             log.warning(
                 "only %s of %d replicas acknowledged a write within %gs",
@@ -216,6 +234,60 @@ class RedisStore:
                 self._config.replica_timeout,
             )
         return reply
+
+    async def _on_slot_primary(
+        self, script: Any, keys: Sequence[bytes], args: Sequence[Any], then: tuple[Any, ...]
+    ) -> tuple[Any, Any]:
+        """Cluster: EVALSHA then ``then`` on one connection to the primary of the keys' slot
+        (WAIT counts the replicas that acknowledged this connection's writes)."""
+        assert self.cluster is not None
+        await self.cluster.initialize()  # a no-op once the slot map is known
+        node = self.slot_primary(keys[0])
+        conn = node.acquire_connection()
+        broken = True
+        try:
+            for attempt in range(2):
+                evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
+                await conn.send_packed_command(conn.pack_commands([evalsha, then]))
+                replies: list[Any] = []
+                for _ in range(2):
+                    try:
+                        replies.append(await conn.read_response())
+                    except rex.ResponseError as exc:
+                        replies.append(exc)
+                broken = False
+                first = replies[0]
+                if isinstance(first, rex.NoScriptError) and attempt == 0:
+                    await conn.send_command("SCRIPT", "LOAD", script.script)
+                    await conn.read_response()
+                    continue
+                for reply in replies:
+                    if isinstance(reply, rex.AskError):  # MOVED: the slot has a new primary
+                        await self.cluster.nodes_manager.initialize()
+                    if isinstance(reply, Exception):
+                        raise reply
+                return replies[0], replies[1]
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            if broken:
+                await conn.disconnect(nowait=True)
+            node.release(conn)
+
+    def slot_primary(self, key: bytes) -> ClusterNode:
+        """Cluster: the primary serving ``key``'s hash slot, as the client's slot map has it
+        (`redis.exceptions.SlotNotCoveredError` when the map has no primary for it)."""
+        assert self.cluster is not None
+        return self.cluster.nodes_manager.get_node_from_slot(self.cluster.keyslot(key))
+
+    def _by_slot(self, items: Sequence[K], key: Callable[[K], bytes]) -> list[list[int]]:
+        """Indexes of ``items`` grouped so each group's keys share one hash slot (one group on
+        a single Redis)."""
+        if self.cluster is None:
+            return [list(range(len(items)))]
+        groups: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(self.cluster.keyslot(key(item)), []).append(i)
+        return list(groups.values())
 
     async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> list[Any]:
         """Run claim.lua; see its header for the reply."""
@@ -251,9 +323,14 @@ class RedisStore:
         return bool(reply[0]), reason
 
     async def renew(self, leases: Sequence[HeldLeaseRef]) -> list[bool]:
-        """Renew every lease in one round trip; True where the lease is still ours."""
+        """Renew every lease in one round trip (one per hash slot on a cluster, concurrently);
+        True where the lease is still ours."""
         if not leases:
             return []
+        groups = self._by_slot(leases, lambda ref: ref.keys.lease)
+        if len(groups) > 1:
+            parts = await asyncio.gather(*(self.renew([leases[i] for i in g]) for g in groups))
+            return _scatter(len(leases), groups, parts)
         keys: list[bytes] = []
         args: list[bytes] = [self._lease_ttl, self._fence_ttl]
         for ref in leases:
@@ -278,9 +355,16 @@ class RedisStore:
         return reply
 
     async def renew_tickets(self, tickets: Sequence[HeldTicketRef]) -> list[bool]:
-        """Extend every session ticket in one round trip; True where it is still held or queued."""
+        """Extend every session ticket in one round trip (one per hash slot on a cluster);
+        True where it is still held or queued."""
         if not tickets:
             return []
+        groups = self._by_slot(tickets, lambda ref: ref.keys.holders)
+        if len(groups) > 1:
+            parts = await asyncio.gather(
+                *(self.renew_tickets([tickets[i] for i in g]) for g in groups)
+            )
+            return _scatter(len(tickets), groups, parts)
         keys: list[bytes] = []
         args: list[bytes | str] = [self._lease_ttl]
         for ref in tickets:
@@ -334,17 +418,108 @@ class RedisStore:
     async def ping(self) -> None:
         await self._run(lambda: self.client.ping())
 
+    async def listeners(self, channels: Sequence[bytes]) -> dict[bytes, int]:
+        """Subscribers per channel (PUBSUB NUMSUB; SHARDNUMSUB on each shard of a cluster)."""
+        if not channels:
+            return {}
+        if self.cluster is None:
+            single = self.client
+            counts: Any = await self._run(lambda: single.pubsub_numsub(*channels))
+            return {_bytes(ch): int(n) for ch, n in counts}
+        cluster = self.cluster
+        await self._run(cluster.initialize)
+        by_node: dict[str, list[bytes]] = {}
+        nodes: dict[str, Any] = {}
+        for channel in channels:
+            node = self.slot_primary(channel)
+            nodes[node.name] = node
+            by_node.setdefault(node.name, []).append(channel)
+
+        async def shard(name: str) -> Any:
+            return await self._run(
+                lambda: cluster.execute_command(
+                    "PUBSUB SHARDNUMSUB", *by_node[name], target_nodes=nodes[name]
+                )
+            )
+
+        found: dict[bytes, int] = {}
+        for counts in await asyncio.gather(*(shard(name) for name in by_node)):
+            found.update({_bytes(ch): int(n) for ch, n in counts})
+        return found
+
+    async def scan(self, pattern: bytes, count: int = 1000) -> AsyncIterator[list[bytes]]:
+        """Keys matching ``pattern`` in batches (SCAN, never KEYS; every primary of a cluster)."""
+        if self.cluster is None:
+            targets: list[Any] = [None]
+        else:
+            await self._run(self.cluster.initialize)
+            targets = list(self.cluster.get_primaries())
+        for node in targets:
+            cursor = 0
+            while True:
+                cursor, keys = await self._run(
+                    functools.partial(self._scan_step, node, cursor, pattern, count)
+                )
+                if keys:
+                    yield keys
+                if cursor == 0:
+                    break
+
+    async def _scan_step(
+        self, node: Any, cursor: int, pattern: bytes, count: int
+    ) -> tuple[int, list[bytes]]:
+        if node is None:
+            next_cursor, found = await self.client.scan(cursor=cursor, match=pattern, count=count)
+        else:
+            assert self.cluster is not None
+            cursors, found = await self.cluster.execute_command(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", count, target_nodes=node
+            )
+            next_cursor = next(iter(cursors.values())) if isinstance(cursors, dict) else cursors
+        return int(next_cursor), [_bytes(key) for key in found]
+
     def new_subscriber_connection(self) -> Any:
         """A dedicated RESP2 connection for the shared subscriber (same address and credentials)."""
+        assert self.cluster is None, "a cluster has one subscriber connection per shard"
+        assert isinstance(self.client, aredis.Redis)
         pool = self.client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        kwargs["protocol"] = 2
-        name = kwargs.get("client_name")
-        if name:
-            kwargs["client_name"] = f"{name}:sub"
-        return pool.connection_class(**kwargs)
+        return _subscriber_connection(pool.connection_class, pool.connection_kwargs)
+
+    async def shard_connection(self, channel: bytes, *, refresh: bool) -> Any:
+        """Cluster: a dedicated RESP2 connection to the primary serving ``channel``'s slot, for
+        a sharded subscriber. ``refresh`` re-reads the slot map first (after a failover)."""
+        assert self.cluster is not None
+        if refresh:
+            await asyncio.wait_for(
+                self.cluster.nodes_manager.initialize(), self._config.connect_timeout
+            )
+        node = self.slot_primary(channel)
+        return _subscriber_connection(node.connection_class, node.connection_kwargs)
 
     async def aclose(self) -> None:
         from .connect import close_client
 
         await close_client(self.client)
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _scatter(size: int, groups: list[list[int]], parts: Sequence[Sequence[K]]) -> list[K]:
+    """Put per-group results back in the order of the items they came from."""
+    out: list[Any] = [None] * size
+    for group, part in zip(groups, parts, strict=True):
+        for i, value in zip(group, part, strict=True):
+            out[i] = value
+    return out
+
+
+def _subscriber_connection(connection_class: Any, connection_kwargs: dict[str, Any]) -> Any:
+    kwargs = dict(connection_kwargs)
+    kwargs["protocol"] = 2
+    kwargs.pop("himport_registry", None)
+    name = kwargs.get("client_name")
+    if name:
+        kwargs["client_name"] = f"{name}:sub"
+    return connection_class(**kwargs)

@@ -14,33 +14,46 @@ When the connection breaks, every watch receives `WakeUp.RECONNECTED` (messages 
 missed: re-read after the channel is ready again), the reader reconnects with backoff and sends
 one SUBSCRIBE for every channel that still has watches. A PING every ``health_interval`` detects
 a connection that died silently.
+
+On a Redis Cluster, `ShardedSubscriber` keeps one such subscriber per shard that has waiters,
+speaking sharded pub/sub (SSUBSCRIBE, ``smessage``) to the primary that serves the channels'
+slots; after a failover or a slot migration it re-reads the slot map and moves each channel to
+the subscriber of the shard that now serves it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from redis.crc import key_slot
 
 from ..errors import StoreUnavailable
 from ..protocol import WakeUp
 
-__all__ = ["Subscriber", "Watch"]
+if TYPE_CHECKING:
+    from .redis import RedisStore
+
+__all__ = ["ShardedSubscriber", "Subscriber", "Watch"]
 
 log = logging.getLogger("strands_dedup.subscriber")
 
 
 class _Channel:
-    __slots__ = ("mark", "pending", "ready", "sent", "watches")
+    __slots__ = ("leaving", "mark", "pending", "ready", "sent", "watches")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.watches: set[Watch] = set()
         self.sent = False  # a SUBSCRIBE is in force (or on its way) on the current connection
         self.pending = 0  # SUBSCRIBEs sent on the current connection, not yet confirmed
+        self.leaving = 0  # UNSUBSCRIBEs sent on the current connection, not yet confirmed
         self.ready: asyncio.Future[None] = loop.create_future()
         self.mark = 0.0  # monotonic time of the last confirmation or message
 
@@ -120,8 +133,19 @@ class Subscriber:
         connect_timeout: float,
         give_up_after: float,
         health_interval: float = 5.0,
+        sharded: bool = False,
     ) -> None:
         self._new_connection = new_connection
+        """Returns a new, unconnected connection (or an awaitable of one)."""
+        self.sharded = sharded
+        self._commands = (
+            (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
+        )
+        self._kinds = (
+            (b"smessage", b"ssubscribe", b"sunsubscribe")
+            if sharded
+            else (b"message", b"subscribe", b"unsubscribe")
+        )
         self._decode = decode
         self._connect_timeout = connect_timeout
         self._give_up_after = give_up_after
@@ -164,16 +188,30 @@ class Subscriber:
         """Start listening on ``channel``; await `Watch.ready` before re-reading the token."""
         if self._closed:
             raise StoreUnavailable("the deduplicator is closed")
-        loop = asyncio.get_running_loop()
-        state = self._channels.get(channel)
-        if state is None:
-            state = self._channels[channel] = _Channel(loop)
         watch = Watch(self, channel)
+        self._adopt(watch)
+        return watch
+
+    def _adopt(self, watch: Watch) -> None:
+        loop = asyncio.get_running_loop()
+        state = self._channels.get(watch.channel)
+        if state is None:
+            state = self._channels[watch.channel] = _Channel(loop)
+        watch._sub = self
         state.watches.add(watch)
         if not state.sent:
-            self._mark(channel)
+            self._mark(watch.channel)
         self._start(loop)
-        return watch
+
+    def _give_away(self, channel: bytes) -> set[Watch]:
+        """Forget ``channel`` (not subscribed on the current connection) and return its watches;
+        a waiter blocked on its readiness wakes up and finds RECONNECTED queued."""
+        state = self._channels.pop(channel)
+        self._dirty.discard(channel)
+        _wake(state.ready)
+        for watch in state.watches:
+            watch.deliver(WakeUp.RECONNECTED)
+        return state.watches
 
     def attach_if_subscribed(self, channel: bytes) -> Watch | None:
         """A watch on ``channel`` if Redis has already confirmed that subscription, else None.
@@ -229,15 +267,25 @@ class Subscriber:
                 subscribe.append(channel)
             elif not state.watches and state.sent:
                 state.sent = False
+                state.leaving += 1
                 unsubscribe.append(channel)
-            if not state.watches and not state.sent and state.pending == 0:
+            if not state.watches and not state.sent and not state.pending and not state.leaving:
                 del self._channels[channel]
         self._dirty.clear()
-        for command, channels in (("SUBSCRIBE", subscribe), ("UNSUBSCRIBE", unsubscribe)):
-            for start in range(0, len(channels), 1000):
-                self._outbox.put_nowait(
-                    (self._conn, (command.encode(), *channels[start : start + 1000]))
-                )
+        for command, channels in zip(self._commands, (subscribe, unsubscribe), strict=True):
+            for batch in self._batches(channels):
+                self._outbox.put_nowait((self._conn, (command, *batch)))
+
+    def _batches(self, channels: list[bytes]) -> list[list[bytes]]:
+        """At most 1000 channels per command; sharded commands take channels of one slot."""
+        if self.sharded:
+            by_slot: dict[int, list[bytes]] = {}
+            for channel in channels:
+                by_slot.setdefault(key_slot(channel), []).append(channel)
+            groups = list(by_slot.values())
+        else:
+            groups = [channels] if channels else []
+        return [g[i : i + 1000] for g in groups for i in range(0, len(g), 1000)]
 
     # -- tasks ----------------------------------------------------------------------------
 
@@ -266,6 +314,8 @@ class Subscriber:
 
     async def _connect(self) -> None:
         conn = self._new_connection()
+        if inspect.isawaitable(conn):
+            conn = await asyncio.wait_for(conn, self._connect_timeout)
         try:
             await asyncio.wait_for(conn.connect(), self._connect_timeout)
         except BaseException:
@@ -288,7 +338,7 @@ class Subscriber:
         loop = asyncio.get_running_loop()
         for channel in list(self._channels):
             state = self._channels[channel]
-            state.sent, state.pending = False, 0
+            state.sent, state.pending, state.leaving = False, 0, 0
             if state.ready.done():
                 state.ready = loop.create_future()
             if not state.watches:
@@ -329,7 +379,7 @@ class Subscriber:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 1.0)
                     continue
-                failing_since, backoff = None, 0.05
+                failing_since = None
             conn = self._conn
             try:
                 response = await conn.read_response(
@@ -340,9 +390,15 @@ class Subscriber:
             except Exception as exc:
                 if not self._closed:
                     log.info("subscriber connection lost, reconnecting: %s", exc)
+                    lived = time.monotonic() - (self.connected_since or 0.0)
                     with contextlib.suppress(Exception):
                         await conn.disconnect(nowait=True)
                     self._drop()
+                    if lived < 1.0:  # lost as soon as made: back off rather than spin
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, 1.0)
+                    else:
+                        backoff = 0.05
                 continue
             if response is None:
                 if self._ping_outstanding:
@@ -363,7 +419,8 @@ class Subscriber:
         if not isinstance(response, list) or not response:
             return
         kind = response[0]
-        if kind == b"message":
+        message, subscribed, unsubscribed = self._kinds
+        if kind == message:
             state = self._channels.get(response[1])
             if state is None or not state.watches:
                 return
@@ -371,7 +428,7 @@ class Subscriber:
             event = self._decode(response[2])
             for watch in tuple(state.watches):
                 watch.deliver(event)
-        elif kind == b"subscribe":
+        elif kind == subscribed:
             state = self._channels.get(response[1])
             if state is None:
                 return
@@ -380,8 +437,23 @@ class Subscriber:
                 if state.sent:
                     state.mark = time.monotonic()
                     _wake(state.ready)
-                elif not state.watches:
+                elif not state.watches and not state.leaving:
                     del self._channels[response[1]]
+        elif kind == unsubscribed:
+            state = self._channels.get(response[1])
+            if state is None:
+                return
+            if state.leaving:
+                state.leaving -= 1
+                if not state.watches and not state.sent and not state.pending and not state.leaving:
+                    del self._channels[response[1]]
+            elif self.sharded and state.sent and self._conn is not None:
+                # Unasked: the channel's slot moved to another shard. Reconnect; the sharded
+                # subscriber then re-homes the channel.
+                log.info("shard channel unsubscribed by the server (slot moved); reconnecting")
+                conn = self._conn
+                task = asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def aclose(self) -> None:
         self._closed = True
@@ -402,3 +474,120 @@ class Subscriber:
                 state.ready.exception()
             for watch in state.watches:
                 watch.deliver(WakeUp.RECONNECTED)
+
+
+def _unset() -> Any:  # pragma: no cover - replaced before the subscriber can connect
+    raise RuntimeError("no connection factory")
+
+
+class ShardedSubscriber:
+    """Redis Cluster: one `Subscriber` speaking sharded pub/sub per shard that has waiters.
+
+    A channel goes to the subscriber of the primary serving its slot. Each subscriber connects
+    to the shard of its channels; when it reconnects (the primary died, the slot moved), it
+    re-reads the slot map first and hands the channels that now live elsewhere to the right
+    subscriber, their watches told to re-read as after any reconnect.
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        *,
+        decode: Callable[[bytes], Any],
+        connect_timeout: float,
+        give_up_after: float,
+        health_interval: float = 5.0,
+    ) -> None:
+        assert store.cluster is not None
+        self._store = store
+        self._cluster = store.cluster
+        self._options: dict[str, Any] = {
+            "decode": decode,
+            "connect_timeout": connect_timeout,
+            "give_up_after": give_up_after,
+            "health_interval": health_interval,
+        }
+        self._shards: dict[str, Subscriber] = {}
+        self._names: dict[Subscriber, str] = {}
+        self._attempts: dict[Subscriber, int] = {}
+        self._closed = False
+
+    def _node_name(self, channel: bytes) -> str:
+        try:
+            return str(self._store.slot_primary(channel).name)
+        except Exception:  # no slot map yet (or a stale one): resolved when connecting
+            return "?"
+
+    def _shard(self, name: str) -> Subscriber:
+        sub = self._shards.get(name)
+        if sub is None:
+            sub = Subscriber(_unset, sharded=True, **self._options)
+            sub._new_connection = functools.partial(self._connection_for, sub)
+            self._shards[name] = sub
+            self._names[sub] = name
+        return sub
+
+    async def _connection_for(self, sub: Subscriber) -> Any:
+        attempts = self._attempts[sub] = self._attempts.get(sub, 0) + 1
+        refresh = sub.connects > 0 or attempts > 1 or self._names.get(sub) == "?"
+        if refresh:
+            await asyncio.wait_for(
+                self._cluster.nodes_manager.initialize(), self._options["connect_timeout"]
+            )
+        channels = [ch for ch, state in sub._channels.items() if state.watches]
+        if not channels:
+            raise StoreUnavailable("no channel left to subscribe to")
+        home = self._node_name(channels[0])
+        if self._names.get(sub) != home:  # this subscriber now serves another shard
+            old = self._names.get(sub)
+            if old is not None and self._shards.get(old) is sub:
+                del self._shards[old]
+            self._names[sub] = home
+            self._shards.setdefault(home, sub)
+        for channel in channels[1:]:
+            if self._node_name(channel) != home:
+                target = self._shard(self._node_name(channel))
+                if target is sub:
+                    continue
+                for watch in sub._give_away(channel):
+                    target._adopt(watch)
+        conn = await self._store.shard_connection(channels[0], refresh=False)
+        self._attempts[sub] = 0
+        return conn
+
+    @property
+    def connected(self) -> bool:
+        """Every shard subscriber with waiters is connected."""
+        return all(sub.connected for sub in self._shards.values() if sub.waiters)
+
+    @property
+    def connects(self) -> int:
+        return sum(sub.connects for sub in self._names)
+
+    @property
+    def waiters(self) -> int:
+        return sum(sub.waiters for sub in self._names)
+
+    @property
+    def listening(self) -> int:
+        return sum(sub.listening for sub in self._names)
+
+    @property
+    def shards(self) -> int:
+        """Shard subscribers that have waiters now."""
+        return sum(1 for sub in self._names if sub.waiters)
+
+    def register(self, channel: bytes) -> Watch:
+        if self._closed:
+            raise StoreUnavailable("the deduplicator is closed")
+        return self._shard(self._node_name(channel)).register(channel)
+
+    def attach_if_subscribed(self, channel: bytes) -> Watch | None:
+        for sub in self._names:
+            if channel in sub._channels:
+                return sub.attach_if_subscribed(channel)
+        return None
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await asyncio.gather(*(sub.aclose() for sub in list(self._names)))
