@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m benchmarks.core                       # throwaway redis-server on a free port
     python -m benchmarks.core --redis-url redis://127.0.0.1:6379/0
+    python -m benchmarks.core --cluster             # throwaway 3+3-node Redis Cluster
 
 In one run, on one Redis and one event loop, it measures:
 
@@ -59,6 +60,7 @@ from strands_dedup.store.connect import client_from_url, describe_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "core-latest.json"
+CLUSTER_JSON = ROOT / "benchmarks" / "results" / "core-cluster-latest.json"
 
 LEASE_TTL = 30.0
 MAX_CONNECTIONS = 32
@@ -113,7 +115,7 @@ async def work() -> dict[str, Any]:
     return {"status": "ok", "answer": 42}
 
 
-def floor_client(url: str) -> aredis.Redis:
+def floor_client(url: str) -> aredis.Redis | aredis.RedisCluster:
     """A plain redis-py asyncio client built exactly as the library builds its own.
 
     Same pool bound, timeouts, RESP2 and no client-side retries; hiredis parses replies when it
@@ -192,9 +194,14 @@ async def wait_parked(dedup: Deduplicator, expected: int, deadline: float) -> No
     # A registered duplicate may still be confirming its subscription or re-reading the token;
     # it is parked once its watch holds a pending wake-up future. (This scan is O(waiters), so it
     # is polled less often, to leave the loop to the duplicates.)
-    channels = getattr(sub, "_channels", {})
+    subs = list(getattr(sub, "_names", [sub]))  # a cluster has one subscriber per shard
     while True:
-        watches = [w for state in channels.values() for w in state.watches]
+        watches = [
+            w
+            for one in subs
+            for state in getattr(one, "_channels", {}).values()
+            for w in state.watches
+        ]
         if watches and not hasattr(watches[0], "_waiter"):
             return  # no way to look deeper: registered is the best available signal
         pending = sum(1 for w in watches if w._waiter is not None and not w._waiter.done())
@@ -403,7 +410,7 @@ def cpu_share(
     return {f"{k}_percent": round(100 * v / total, 1) for k, v in delta.items()}
 
 
-async def delete_namespace(client: aredis.Redis, ns: str) -> int:
+async def delete_namespace(client: aredis.Redis | aredis.RedisCluster, ns: str) -> int:
     deleted = 0
     batch: list[bytes] = []
     async for key in client.scan_iter(match=f"{ns}:*", count=1000):
@@ -514,6 +521,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Redis to measure against (default: a throwaway redis-server on a free port)",
     )
     parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="measure on a throwaway Redis Cluster (three primaries, three replicas) instead",
+    )
+    parser.add_argument(
         "--iterations",
         type=int,
         default=2000,
@@ -533,9 +545,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--json",
         type=Path,
         default=DEFAULT_JSON,
-        help=f"where to write results (default: {DEFAULT_JSON.relative_to(ROOT)})",
+        help=f"where to write results (default: {DEFAULT_JSON.relative_to(ROOT)}, "
+        f"{CLUSTER_JSON.name} with --cluster)",
     )
     args = parser.parse_args(argv)
+    if args.cluster and args.redis_url:
+        parser.error("--cluster starts its own cluster: leave out --redis-url")
+    if args.cluster and args.json == DEFAULT_JSON:
+        args.json = CLUSTER_JSON
     if args.iterations < 1:
         parser.error("--iterations must be at least 1")
     try:
@@ -556,7 +573,11 @@ async def bench(args: argparse.Namespace, url: str, redis_where: str) -> dict[st
         url, namespace=ns, lease_ttl=LEASE_TTL, max_connections=MAX_CONNECTIONS
     )
     try:
-        server_info = await client.info("server")
+        if isinstance(client, aredis.RedisCluster):
+            await client.initialize()
+            server_info = await client.info("server", target_nodes=client.get_random_node())
+        else:
+            server_info = await client.info("server")
         env = environment(server_info, redis_where)
         progress(
             f"redis {env['redis_server']} at {redis_where}, namespace {ns}, "
@@ -602,12 +623,21 @@ async def bench(args: argparse.Namespace, url: str, redis_where: str) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    server = None
+    server: Any = None
     if args.redis_url:
         url = args.redis_url
-        if not url.lower().startswith(("redis://", "rediss://", "unix://")):
-            sys.exit("--redis-url must be a real Redis: redis://, rediss:// or unix://")
+        if not url.lower().startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
+            sys.exit(
+                "--redis-url must be a real Redis: redis://, rediss://, unix:// or redis+cluster://"
+            )
         redis_where = describe_url(url)
+    elif args.cluster:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from servers import ClusterSetup
+
+        server = ClusterSetup()
+        url = server.url
+        redis_where = "throwaway Redis Cluster, 3 primaries + 3 replicas on 127.0.0.1"
     else:
         sys.path.insert(0, str(ROOT / "tests"))
         from servers import RedisServer

@@ -292,7 +292,8 @@ class Deduplicator:
         metrics: PrometheusMetrics | bool | None = None,
         **options: Any,
     ) -> Deduplicator:
-        """Connect to ``redis://``, ``rediss://`` (TLS), ``unix://`` or the embedded ``memory://``.
+        """Connect to ``redis://``, ``rediss://`` (TLS), ``unix://``, ``redis+sentinel://``,
+        ``redis+cluster://`` or the embedded ``memory://``.
 
         Keyword options are `DedupConfig` fields (``namespace``, ``lease_ttl``, ...).
         ``metrics``: Prometheus collectors to report to (default: prometheus-client's default

@@ -306,6 +306,33 @@ class ClusterSetup:
                     return int(fields[1].split("@")[0].rpartition(":")[2])
         raise LookupError(f"no live primary serves slot {slot}")
 
+    def node_id(self, port: int) -> str:
+        client = redis.Redis(port=port, socket_timeout=5)
+        try:
+            return str(client.execute_command("CLUSTER", "MYID").decode())
+        finally:
+            client.close()
+
+    def migrate_slot(self, slot: int, source: int, target: int) -> None:
+        """Move ``slot`` with its keys from the primary on port ``source`` to ``target``
+        (the steps of ``redis-cli --cluster reshard``, for one chosen slot)."""
+        src, dst = redis.Redis(port=source, socket_timeout=10), redis.Redis(port=target)
+        try:
+            src_id, dst_id = self.node_id(source), self.node_id(target)
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+            for port in (target, source):
+                client = redis.Redis(port=port)
+                try:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                finally:
+                    client.close()
+        finally:
+            src.close()
+            dst.close()
+
     def node(self, port: int) -> RedisServer:
         return next(node for node in self.nodes if node.port == port)
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pytest
 import redis
 import redis.asyncio as aredis
+import redis.crc
 from servers import REDIS_CLI, REDIS_SERVER, ClusterSetup
 
 from strands_dedup import Deduplicator, Role
@@ -231,6 +232,68 @@ async def test_min_replicas_waits_on_the_slots_primary(
             assert client.exists(result) == 1
         finally:
             client.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(
+    REDIS_SERVER is None or REDIS_CLI is None, reason="redis-server and redis-cli are needed"
+)
+async def test_waiters_follow_their_channel_when_its_slot_migrates(namespace: str) -> None:
+    cluster = ClusterSetup()
+    try:
+        keys = KeySchema(namespace).for_token("tok")
+        options = {"namespace": namespace, "lease_ttl": 2, "wait_timeout": 30, "metrics": False}
+        async with (
+            Deduplicator.from_url(cluster.url, **options) as primary,
+            Deduplicator.from_url(cluster.url, **options) as others,
+        ):
+            gate = asyncio.Event()
+            runs = 0
+
+            async def call() -> str:
+                nonlocal runs
+                runs += 1
+                await gate.wait()
+                return "done"
+
+            first = asyncio.create_task(primary.execute("tok", call))
+            await until(lambda: runs == 1, 10, "the primary runs")
+            waiters = [asyncio.create_task(others.execute("tok", call)) for _ in range(20)]
+            await until(lambda: others._subscriber.listening == 20, 10, "20 duplicates wait")
+            source = cluster.primary_port_for(keys.lease)
+            target = next(
+                p for p in (n.port for n in cluster.nodes) if p != source and is_primary(p)
+            )
+            connects = others._subscriber.connects
+            cluster.migrate_slot(redis.crc.key_slot(keys.lease), source, target)
+            # the source drops the shard channel's subscribers; they move to the new shard
+            await until(lambda: others._subscriber.connects > connects, 10, "resubscribed")
+            await until(lambda: shard_listeners(target, keys.channel) == 1, 10, "moved")
+            assert shard_listeners(source, keys.channel) == 0
+            gate.set()
+            outcomes = await asyncio.wait_for(asyncio.gather(first, *waiters), 30)
+        assert runs == 1
+        assert [o.value for o in outcomes] == ["done"] * 21
+        assert {o.role for o in outcomes[1:]} == {Role.WAITER}
+    finally:
+        cluster.close()
+
+
+def is_primary(port: int) -> bool:
+    client = redis.Redis(port=port)
+    try:
+        return client.info("replication").get("role") == "master"
+    finally:
+        client.close()
+
+
+def shard_listeners(port: int, channel: bytes) -> int:
+    client = redis.Redis(port=port)
+    try:
+        reply = client.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+        return int(reply[1])
+    finally:
+        client.close()
 
 
 async def test_an_explicit_cluster_client_is_accepted(
