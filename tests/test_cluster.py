@@ -22,7 +22,7 @@ import redis.asyncio as aredis
 import redis.crc
 from servers import REDIS_CLI, REDIS_SERVER, ClusterSetup
 
-from strands_dedup import Deduplicator, Role
+from strands_dedup import Deduplicator, LeaseLost, Role
 from strands_dedup.admin import Inspector
 from strands_dedup.keys import KeySchema
 
@@ -194,6 +194,36 @@ async def test_the_cli_lists_the_leases_of_every_primary(
     async with Inspector.from_url(cluster_setup.url, namespace=namespace) as inspector:
         assert await inspector.leases() == []
         assert (await inspector.stats()).results == 3
+
+
+@pytest.mark.timeout(60)
+async def test_release_wakes_the_waiters_on_the_tokens_shard(
+    cluster_setup: ClusterSetup, namespace: str
+) -> None:
+    gate = asyncio.Event()
+
+    async def slow() -> str:
+        await gate.wait()
+        return "late"
+
+    options = {"namespace": namespace, "lease_ttl": 30, "metrics": False}
+    async with (
+        Deduplicator.from_url(cluster_setup.url, **options) as primary,
+        Deduplicator.from_url(cluster_setup.url, **options) as other,
+    ):
+        held = asyncio.create_task(primary.execute("tok", slow))
+        await until(lambda: primary._renewer.held == 1, 10, "the token is held")
+        waiter = asyncio.create_task(other.execute("tok", lambda: "mine"))
+        await until(lambda: other._subscriber.listening == 1, 10, "the duplicate waits")
+        async with Inspector.from_url(cluster_setup.url, namespace=namespace) as inspector:
+            released = await inspector.release("tok")
+        assert released is not None and released.listeners == 1
+        outcome = await asyncio.wait_for(waiter, 10)  # woken at once, not after 30 s
+        # release moved the fence to 2 (fencing the old primary off); the takeover claimed 3
+        assert (outcome.role, outcome.value, outcome.fence) == (Role.TAKEOVER, "mine", 3)
+        gate.set()
+        with pytest.raises(LeaseLost):
+            await asyncio.wait_for(held, 10)
 
 
 @pytest.mark.timeout(60)
