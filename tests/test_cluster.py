@@ -344,12 +344,15 @@ async def test_an_explicit_cluster_client_is_accepted(
 @pytest.mark.skipif(
     REDIS_SERVER is None or REDIS_CLI is None, reason="redis-server and redis-cli are needed"
 )
+@pytest.mark.parametrize("min_replicas", [0, 1])
 async def test_a_failover_of_the_tokens_primary_during_a_storm_loses_no_waiter(
-    namespace: str,
+    namespace: str, min_replicas: int
 ) -> None:
     cluster = ClusterSetup()
     try:
         options = {
+            "min_replicas": min_replicas,  # 1: the completion goes to the slot's new primary
+            "replica_timeout": 2,
             "namespace": namespace,
             "lease_ttl": 5,
             "wait_timeout": 60,

@@ -8,6 +8,7 @@ connection errors and timeouts -> retried with tenacity while the operation is s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -247,6 +248,7 @@ class RedisStore:
         broken = True
         try:
             for attempt in range(2):
+                broken = True
                 evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
                 await conn.send_packed_command(conn.pack_commands([evalsha, then]))
                 replies: list[Any] = []
@@ -258,8 +260,10 @@ class RedisStore:
                 broken = False
                 first = replies[0]
                 if isinstance(first, rex.NoScriptError) and attempt == 0:
+                    broken = True
                     await conn.send_command("SCRIPT", "LOAD", script.script)
                     await conn.read_response()
+                    broken = False
                     continue
                 for reply in replies:
                     if isinstance(reply, rex.AskError):  # MOVED: the slot has a new primary
@@ -268,6 +272,13 @@ class RedisStore:
                         raise reply
                 return replies[0], replies[1]
             raise AssertionError("unreachable")  # pragma: no cover
+        except (rex.ConnectionError, rex.TimeoutError, OSError):
+            # the node may be gone: read the slot map again before the retry
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self.cluster.nodes_manager.initialize(), self._config.connect_timeout
+                )
+            raise
         finally:
             if broken:
                 await conn.disconnect(nowait=True)
