@@ -102,13 +102,19 @@ def redis_server_factory() -> Iterator[type[RedisServer]]:
         server.close()
 
 
+def need_binaries(*found: str | None) -> None:
+    """Skip (fail when Redis is required) unless redis-server (and redis-cli) are installed."""
+    if None in found:
+        message = "redis-server and redis-cli must be on the PATH"
+        if REQUIRE_REDIS:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def sentinel_setup() -> Iterator[SentinelSetup]:
     """A primary, a replica and three Sentinels for the session (started on first use)."""
-    if REDIS_SERVER is None:
-        if REQUIRE_REDIS:
-            pytest.fail("redis-server is not on the PATH")
-        pytest.skip("redis-server is not on the PATH")
+    need_binaries(REDIS_SERVER)
     setup = SentinelSetup()
     yield setup
     setup.close()
@@ -117,10 +123,7 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
 @pytest.fixture(scope="session")
 def cluster_setup() -> Iterator[ClusterSetup]:
     """Three primaries and three replicas in a Redis Cluster for the session (on first use)."""
-    if REDIS_SERVER is None or REDIS_CLI is None:
-        if REQUIRE_REDIS:
-            pytest.fail("redis-server and redis-cli must be on the PATH")
-        pytest.skip("redis-server and redis-cli must be on the PATH")
+    need_binaries(REDIS_SERVER, REDIS_CLI)
     setup = ClusterSetup()
     yield setup
     setup.close()

@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 
@@ -96,6 +97,16 @@ def redis_server(*args: str) -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+def node_command(port: int, *args: Any) -> Any:
+    """One command to the Redis on ``port`` over a short-lived connection (bytes decoded)."""
+    client = redis.Redis(port=port, socket_timeout=10, socket_connect_timeout=1)
+    try:
+        reply = client.execute_command(*args)
+    finally:
+        client.close()
+    return reply.decode() if isinstance(reply, bytes) else reply
 
 
 def reachable(url: str) -> bool:
@@ -281,13 +292,7 @@ class ClusterSetup:
             if node.proc is None:
                 continue
             with contextlib.suppress(redis.RedisError):
-                client = redis.Redis(port=node.port, socket_timeout=1, socket_connect_timeout=1)
-                try:
-                    text = client.execute_command("CLUSTER", "NODES")
-                finally:
-                    client.close()
-                if isinstance(text, bytes):
-                    text = text.decode()
+                text = node_command(node.port, "CLUSTER", "NODES")
                 return [line.split() for line in text.splitlines() if line.strip()]
         return []
 
@@ -307,31 +312,18 @@ class ClusterSetup:
         raise LookupError(f"no live primary serves slot {slot}")
 
     def node_id(self, port: int) -> str:
-        client = redis.Redis(port=port, socket_timeout=5)
-        try:
-            return str(client.execute_command("CLUSTER", "MYID").decode())
-        finally:
-            client.close()
+        return str(node_command(port, "CLUSTER", "MYID"))
 
     def migrate_slot(self, slot: int, source: int, target: int) -> None:
         """Move ``slot`` with its keys from the primary on port ``source`` to ``target``
         (the steps of ``redis-cli --cluster reshard``, for one chosen slot)."""
-        src, dst = redis.Redis(port=source, socket_timeout=10), redis.Redis(port=target)
-        try:
-            src_id, dst_id = self.node_id(source), self.node_id(target)
-            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
-            for port in (target, source):
-                client = redis.Redis(port=port)
-                try:
-                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-                finally:
-                    client.close()
-        finally:
-            src.close()
-            dst.close()
+        src_id, dst_id = self.node_id(source), self.node_id(target)
+        node_command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        node_command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := node_command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+            node_command(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for port in (target, source):
+            node_command(port, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
 
     def node(self, port: int) -> RedisServer:
         return next(node for node in self.nodes if node.port == port)
@@ -344,13 +336,7 @@ class ClusterSetup:
             live = [node for node in self.nodes if node.proc is not None]
             for node in live:
                 with contextlib.suppress(redis.RedisError):
-                    client = redis.Redis(port=node.port, socket_timeout=1, socket_connect_timeout=1)
-                    try:
-                        info = client.execute_command("CLUSTER", "INFO")
-                    finally:
-                        client.close()
-                    if isinstance(info, bytes):
-                        info = info.decode()
+                    info = node_command(node.port, "CLUSTER", "INFO")
                     healthy += "cluster_state:ok" in str(info)
             if healthy == len(live):
                 return

@@ -29,6 +29,7 @@ import pytest
 import redis
 from children import WORKER, Child
 from click.testing import CliRunner, Result
+from failover import until
 
 from strands_dedup import Deduplicator, Role, SessionGuard
 from strands_dedup.cli import NAMESPACE_ENV, REDIS_URL_ENV, _rates, main
@@ -138,14 +139,6 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 def key(namespace: str, token: str, part: str, scope: str = "") -> str:
     return f"{namespace}:{{{scope}:{token}}}:{part}"
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        await asyncio.sleep(0.005)
 
 
 def closed_port() -> int:

@@ -9,32 +9,25 @@ multi-process storm, takeover and zombie tests through ``target``.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
 import redis.asyncio as aredis
 import redis.crc
-from servers import REDIS_CLI, REDIS_SERVER, ClusterSetup
+from failover import storm_across, until
+from servers import REDIS_CLI, REDIS_SERVER, ClusterSetup, node_command
 
-from strands_dedup import Deduplicator, LeaseLost, Role
+from strands_dedup import Deduplicator, LeaseLost, Outcome, Role
 from strands_dedup.admin import Inspector
 from strands_dedup.keys import KeySchema
 
 pytestmark = [pytest.mark.redis]
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 def tokens_per_shard(cluster: ClusterSetup, namespace: str, each: int) -> dict[int, list[str]]:
@@ -53,11 +46,56 @@ def tokens_per_shard(cluster: ClusterSetup, namespace: str, each: int) -> dict[i
 
 def sub_connections(port: int) -> list[str]:
     """Names of the subscriber connections on one node (CLIENT LIST, ``...:sub``)."""
-    client = redis.Redis(port=port)
-    try:
-        return [c["name"] for c in client.client_list() if c.get("name", "").endswith(":sub")]
-    finally:
-        client.close()
+    listing = str(node_command(port, "CLIENT", "LIST"))
+    names = (field[5:] for line in listing.splitlines() for field in line.split(" "))
+    return [name for name in names if name.endswith(":sub")]
+
+
+def is_primary(port: int) -> bool:
+    return bool(node_command(port, "INFO", "replication")["role"] == "master")
+
+
+def shard_listeners(port: int, channel: bytes) -> int:
+    return int(node_command(port, "PUBSUB", "SHARDNUMSUB", channel)[1])
+
+
+class Holding:
+    """``primary`` runs each of ``tokens`` until ``gate`` is set; ``other`` has duplicates of
+    them waiting (`holding`)."""
+
+    def __init__(self, primary: Deduplicator, other: Deduplicator) -> None:
+        self.primary, self.other = primary, other
+        self.gate = asyncio.Event()
+        self.held: list[asyncio.Task[Outcome[str]]] = []
+        self.waiting: list[asyncio.Task[Outcome[str]]] = []
+
+    async def slow(self) -> str:
+        await self.gate.wait()
+        return "done"
+
+    async def finish(self) -> list[Outcome[str]]:
+        self.gate.set()
+        return await asyncio.wait_for(asyncio.gather(*self.held, *self.waiting), 20)
+
+
+@contextlib.asynccontextmanager
+async def holding(
+    url: str, namespace: str, tokens: list[str], waiting_on: list[str], lease_ttl: float = 10
+) -> AsyncIterator[Holding]:
+    options = {"namespace": namespace, "lease_ttl": lease_ttl, "metrics": False}
+    async with (
+        Deduplicator.from_url(url, **options) as primary,
+        Deduplicator.from_url(url, **options) as other,
+    ):
+        state = Holding(primary, other)
+        state.held = [asyncio.create_task(primary.execute(t, state.slow)) for t in tokens]
+        await until(lambda: primary._renewer.held == len(tokens), 10, "every token is held")
+        state.waiting = [asyncio.create_task(other.execute(t, state.slow)) for t in waiting_on]
+        await until(lambda: other._subscriber.listening == len(waiting_on), 10, "all wait")
+        try:
+            yield state
+        finally:
+            state.gate.set()
 
 
 def test_bad_cluster_urls_are_refused_with_the_reason() -> None:
@@ -73,44 +111,22 @@ async def test_waiters_share_one_sharded_connection_per_shard(
 ) -> None:
     shards = tokens_per_shard(cluster_setup, namespace, 2)
     tokens = [t for group in shards.values() for t in group]
-    gate = asyncio.Event()
-
-    async def slow() -> str:
-        await gate.wait()
-        return "done"
-
-    options = {"namespace": namespace, "lease_ttl": 5, "metrics": False}
-    async with (
-        Deduplicator.from_url(cluster_setup.url, **options) as primary,
-        Deduplicator.from_url(cluster_setup.url, **options) as others,
-    ):
-        held = [asyncio.create_task(primary.execute(t, slow)) for t in tokens]
-        await until(lambda: primary._renewer.held == len(tokens), 10, "every token is held")
-        waiting = [asyncio.create_task(others.execute(t, slow)) for t in tokens for _ in range(5)]
-        await until(lambda: others._subscriber.listening == len(waiting), 10, "all wait")
-
+    waiting_on = [t for t in tokens for _ in range(5)]
+    async with holding(cluster_setup.url, namespace, tokens, waiting_on) as state:
+        others = state.other
         assert others._subscriber.shards == 3
         for port in shards:
             # one subscriber connection on each primary, shared by its 10 waiters
             assert len(sub_connections(port)) == 1, port
         keys = KeySchema(namespace)
-        cluster = aredis.RedisCluster.from_url(f"redis://127.0.0.1:{next(iter(shards))}")
-        try:
-            await cluster.initialize()
-            for port, group in shards.items():
-                node = cluster.get_node(host="127.0.0.1", port=port)
-                channels = [keys.for_token(t).channel for t in group]
-                sharded = await cluster.execute_command(
-                    "PUBSUB SHARDNUMSUB", *channels, target_nodes=node
-                )
-                plain = await cluster.execute_command("PUBSUB NUMSUB", *channels, target_nodes=node)
-                assert [int(n) for _, n in sharded] == [1, 1]  # SSUBSCRIBE, not SUBSCRIBE
-                assert [int(n) for _, n in plain] == [0, 0]
-        finally:
-            await cluster.aclose()
+        for port, group in shards.items():
+            channels = [keys.for_token(t).channel for t in group]
+            sharded = node_command(port, "PUBSUB", "SHARDNUMSUB", *channels)
+            plain = node_command(port, "PUBSUB", "NUMSUB", *channels)
+            assert sharded[1::2] == [1, 1]  # SSUBSCRIBE, not SUBSCRIBE
+            assert plain[1::2] == [0, 0]
 
-        gate.set()
-        outcomes = await asyncio.wait_for(asyncio.gather(*held, *waiting), 20)
+        outcomes = await state.finish()
     assert all(o.value == "done" for o in outcomes)
     assert [o.role for o in outcomes[: len(tokens)]] == [Role.PRIMARY] * len(tokens)
     assert {o.role for o in outcomes[len(tokens) :]} == {Role.WAITER}
@@ -149,22 +165,7 @@ async def test_the_cli_lists_the_leases_of_every_primary(
 ) -> None:
     shards = tokens_per_shard(cluster_setup, namespace, 1)
     tokens = sorted(t for group in shards.values() for t in group)
-    gate = asyncio.Event()
-
-    async def slow() -> str:
-        await gate.wait()
-        return "done"
-
-    options = {"namespace": namespace, "lease_ttl": 10, "metrics": False}
-    async with (
-        Deduplicator.from_url(cluster_setup.url, **options) as primary,
-        Deduplicator.from_url(cluster_setup.url, **options) as other,
-    ):
-        held = [asyncio.create_task(primary.execute(t, slow)) for t in tokens]
-        await until(lambda: primary._renewer.held == 3, 10, "every token is held")
-        waiter = asyncio.create_task(other.execute(tokens[0], slow))
-        await until(lambda: other._subscriber.listening == 1, 10, "one duplicate waits")
-
+    async with holding(cluster_setup.url, namespace, tokens, tokens[:1]) as state:
         async with Inspector.from_url(cluster_setup.url, namespace=namespace) as inspector:
             views = {v.token: v for v in await inspector.leases()}
         assert sorted(views) == tokens
@@ -188,8 +189,7 @@ async def test_the_cli_lists_the_leases_of_every_primary(
         assert proc.returncode == 0, err.decode()
         listed = json.loads(out)
         assert sorted(x["token"] for x in listed) == tokens
-        gate.set()
-        await asyncio.wait_for(asyncio.gather(*held, waiter), 10)
+        await state.finish()
 
     async with Inspector.from_url(cluster_setup.url, namespace=namespace) as inspector:
         assert await inspector.leases() == []
@@ -200,30 +200,18 @@ async def test_the_cli_lists_the_leases_of_every_primary(
 async def test_release_wakes_the_waiters_on_the_tokens_shard(
     cluster_setup: ClusterSetup, namespace: str
 ) -> None:
-    gate = asyncio.Event()
-
-    async def slow() -> str:
-        await gate.wait()
-        return "late"
-
-    options = {"namespace": namespace, "lease_ttl": 30, "metrics": False}
-    async with (
-        Deduplicator.from_url(cluster_setup.url, **options) as primary,
-        Deduplicator.from_url(cluster_setup.url, **options) as other,
-    ):
-        held = asyncio.create_task(primary.execute("tok", slow))
-        await until(lambda: primary._renewer.held == 1, 10, "the token is held")
-        waiter = asyncio.create_task(other.execute("tok", lambda: "mine"))
-        await until(lambda: other._subscriber.listening == 1, 10, "the duplicate waits")
+    async with holding(cluster_setup.url, namespace, ["tok"], [], lease_ttl=30) as state:
+        waiter = asyncio.create_task(state.other.execute("tok", lambda: "mine"))
+        await until(lambda: state.other._subscriber.listening == 1, 10, "the duplicate waits")
         async with Inspector.from_url(cluster_setup.url, namespace=namespace) as inspector:
             released = await inspector.release("tok")
         assert released is not None and released.listeners == 1
         outcome = await asyncio.wait_for(waiter, 10)  # woken at once, not after 30 s
         # release moved the fence to 2 (fencing the old primary off); the takeover claimed 3
         assert (outcome.role, outcome.value, outcome.fence) == (Role.TAKEOVER, "mine", 3)
-        gate.set()
+        state.gate.set()
         with pytest.raises(LeaseLost):
-            await asyncio.wait_for(held, 10)
+            await asyncio.wait_for(state.held[0], 10)
 
 
 @pytest.mark.timeout(60)
@@ -231,11 +219,7 @@ async def test_min_replicas_waits_on_the_slots_primary(
     cluster_setup: ClusterSetup, namespace: str
 ) -> None:
     for node in cluster_setup.nodes:  # the scripts must be loaded again (NOSCRIPT) on the way
-        client = redis.Redis(port=node.port)
-        try:
-            client.script_flush()
-        finally:
-            client.close()
+        node_command(node.port, "SCRIPT", "FLUSH")
     options = {"namespace": namespace, "min_replicas": 1, "replica_timeout": 5, "metrics": False}
     async with Deduplicator.from_url(cluster_setup.url, **options) as dedup:
         tokens = [
@@ -251,12 +235,11 @@ async def test_min_replicas_waits_on_the_slots_primary(
         result = keys.for_token(token).result
         primary = cluster_setup.primary_port_for(result)
         replica = next(
-            n
+            n.port
             for n in cluster_setup.nodes
-            if n.port != primary
-            and redis.Redis(port=n.port).info("replication").get("master_port") == primary
+            if node_command(n.port, "INFO", "replication").get("master_port") == primary
         )
-        client = redis.Redis(port=replica.port)
+        client = redis.Redis(port=replica)
         try:
             client.execute_command("READONLY")
             assert client.exists(result) == 1
@@ -272,58 +255,20 @@ async def test_waiters_follow_their_channel_when_its_slot_migrates(namespace: st
     cluster = ClusterSetup()
     try:
         keys = KeySchema(namespace).for_token("tok")
-        options = {"namespace": namespace, "lease_ttl": 2, "wait_timeout": 30, "metrics": False}
-        async with (
-            Deduplicator.from_url(cluster.url, **options) as primary,
-            Deduplicator.from_url(cluster.url, **options) as others,
-        ):
-            gate = asyncio.Event()
-            runs = 0
 
-            async def call() -> str:
-                nonlocal runs
-                runs += 1
-                await gate.wait()
-                return "done"
-
-            first = asyncio.create_task(primary.execute("tok", call))
-            await until(lambda: runs == 1, 10, "the primary runs")
-            waiters = [asyncio.create_task(others.execute("tok", call)) for _ in range(20)]
-            await until(lambda: others._subscriber.listening == 20, 10, "20 duplicates wait")
+        async def migrate(others: Deduplicator) -> None:
             source = cluster.primary_port_for(keys.lease)
-            target = next(
-                p for p in (n.port for n in cluster.nodes) if p != source and is_primary(p)
-            )
+            target = next(n.port for n in cluster.nodes if n.port != source and is_primary(n.port))
             connects = others._subscriber.connects
             cluster.migrate_slot(redis.crc.key_slot(keys.lease), source, target)
             # the source drops the shard channel's subscribers; they move to the new shard
             await until(lambda: others._subscriber.connects > connects, 10, "resubscribed")
             await until(lambda: shard_listeners(target, keys.channel) == 1, 10, "moved")
             assert shard_listeners(source, keys.channel) == 0
-            gate.set()
-            outcomes = await asyncio.wait_for(asyncio.gather(first, *waiters), 30)
-        assert runs == 1
-        assert [o.value for o in outcomes] == ["done"] * 21
-        assert {o.role for o in outcomes[1:]} == {Role.WAITER}
+
+        await storm_across(cluster.url, namespace, migrate, waiters=20, lease_ttl=2)
     finally:
         cluster.close()
-
-
-def is_primary(port: int) -> bool:
-    client = redis.Redis(port=port)
-    try:
-        return client.info("replication").get("role") == "master"
-    finally:
-        client.close()
-
-
-def shard_listeners(port: int, channel: bytes) -> int:
-    client = redis.Redis(port=port)
-    try:
-        reply = client.execute_command("PUBSUB", "SHARDNUMSUB", channel)
-        return int(reply[1])
-    finally:
-        client.close()
 
 
 async def test_an_explicit_cluster_client_is_accepted(
@@ -350,40 +295,14 @@ async def test_a_failover_of_the_tokens_primary_during_a_storm_loses_no_waiter(
 ) -> None:
     cluster = ClusterSetup()
     try:
-        options = {
-            "min_replicas": min_replicas,  # 1: the completion goes to the slot's new primary
-            "replica_timeout": 2,
-            "namespace": namespace,
-            "lease_ttl": 5,
-            "wait_timeout": 60,
-            "retry_attempts": 20,
-            "retry_deadline": 40,
-            "metrics": False,
-        }
         keys = KeySchema(namespace).for_token("tok")
-        async with (
-            Deduplicator.from_url(cluster.url, **options) as primary,
-            Deduplicator.from_url(cluster.url, **options) as others,
-        ):
-            gate = asyncio.Event()
-            runs = 0
 
-            async def call() -> dict[str, str]:
-                nonlocal runs
-                runs += 1
-                await gate.wait()
-                return {"by": "primary"}
-
-            first = asyncio.create_task(primary.execute("tok", call))
-            await until(lambda: runs == 1, 10, "the primary runs")
-            waiters = [asyncio.create_task(others.execute("tok", call)) for _ in range(50)]
-            await until(lambda: others._subscriber.listening == 50, 10, "50 duplicates wait")
+        async def fail_over(others: Deduplicator) -> None:
             doomed = cluster.primary_port_for(keys.lease)
             side = redis.Redis(port=doomed)
             assert side.execute_command("WAIT", 1, 2000) == 1  # the claim is on the replica
             side.close()
             connects = others._subscriber.connects
-
             node = cluster.node(doomed)
             assert node.proc is not None
             node.proc.kill()  # the token's primary dies: the cluster promotes its replica
@@ -398,11 +317,10 @@ async def test_a_failover_of_the_tokens_primary_during_a_storm_loses_no_waiter(
 
             await until(promoted, 30, "a replica takes over the slot")
             await until(lambda: others._subscriber.connects > connects, 30, "waiters resubscribe")
-            gate.set()
-            outcomes = await asyncio.wait_for(asyncio.gather(first, *waiters), 60)
-        assert runs == 1
-        assert outcomes[0].role is Role.PRIMARY
-        assert all(o.value == {"by": "primary"} for o in outcomes)
-        assert {o.role for o in outcomes[1:]} == {Role.WAITER}
+
+        # with min_replicas=1 the completion's WAIT goes to the slot's new primary directly
+        await storm_across(
+            cluster.url, namespace, fail_over, min_replicas=min_replicas, replica_timeout=2
+        )
     finally:
         cluster.close()

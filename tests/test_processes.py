@@ -24,6 +24,7 @@ import pytest
 import redis
 from children import Child
 from conftest import Target, side_client
+from failover import until
 
 from strands_dedup import Deduplicator, Role, SyncDeduplicator
 from strands_dedup.protocol import decode_envelope
@@ -55,15 +56,6 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 def token_key(namespace: str, token: str, part: str) -> str:
     return f"{namespace}:{{:{token}}}:{part}"
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until it holds; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        await asyncio.sleep(0.005)
 
 
 def executions(r: redis.Redis, namespace: str) -> int:

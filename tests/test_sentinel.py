@@ -6,12 +6,11 @@ through the ``target`` fixture.)
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
 
 import pytest
 import redis
+from failover import storm_across, until
 from servers import REDIS_SERVER, SentinelSetup
 
 from strands_dedup import Deduplicator, Role
@@ -19,59 +18,23 @@ from strands_dedup import Deduplicator, Role
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on the PATH")
 async def test_a_failover_during_a_storm_loses_no_waiter(namespace: str) -> None:
     setup = SentinelSetup()
     try:
-        options = {
-            "namespace": namespace,
-            "lease_ttl": 5,
-            "wait_timeout": 60,
-            "retry_attempts": 20,
-            "retry_deadline": 40,
-            "metrics": False,
-        }
-        async with (
-            Deduplicator.from_url(setup.url, **options) as primary,
-            Deduplicator.from_url(setup.url, **options) as others,
-        ):
-            gate = asyncio.Event()
-            runs = 0
 
-            async def call() -> dict[str, str]:
-                nonlocal runs
-                runs += 1
-                await gate.wait()
-                return {"by": "primary"}
-
-            first = asyncio.create_task(primary.execute("tok", call))
-            await until(lambda: runs == 1, 10, "the primary runs")
-            waiters = [asyncio.create_task(others.execute("tok", call)) for _ in range(50)]
-            await until(lambda: others._subscriber.waiters == 50, 10, "50 duplicates wait")
+        async def fail_over(_: Deduplicator) -> None:
             side = redis.Redis(port=setup.primary.port)
             assert side.execute_command("WAIT", 1, 2000) == 1  # the claim is on the replica
             side.close()
-
             assert setup.primary.proc is not None
             setup.primary.proc.kill()  # the primary Redis dies: Sentinel promotes the replica
             await until(
                 lambda: setup.primary_port() == setup.replica.port, 30, "Sentinel fails over"
             )
-            gate.set()
-            outcomes = await asyncio.wait_for(asyncio.gather(first, *waiters), 60)
-        assert runs == 1
-        assert outcomes[0].role is Role.PRIMARY
-        assert all(o.value == {"by": "primary"} for o in outcomes)
-        assert {o.role for o in outcomes[1:]} == {Role.WAITER}
+
+        await storm_across(setup.url, namespace, fail_over)
     finally:
         setup.close()
 

@@ -1,0 +1,69 @@
+"""Shared by the failover tests: wait for a condition, and a storm of duplicates carried across
+a failover (or a slot migration) of the Redis that holds their token."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from strands_dedup import Deduplicator, Role
+
+
+async def until(
+    predicate: Callable[[], bool], timeout: float, what: str, *, every: float = 0.01
+) -> None:
+    """Poll ``predicate`` until it holds; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout}s")
+        await asyncio.sleep(every)
+
+
+async def storm_across(
+    url: str,
+    namespace: str,
+    disrupt: Callable[[Deduplicator], Awaitable[None]],
+    *,
+    waiters: int = 50,
+    **options: Any,
+) -> None:
+    """A primary runs token ``tok`` while ``waiters`` duplicates of another deduplicator wait;
+    ``disrupt(others)`` moves the token under them (kills the Redis primary holding it, migrates
+    its slot) and returns once that is over; then the call finishes. Asserts one execution and
+    the same result for every caller."""
+    settings: dict[str, Any] = {
+        "namespace": namespace,
+        "lease_ttl": 5,
+        "wait_timeout": 60,
+        "retry_attempts": 20,
+        "retry_deadline": 40,
+        "metrics": False,
+        **options,
+    }
+    async with (
+        Deduplicator.from_url(url, **settings) as primary,
+        Deduplicator.from_url(url, **settings) as others,
+    ):
+        gate = asyncio.Event()
+        runs = 0
+
+        async def call() -> dict[str, str]:
+            nonlocal runs
+            runs += 1
+            await gate.wait()
+            return {"by": "primary"}
+
+        first = asyncio.create_task(primary.execute("tok", call))
+        await until(lambda: runs == 1, 10, "the primary runs")
+        duplicates = [asyncio.create_task(others.execute("tok", call)) for _ in range(waiters)]
+        await until(lambda: others._subscriber.listening == waiters, 10, "the duplicates wait")
+        await disrupt(others)
+        gate.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(first, *duplicates), 60)
+    assert runs == 1
+    assert outcomes[0].role is Role.PRIMARY
+    assert all(o.value == {"by": "primary"} for o in outcomes)
+    assert {o.role for o in outcomes[1:]} == {Role.WAITER}
