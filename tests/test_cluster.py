@@ -21,9 +21,9 @@ import redis
 import redis.asyncio as aredis
 import redis.crc
 from failover import storm_across, until
-from servers import REDIS_CLI, REDIS_SERVER, ClusterSetup, node_command
+from servers import REDIS_CLI, REDIS_SERVER, ClusterSetup, free_port, node_command
 
-from strands_dedup import Deduplicator, LeaseLost, Outcome, Role
+from strands_dedup import Deduplicator, LeaseLost, Outcome, Role, StoreUnavailable
 from strands_dedup.admin import Inspector
 from strands_dedup.keys import KeySchema
 
@@ -103,6 +103,22 @@ def test_bad_cluster_urls_are_refused_with_the_reason() -> None:
         Deduplicator.from_url("redis+cluster://nohost/0")
     with pytest.raises(ValueError, match="database 0 only"):
         Deduplicator.from_url("redis+cluster://127.0.0.1:7000/3")
+
+
+@pytest.mark.timeout(30)
+async def test_an_unreachable_cluster_is_store_unavailable() -> None:
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    options = {"retry_attempts": 2, "retry_deadline": 1, "metrics": False}
+    async with Deduplicator.from_url(url, **options) as dedup:
+        with pytest.raises(StoreUnavailable, match="Redis Cluster cannot be connected"):
+            await dedup.execute("t", lambda: 1)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "strands_dedup.cli", "--redis-url", url, "ls",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 3
+    assert err.decode().count("\n") == 1 and "is unavailable" in err.decode()
 
 
 @pytest.mark.timeout(60)

@@ -86,6 +86,8 @@ def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying: the connection failed or timed out, or the server is not ready."""
     if _is_auth_error(exc):
         return False
+    if isinstance(exc, rex.RedisClusterException) and exc.__cause__ is not None:
+        return is_transient(exc.__cause__)  # "Redis Cluster cannot be connected": no node answered
     return isinstance(
         exc,
         (
