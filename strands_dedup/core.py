@@ -504,7 +504,7 @@ class Deduplicator:
         started = time.monotonic()
         error = None
         try:
-            await asyncio.wait_for(self._store.client.ping(), self.config.connect_timeout)
+            await asyncio.wait_for(self._store.probe(), self.config.connect_timeout)
             latency: float | None = (time.monotonic() - started) * 1000
         except Exception as exc:
             latency, error = None, f"{type(exc).__name__}: {exc}"

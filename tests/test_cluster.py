@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -283,6 +284,32 @@ async def test_waiters_follow_their_channel_when_its_slot_migrates(namespace: st
             assert shard_listeners(source, keys.channel) == 0
 
         await storm_across(cluster.url, namespace, migrate, waiters=20, lease_ttl=2)
+    finally:
+        cluster.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(
+    REDIS_SERVER is None or REDIS_CLI is None, reason="redis-server and redis-cli are needed"
+)
+async def test_health_checks_every_primary(namespace: str) -> None:
+    cluster = ClusterSetup()
+    try:
+        async with Deduplicator.from_url(cluster.url, namespace=namespace, metrics=False) as dedup:
+            assert (await dedup.health()).ok
+            default = dedup._store.cluster.get_default_node().port  # type: ignore[union-attr]
+            doomed = next(n for n in cluster.nodes if n.port != default and is_primary(n.port))
+            assert doomed.proc is not None
+            doomed.proc.kill()  # not the node a lone PING would go to
+            doomed.proc.wait()
+            doomed.proc = None
+            health = await dedup.health()
+            assert not health.store_reachable and health.error, health
+            deadline = time.monotonic() + 30
+            while not (health := await dedup.health()).ok:  # its replica takes over
+                assert time.monotonic() < deadline, health
+                await asyncio.sleep(0.1)
+            assert (await dedup.execute("t", lambda: 1)).value == 1
     finally:
         cluster.close()
 

@@ -429,7 +429,14 @@ class RedisStore:
         return reply[1] if reply[0] else None
 
     async def ping(self) -> None:
-        await self._run(lambda: self.client.ping())
+        await self._run(self.probe)
+
+    async def probe(self) -> None:
+        """One PING, not retried (every primary of a cluster: a lost replica is no outage)."""
+        if self.cluster is None:
+            await self.client.ping()
+        else:
+            await self.cluster.ping(target_nodes=aredis.RedisCluster.PRIMARIES)
 
     async def listeners(self, channels: Sequence[bytes]) -> dict[bytes, int]:
         """Subscribers per channel (PUBSUB NUMSUB; SHARDNUMSUB on each shard of a cluster)."""
