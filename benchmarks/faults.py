@@ -2,6 +2,7 @@
 
     python -m benchmarks.faults                          # the long run: 5 minutes, seed 1
     python -m benchmarks.faults --seconds 40 --seed 7    # what CI runs (tests/faults)
+    python -m benchmarks.faults --cluster                # on a Redis Cluster (3 + 3 nodes)
 
 A seeded, bounded, self-stopping run on its own ``redis-server`` (AOF with ``appendfsync always``,
 so a restart loses nothing acknowledged): WORKERS processes (tests/faults/worker.py) call over a
@@ -12,6 +13,12 @@ are told to finish, and one lease TTL later the leases still held are counted. T
 (tests/faults/history.py) is checked against DESIGN.md's guarantees; the summary says how many
 calls, executions, duplicates, takeovers and faults the run had, and every violation. Exit code 1
 when there is one.
+
+With ``--cluster`` the run has a Redis Cluster of its own (three primaries, three replicas, AOF
+``always``) and the workers use ``min_replicas=1``; "restart Redis" becomes ``failover``: SIGKILL
+the primary of a random shard (only while every shard has a replica online), wait until its
+replica took over, then start the killed node again (it rejoins as a replica). ``CLIENT KILL``
+goes to every node.
 """
 
 from __future__ import annotations
@@ -31,16 +38,88 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import ClusterNode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "faults"))
 
 from history import Violation, check, load  # noqa: E402
-from servers import RedisServer  # noqa: E402
+from servers import ClusterSetup, RedisServer, node_command  # noqa: E402
 
 WORKER = ROOT / "tests" / "faults" / "worker.py"
 FAULTS = ("kill", "stop", "restart", "clientkill")
+CLUSTER_FAULTS = ("kill", "stop", "failover", "clientkill")
+DURABLE = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+class Single:
+    """One redis-server: restarted whole, its clients killed with one command."""
+
+    faults = FAULTS
+
+    def __init__(self) -> None:
+        self.server = RedisServer(*DURABLE)
+        self.url = self.server.url
+        self.worker_options: list[str] = []
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def ports(self) -> list[int]:
+        return [self.server.port]
+
+    def can_restart(self) -> bool:
+        return True
+
+    def restart(self, rng: random.Random) -> None:
+        self.server.stop()
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class Cluster:
+    """Three primaries and three replicas; a failover kills one shard's primary."""
+
+    faults = CLUSTER_FAULTS
+
+    def __init__(self) -> None:
+        self.cluster = ClusterSetup(*DURABLE)
+        self.url = self.cluster.url
+        self.worker_options = [
+            *("--min-replicas", "1", "--retry-deadline", "8", "--retry-attempts", "20")
+        ]
+
+    def client(self) -> redis.RedisCluster:
+        live = self.ports()
+        return redis.RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", port) for port in live])
+
+    def ports(self) -> list[int]:
+        return [n.port for n in self.cluster.nodes if n.proc is not None]
+
+    def can_restart(self) -> bool:
+        """Only while every shard has a replica online (one to take over, with the writes)."""
+        return self.cluster.fully_replicated()
+
+    def restart(self, rng: random.Random) -> None:
+        """Fail over one shard: kill its primary, wait for its replica, start it again."""
+        port = rng.choice(sorted(self.cluster.primaries()))
+        node = self.cluster.node(port)
+        assert node.proc is not None
+        node.proc.kill()
+        node.proc.wait()
+        node.proc = None
+        deadline = time.monotonic() + 30
+        while port in self.cluster.primaries() or len(self.cluster.primaries()) < 3:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica took over from {port} within 30 s")
+            time.sleep(0.05)
+        node.start()  # back as a replica of the new primary
+
+    def close(self) -> None:
+        self.cluster.close()
 
 
 class Run:
@@ -48,12 +127,13 @@ class Run:
         self.args = args
         self.dir = directory
         self.rng = random.Random(args.seed)
-        self.server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
+        self.store: Single | Cluster = Cluster() if args.cluster else Single()
         self.namespace = f"faults-{args.seed}"
         self.faults = directory / "faults.jsonl"
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.spawned = 0
         self.stopped: dict[str, float] = {}  # worker -> when to SIGCONT it
+        self.skipped = 0  # failovers not injected: a shard had no replica online yet
 
     def log_fault(self, kind: str, worker: str | None = None) -> None:
         with self.faults.open("a") as out:
@@ -67,7 +147,7 @@ class Run:
             [
                 sys.executable,
                 str(WORKER),
-                self.server.url,
+                self.store.url,
                 self.namespace,
                 name,
                 str(self.rng.randrange(1 << 30)),
@@ -78,6 +158,7 @@ class Run:
                 str(self.args.lease_ttl),
                 "--wait-timeout",
                 str(self.args.wait_timeout),
+                *self.store.worker_options,
             ],
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -89,10 +170,17 @@ class Run:
         self.workers[name] = proc
 
     def inject(self) -> str:
-        kind = self.rng.choice(FAULTS)
+        kind = self.rng.choice(self.store.faults)
         running = [w for w in self.workers if w not in self.stopped]
         if kind in ("kill", "stop") and not running:
             kind = "clientkill"
+        if kind in ("restart", "failover"):
+            if self.store.can_restart():
+                self.log_fault(kind)  # logged first: its effects start with the kill
+                self.store.restart(self.rng)
+                return kind
+            self.skipped += 1
+            kind = "clientkill"  # a shard still resyncs: no second failover yet
         if kind == "kill":
             name = self.rng.choice(running)
             self.log_fault("kill", name)
@@ -103,17 +191,12 @@ class Run:
             self.log_fault("stop", name)
             self.workers[name].send_signal(signal.SIGSTOP)
             self.stopped[name] = time.monotonic() + 1.5 * self.args.lease_ttl
-        elif kind == "restart":
-            self.log_fault("restart")
-            self.server.stop()
-            self.server.start()
         else:
             self.log_fault("clientkill")
-            with contextlib.suppress(redis.RedisError):
-                client = redis.Redis.from_url(self.server.url)
-                client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-                client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-                client.close()
+            for port in self.store.ports():
+                with contextlib.suppress(redis.RedisError):
+                    node_command(port, "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                    node_command(port, "CLIENT", "KILL", "TYPE", "pubsub")
         return kind
 
     def resume_due(self, everyone: bool = False) -> None:
@@ -126,7 +209,7 @@ class Run:
 
     def finish(self) -> int:
         """Stop the workers; return how many leases are still held one lease TTL later."""
-        client = redis.Redis.from_url(self.server.url)
+        client = self.store.client()
         client.set(f"{self.namespace}:stop", 1)
         deadline = time.monotonic() + self.args.wait_timeout + 10
         for proc in self.workers.values():
@@ -148,7 +231,7 @@ class Run:
                 proc.send_signal(signal.SIGCONT)
                 proc.kill()
             proc.wait()
-        self.server.stop()
+        self.store.close()
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Violation]]:
@@ -187,6 +270,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Violation]]:
         "seconds": args.seconds,
         "workers": args.workers,
         "lease_ttl": args.lease_ttl,
+        "store": "cluster" if args.cluster else "redis",
         "calls": len(calls),
         "calls_ok": sum(r["ok"] for r in calls),
         "calls_failed": Counter(r["err"] for r in calls if not r["ok"]),
@@ -194,6 +278,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Violation]]:
         "executions": len(execs),
         "tokens": len({r["tok"] for r in calls}),
         "faults": dict(faults),
+        "restarts_skipped": state.skipped,
         "left_locked": next((r["leases"] for r in records if r["k"] == "left"), None),
         "violations": [v.__dict__ for v in violations],
         "history": str(directory),
@@ -217,6 +302,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--history-dir", help="where the history goes (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     parser.add_argument("--quiet", dest="progress", action="store_false")
+    parser.add_argument(
+        "--cluster", action="store_true", help="run on a Redis Cluster of its own (3 + 3 nodes)"
+    )
     args = parser.parse_args(argv)
     if args.workers < 1 or args.seconds <= 0 or args.lease_ttl <= 0 or args.interval <= 0:
         parser.error("--workers, --seconds, --lease-ttl and --interval must be positive")

@@ -242,7 +242,7 @@ class ClusterSetup:
 
     NODE_TIMEOUT_MS = 1000
 
-    def __init__(self, primaries: int = 3, replicas_each: int = 1) -> None:
+    def __init__(self, *args: str, primaries: int = 3, replicas_each: int = 1) -> None:
         if REDIS_SERVER is None or REDIS_CLI is None:
             raise RuntimeError("redis-server and redis-cli must be on the PATH")
         self.nodes: list[RedisServer] = []
@@ -259,6 +259,7 @@ class ClusterSetup:
                         str(self.NODE_TIMEOUT_MS),
                         "--repl-diskless-sync-delay",
                         "0",
+                        *args,
                         port=port,
                     )
                 )
@@ -324,6 +325,33 @@ class ClusterSetup:
             node_command(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
         for port in (target, source):
             node_command(port, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+    def primaries(self) -> list[int]:
+        """Ports of the live primaries."""
+        return [
+            int(fields[1].split("@")[0].rpartition(":")[2])
+            for fields in self._nodes_view()
+            if "master" in fields[2].split(",") and "fail" not in fields[2]
+        ]
+
+    def fully_replicated(self) -> bool:
+        """Every live primary has a replica online (a primary may be killed without data loss
+        once its writes reached it)."""
+        ports = self.primaries()
+        if len(ports) < 3:
+            return False
+        for port in ports:
+            with contextlib.suppress(redis.RedisError):
+                info = node_command(port, "INFO", "replication")
+                if any(
+                    key.startswith("slave")
+                    and isinstance(value, dict)
+                    and value.get("state") == "online"
+                    for key, value in info.items()
+                ):
+                    continue
+            return False
+        return True
 
     def node(self, port: int) -> RedisServer:
         return next(node for node in self.nodes if node.port == port)

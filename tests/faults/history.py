@@ -7,8 +7,8 @@ Workers and the fault driver append JSON lines (one record each) to history file
 ``exec``   an execution began: ``w``, ``tok``, ``fence``, ``id`` (unique), ``t0``
 ``done``   an execution's completion was ``accepted`` (stored) or refused (``LeaseLost``): ``w``,
            ``tok``, ``fence``, ``id``, ``t1``
-``fault``  the driver injected a fault: ``kind`` (kill, stop, cont, restart, clientkill), ``w``
-           (the worker, for kill/stop/cont), ``t``
+``fault``  the driver injected a fault: ``kind`` (kill, stop, cont, restart, failover,
+           clientkill), ``w`` (the worker, for kill/stop/cont), ``t``
 ``left``   after the run, one lease TTL after the faults stopped: ``leases`` still held
 
 Every execution returns ``{"id": <its id>, "fence": <its fence>}``, so a caller's value names the
@@ -28,7 +28,7 @@ from typing import Any
 
 __all__ = ["Violation", "check", "load"]
 
-GLOBAL_FAULTS = ("restart", "clientkill")
+GLOBAL_FAULTS = ("restart", "failover", "clientkill")
 
 
 @dataclass(frozen=True)

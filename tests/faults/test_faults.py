@@ -118,37 +118,43 @@ def test_every_rule_catches_its_violation() -> None:
     assert rules([{"k": "left", "leases": 2}]) == ["left-locked"]
 
 
-@pytest.mark.redis
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_a_seeded_run_under_faults_keeps_every_guarantee(tmp_path: Path) -> None:
+def seeded_run(tmp_path: Path, *options: str) -> dict[str, Any]:
+    """Run ``python -m benchmarks.faults`` with ``options``; its summary, with no violation."""
     summary_path = tmp_path / "summary.json"
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "benchmarks.faults",
-            "--seed",
-            "7",
-            "--seconds",
-            "40",
-            "--interval",
-            "1.2",
-            "--quiet",
-            "--history-dir",
-            str(tmp_path / "history"),
-            "--json",
-            str(summary_path),
+            sys.executable, "-m", "benchmarks.faults", *options, "--quiet",
+            "--history-dir", str(tmp_path / "history"), "--json", str(summary_path),
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=110,
-    )
+    )  # fmt: skip
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     assert done.returncode == 0, (summary or {}).get("violations") or done.stderr[-3000:]
     assert summary is not None and summary["violations"] == []
+    assert summary["left_locked"] == 0
+    return summary
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_seeded_run_under_faults_keeps_every_guarantee(tmp_path: Path) -> None:
+    summary = seeded_run(tmp_path, "--seed", "7", "--seconds", "40", "--interval", "1.2")
     assert set(summary["faults"]) == {"kill", "stop", "restart", "clientkill"}, summary["faults"]
     assert summary["executions"] > 100 and summary["roles"].get("waiter", 0) > 100
     assert summary["roles"].get("takeover", 0) >= 1
-    assert summary["left_locked"] == 0
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_seeded_run_on_a_cluster_with_failovers_keeps_every_guarantee(tmp_path: Path) -> None:
+    summary = seeded_run(
+        tmp_path, "--cluster", "--seed", "17", "--seconds", "30", "--interval", "1.2"
+    )
+    assert summary["store"] == "cluster"
+    assert set(summary["faults"]) == {"kill", "stop", "failover", "clientkill"}, summary["faults"]
+    assert summary["executions"] > 50 and summary["roles"].get("waiter", 0) > 50

@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--lease-ttl", type=float, default=1.0)
     parser.add_argument("--wait-timeout", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--min-replicas", type=int, default=0)
+    parser.add_argument("--retry-deadline", type=float, default=3.0)
+    parser.add_argument("--retry-attempts", type=int, default=3)
     args = parser.parse_args()
     asyncio.run(run(args))
 
@@ -49,14 +52,21 @@ async def run(args: argparse.Namespace) -> None:
     def log(kind: str, **fields: Any) -> None:
         out.write(json.dumps({"k": kind, "w": args.worker, **fields}) + "\n")
 
-    side = aredis.Redis.from_url(args.url)
+    side: aredis.Redis | aredis.RedisCluster
+    if args.url.startswith("redis+cluster://"):
+        first = args.url.split("://", 1)[1].split(",", 1)[0].split("/", 1)[0]
+        side = aredis.RedisCluster.from_url(f"redis://{first}")
+    else:
+        side = aredis.Redis.from_url(args.url)
     stop_key = f"{args.namespace}:stop"
     async with Deduplicator.from_url(
         args.url,
         namespace=args.namespace,
         lease_ttl=args.lease_ttl,
         wait_timeout=args.wait_timeout,
-        retry_deadline=3,
+        retry_deadline=args.retry_deadline,
+        retry_attempts=args.retry_attempts,
+        min_replicas=args.min_replicas,
         metrics=False,
     ) as dedup:
         await dedup._store.ping()
