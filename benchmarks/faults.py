@@ -116,6 +116,7 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no replica took over from {port} within 30 s")
             time.sleep(0.05)
+        self.cluster.wait_until_healthy()
         node.start()  # back as a replica of the new primary
 
     def close(self) -> None:
@@ -135,10 +136,12 @@ class Run:
         self.stopped: dict[str, float] = {}  # worker -> when to SIGCONT it
         self.skipped = 0  # failovers not injected: a shard had no replica online yet
 
-    def log_fault(self, kind: str, worker: str | None = None) -> None:
+    def log_fault(
+        self, kind: str, worker: str | None = None, *, at: float | None = None, **extra: float
+    ) -> None:
+        record = {"k": "fault", "kind": kind, "w": worker, "t": at or time.time(), **extra}
         with self.faults.open("a") as out:
-            out.write(json.dumps({"k": "fault", "kind": kind, "w": worker, "t": time.time()}))
-            out.write("\n")
+            out.write(json.dumps(record) + "\n")
 
     def spawn(self) -> None:
         self.spawned += 1
@@ -176,8 +179,11 @@ class Run:
             kind = "clientkill"
         if kind in ("restart", "failover"):
             if self.store.can_restart():
-                self.log_fault(kind)  # logged first: its effects start with the kill
+                began = time.time()
                 self.store.restart(self.rng)
+                # a failover lasts until every node serves again (a cluster refuses commands on
+                # every shard while one has no primary): the fault spans that window
+                self.log_fault(kind, at=began, until=time.time())
                 return kind
             self.skipped += 1
             kind = "clientkill"  # a shard still resyncs: no second failover yet

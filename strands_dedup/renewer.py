@@ -110,27 +110,36 @@ class Renewer:
             tickets = list(self._tickets)
             if not leases and not tickets:
                 break
+            # Bounded by one period, retries included: a store (or, on a cluster, a shard) that
+            # does not answer must not hold up the next period's renewals.
+            within = self._interval
             renewed = await asyncio.gather(
-                self._store.renew([HeldLeaseRef(x.keys, x.value) for x in leases]),
-                self._store.renew_tickets([HeldTicketRef(x.keys, x.ticket) for x in tickets]),
+                self._store.renew([HeldLeaseRef(x.keys, x.value) for x in leases], within),
+                self._store.renew_tickets(
+                    [HeldTicketRef(x.keys, x.ticket) for x in tickets], within
+                ),
                 return_exceptions=True,
             )
             failed = False
             for what, reply in zip(("lease", "session"), renewed, strict=True):
                 if isinstance(reply, BaseException):  # keep renewing: the next period may work
+                    if not isinstance(reply, Exception):
+                        raise reply
                     log.warning("%s renewal failed: %s", what, reply)
+                    failed = True
+                elif None in reply:  # a shard did not answer (logged by the store)
                     failed = True
             if not failed:
                 self.last_renewal = time.monotonic()
                 self.lag = max(0.0, self.last_renewal - due)
             if isinstance(renewed[0], list):
                 for lease, ok in zip(leases, renewed[0], strict=True):
-                    if not ok and self._held.pop(lease.owner, None) is not None:
+                    if ok is False and self._held.pop(lease.owner, None) is not None:
                         lease.lost = True
                         self._on_lost(lease)
             if isinstance(renewed[1], list):
                 for ticket, ok in zip(tickets, renewed[1], strict=True):
-                    if not ok and ticket in self._tickets:
+                    if ok is False and ticket in self._tickets:
                         del self._tickets[ticket]
                         ticket.lost = True
                         if ticket.on_lost is not None:

@@ -99,9 +99,9 @@ def redis_server(*args: str) -> Iterator[RedisServer]:
         server.close()
 
 
-def node_command(port: int, *args: Any) -> Any:
+def node_command(port: int, *args: Any, timeout: float = 10) -> Any:
     """One command to the Redis on ``port`` over a short-lived connection (bytes decoded)."""
-    client = redis.Redis(port=port, socket_timeout=10, socket_connect_timeout=1)
+    client = redis.Redis(port=port, socket_timeout=timeout, socket_connect_timeout=1)
     try:
         reply = client.execute_command(*args)
     finally:
@@ -293,7 +293,7 @@ class ClusterSetup:
             if node.proc is None:
                 continue
             with contextlib.suppress(redis.RedisError):
-                text = node_command(node.port, "CLUSTER", "NODES")
+                text = node_command(node.port, "CLUSTER", "NODES", timeout=1)
                 return [line.split() for line in text.splitlines() if line.strip()]
         return []
 
@@ -342,7 +342,7 @@ class ClusterSetup:
             return False
         for port in ports:
             with contextlib.suppress(redis.RedisError):
-                info = node_command(port, "INFO", "replication")
+                info = node_command(port, "INFO", "replication", timeout=1)
                 if any(
                     key.startswith("slave")
                     and isinstance(value, dict)
@@ -364,7 +364,7 @@ class ClusterSetup:
             live = [node for node in self.nodes if node.proc is not None]
             for node in live:
                 with contextlib.suppress(redis.RedisError):
-                    info = node_command(node.port, "CLUSTER", "INFO")
+                    info = node_command(node.port, "CLUSTER", "INFO", timeout=1)
                     healthy += "cluster_state:ok" in str(info)
             if healthy == len(live):
                 return

@@ -78,6 +78,12 @@ class Holding:
         self.gate.set()
         return await asyncio.wait_for(asyncio.gather(*self.held, *self.waiting), 20)
 
+    async def settle(self) -> list[Outcome[str] | BaseException]:
+        """Like `finish`, with the errors in the list."""
+        self.gate.set()
+        every = asyncio.gather(*self.held, *self.waiting, return_exceptions=True)
+        return await asyncio.wait_for(every, 20)
+
 
 @contextlib.asynccontextmanager
 async def holding(
@@ -312,6 +318,55 @@ async def test_health_checks_every_primary(namespace: str) -> None:
             assert (await dedup.execute("t", lambda: 1)).value == 1
     finally:
         cluster.close()
+
+
+@contextlib.asynccontextmanager
+async def shard_down(
+    namespace: str,
+) -> AsyncIterator[tuple[dict[str, Outcome[str] | BaseException], list[str]]]:
+    """On a cluster that keeps serving without full coverage, hold three tokens per shard with
+    duplicates waiting, SIGKILL one shard's primary, wait for its replica to take over and 2.5
+    lease TTLs more, then let the calls finish. Yields the primaries' outcomes by token and
+    the healthy shards' tokens."""
+    cluster = ClusterSetup("--cluster-require-full-coverage", "no")
+    try:
+        shards = tokens_per_shard(cluster, namespace, 3)
+        doomed = sorted(shards)[0]
+        healthy = [t for port, group in shards.items() if port != doomed for t in group]
+        tokens = [t for group in shards.values() for t in group]
+        async with holding(cluster.url, namespace, tokens, tokens, lease_ttl=1) as state:
+            node = cluster.node(doomed)
+            assert node.proc is not None
+            node.proc.kill()
+            node.proc.wait()
+            node.proc = None
+            await until(lambda: doomed not in cluster.primaries(), 30, "a replica takes over")
+            await asyncio.sleep(2.5)  # 2.5 lease TTLs more: only renewals keep leases alive
+            outcomes = await state.settle()
+            again = await state.primary.execute(shards[doomed][0], lambda: "later")
+            assert again.role in (Role.REPLAY, Role.PRIMARY)  # the shard serves again
+        by_token: dict[str, list[Outcome[str] | BaseException]] = {t: [] for t in tokens}
+        for token, outcome in zip(tokens + tokens, outcomes, strict=True):
+            by_token[token].append(outcome)
+        for token, seen in by_token.items():  # whoever got a value got the same one
+            values = {o.value for o in seen if isinstance(o, Outcome)}
+            assert len(values) == 1, (token, seen)
+            assert all(isinstance(o, (Outcome, LeaseLost)) for o in seen), (token, seen)
+        yield {t: by_token[t][0] for t in tokens}, healthy
+    finally:
+        cluster.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(
+    REDIS_SERVER is None or REDIS_CLI is None, reason="redis-server and redis-cli are needed"
+)
+async def test_a_dead_shard_does_not_cost_the_leases_on_the_other_shards(namespace: str) -> None:
+    async with shard_down(namespace) as (firsts, healthy):
+        for token in healthy:  # renewed every period while the other shard was down
+            first = firsts[token]
+            assert isinstance(first, Outcome) and (first.role, first.fence) == (Role.PRIMARY, 1)
 
 
 async def test_an_explicit_cluster_client_is_accepted(

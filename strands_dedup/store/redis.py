@@ -335,15 +335,57 @@ class RedisStore:
         reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         return bool(reply[0]), reason
 
-    async def renew(self, leases: Sequence[HeldLeaseRef]) -> list[bool]:
-        """Renew every lease in one round trip (one per hash slot on a cluster, concurrently);
-        True where the lease is still ours."""
+    async def _per_slot(
+        self,
+        items: Sequence[K],
+        key: Callable[[K], bytes],
+        renew: Callable[[list[K]], Awaitable[list[bool]]],
+        within: float | None,
+    ) -> list[bool | None]:
+        """Run ``renew`` on the items of each hash slot concurrently, each bounded by ``within``
+        seconds (retries included). On a cluster, a shard that does not answer in time leaves
+        its items' outcome unknown (None) instead of holding up the others: the next period
+        tries again. An error is raised only when no group answered."""
+        groups = self._by_slot(items, key)
+
+        async def group(indexes: list[int]) -> list[bool | None]:
+            try:
+                async with asyncio.timeout(within):
+                    return list(await renew([items[i] for i in indexes]))
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"Redis at {self.where} did not renew within {within:g}s"
+                ) from None
+
+        if len(groups) == 1:
+            return await group(groups[0])
+        parts = await asyncio.gather(*(group(g) for g in groups), return_exceptions=True)
+        answered: list[list[bool | None]] = []
+        for indexes, part in zip(groups, parts, strict=True):
+            if isinstance(part, BaseException):
+                if not isinstance(part, Exception):
+                    raise part
+                log.warning(
+                    "renewal on one hash slot failed (%d held there): %s", len(indexes), part
+                )
+                answered.append([None] * len(indexes))
+            else:
+                answered.append(part)
+        if all(isinstance(part, BaseException) for part in parts):
+            raise next(p for p in parts if isinstance(p, Exception))
+        return _scatter(len(items), groups, answered)
+
+    async def renew(
+        self, leases: Sequence[HeldLeaseRef], within: float | None = None
+    ) -> list[bool | None]:
+        """Renew every lease in one round trip (one per hash slot on a cluster, concurrently):
+        True where the lease is still ours, False where it is lost, None where its shard did not
+        answer within ``within`` seconds (a cluster with other shards answering)."""
         if not leases:
             return []
-        groups = self._by_slot(leases, lambda ref: ref.keys.lease)
-        if len(groups) > 1:
-            parts = await asyncio.gather(*(self.renew([leases[i] for i in g]) for g in groups))
-            return _scatter(len(leases), groups, parts)
+        return await self._per_slot(leases, lambda ref: ref.keys.lease, self._renew_slot, within)
+
+    async def _renew_slot(self, leases: list[HeldLeaseRef]) -> list[bool]:
         keys: list[bytes] = []
         args: list[bytes] = [self._lease_ttl, self._fence_ttl]
         for ref in leases:
@@ -367,17 +409,19 @@ class RedisStore:
         )
         return reply
 
-    async def renew_tickets(self, tickets: Sequence[HeldTicketRef]) -> list[bool]:
-        """Extend every session ticket in one round trip (one per hash slot on a cluster);
-        True where it is still held or queued."""
+    async def renew_tickets(
+        self, tickets: Sequence[HeldTicketRef], within: float | None = None
+    ) -> list[bool | None]:
+        """Extend every session ticket in one round trip (one per hash slot on a cluster):
+        True where it is still held or queued, False where lost, None where unknown (see
+        `renew`)."""
         if not tickets:
             return []
-        groups = self._by_slot(tickets, lambda ref: ref.keys.holders)
-        if len(groups) > 1:
-            parts = await asyncio.gather(
-                *(self.renew_tickets([tickets[i] for i in g]) for g in groups)
-            )
-            return _scatter(len(tickets), groups, parts)
+        return await self._per_slot(
+            tickets, lambda ref: ref.keys.holders, self._renew_tickets_slot, within
+        )
+
+    async def _renew_tickets_slot(self, tickets: list[HeldTicketRef]) -> list[bool]:
         keys: list[bytes] = []
         args: list[bytes | str] = [self._lease_ttl]
         for ref in tickets:

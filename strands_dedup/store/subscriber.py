@@ -531,9 +531,17 @@ class ShardedSubscriber:
         attempts = self._attempts[sub] = self._attempts.get(sub, 0) + 1
         refresh = sub.connects > 0 or attempts > 1 or self._names.get(sub) == "?"
         if refresh:
-            await asyncio.wait_for(
-                self._cluster.nodes_manager.initialize(), self._options["connect_timeout"]
-            )
+            failed = self._names.get(sub)  # the node it last talked to: asked last
+            nodes = self._cluster.nodes_manager
+            try:
+                if failed and failed != "?":
+                    nodes.move_node_to_end_of_cached_nodes(failed)
+                await asyncio.wait_for(
+                    nodes.initialize(last_failed_node_name=failed if failed != "?" else None),
+                    2 * self._options["connect_timeout"],
+                )
+            except Exception as exc:  # go on with the slot map as it is; the next try re-reads
+                log.info("could not re-read the cluster's slot map: %s", exc)
         channels = [ch for ch, state in sub._channels.items() if state.watches]
         if not channels:
             raise StoreUnavailable("no channel left to subscribe to")

@@ -8,7 +8,8 @@ Workers and the fault driver append JSON lines (one record each) to history file
 ``done``   an execution's completion was ``accepted`` (stored) or refused (``LeaseLost``): ``w``,
            ``tok``, ``fence``, ``id``, ``t1``
 ``fault``  the driver injected a fault: ``kind`` (kill, stop, cont, restart, failover,
-           clientkill), ``w`` (the worker, for kill/stop/cont), ``t``
+           clientkill), ``w`` (the worker, for kill/stop/cont), ``t``, and for a failover
+           ``until`` (when every node served again: the fault lasts from ``t`` to then)
 ``left``   after the run, one lease TTL after the faults stopped: ``leases`` still held
 
 Every execution returns ``{"id": <its id>, "fence": <its fence>}``, so a caller's value names the
@@ -51,9 +52,11 @@ def load(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def _faults_on(faults: list[dict[str, Any]], worker: Any, start: float, end: float) -> bool:
-    """A fault that could have cost ``worker`` its lease happened between ``start`` and ``end``."""
+    """A fault that could have cost ``worker`` its lease happened between ``start`` and ``end``
+    (a fault with an ``until`` lasts from ``t`` to then: a failover, until the cluster serves)."""
     return any(
-        start <= f["t"] <= end
+        f["t"] <= end
+        and f.get("until", f["t"]) >= start
         and (f["kind"] in GLOBAL_FAULTS or (f["kind"] in ("kill", "stop") and f.get("w") == worker))
         for f in faults
     )

@@ -112,6 +112,9 @@ def test_every_rule_catches_its_violation() -> None:
     )
     overlap = [execution("w1", "t", 1, "a", 0.0), execution("w2", "t", 2, "b", 0.2)]
     assert rules(overlap) == ["overlap"]
+    # a failover that began before the earlier execution but lasted into it: allowed
+    assert rules([*overlap, {**fault("failover", -0.5), "until": 0.1}]) == []
+    assert rules([*overlap, {**fault("failover", -0.5), "until": -0.1}]) == ["overlap"]
     assert rules([*overlap, fault("kill", 0.1, "w1")]) == []
     assert rules([*overlap, fault("stop", 0.1, "w2")]) == ["overlap"]  # not the earlier's worker
     assert rules([call("w1", "t", 0.0, 12.0, A)]) == ["waited-too-long"]
