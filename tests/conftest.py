@@ -129,6 +129,22 @@ def cluster_setup() -> Iterator[ClusterSetup]:
     setup.close()
 
 
+@pytest.fixture
+def fresh_cluster() -> Iterator[Callable[..., ClusterSetup]]:
+    """``fresh_cluster(*redis_server_args)``: a throwaway cluster of this test's own (to kill
+    nodes in or migrate slots of), stopped at teardown."""
+    need_binaries(REDIS_SERVER, REDIS_CLI)
+    started: list[ClusterSetup] = []
+
+    def start(*args: str) -> ClusterSetup:
+        started.append(ClusterSetup(*args))
+        return started[-1]
+
+    yield start
+    for cluster in started:
+        cluster.close()
+
+
 class Target:
     """Where a multi-process test runs: ``url`` for the deduplicators, ``side_url`` for
     inspecting and synchronizing (a plain ``redis://`` URL of the current primary, or

@@ -15,14 +15,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis
 import redis.asyncio as aredis
 import redis.crc
 from failover import storm_across, until
-from servers import REDIS_CLI, REDIS_SERVER, ClusterSetup, free_port, node_command
+from servers import ClusterSetup, free_port, node_command
 
 from strands_dedup import Deduplicator, LeaseLost, Outcome, Role, StoreUnavailable
 from strands_dedup.admin import Inspector
@@ -271,101 +271,79 @@ async def test_min_replicas_waits_on_the_slots_primary(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(
-    REDIS_SERVER is None or REDIS_CLI is None, reason="redis-server and redis-cli are needed"
-)
-async def test_waiters_follow_their_channel_when_its_slot_migrates(namespace: str) -> None:
-    cluster = ClusterSetup()
-    try:
-        keys = KeySchema(namespace).for_token("tok")
+async def test_waiters_follow_their_channel_when_its_slot_migrates(
+    namespace: str, fresh_cluster: Callable[..., ClusterSetup]
+) -> None:
+    cluster = fresh_cluster()
+    keys = KeySchema(namespace).for_token("tok")
 
-        async def migrate(others: Deduplicator) -> None:
-            source = cluster.primary_port_for(keys.lease)
-            target = next(n.port for n in cluster.nodes if n.port != source and is_primary(n.port))
-            connects = others._subscriber.connects
-            cluster.migrate_slot(redis.crc.key_slot(keys.lease), source, target)
-            # the source drops the shard channel's subscribers; they move to the new shard
-            await until(lambda: others._subscriber.connects > connects, 10, "resubscribed")
-            await until(lambda: shard_listeners(target, keys.channel) == 1, 10, "moved")
-            assert shard_listeners(source, keys.channel) == 0
+    async def migrate(others: Deduplicator) -> None:
+        source = cluster.primary_port_for(keys.lease)
+        target = next(n.port for n in cluster.nodes if n.port != source and is_primary(n.port))
+        connects = others._subscriber.connects
+        cluster.migrate_slot(redis.crc.key_slot(keys.lease), source, target)
+        # the source drops the shard channel's subscribers; they move to the new shard
+        await until(lambda: others._subscriber.connects > connects, 10, "resubscribed")
+        await until(lambda: shard_listeners(target, keys.channel) == 1, 10, "moved")
+        assert shard_listeners(source, keys.channel) == 0
 
-        await storm_across(cluster.url, namespace, migrate, waiters=20, lease_ttl=2)
-    finally:
-        cluster.close()
+    await storm_across(cluster.url, namespace, migrate, waiters=20, lease_ttl=2)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(
-    REDIS_SERVER is None or REDIS_CLI is None, reason="redis-server and redis-cli are needed"
-)
-async def test_health_checks_every_primary(namespace: str) -> None:
-    cluster = ClusterSetup()
-    try:
-        async with Deduplicator.from_url(cluster.url, namespace=namespace, metrics=False) as dedup:
-            assert (await dedup.health()).ok
-            default = dedup._store.cluster.get_default_node().port  # type: ignore[union-attr]
-            doomed = next(n for n in cluster.nodes if n.port != default and is_primary(n.port))
-            assert doomed.proc is not None
-            doomed.proc.kill()  # not the node a lone PING would go to
-            doomed.proc.wait()
-            doomed.proc = None
-            health = await dedup.health()
-            assert not health.store_reachable and health.error, health
-            deadline = time.monotonic() + 30
-            while not (health := await dedup.health()).ok:  # its replica takes over
-                assert time.monotonic() < deadline, health
-                await asyncio.sleep(0.1)
-            assert (await dedup.execute("t", lambda: 1)).value == 1
-    finally:
-        cluster.close()
-
-
-@contextlib.asynccontextmanager
-async def shard_down(
-    namespace: str,
-) -> AsyncIterator[tuple[dict[str, Outcome[str] | BaseException], list[str]]]:
-    """On a cluster that keeps serving without full coverage, hold three tokens per shard with
-    duplicates waiting, SIGKILL one shard's primary, wait for its replica to take over and 2.5
-    lease TTLs more, then let the calls finish. Yields the primaries' outcomes by token and
-    the healthy shards' tokens."""
-    cluster = ClusterSetup("--cluster-require-full-coverage", "no")
-    try:
-        shards = tokens_per_shard(cluster, namespace, 3)
-        doomed = sorted(shards)[0]
-        healthy = [t for port, group in shards.items() if port != doomed for t in group]
-        tokens = [t for group in shards.values() for t in group]
-        async with holding(cluster.url, namespace, tokens, tokens, lease_ttl=1) as state:
-            node = cluster.node(doomed)
-            assert node.proc is not None
-            node.proc.kill()
-            node.proc.wait()
-            node.proc = None
-            await until(lambda: doomed not in cluster.primaries(), 30, "a replica takes over")
-            await asyncio.sleep(2.5)  # 2.5 lease TTLs more: only renewals keep leases alive
-            outcomes = await state.settle()
-            again = await state.primary.execute(shards[doomed][0], lambda: "later")
-            assert again.role in (Role.REPLAY, Role.PRIMARY)  # the shard serves again
-        by_token: dict[str, list[Outcome[str] | BaseException]] = {t: [] for t in tokens}
-        for token, outcome in zip(tokens + tokens, outcomes, strict=True):
-            by_token[token].append(outcome)
-        for token, seen in by_token.items():  # whoever got a value got the same one
-            values = {o.value for o in seen if isinstance(o, Outcome)}
-            assert len(values) == 1, (token, seen)
-            assert all(isinstance(o, (Outcome, LeaseLost)) for o in seen), (token, seen)
-        yield {t: by_token[t][0] for t in tokens}, healthy
-    finally:
-        cluster.close()
+async def test_health_checks_every_primary(
+    namespace: str, fresh_cluster: Callable[..., ClusterSetup]
+) -> None:
+    cluster = fresh_cluster()
+    async with Deduplicator.from_url(cluster.url, namespace=namespace, metrics=False) as dedup:
+        assert (await dedup.health()).ok
+        default = dedup._store.cluster.get_default_node().port  # type: ignore[union-attr]
+        doomed = next(n for n in cluster.nodes if n.port != default and is_primary(n.port))
+        assert doomed.proc is not None
+        doomed.proc.kill()  # not the node a lone PING would go to
+        doomed.proc.wait()
+        doomed.proc = None
+        health = await dedup.health()
+        assert not health.store_reachable and health.error, health
+        deadline = time.monotonic() + 30
+        while not (health := await dedup.health()).ok:  # its replica takes over
+            assert time.monotonic() < deadline, health
+            await asyncio.sleep(0.1)
+        assert (await dedup.execute("t", lambda: 1)).value == 1
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-@pytest.mark.skipif(
-    REDIS_SERVER is None or REDIS_CLI is None, reason="redis-server and redis-cli are needed"
-)
-async def test_a_dead_shard_does_not_cost_the_leases_on_the_other_shards(namespace: str) -> None:
-    async with shard_down(namespace) as (firsts, healthy):
-        for token in healthy:  # renewed every period while the other shard was down
-            first = firsts[token]
+async def test_a_dead_shard_does_not_cost_the_leases_on_the_other_shards(
+    namespace: str, fresh_cluster: Callable[..., ClusterSetup]
+) -> None:
+    # without full coverage the other shards keep serving while one has no primary; hold three
+    # tokens per shard with duplicates waiting, SIGKILL one shard's primary, wait for its replica
+    # to take over and 2.5 lease TTLs more, then let the calls finish
+    cluster = fresh_cluster("--cluster-require-full-coverage", "no")
+    shards = tokens_per_shard(cluster, namespace, 3)
+    doomed = sorted(shards)[0]
+    tokens = [t for group in shards.values() for t in group]
+    async with holding(cluster.url, namespace, tokens, tokens, lease_ttl=1) as state:
+        node = cluster.node(doomed)
+        assert node.proc is not None
+        node.proc.kill()
+        node.proc.wait()
+        node.proc = None
+        await until(lambda: doomed not in cluster.primaries(), 30, "a replica takes over")
+        await asyncio.sleep(2.5)  # 2.5 lease TTLs more: only renewals keep leases alive
+        outcomes = await state.settle()
+        again = await state.primary.execute(shards[doomed][0], lambda: "later")
+        assert again.role in (Role.REPLAY, Role.PRIMARY)  # the shard serves again
+    seen: dict[str, list[Outcome[str] | BaseException]] = {t: [] for t in tokens}
+    for token, outcome in zip(tokens + tokens, outcomes, strict=True):
+        seen[token].append(outcome)
+    for token, outs in seen.items():  # whoever got a value got the same one
+        assert len({o.value for o in outs if isinstance(o, Outcome)}) == 1, (token, outs)
+        assert all(isinstance(o, (Outcome, LeaseLost)) for o in outs), (token, outs)
+    for port, group in shards.items():
+        for token in group if port != doomed else []:  # renewed every period meanwhile
+            first = seen[token][0]
             assert isinstance(first, Outcome) and (first.role, first.fence) == (Role.PRIMARY, 1)
 
 
@@ -384,41 +362,35 @@ async def test_an_explicit_cluster_client_is_accepted(
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(
-    REDIS_SERVER is None or REDIS_CLI is None, reason="redis-server and redis-cli are needed"
-)
 @pytest.mark.parametrize("min_replicas", [0, 1])
 async def test_a_failover_of_the_tokens_primary_during_a_storm_loses_no_waiter(
-    namespace: str, min_replicas: int
+    namespace: str, min_replicas: int, fresh_cluster: Callable[..., ClusterSetup]
 ) -> None:
-    cluster = ClusterSetup()
-    try:
-        keys = KeySchema(namespace).for_token("tok")
+    cluster = fresh_cluster()
+    keys = KeySchema(namespace).for_token("tok")
 
-        async def fail_over(others: Deduplicator) -> None:
-            doomed = cluster.primary_port_for(keys.lease)
-            side = redis.Redis(port=doomed)
-            assert side.execute_command("WAIT", 1, 2000) == 1  # the claim is on the replica
-            side.close()
-            connects = others._subscriber.connects
-            node = cluster.node(doomed)
-            assert node.proc is not None
-            node.proc.kill()  # the token's primary dies: the cluster promotes its replica
-            node.proc.wait()
-            node.proc = None
+    async def fail_over(others: Deduplicator) -> None:
+        doomed = cluster.primary_port_for(keys.lease)
+        side = redis.Redis(port=doomed)
+        assert side.execute_command("WAIT", 1, 2000) == 1  # the claim is on the replica
+        side.close()
+        connects = others._subscriber.connects
+        node = cluster.node(doomed)
+        assert node.proc is not None
+        node.proc.kill()  # the token's primary dies: the cluster promotes its replica
+        node.proc.wait()
+        node.proc = None
 
-            def promoted() -> bool:
-                try:
-                    return cluster.primary_port_for(keys.lease) != doomed
-                except LookupError:
-                    return False
+        def promoted() -> bool:
+            try:
+                return cluster.primary_port_for(keys.lease) != doomed
+            except LookupError:
+                return False
 
-            await until(promoted, 30, "a replica takes over the slot")
-            await until(lambda: others._subscriber.connects > connects, 30, "waiters resubscribe")
+        await until(promoted, 30, "a replica takes over the slot")
+        await until(lambda: others._subscriber.connects > connects, 30, "waiters resubscribe")
 
-        # with min_replicas=1 the completion's WAIT goes to the slot's new primary directly
-        await storm_across(
-            cluster.url, namespace, fail_over, min_replicas=min_replicas, replica_timeout=2
-        )
-    finally:
-        cluster.close()
+    # with min_replicas=1 the completion's WAIT goes to the slot's new primary directly
+    await storm_across(
+        cluster.url, namespace, fail_over, min_replicas=min_replicas, replica_timeout=2
+    )
