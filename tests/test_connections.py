@@ -155,3 +155,57 @@ async def test_redis_restart_is_survived(
             await dedup.execute("b", lambda: 2)
         server.start()
         assert (await dedup.execute("b", lambda: 2)).role is Role.PRIMARY
+
+
+async def test_a_claim_that_returns_late_is_checked_before_the_call_runs(
+    redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first claim's reply comes back a whole lease TTL after Redis set the lease (a stalled
+    # process, a slow network): meanwhile the lease ran out and another caller took the token.
+    # The late claim is checked (claimed again, same owner) before the call runs: it sees the
+    # other holder and waits, then takes over when that lease runs out.
+    import strands_dedup.store.redis as store_module
+
+    clock = {"skew": 0.0}
+
+    class LateClock:
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() + clock["skew"]
+
+    options = {"namespace": namespace, "lease_ttl": 1, "metrics": False}
+    async with (
+        Deduplicator.from_url(redis_url, **options) as dedup,
+        Deduplicator.from_url(redis_url, **options) as other,
+    ):
+        store = dedup._store
+        first_claim = store._claim
+        calls = 0
+
+        async def late_claim(*args: object, **kwargs: object) -> object:
+            nonlocal calls
+            reply = await first_claim(*args, **kwargs)
+            calls += 1
+            if calls == 1:  # the lease runs out and another caller claims the token
+                keys = other._keys.for_token("tok")
+                await other._store.client.delete(keys.lease)
+                taken = await other._store.claim(
+                    keys, other._new_owner(), other._lease_meta(keys, None)
+                )
+                assert taken[0] == b"C" and taken[1] == 2
+                clock["skew"] += 1.0
+            return reply
+
+        monkeypatch.setattr(store, "_claim", late_claim)
+        monkeypatch.setattr(store_module, "time", LateClock)
+        runs = 0
+
+        def call() -> str:
+            nonlocal runs
+            runs += 1
+            return "mine"
+
+        outcome = await asyncio.wait_for(dedup.execute("tok", call), 10)
+    assert runs == 1
+    # not fence 1 (that would have run alongside the other holder's fence 2)
+    assert (outcome.role, outcome.fence) == (Role.TAKEOVER, 3)

@@ -6,6 +6,7 @@ through the ``target`` fixture.)
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -58,3 +59,46 @@ async def test_min_replicas_waits_for_the_replica(
         assert time.monotonic() - started >= 0.2  # it waited for a second replica
     assert outcome.value == {"n": 3}
     assert "only 1 of 2 replicas acknowledged" in caplog.text
+
+
+@pytest.mark.timeout(60)
+async def test_a_claims_wait_for_replicas_costs_at_most_a_quarter_of_the_lease(
+    sentinel_setup: SentinelSetup, namespace: str
+) -> None:
+    # two replicas wanted, one exists: WAIT runs to its timeout, which for a claim is capped at
+    # a quarter of the lease (not replica_timeout), so the lease is still alive when the call
+    # starts and renewals keep it: the duplicate waits instead of taking over
+    options = {
+        "namespace": namespace,
+        "min_replicas": 2,
+        "replica_timeout": 3,
+        "lease_ttl": 1,
+        "metrics": False,
+    }
+    async with (
+        Deduplicator.from_url(sentinel_setup.url, **options) as first,
+        Deduplicator.from_url(sentinel_setup.url, **options) as second,
+    ):
+        gate = asyncio.Event()
+        runs = 0
+
+        async def call() -> str:
+            nonlocal runs
+            runs += 1
+            await gate.wait()
+            return "once"
+
+        started = time.monotonic()
+        primary = asyncio.create_task(first.execute("tok", call))
+        await until(lambda: runs == 1, 10, "the call runs")
+        assert time.monotonic() - started < 1.0  # WAIT capped at 0.25 s, not 3 s
+        duplicate = asyncio.create_task(second.execute("tok", call))
+        await until(lambda: second._subscriber.listening == 1, 10, "the duplicate waits")
+        await asyncio.sleep(1.5)  # 1.5 lease TTLs: only renewals keep the lease
+        gate.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(primary, duplicate), 20)
+    assert runs == 1
+    assert [(o.role, o.fence, o.value) for o in outcomes] == [
+        (Role.PRIMARY, 1, "once"),
+        (Role.WAITER, 1, "once"),
+    ]

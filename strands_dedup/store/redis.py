@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar, cast
@@ -130,6 +131,7 @@ class RedisStore:
         self._lease_ttl = str(config.lease_ttl_ms).encode()
         self._result_ttl = str(config.result_ttl_ms).encode()
         self._fence_ttl = str(config.fence_ttl_ms).encode()
+        self._renew_after = config.effective_renew_interval
 
     # -- error handling ---------------------------------------------------------------------
 
@@ -216,12 +218,14 @@ class RedisStore:
 
     # -- operations -------------------------------------------------------------------------
 
-    async def _replicated(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+    async def _replicated(
+        self, script: Any, keys: Sequence[bytes], args: Sequence[Any], timeout: float
+    ) -> Any:
         """Run ``script``, then ``WAIT`` for ``min_replicas`` on the same connection (one round
-        trip). Fewer acknowledgements within ``replica_timeout`` are logged, not raised: WAIT
-        narrows the window in which a failover can lose a write; it cannot close it."""
+        trip). Fewer acknowledgements within ``timeout`` are logged, not raised: WAIT narrows
+        the window in which a failover can lose a write; it cannot close it."""
         wanted = self._config.min_replicas
-        wait = ("WAIT", wanted, int(self._config.replica_timeout * 1000))
+        wait = ("WAIT", wanted, max(1, int(timeout * 1000)))
         if self.cluster is not None:
             reply, acked = await self._on_slot_primary(script, keys, args, wait)
         else:
@@ -234,7 +238,7 @@ class RedisStore:
                 "only %s of %d replicas acknowledged a write within %gs",
                 acked,
                 wanted,
-                self._config.replica_timeout,
+                timeout,
             )
         return reply
 
@@ -306,10 +310,21 @@ class RedisStore:
         """Run claim.lua; see its header for the reply."""
         args = (owner, self._lease_ttl, meta, self._fence_ttl)
         names = (keys.lease, keys.fence, keys.result)
+        started = time.monotonic()
         if self._config.min_replicas:
-            reply: list[Any] = await self._run(lambda: self._replicated(self._claim, names, args))
-            return reply
-        reply = await self._run(lambda: self._claim(keys=names, args=args))
+            # the lease runs while WAIT waits: a quarter of it at most
+            wait = min(self._config.replica_timeout, self._config.lease_ttl / 4)
+            reply: list[Any] = await self._run(
+                lambda: self._replicated(self._claim, names, args, wait)
+            )
+        else:
+            reply = await self._run(lambda: self._claim(keys=names, args=args))
+        if _is_claimed(reply) and time.monotonic() - started > self._renew_after:
+            # The claim took a renewal period or more (retries, a slow WAIT): part of the lease
+            # is gone, and the renewer would only extend it one period from now. Claim again
+            # with the same owner: it extends the lease if it is still ours, or reports who
+            # took the token after it ran out.
+            reply = await self._run(lambda: self._claim(keys=names, args=args))
         return reply
 
     async def settle(
@@ -327,8 +342,9 @@ class RedisStore:
         )
         names = (keys.lease, keys.fence, keys.result)
         if self._config.min_replicas:
+            wait = self._config.replica_timeout
             reply = await self._run(
-                lambda: self._replicated(self._settle, names, args), priority=True
+                lambda: self._replicated(self._settle, names, args, wait), priority=True
             )
         else:
             reply = await self._run(lambda: self._settle(keys=names, args=args), priority=True)
@@ -564,6 +580,10 @@ class RedisStore:
         from .connect import close_client
 
         await close_client(self.client)
+
+
+def _is_claimed(reply: Any) -> bool:
+    return isinstance(reply, list) and bool(reply) and reply[0] in (b"C", "C")
 
 
 def _bytes(value: Any) -> bytes:
