@@ -504,7 +504,8 @@ class Deduplicator:
         started = time.monotonic()
         error = None
         try:
-            await asyncio.wait_for(self._store.probe(), self.config.connect_timeout)
+            async with asyncio.timeout(self.config.connect_timeout):
+                await self._store.probe()
             latency: float | None = (time.monotonic() - started) * 1000
         except Exception as exc:
             latency, error = None, f"{type(exc).__name__}: {exc}"

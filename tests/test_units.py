@@ -228,3 +228,26 @@ def test_signed_pickle_checks_the_signature_before_unpickling() -> None:
         ser.loads(data[:-1] + b"X", Any)
     with pytest.raises(ValueError, match="16 bytes"):
         SignedPickleSerializer(b"short")
+
+
+# -- the shared subscriber ----------------------------------------------------------------------
+
+
+async def test_a_cancel_that_arrives_with_the_subscription_confirmation_is_not_lost() -> None:
+    # The confirmation and the caller's cancellation land in the same loop iteration: the
+    # waiter must end cancelled (on Python 3.11 asyncio.wait_for returned normally here, and a
+    # cancelled session waiter went on waiting in the queue).
+    import asyncio
+
+    from strands_dedup.store.subscriber import Subscriber
+
+    sub = Subscriber(lambda: None, decode=decode_message, connect_timeout=1, give_up_after=1)
+    sub._start = lambda loop: None  # type: ignore[method-assign]  # no connection: driven by hand
+    watch = sub.register(b"chan")
+    waiting = asyncio.ensure_future(watch.ready(10))
+    await asyncio.sleep(0)  # the waiter now awaits the confirmation
+    sub._channels[b"chan"].ready.set_result(None)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    watch.close()

@@ -281,9 +281,8 @@ class RedisStore:
         except (rex.ConnectionError, rex.TimeoutError, OSError):
             # the node may be gone: read the slot map again before the retry
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self.cluster.nodes_manager.initialize(), self._config.connect_timeout
-                )
+                async with asyncio.timeout(self._config.connect_timeout):
+                    await self.cluster.nodes_manager.initialize()
             raise
         finally:
             if broken:
@@ -565,14 +564,10 @@ class RedisStore:
         pool = self.client.connection_pool
         return _subscriber_connection(pool.connection_class, pool.connection_kwargs)
 
-    async def shard_connection(self, channel: bytes, *, refresh: bool) -> Any:
+    def shard_connection(self, channel: bytes) -> Any:
         """Cluster: a dedicated RESP2 connection to the primary serving ``channel``'s slot, for
-        a sharded subscriber. ``refresh`` re-reads the slot map first (after a failover)."""
+        a sharded subscriber."""
         assert self.cluster is not None
-        if refresh:
-            await asyncio.wait_for(
-                self.cluster.nodes_manager.initialize(), self._config.connect_timeout
-            )
         node = self.slot_primary(channel)
         return _subscriber_connection(node.connection_class, node.connection_kwargs)
 

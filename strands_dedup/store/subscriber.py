@@ -90,7 +90,10 @@ class Watch:
             state.ready.result()
             return
         try:
-            await asyncio.wait_for(asyncio.shield(state.ready), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the subscription is confirmed, and the caller would wait on
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(state.ready)
         except TimeoutError:
             return  # the caller's own deadline logic decides what happens next
 
@@ -315,9 +318,11 @@ class Subscriber:
     async def _connect(self) -> None:
         conn = self._new_connection()
         if inspect.isawaitable(conn):
-            conn = await asyncio.wait_for(conn, self._connect_timeout)
+            async with asyncio.timeout(self._connect_timeout):
+                conn = await conn
         try:
-            await asyncio.wait_for(conn.connect(), self._connect_timeout)
+            async with asyncio.timeout(self._connect_timeout):
+                await conn.connect()
         except BaseException:
             with contextlib.suppress(Exception):
                 await conn.disconnect(nowait=True)
@@ -536,10 +541,8 @@ class ShardedSubscriber:
             try:
                 if failed and failed != "?":
                     nodes.move_node_to_end_of_cached_nodes(failed)
-                await asyncio.wait_for(
-                    nodes.initialize(last_failed_node_name=failed if failed != "?" else None),
-                    2 * self._options["connect_timeout"],
-                )
+                async with asyncio.timeout(2 * self._options["connect_timeout"]):
+                    await nodes.initialize(last_failed_node_name=failed if failed != "?" else None)
             except Exception as exc:  # go on with the slot map as it is; the next try re-reads
                 log.info("could not re-read the cluster's slot map: %s", exc)
         channels = [ch for ch, state in sub._channels.items() if state.watches]
@@ -559,7 +562,7 @@ class ShardedSubscriber:
                     continue
                 for watch in sub._give_away(channel):
                     target._adopt(watch)
-        conn = await self._store.shard_connection(channels[0], refresh=False)
+        conn = self._store.shard_connection(channels[0])
         self._attempts[sub] = 0
         return conn
 
