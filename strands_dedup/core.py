@@ -577,6 +577,8 @@ class Deduplicator:
             except Exception as exc:  # best effort: counters are not part of the protocol
                 log.debug("could not publish counters: %s", exc)
                 self._observer.changed = True
+            if self._closed:  # closed meanwhile: the driver may have swallowed the cancel
+                return
             await asyncio.sleep(interval)
 
     # -- the protocol (shared with SyncDeduplicator) -----------------------------------------

@@ -60,6 +60,8 @@ async def test_password_and_acl_users(
                 await d.execute("t", lambda: 1)
             assert time.monotonic() - started < 1, "credential errors are not retried"
             assert "wrong" not in str(info.value)
+        # and closing does not wait out the counters' publisher (refused the same way)
+        assert time.monotonic() - started < 2
 
 
 async def test_unix_socket_url(redis_server_factory: type[RedisServer], namespace: str) -> None:
