@@ -556,10 +556,9 @@ class ShardedSubscriber:
             self._names[sub] = home
             self._shards.setdefault(home, sub)
         for channel in channels[1:]:
-            if self._node_name(channel) != home:
-                target = self._shard(self._node_name(channel))
-                if target is sub:
-                    continue
+            name = self._node_name(channel)
+            target = self._shard(name) if name != home else sub
+            if target is not sub:
                 for watch in sub._give_away(channel):
                     target._adopt(watch)
         conn = self._store.shard_connection(channels[0])
@@ -569,7 +568,7 @@ class ShardedSubscriber:
     @property
     def connected(self) -> bool:
         """Every shard subscriber with waiters is connected."""
-        return all(sub.connected for sub in self._shards.values() if sub.waiters)
+        return all(sub.connected for sub in self._names if sub.waiters)
 
     @property
     def connects(self) -> int:
