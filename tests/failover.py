@@ -22,6 +22,20 @@ async def until(
         await asyncio.sleep(every)
 
 
+class Gated:
+    """A call that counts its runs and returns ``value`` once ``gate`` is set."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.gate = asyncio.Event()
+        self.runs = 0
+
+    async def __call__(self) -> Any:
+        self.runs += 1
+        await self.gate.wait()
+        return self.value
+
+
 async def storm_across(
     url: str,
     namespace: str,
@@ -47,23 +61,15 @@ async def storm_across(
         Deduplicator.from_url(url, **settings) as primary,
         Deduplicator.from_url(url, **settings) as others,
     ):
-        gate = asyncio.Event()
-        runs = 0
-
-        async def call() -> dict[str, str]:
-            nonlocal runs
-            runs += 1
-            await gate.wait()
-            return {"by": "primary"}
-
+        call = Gated({"by": "primary"})
         first = asyncio.create_task(primary.execute("tok", call))
-        await until(lambda: runs == 1, 10, "the primary runs")
+        await until(lambda: call.runs == 1, 10, "the primary runs")
         duplicates = [asyncio.create_task(others.execute("tok", call)) for _ in range(waiters)]
         await until(lambda: others._subscriber.listening == waiters, 10, "the duplicates wait")
         await disrupt(others)
-        gate.set()
+        call.gate.set()
         outcomes = await asyncio.wait_for(asyncio.gather(first, *duplicates), 60)
-    assert runs == 1
+    assert call.runs == 1
     assert outcomes[0].role is Role.PRIMARY
     assert all(o.value == {"by": "primary"} for o in outcomes)
     assert {o.role for o in outcomes[1:]} == {Role.WAITER}

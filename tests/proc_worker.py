@@ -31,9 +31,8 @@ import os
 import sys
 from typing import Any
 
-import redis.asyncio as aredis
-
-from strands_dedup import Deduplicator, Outcome
+from strands_dedup import DedupConfig, Deduplicator, Outcome
+from strands_dedup.store import Client, client_from_url
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -49,7 +48,7 @@ def emit_error(exc: BaseException) -> None:
     emit("error", type=type(exc).__name__, message=str(exc))
 
 
-async def storm(args: argparse.Namespace, side: aredis.Redis | aredis.RedisCluster) -> None:
+async def storm(args: argparse.Namespace, side: Client) -> None:
     """``--calls`` concurrent calls of TOKEN, each taking ``--seconds``, after the barrier."""
 
     async def call() -> dict[str, Any]:
@@ -76,7 +75,7 @@ async def storm(args: argparse.Namespace, side: aredis.Redis | aredis.RedisClust
         emit("finished")
 
 
-async def hold(args: argparse.Namespace, side: aredis.Redis | aredis.RedisCluster) -> None:
+async def hold(args: argparse.Namespace, side: Client) -> None:
     """One call of TOKEN that says it started and finishes when a line arrives on stdin."""
 
     async def call() -> dict[str, Any]:
@@ -97,7 +96,7 @@ async def hold(args: argparse.Namespace, side: aredis.Redis | aredis.RedisCluste
         emit("finished")
 
 
-async def stream(args: argparse.Namespace, side: aredis.Redis | aredis.RedisCluster) -> None:
+async def stream(args: argparse.Namespace, side: Client) -> None:
     """Stream TOKEN: ``--calls`` chunks ``{"pid", "i"}``, one every ``--seconds``; reports
     ``streaming`` after the third chunk."""
 
@@ -132,12 +131,7 @@ async def main(argv: list[str]) -> None:
     )
     args = parser.parse_args(argv)
     side_url = args.side_url or args.url
-    side: aredis.Redis | aredis.RedisCluster
-    if side_url.startswith("redis+cluster://"):
-        first = side_url.split("://", 1)[1].split(",", 1)[0].split("/", 1)[0]
-        side = aredis.RedisCluster.from_url(f"redis://{first}", client_name="proc-worker-side")
-    else:
-        side = aredis.Redis.from_url(side_url, client_name="proc-worker-side")
+    side = client_from_url(side_url, DedupConfig(), client_name="proc-worker-side")
     try:
         await {"storm": storm, "hold": hold, "stream": stream}[args.mode](args, side)
     finally:

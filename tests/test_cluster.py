@@ -21,7 +21,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 import redis.crc
-from failover import storm_across, until
+from failover import Gated, storm_across, until
 from servers import ClusterSetup, free_port, node_command
 
 from strands_dedup import Deduplicator, LeaseLost, Outcome, Role, StoreUnavailable
@@ -61,18 +61,15 @@ def shard_listeners(port: int, channel: bytes) -> int:
 
 
 class Holding:
-    """``primary`` runs each of ``tokens`` until ``gate`` is set; ``other`` has duplicates of
-    them waiting (`holding`)."""
+    """``primary`` runs each of ``tokens`` (`slow`) until its gate is set; ``other`` has
+    duplicates of them waiting (`holding`)."""
 
     def __init__(self, primary: Deduplicator, other: Deduplicator) -> None:
         self.primary, self.other = primary, other
-        self.gate = asyncio.Event()
+        self.slow = Gated("done")
+        self.gate = self.slow.gate
         self.held: list[asyncio.Task[Outcome[str]]] = []
         self.waiting: list[asyncio.Task[Outcome[str]]] = []
-
-    async def slow(self) -> str:
-        await self.gate.wait()
-        return "done"
 
     async def finish(self) -> list[Outcome[str]]:
         self.gate.set()

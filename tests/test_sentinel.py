@@ -11,7 +11,7 @@ import time
 
 import pytest
 import redis
-from failover import storm_across, until
+from failover import Gated, storm_across, until
 from servers import REDIS_SERVER, SentinelSetup
 
 from strands_dedup import Deduplicator, Role
@@ -79,25 +79,17 @@ async def test_a_claims_wait_for_replicas_costs_at_most_a_quarter_of_the_lease(
         Deduplicator.from_url(sentinel_setup.url, **options) as first,
         Deduplicator.from_url(sentinel_setup.url, **options) as second,
     ):
-        gate = asyncio.Event()
-        runs = 0
-
-        async def call() -> str:
-            nonlocal runs
-            runs += 1
-            await gate.wait()
-            return "once"
-
+        call = Gated("once")
         started = time.monotonic()
         primary = asyncio.create_task(first.execute("tok", call))
-        await until(lambda: runs == 1, 10, "the call runs")
+        await until(lambda: call.runs == 1, 10, "the call runs")
         assert time.monotonic() - started < 1.0  # WAIT capped at 0.25 s, not 3 s
         duplicate = asyncio.create_task(second.execute("tok", call))
         await until(lambda: second._subscriber.listening == 1, 10, "the duplicate waits")
         await asyncio.sleep(1.5)  # 1.5 lease TTLs: only renewals keep the lease
-        gate.set()
+        call.gate.set()
         outcomes = await asyncio.wait_for(asyncio.gather(primary, duplicate), 20)
-    assert runs == 1
+    assert call.runs == 1
     assert [(o.role, o.fence, o.value) for o in outcomes] == [
         (Role.PRIMARY, 1, "once"),
         (Role.WAITER, 1, "once"),

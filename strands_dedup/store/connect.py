@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aredis
@@ -53,13 +53,7 @@ def client_from_url(
             "unix://, redis+sentinel://host:port[,host:port...]/service, "
             "redis+cluster://host:port[,host:port...] or memory:// (embedded)"
         )
-    options: dict[str, Any] = {
-        "max_connections": config.max_connections,
-        "socket_connect_timeout": config.connect_timeout,
-        "client_name": client_name,
-        "protocol": 2,
-        "retry": Retry(NoBackoff(), 0),
-    }
+    options = _options(config, client_name)
     if scheme == "unix":
         options.pop("socket_connect_timeout")
     pool = aredis.ConnectionPool.from_url(url, **options)
@@ -82,16 +76,43 @@ def _memory_client(url: str, config: DedupConfig, client_name: str) -> aredis.Re
     return client
 
 
-def _addresses(hosts: str, url: str, what: str) -> list[tuple[str, int]]:
-    found: list[tuple[str, int]] = []
+def _options(config: DedupConfig, client_name: str) -> dict[str, Any]:
+    """What every client built here shares: the pool bound, the connect timeout, RESP2, no
+    retries of its own (strands-dedup retries what is safe to repeat)."""
+    return {
+        "max_connections": config.max_connections,
+        "socket_connect_timeout": config.connect_timeout,
+        "client_name": client_name,
+        "protocol": 2,
+        "retry": Retry(NoBackoff(), 0),
+    }
+
+
+class _MultiHost(NamedTuple):
+    """``scheme://[user:password@]host:port[,host:port...][/path]``, the path without query."""
+
+    addresses: list[tuple[str, int]]
+    path: str
+    username: str | None
+    password: str | None
+
+
+def _multi_host(url: str, what: str) -> _MultiHost:
+    rest = url.split("://", 1)[1]
+    credentials, _, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    addresses: list[tuple[str, int]] = []
     for host in hosts.split(","):
         name, _, port = host.strip().rpartition(":")
         if not name or not port.isdigit():
             raise ValueError(
                 f"unusable {what} address {host!r} in {describe_url(url)!r}: use host:port"
             )
-        found.append((name.strip("[]"), int(port)))
-    return found
+        addresses.append((name.strip("[]"), int(port)))
+    username, _, password = credentials.partition(":")
+    return _MultiHost(
+        addresses, path.split("?", 1)[0], unquote(username) or None, unquote(password) or None
+    )
 
 
 def _cluster_client(url: str, config: DedupConfig, client_name: str) -> aredis.RedisCluster:
@@ -103,32 +124,19 @@ def _cluster_client(url: str, config: DedupConfig, client_name: str) -> aredis.R
     """
     from redis.asyncio.cluster import ClusterNode
 
-    scheme, rest = url.split("://", 1)
-    credentials, _, rest = rest.rpartition("@")
-    hosts, _, path = rest.partition("/")
-    path = path.split("?", 1)[0].strip("/")
+    parts = _multi_host(url, "cluster node")
+    path = parts.path.strip("/")
     if path not in ("", "0"):
         raise ValueError(
             f"{describe_url(url)!r} names database {path!r}: a Redis Cluster has database 0 only"
         )
-    username, _, password = credentials.partition(":")
-    options: dict[str, Any] = {
-        "max_connections": config.max_connections,
-        "socket_connect_timeout": config.connect_timeout,
-        "socket_timeout": None,
-        "client_name": client_name,
-        "protocol": 2,
-        "retry": Retry(NoBackoff(), 0),
-        "username": unquote(username) or None,
-        "password": unquote(password) or None,
-    }
-    if scheme.lower() == "rediss+cluster":
-        options["ssl"] = True
     return aredis.RedisCluster(
-        startup_nodes=[
-            ClusterNode(host, port) for host, port in _addresses(hosts, url, "cluster node")
-        ],
-        **options,
+        startup_nodes=[ClusterNode(host, port) for host, port in parts.addresses],
+        socket_timeout=None,
+        username=parts.username,
+        password=parts.password,
+        ssl=url.lower().startswith("rediss+cluster://"),
+        **_options(config, client_name),
     )
 
 
@@ -140,35 +148,26 @@ def _sentinel_client(url: str, config: DedupConfig, client_name: str) -> aredis.
     """
     from redis.asyncio.sentinel import Sentinel
 
-    rest = url.split("://", 1)[1]
-    credentials, _, rest = rest.rpartition("@")
-    hosts, _, path = rest.partition("/")
-    path = path.split("?", 1)[0]
-    service, _, db = path.partition("/")
-    sentinels = _addresses(hosts, url, "Sentinel")
+    parts = _multi_host(url, "Sentinel")
+    service, _, db = parts.path.partition("/")
     if not service:
         raise ValueError(
             f"{describe_url(url)!r} names no service: redis+sentinel://host:port/service_name"
         )
     if db and not db.isdigit():
         raise ValueError(f"database {db!r} in {describe_url(url)!r} is not a number")
-    username, _, password = credentials.partition(":")
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        sentinels,
+        parts.addresses,
         socket_connect_timeout=config.connect_timeout,
         socket_timeout=config.connect_timeout,
     )
     client: aredis.Redis = sentinel.master_for(
         service,
         redis_class=aredis.Redis,
-        max_connections=config.max_connections,
-        socket_connect_timeout=config.connect_timeout,
-        client_name=client_name,
-        protocol=2,
-        retry=Retry(NoBackoff(), 0),
-        username=unquote(username) or None,
-        password=unquote(password) or None,
+        username=parts.username,
+        password=parts.password,
         db=int(db or 0),
+        **_options(config, client_name),
     )
     SENTINELS[id(client)] = sentinel
     return client

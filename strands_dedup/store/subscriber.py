@@ -514,7 +514,8 @@ class ShardedSubscriber:
         }
         self._shards: dict[str, Subscriber] = {}
         self._names: dict[Subscriber, str] = {}
-        self._attempts: dict[Subscriber, int] = {}
+        self._tried: set[Subscriber] = set()
+        """Subscribers that have tried to connect: every later try re-reads the slot map."""
         self._closed = False
 
     def _node_name(self, channel: bytes) -> str:
@@ -533,26 +534,24 @@ class ShardedSubscriber:
         return sub
 
     async def _connection_for(self, sub: Subscriber) -> Any:
-        attempts = self._attempts[sub] = self._attempts.get(sub, 0) + 1
-        refresh = sub.connects > 0 or attempts > 1 or self._names.get(sub) == "?"
-        if refresh:
-            failed = self._names.get(sub)  # the node it last talked to: asked last
+        name = self._names[sub]
+        if sub in self._tried or name == "?":
+            last = None if name == "?" else name  # the node it last talked to: asked last
             nodes = self._cluster.nodes_manager
             try:
-                if failed and failed != "?":
-                    nodes.move_node_to_end_of_cached_nodes(failed)
+                if last is not None:
+                    nodes.move_node_to_end_of_cached_nodes(last)
                 async with asyncio.timeout(2 * self._options["connect_timeout"]):
-                    await nodes.initialize(last_failed_node_name=failed if failed != "?" else None)
+                    await nodes.initialize(last_failed_node_name=last)
             except Exception as exc:  # go on with the slot map as it is; the next try re-reads
                 log.info("could not re-read the cluster's slot map: %s", exc)
         channels = [ch for ch, state in sub._channels.items() if state.watches]
         if not channels:
             raise StoreUnavailable("no channel left to subscribe to")
         home = self._node_name(channels[0])
-        if self._names.get(sub) != home:  # this subscriber now serves another shard
-            old = self._names.get(sub)
-            if old is not None and self._shards.get(old) is sub:
-                del self._shards[old]
+        if name != home:  # this subscriber now serves another shard
+            if self._shards.get(name) is sub:
+                del self._shards[name]
             self._names[sub] = home
             self._shards.setdefault(home, sub)
         for channel in channels[1:]:
@@ -561,9 +560,8 @@ class ShardedSubscriber:
             if target is not sub:
                 for watch in sub._give_away(channel):
                     target._adopt(watch)
-        conn = self._store.shard_connection(channels[0])
-        self._attempts[sub] = 0
-        return conn
+        self._tried.add(sub)
+        return self._store.shard_connection(channels[0])
 
     @property
     def connected(self) -> bool:

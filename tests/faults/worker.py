@@ -22,9 +22,8 @@ import time
 import uuid
 from typing import Any
 
-import redis.asyncio as aredis
-
-from strands_dedup import DedupError, Deduplicator, LeaseLost, Role, current_call
+from strands_dedup import DedupConfig, DedupError, Deduplicator, LeaseLost, Role, current_call
+from strands_dedup.store import client_from_url
 
 
 def main() -> None:
@@ -52,12 +51,7 @@ async def run(args: argparse.Namespace) -> None:
     def log(kind: str, **fields: Any) -> None:
         out.write(json.dumps({"k": kind, "w": args.worker, **fields}) + "\n")
 
-    side: aredis.Redis | aredis.RedisCluster
-    if args.url.startswith("redis+cluster://"):
-        first = args.url.split("://", 1)[1].split(",", 1)[0].split("/", 1)[0]
-        side = aredis.RedisCluster.from_url(f"redis://{first}")
-    else:
-        side = aredis.Redis.from_url(args.url)
+    side = client_from_url(args.url, DedupConfig(), client_name="fault-worker-side")
     stop_key = f"{args.namespace}:stop"
     async with Deduplicator.from_url(
         args.url,
