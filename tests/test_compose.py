@@ -1,19 +1,31 @@
 """compose.yaml is valid Compose (checked against the Compose specification) and wires the demo
-as documented: Redis, the agent service and three gateway replicas, each with a health check."""
+as documented: Redis, the agent service and three gateway replicas, each with a health check, all
+built from the Dockerfile. The Dockerfile is read with Docker's own parser (the `dockerfile`
+package): multi-stage, a pinned slim base, a non-root user, a health check on /readyz."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import compose_spec
+import dockerfile
 import pytest
 import yaml
 
 pytestmark = pytest.mark.timeout(30)
-COMPOSE = Path(__file__).parents[1] / "compose.yaml"
+ROOT = Path(__file__).parents[1]
+COMPOSE = ROOT / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def _docker_works() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
 
 
 def _resolved() -> dict[str, object]:
@@ -25,19 +37,54 @@ def _resolved() -> dict[str, object]:
     return resolved
 
 
-def test_compose_file_follows_the_specification() -> None:
+def _services() -> dict[str, dict[str, object]]:
     services = _resolved()["services"]
     assert isinstance(services, dict)
-    assert set(services) == {"redis", "agent", "gateway-1", "gateway-2", "gateway-3"}
-    for name, service in services.items():
-        assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+    return services
+
+
+def test_compose_file_follows_the_specification() -> None:
+    services = _services()
+    started = {name for name, service in services.items() if not service.get("profiles")}
+    assert started == {"redis", "agent", "gateway-1", "gateway-2", "gateway-3"}
+    for name in started:
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no health check"
     for n in (1, 2, 3):
         gateway = services[f"gateway-{n}"]
         command = " ".join(gateway["command"])
-        assert "strands-dedup gateway" in command and "redis://redis:6379/0" in command
+        assert command.startswith("gateway") and "redis://redis:6379/0" in command
         assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
     ports = {p for n in (1, 2, 3) for p in services[f"gateway-{n}"]["ports"]}
     assert len(ports) == 3
+
+
+def test_the_services_run_the_image_built_here() -> None:
+    services = _services()
+    for name in ("agent", "gateway-1", "gateway-2", "gateway-3", "doctor"):
+        service = services[name]
+        assert service["build"] in (".", {"context": "."}), name
+        assert "volumes" not in service, f"{name} mounts the source instead of using the image"
+        assert "pip install" not in json.dumps(service.get("command")), name
+
+
+def test_redis_never_evicts_and_persists() -> None:
+    redis = _services()["redis"]
+    command = redis["command"]
+    assert isinstance(command, list)
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    assert options["--maxmemory-policy"] == "noeviction"
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] in ("everysec", "always")
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+-alpine", str(redis["image"]))  # a pinned version
+    assert redis["volumes"], "the append-only file must outlive the container"
+    text = COMPOSE.read_text()
+    assert "noeviction:" in text and "appendonly" in text  # the reasons are stated in comments
+
+
+def test_the_documented_curl_lines_are_in_the_header() -> None:
+    header = [line for line in COMPOSE.read_text().splitlines() if line.startswith("#")]
+    assert any("docker compose up -d --wait" in line for line in header)
+    assert sum("curl" in line for line in header) >= 3
 
 
 def test_a_broken_file_is_refused() -> None:
@@ -47,10 +94,70 @@ def test_a_broken_file_is_refused() -> None:
         )
 
 
+def _instructions() -> list[dockerfile.Command]:
+    return list(dockerfile.parse_file(str(DOCKERFILE)))
+
+
+def test_the_dockerfile_is_multi_stage_on_a_pinned_slim_base() -> None:
+    commands = _instructions()
+    args = dict(c.value[0].split("=", 1) for c in commands if c.cmd == "ARG" and "=" in c.value[0])
+    stages = [c.value for c in commands if c.cmd == "FROM"]
+    assert len(stages) >= 2
+    for stage in stages:
+        base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], stage[0])
+        # a full version (not a moving tag like 3.11 or latest), slim, optionally by digest
+        assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", base), base
+    assert next(s[2] for s in stages if len(s) == 3) == "build"
+    build_runs = " ".join(c.value[0] for c in commands if c.cmd == "RUN")
+    assert "pip wheel" in build_runs and "[http]" in build_runs
+    copies = [c for c in commands if c.cmd == "COPY" and "--from=build" in c.flags]
+    assert copies, "the runtime stage takes only what the build stage made"
+
+
+def test_the_image_runs_as_a_non_root_user_with_a_health_check() -> None:
+    commands = _instructions()
+    last_from = max(i for i, c in enumerate(commands) if c.cmd == "FROM")
+    runtime = commands[last_from:]
+    users = [c.value[0] for c in runtime if c.cmd == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    (check,) = [c for c in runtime if c.cmd == "HEALTHCHECK"]
+    assert check.value[0] == "CMD" and "/readyz" in " ".join(check.value)
+    assert "curl" not in " ".join(check.value)  # slim images have none
+    (entrypoint,) = [c for c in runtime if c.cmd == "ENTRYPOINT"]
+    assert entrypoint.json and entrypoint.value == ("strands-dedup",)
+
+
+def test_the_build_context_is_only_what_the_image_needs() -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in lines
+    assert {"!pyproject.toml", "!README.md", "!strands_dedup/"} <= set(lines)
+
+
 @pytest.mark.skipif(
-    shutil.which("docker") is None
-    or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0,
-    reason="the docker compose plugin is not installed here; the specification check above ran",
+    not _docker_works(),
+    reason="no Docker engine runs here; the specification and Dockerfile checks above ran",
 )
 def test_docker_compose_accepts_it() -> None:
     subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "-q"], check=True)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(
+    not _docker_works(), reason="no Docker engine runs here; the Dockerfile checks above ran"
+)
+def test_the_image_builds_and_runs_the_cli() -> None:
+    subprocess.run(["docker", "build", "-t", "strands-dedup:test", str(ROOT)], check=True)
+    version = subprocess.run(
+        ["docker", "run", "--rm", "strands-dedup:test", "--version"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert version.stdout.startswith("strands-dedup")
+    user = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "id", "strands-dedup:test", "-u"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert user.stdout.strip() != "0"
