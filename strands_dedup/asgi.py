@@ -50,6 +50,7 @@ from .errors import (
     StoreUnavailable,
     WaitTimeout,
 )
+from .observe import ROLE_STATE
 from .protocol import Outcome
 from .streaming import Chunk, Emit, StreamReset, stream_events
 
@@ -372,6 +373,7 @@ class IdempotencyMiddleware:
             return
         if outcome is None:  # pragma: no cover - the stream always ends with its value
             raise RuntimeError("the stream ended without a value")
+        scope.setdefault("state", {})[ROLE_STATE] = outcome.role.value  # for request metrics
         if streamed.started:
             await streamed.end()
             return

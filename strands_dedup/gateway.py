@@ -104,7 +104,7 @@ class Gateway:
         if scope.get("method") == "GET" and path in ("/healthz", "/readyz", "/metrics"):
             await self._own(path, send)
             return
-        await self.middleware(scope, receive, send)
+        await self.dedup._observer.timed(self.middleware, scope, receive, send)
 
     async def _own(self, path: str, send: Send) -> None:
         if path == "/healthz":

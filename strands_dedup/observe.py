@@ -4,9 +4,10 @@
   ``fingerprint_mismatch``, ``store_errors``, ``failures``) are kept per deduplicator and
   published every few seconds to ``<namespace>:stats:<process>`` (a hash that expires when the
   process stops), where ``strands-dedup watch`` and ``stats`` sum them across the fleet.
-- Prometheus metrics, when ``prometheus-client`` is installed: the same counters, histograms of
-  call and wait duration, gauges of in-flight calls and local waiters. Labels are bounded: the
-  namespace and the role, never a token.
+- Prometheus metrics, when ``prometheus-client`` is installed (the ``http`` and ``metrics``
+  extras): the same counters, histograms of call and wait duration, gauges of in-flight calls and
+  local waiters and, for HTTP surfaces, a histogram of request duration by role and status class.
+  Labels are bounded: the namespace, the role and the status class, never a token.
 - Logs go to the ``strands_dedup`` logger (silent unless the application configures logging),
   each outcome at DEBUG with ``extra`` fields: ``token_digest``, ``role``, ``fence``, ``duration``.
 - OpenTelemetry spans, when ``opentelemetry-api`` is installed: one span per call, with its role
@@ -19,7 +20,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,9 +28,12 @@ if TYPE_CHECKING:
     from .keys import TokenKeys
     from .protocol import Role
 
-__all__ = ["EVENTS", "Health", "Observer", "PrometheusMetrics", "SessionLoad"]
+__all__ = ["EVENTS", "ROLE_STATE", "Health", "Observer", "PrometheusMetrics", "SessionLoad"]
 
 log = logging.getLogger("strands_dedup")
+
+_Scope = MutableMapping[str, Any]
+_App = Callable[[_Scope, Any, Any], Awaitable[None]]
 
 EVENTS = (
     "claims",
@@ -42,6 +46,8 @@ EVENTS = (
     "failures",
 )
 _DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+ROLE_STATE = "strands_dedup.role"
+"""Key of the ASGI scope's ``state`` under which an HTTP surface leaves a request's role."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +126,13 @@ class PrometheusMetrics:
             buckets=_DURATION_BUCKETS,
             registry=registry,
         )
+        self.request_seconds = Histogram(
+            f"{prefix}_http_request_duration_seconds",
+            "Duration of HTTP requests, by role (none: no deduplicated outcome) and status class",
+            ["namespace", "role", "status"],
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
         self.in_flight = Gauge(
             f"{prefix}_in_flight",
             "Calls running as primary in this process",
@@ -175,6 +188,44 @@ class Observer:
         self.changed = True
         if self._metrics is not None:
             self._events[event].inc()
+
+    def claimed(self, role: Role) -> None:
+        """A claim took the token (as primary, or as a takeover)."""
+        self.count("claims")
+        if role.value == "takeover":
+            self.count("takeovers")
+
+    def received(self, keys: TokenKeys, role: Role, fence: int, duration: float) -> None:
+        """A duplicate got the stored value: replayed at once, or after waiting."""
+        self.count("replays" if role.value == "replay" else "waits")
+        self.outcome(keys, role, fence, duration)
+
+    async def timed(self, app: _App, scope: _Scope, receive: Any, send: Any) -> None:
+        """Serve one HTTP request through ``app``, observing its duration by role and status.
+
+        The role is what ``app`` left in ``scope["state"][ROLE_STATE]`` ("none" without one);
+        the status class is the response's (``2xx``, ...; "none" if none was started).
+        """
+        if self._metrics is None:
+            await app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 0
+
+        async def observed(message: _Scope) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await app(scope, receive, observed)
+        finally:
+            role = str(scope.get("state", {}).get(ROLE_STATE, "none"))
+            status_class = f"{status // 100}xx" if status else "none"
+            self._metrics.request_seconds.labels(self.namespace, role, status_class).observe(
+                time.monotonic() - started
+            )
 
     def outcome(self, keys: TokenKeys, role: Role, fence: int, duration: float) -> None:
         """A call ended with a value (or, for a primary, stored one)."""

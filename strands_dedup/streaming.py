@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import LeaseLost, ResultTooLarge, WaitTimeout
+from .errors import FingerprintMismatch, LeaseLost, ResultTooLarge, StoreUnavailable, WaitTimeout
 from .protocol import Claimed, Envelope, Outcome, Replay, Role, WakeUp, parse_claim_reply
 from .protocol import wait_budget as _wait_budget
 
@@ -181,6 +181,8 @@ async def stream_events(
     received = 0  # chunks of that attempt handed to the caller
     cursor: bytes | None = None  # last stream entry read
     first_read = True
+    observer = dedup._observer
+    leading = False  # the primary's own errors are counted where they happen
     try:
         claims = 0
         while True:
@@ -195,17 +197,20 @@ async def stream_events(
             if isinstance(reply, Replay):
                 role = Role.REPLAY if claims == 1 and attempt is None else Role.WAITER
                 final = dedup._from_envelope(reply.envelope, role, keys, fingerprint, rtype)
+                observer.received(keys, role, final.fence, time.monotonic() - started)
                 if received and final.fence != attempt:
                     yield StreamReset(final.fence)  # it completed in an attempt we missed
                 yield Final(final)
                 return
             if isinstance(reply, Claimed):
                 role = Role.PRIMARY if claims == 1 else Role.TAKEOVER
+                observer.claimed(role)
                 if received:
                     yield StreamReset(reply.fence)
                 lease = dedup._hold(keys, owner, reply.fence, meta, role, fingerprint)
                 if watch is not None:
                     watch.close()
+                leading = True
                 async for event in _lead(dedup, lease, produce, rtype):
                     yield event
                 return
@@ -246,6 +251,7 @@ async def stream_events(
                     continue
                 if isinstance(event, Envelope):
                     final = dedup._from_decoded(event, Role.WAITER, keys, fingerprint, rtype)
+                    observer.received(keys, Role.WAITER, final.fence, time.monotonic() - started)
                     if received and final.fence != attempt:
                         yield StreamReset(final.fence)  # it completed in an attempt we missed
                     yield Final(final)
@@ -253,6 +259,14 @@ async def stream_events(
                 if event is WakeUp.RECONNECTED:
                     await watch.ready(max(0.0, deadline - time.monotonic()))
                 break  # stored (large), released, lease expired, or a reconnect: claim again
+    except FingerprintMismatch:
+        if not leading:
+            observer.count("fingerprint_mismatch")
+        raise
+    except StoreUnavailable:
+        if not leading:
+            observer.count("store_errors")
+        raise
     finally:
         if watch is not None:
             watch.close()
