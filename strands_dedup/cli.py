@@ -3,8 +3,9 @@
 The operator commands (``ls``, ``show``, ``watch``, ``release``, ``forget``, ``stats``) read, or on
 request repair, one namespace of one Redis through `strands_dedup.admin.Inspector`. Read commands
 take ``--json`` and then print one JSON document whose field names are the views' ``to_json()``
-keys. Exit codes: 0 ok; 1 not found (or a declined confirmation); 2 usage or invalid input;
-3 Redis unreachable, refused the credentials or failed the command. Errors are one line on stderr.
+keys. ``doctor`` checks that a Redis gives what the guarantees need. Exit codes: 0 ok; 1 not
+found (or a declined confirmation; for ``doctor``, a warning); 2 usage or invalid input; 3 Redis
+unreachable, refused the credentials or failed the command. Errors are one line on stderr.
 """
 
 from __future__ import annotations
@@ -364,7 +365,8 @@ yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for conf
 def main() -> None:
     """Distributed idempotency and dedup for AI-agent calls, backed by Redis.
 
-    Exit codes: 0 ok, 1 not found, 2 usage or invalid input, 3 Redis unreachable.
+    Exit codes: 0 ok, 1 not found (doctor: a warning), 2 usage or invalid input, 3 Redis
+    unreachable.
     """
 
 
@@ -723,6 +725,40 @@ def stats(as_json: bool) -> None:
         _counters_table(view.counters, None, title="events (all live processes)"),
     ]
     _console().print(Group(*parts))
+
+
+@main.command()
+@json_option
+@_target_options(on_group=False)
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool) -> None:
+    """Check that a Redis gives what the guarantees need, and how to fix what it does not.
+
+    Checks the server version and the features used, maxmemory-policy (nothing may be
+    evicted), persistence, replicas, cluster state, round-trip latency, clock skew and the ACL
+    permissions the scripts need. Exits 0 when all is well, 1 on a warning or a failure, 3 when
+    Redis cannot be reached.
+    """
+    from . import doctor as checks
+
+    url, namespace = _target()
+    try:
+        facts = asyncio.run(checks.read_facts(url, namespace))
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError) as exc:
+        raise Unreachable(f"cannot reach Redis at {describe_url(url)}: {exc}") from None
+    findings = checks.diagnose(facts)
+    if as_json:
+        _echo_json(checks.to_json(facts, findings))
+    else:
+        table = Table(title=f"doctor: {facts.target}", title_justify="left")
+        table.add_column("level")
+        table.add_column("check")
+        table.add_column("finding", overflow="fold")
+        for finding in findings:
+            text = finding.summary + (f"\nfix: {finding.fix}" if finding.fix else "")
+            table.add_row(finding.level.value, finding.check, Text(text))
+        _console().print(table)
+    ctx.exit(checks.exit_status(findings))
 
 
 @main.command()

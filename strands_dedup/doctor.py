@@ -1,0 +1,562 @@
+"""`strands-dedup doctor`: does a Redis give what the guarantees need?
+
+Two layers: `read_facts` reads a Redis (PING, INFO, CONFIG GET, CLUSTER INFO, TIME, ACL DRYRUN),
+tolerating each command the credentials may not run; `diagnose` judges those facts with plain
+functions of data, each `Finding` saying what it found, what that risks and how to fix it.
+
+Levels: ``ok``; ``info`` (worth knowing, not a risk to the guarantees); ``warn`` (a risk, or
+something that could not be checked); ``fail`` (the guarantees do not hold). `exit_status`
+is 0 when nothing is at ``warn`` or ``fail``, else 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aredis
+import redis.exceptions
+
+from .config import DedupConfig
+from .keys import KeySchema
+from .store.connect import client_from_url, close_client, describe_url
+
+__all__ = [
+    "DRYRUN_ARGS",
+    "Facts",
+    "Finding",
+    "Level",
+    "diagnose",
+    "exit_status",
+    "read_facts",
+    "script_commands",
+    "to_json",
+]
+
+LATENCY_WARN_MS = 100.0
+"""A p99 round trip above this is a warning: every claim and every completion is one."""
+SKEW_WARN_MS = 1000.0
+PINGS = 100
+EVICTING = re.compile(r"^(allkeys|volatile)-")
+
+# Arguments for ACL DRYRUN of each command the library sends: K is a key of the namespace, C a
+# channel of the namespace. The Lua scripts' own commands are checked too: Redis applies the ACL
+# to each command a script runs.
+DRYRUN_ARGS: dict[str, tuple[str, ...]] = {
+    "DEL": ("K",),
+    "EXISTS": ("K",),
+    "GET": ("K",),
+    "HDEL": ("K", "f"),
+    "HGET": ("K", "f"),
+    "HINCRBY": ("K", "f", "1"),
+    "HSET": ("K", "f", "v"),
+    "INCR": ("K",),
+    "PEXPIRE": ("K", "1000"),
+    "PTTL": ("K",),
+    "SET": ("K", "v", "NX", "PX", "1000"),
+    "TIME": (),
+    "XADD": ("K", "*", "f", "v"),
+    "XRANGE": ("K", "-", "+"),
+    "ZADD": ("K", "1", "m"),
+    "ZCARD": ("K",),
+    "ZRANGE": ("K", "0", "-1"),
+    "ZRANGEBYSCORE": ("K", "0", "1"),
+    "ZRANK": ("K", "m"),
+    "ZREM": ("K", "m"),
+    "ZREMRANGEBYSCORE": ("K", "0", "1"),
+    "ZSCORE": ("K", "m"),
+    "EVALSHA": ("0" * 40, "1", "K"),
+    "SCRIPT": ("LOAD", "return 1"),
+    "PING": (),
+    "CLIENT": ("SETNAME", "strands-dedup"),
+    "PUBLISH": ("C", "m"),
+    "SUBSCRIBE": ("C",),
+    "SPUBLISH": ("C", "m"),
+    "SSUBSCRIBE": ("C",),
+}
+_CLIENT_COMMANDS = ("EVALSHA", "SCRIPT", "PING", "CLIENT", "GET", "XRANGE", "HSET", "PEXPIRE")
+
+
+class Level(enum.Enum):
+    OK = "ok"
+    INFO = "info"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One check's verdict: what was found, and how to fix it when it is not ``ok``."""
+
+    check: str
+    level: Level
+    summary: str
+    fix: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "level": self.level.value}
+
+
+@dataclass(slots=True)
+class Facts:
+    """What `read_facts` could read; a missing section is in ``refused`` with the reason."""
+
+    target: str
+    info: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, str] = field(default_factory=dict)
+    cluster: dict[str, Any] | None = None
+    rtt_ms: list[float] = field(default_factory=list)
+    skew_ms: float | None = None
+    acl_user: str | None = None
+    acl_denied: dict[str, str] | None = None
+    """Command -> ACL DRYRUN's reason, for every command refused; None when not checked."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """What could not be read -> the error (NOPERM, unknown command, ...)."""
+
+
+def script_commands() -> set[str]:
+    """The commands the Lua scripts run (each checked against the ACL)."""
+    found: set[str] = set()
+    for path in resources.files("strands_dedup.store").joinpath("lua").iterdir():
+        if path.name.endswith(".lua"):
+            found |= set(re.findall(r"redis\.p?call\('([A-Za-z]+)'", path.read_text("utf-8")))
+    return {name.upper() for name in found}
+
+
+def needed_commands(*, cluster: bool) -> list[str]:
+    """Every command the library sends or its scripts run, for a cluster or a single Redis."""
+    pubsub = ("SPUBLISH", "SSUBSCRIBE") if cluster else ("PUBLISH", "SUBSCRIBE")
+    return sorted({*script_commands(), *_CLIENT_COMMANDS, *pubsub})
+
+
+# -- judging: plain functions of the facts ---------------------------------------------------
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def check_version(facts: Facts) -> Finding:
+    info = facts.info
+    if "redis_version" not in info:
+        return _unread("version", facts, "INFO server")
+    server = str(info.get("server_name") or "redis")
+    text = str(info.get("valkey_version") or info["redis_version"])
+    version = _version(str(info["redis_version"]))
+    cluster = bool(int(info.get("cluster_enabled", 0)))
+    data = {"server": server, "version": text, "cluster": cluster}
+    where = f"{server} {text}"
+    if version < (5, 0):
+        return Finding(
+            "version",
+            Level.FAIL,
+            f"{where}: the scripts need Redis 5.0 or later (streams, script effects replication)",
+            "upgrade to Redis 7 or Valkey 7.2 or later",
+            data,
+        )
+    if cluster and version < (7, 0):
+        return Finding(
+            "version",
+            Level.FAIL,
+            f"{where} in cluster mode: waiters are woken by sharded pub/sub (SPUBLISH, "
+            "SSUBSCRIBE), which needs Redis 7.0",
+            "upgrade the cluster to Redis 7 or Valkey 7.2 or later",
+            data,
+        )
+    if version < (7, 0):
+        return Finding(
+            "version",
+            Level.WARN,
+            f"{where}: works on a single Redis or behind Sentinel, but the tests run on Redis 7 "
+            "and Valkey 8, and a move to Redis Cluster would need 7.0 (sharded pub/sub)",
+            "upgrade to Redis 7 or Valkey 7.2 or later",
+            data,
+        )
+    features = "sharded pub/sub (SPUBLISH, SSUBSCRIBE)" if cluster else "pub/sub, Lua, streams"
+    return Finding("version", Level.OK, f"{where}: has every feature used ({features})", None, data)
+
+
+def check_eviction(facts: Facts) -> Finding:
+    policy = facts.info.get("maxmemory_policy") or facts.config.get("maxmemory-policy")
+    if policy is None:
+        return _unread("eviction", facts, "INFO memory")
+    maxmemory = int(facts.info.get("maxmemory", 0) or 0)
+    data = {"maxmemory_policy": policy, "maxmemory": maxmemory}
+    fix = (
+        "CONFIG SET maxmemory-policy noeviction (and maxmemory-policy noeviction in redis.conf), "
+        "and size maxmemory for the leases and results you keep"
+    )
+    if policy == "noeviction":
+        return Finding(
+            "eviction",
+            Level.OK,
+            "noeviction: no lease, fence or result is ever dropped to free memory; when memory "
+            "is full, writes fail with an error instead",
+            None,
+            data,
+        )
+    risk = (
+        "every key strands-dedup writes has a TTL, so volatile-* policies evict them as "
+        "readily as allkeys-* ones: an evicted lease lets a duplicate run the call again, an "
+        "evicted result makes a retry run again, an evicted fence un-fences a late primary"
+    )
+    if maxmemory == 0:
+        return Finding(
+            "eviction",
+            Level.WARN,
+            f"{policy} with no maxmemory: nothing is evicted yet, but once a limit is set {risk}",
+            fix,
+            data,
+        )
+    return Finding("eviction", Level.FAIL, f"{policy}: {risk}", fix, data)
+
+
+def check_persistence(facts: Facts) -> Finding:
+    info = facts.info
+    if "aof_enabled" not in info:
+        return _unread("persistence", facts, "INFO persistence")
+    aof = bool(int(info["aof_enabled"]))
+    save = facts.config.get("save")
+    fsync = facts.config.get("appendfsync")
+    data = {"aof": aof, "appendfsync": fsync, "save": save}
+    if aof:
+        if fsync == "always":
+            return Finding(
+                "persistence",
+                Level.OK,
+                "append-only file, fsync always: a crash loses no acknowledged write",
+                None,
+                data,
+            )
+        if fsync == "everysec":
+            return Finding(
+                "persistence",
+                Level.OK,
+                "append-only file, fsync every second: a crash loses at most about the last "
+                "second of claims, results and fences (those calls can run again)",
+                None,
+                data,
+            )
+        return Finding(
+            "persistence",
+            Level.WARN,
+            f"append-only file, appendfsync {fsync or 'unknown (CONFIG GET refused)'}: the "
+            "kernel decides when writes reach the disk, so a crash can lose an unknown span "
+            "of claims, results and fences",
+            "CONFIG SET appendfsync everysec (or always)",
+            data,
+        )
+    fix = "CONFIG SET appendonly yes and CONFIG SET appendfsync everysec (and in redis.conf)"
+    if save is None:
+        return Finding(
+            "persistence",
+            Level.WARN,
+            "no append-only file, and the RDB schedule could not be read (CONFIG GET "
+            "refused): a restart may forget leases, results and fences",
+            fix,
+            data,
+        )
+    if save.strip():
+        return Finding(
+            "persistence",
+            Level.WARN,
+            f"RDB snapshots only (save {save!r}): a crash forgets every claim, result and fence "
+            "written since the last snapshot; those calls can run again, and a fence counter "
+            "that goes back no longer stops a late primary from storing its result",
+            fix,
+            data,
+        )
+    return Finding(
+        "persistence",
+        Level.WARN,
+        "none: a restart forgets every lease, stored result and fence counter; completed calls "
+        "run again on retry, and calls in flight can run twice",
+        fix,
+        data,
+    )
+
+
+def check_replication(facts: Facts) -> Finding:
+    info = facts.info
+    if "role" not in info:
+        return _unread("replication", facts, "INFO replication")
+    role = str(info["role"])
+    replicas = int(info.get("connected_slaves", 0) or 0)
+    data = {"role": role, "replicas": replicas}
+    if role != "master":
+        return Finding(
+            "replication",
+            Level.FAIL,
+            "this is a replica: it refuses the scripts' writes (READONLY)",
+            "point --redis-url at the primary, or at the Sentinels (redis+sentinel://...)",
+            data,
+        )
+    if replicas == 0:
+        return Finding(
+            "replication",
+            Level.INFO,
+            "no replica: losing this host loses everything its persistence does not keep, and "
+            "nothing takes over while it is down",
+            "for failover, add a replica and Sentinels (redis+sentinel://) or a cluster",
+            data,
+        )
+    return Finding(
+        "replication",
+        Level.OK,
+        f"{replicas} replica(s): replication is asynchronous, so a failover can lose the "
+        "last writes; min_replicas=1 makes each claim and completion WAIT for one replica "
+        "(one more round trip each)",
+        None,
+        {**data, "suggested_min_replicas": 1},
+    )
+
+
+def check_cluster(facts: Facts) -> Finding:
+    if "cluster_enabled" not in facts.info:
+        return _unread("cluster", facts, "INFO cluster")
+    if not int(facts.info["cluster_enabled"]):
+        return Finding("cluster", Level.OK, "standalone (not a cluster)", None, {"enabled": False})
+    if facts.cluster is None:
+        return _unread("cluster", facts, "CLUSTER INFO")
+    state = str(facts.cluster.get("cluster_state"))
+    data = {
+        "enabled": True,
+        "state": state,
+        "slots_ok": int(facts.cluster.get("cluster_slots_ok", 0)),
+        "known_nodes": int(facts.cluster.get("cluster_known_nodes", 0)),
+    }
+    if state != "ok" or data["slots_ok"] != 16384:
+        return Finding(
+            "cluster",
+            Level.FAIL,
+            f"cluster state {state}, {data['slots_ok']} of 16384 slots served: tokens in the "
+            "other slots fail",
+            "repair the cluster: redis-cli --cluster check / fix",
+            data,
+        )
+    return Finding("cluster", Level.OK, "cluster state ok, every slot served", None, data)
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def check_latency(facts: Facts) -> Finding:
+    if not facts.rtt_ms:
+        return _unread("latency", facts, "PING")
+    p50, p99 = statistics.median(facts.rtt_ms), _percentile(facts.rtt_ms, 0.99)
+    data = {"p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "samples": len(facts.rtt_ms)}
+    summary = f"round trip p50 {p50:.2f} ms, p99 {p99:.2f} ms over {len(facts.rtt_ms)} PINGs"
+    if p99 > LATENCY_WARN_MS:
+        return Finding(
+            "latency",
+            Level.WARN,
+            f"{summary}: every claim and every completion costs one round trip",
+            "run the deduplicators close to Redis (same zone); check Redis's own load "
+            "(LATENCY DOCTOR, SLOWLOG GET)",
+            data,
+        )
+    return Finding("latency", Level.OK, summary, None, data)
+
+
+def check_clock(facts: Facts) -> Finding:
+    if facts.skew_ms is None:
+        return _unread("clock", facts, "TIME")
+    data = {"skew_ms": round(facts.skew_ms, 3)}
+    summary = f"this host's clock is {facts.skew_ms:+.1f} ms from Redis's"
+    if abs(facts.skew_ms) > SKEW_WARN_MS:
+        return Finding(
+            "clock",
+            Level.WARN,
+            f"{summary}: leases and TTLs run on Redis's clock, so the guarantees hold, but the "
+            "ages that `ls` and `show` report compare host clocks and will be off",
+            "synchronize the hosts' clocks (NTP, chrony)",
+            data,
+        )
+    return Finding("clock", Level.OK, summary + " (leases run on Redis's clock)", None, data)
+
+
+def check_acl(facts: Facts) -> Finding:
+    if facts.acl_denied is None:
+        reason = facts.refused.get("ACL", "not checked")
+        return Finding(
+            "acl",
+            Level.WARN,
+            f"could not check the permissions the scripts need ({reason})",
+            "as an admin, run ACL DRYRUN <user> <command> <key> for EVALSHA, the scripts' "
+            "commands and PUBLISH/SUBSCRIBE, or run doctor with Redis 7 and a user allowed "
+            "ACL DRYRUN",
+            {"user": facts.acl_user},
+        )
+    data = {"user": facts.acl_user, "denied": facts.acl_denied}
+    if facts.acl_denied:
+        names = " ".join(sorted(facts.acl_denied))
+        return Finding(
+            "acl",
+            Level.FAIL,
+            f"user {facts.acl_user!r} may not run: {names}; calls fail with NOPERM",
+            f"ACL SETUSER {facts.acl_user} "
+            + " ".join(f"+{n.lower()}" for n in sorted(facts.acl_denied))
+            + " (and key and channel patterns covering the namespace)",
+            data,
+        )
+    return Finding(
+        "acl",
+        Level.OK,
+        f"user {facts.acl_user!r} may run every command the library and its scripts send",
+        None,
+        data,
+    )
+
+
+def _unread(check: str, facts: Facts, what: str) -> Finding:
+    reason = facts.refused.get(what, "no answer")
+    return Finding(
+        check,
+        Level.WARN,
+        f"could not read {what} ({reason}), so this was not checked",
+        f"run doctor with credentials allowed {what}",
+    )
+
+
+CHECKS = (
+    check_version,
+    check_eviction,
+    check_persistence,
+    check_replication,
+    check_cluster,
+    check_latency,
+    check_clock,
+    check_acl,
+)
+
+
+def diagnose(facts: Facts) -> list[Finding]:
+    """Every check's finding, in a fixed order."""
+    return [check(facts) for check in CHECKS]
+
+
+def exit_status(findings: list[Finding]) -> int:
+    """0 when nothing is at ``warn`` or ``fail``, else 1."""
+    return 1 if any(f.level in (Level.WARN, Level.FAIL) for f in findings) else 0
+
+
+def to_json(facts: Facts, findings: list[Finding]) -> dict[str, Any]:
+    """``doctor --json``: the target, the worst level (``ok`` when nothing is above ``info``)
+    and every finding."""
+    worst = max((list(Level).index(f.level) for f in findings), default=0)
+    status = Level.OK if worst <= list(Level).index(Level.INFO) else list(Level)[worst]
+    return {
+        "target": facts.target,
+        "status": status.value,
+        "findings": [f.to_json() for f in findings],
+    }
+
+
+# -- reading: a thin layer over a few commands -----------------------------------------------
+
+_REFUSED = (redis.exceptions.NoPermissionError, redis.exceptions.ResponseError)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(reply: Any) -> dict[str, Any]:
+    """``CLUSTER INFO``'s ``name:value`` lines (or redis-py's parsed dict of them)."""
+    if isinstance(reply, dict):
+        return {_text(k): _text(v) for k, v in reply.items()}
+    pairs = (line.partition(":") for line in _text(reply).splitlines() if ":" in line)
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+async def read_facts(
+    url: str, namespace: str = "strands-dedup", *, pings: int = PINGS, timeout: float = 3.0
+) -> Facts:
+    """Read what `diagnose` needs from the Redis at ``url``.
+
+    A command the credentials may not run (or the server does not know) is recorded in
+    ``Facts.refused``; a connection that fails raises `redis.exceptions.ConnectionError` or
+    `TimeoutError`.
+    """
+    config = DedupConfig.model_validate(
+        {"namespace": namespace, "connect_timeout": timeout, "socket_timeout": timeout}
+    )
+    client = client_from_url(url, config, client_name="strands-dedup:doctor")
+    facts = Facts(describe_url(url))
+    try:
+        cluster = isinstance(client, aredis.RedisCluster)
+        if cluster:
+            async with asyncio.timeout(timeout):
+                await client.initialize()
+        options: dict[str, Any] = (
+            {"target_nodes": client.get_default_node()} if cluster else {}  # type: ignore[union-attr]
+        )
+
+        async def run(*args: Any) -> Any:
+            async with asyncio.timeout(timeout):
+                return await client.execute_command(*args, **options)
+
+        for _ in range(pings):
+            started = time.perf_counter()
+            await run("PING")
+            facts.rtt_ms.append((time.perf_counter() - started) * 1000)
+        for section in ("server", "memory", "persistence", "replication", "cluster"):
+            try:
+                async with asyncio.timeout(timeout):
+                    facts.info.update(await client.info(section, **options))
+            except _REFUSED as exc:
+                facts.refused[f"INFO {section}"] = str(exc)
+        for name in ("save", "appendfsync", "maxmemory-policy"):
+            try:
+                reply = await run("CONFIG", "GET", name)
+            except _REFUSED as exc:
+                facts.refused[f"CONFIG GET {name}"] = str(exc)
+                continue
+            pairs = reply if isinstance(reply, list) else [x for kv in reply.items() for x in kv]
+            values = dict(zip(map(_text, pairs[::2]), map(_text, pairs[1::2]), strict=True))
+            if name in values:
+                facts.config[name] = values[name]
+        if int(facts.info.get("cluster_enabled", 0) or 0):
+            try:
+                facts.cluster = _fields(await run("CLUSTER INFO"))
+            except _REFUSED as exc:
+                facts.refused["CLUSTER INFO"] = str(exc)
+        try:
+            before = time.time()
+            seconds, micros = await run("TIME")
+            after = time.time()
+            server = int(seconds) + int(micros) / 1e6
+            facts.skew_ms = (server - (before + after) / 2) * 1000
+        except _REFUSED as exc:
+            facts.refused["TIME"] = str(exc)
+        await _read_acl(run, facts, namespace, cluster=cluster)
+    finally:
+        await close_client(client)
+    return facts
+
+
+async def _read_acl(run: Any, facts: Facts, namespace: str, *, cluster: bool) -> None:
+    keys = KeySchema(namespace).for_token("strands-dedup-doctor")
+    try:
+        facts.acl_user = _text(await run("ACL", "WHOAMI"))
+        denied: dict[str, str] = {}
+        for name in needed_commands(cluster=cluster):
+            args = [
+                keys.lease if a == "K" else keys.channel if a == "C" else a
+                for a in DRYRUN_ARGS[name]
+            ]
+            reply = _text(await run("ACL", "DRYRUN", facts.acl_user, name, *args))
+            if reply != "OK":
+                denied[name] = reply
+        facts.acl_denied = denied
+    except _REFUSED as exc:
+        facts.refused["ACL"] = str(exc)
