@@ -538,7 +538,8 @@ async def read_facts(
             facts.skew_ms = (server - (before + after) / 2) * 1000
         except _REFUSED as exc:
             facts.refused["TIME"] = str(exc)
-        await _read_acl(run, facts, namespace, cluster=cluster)
+        sharded = cluster or bool(int(facts.info.get("cluster_enabled", 0) or 0))
+        await _read_acl(run, facts, namespace, cluster=sharded)
     finally:
         await close_client(client)
     return facts
