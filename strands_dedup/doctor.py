@@ -83,7 +83,9 @@ DRYRUN_ARGS: dict[str, tuple[str, ...]] = {
 _CLIENT_COMMANDS = ("EVALSHA", "SCRIPT", "PING", "CLIENT", "GET", "XRANGE", "HSET", "PEXPIRE")
 
 
-class Level(enum.Enum):
+class Level(enum.StrEnum):
+    """How a finding bears on the guarantees (see the module docstring)."""
+
     OK = "ok"
     INFO = "info"
     WARN = "warn"
