@@ -1,30 +1,40 @@
 """`IdempotencyMiddleware`: pure ASGI, per the IETF draft "The Idempotency-Key HTTP Header Field".
 
 ``app.add_middleware(IdempotencyMiddleware, dedup=dedup)`` (Starlette, FastAPI) or
-``IdempotencyMiddleware(app, dedup=dedup)`` for any ASGI app.
+``IdempotencyMiddleware(app, dedup=dedup)`` for any ASGI app. Options: `HttpConfig`.
 
 - Requests carrying ``Idempotency-Key`` on POST and PATCH (``methods=``) run once across every
   replica sharing the deduplicator's Redis; other methods pass through. ``require_key=True``
-  answers a keyed method without a key with 400.
+  answers a keyed method without a key with 400; two keys, or a list, are a 400 too.
+- **Clients are isolated**: a key is scoped by the caller's identity, a keyed digest of its
+  credential headers (``identity_headers``: Authorization, X-Api-Key and Cookie by default; an
+  HMAC with ``identity_secret`` when given) or the name an ``identity=`` callable returns.
+  Requests without credentials share one anonymous scope. A tenant (``scope_header=`` or
+  ``scope=``) combines with it. ``share_keys_across_identities=True`` drops the identity (and
+  logs a warning). Credentials are never stored, logged or shown: only their digest.
 - The fingerprint covers method, path, query string, body and ``fingerprint_headers``: the same
   key with another request is 422.
-- A concurrent duplicate waits for the primary and gets its response (``on_duplicate="wait"``),
-  or 409 with ``Retry-After`` (``"reject"``). A duplicate's response carries
-  ``Idempotent-Replayed: true``. Hop-by-hop headers are neither stored nor replayed.
+- The primary's own client gets the application's response as the application sends it, whole,
+  whatever happens to the store meanwhile. A concurrent duplicate waits for the primary and gets
+  its response (``on_duplicate="wait"``), or 409 with ``Retry-After`` from the lease's remaining
+  time (``"reject"``). A duplicate's response carries ``Idempotent-Replayed: true`` and no
+  hop-by-hop, ``Date`` or (unless ``replay_set_cookie=True``) ``Set-Cookie`` headers.
 - ``retain(status)`` says which responses are stored for later retries (default: 2xx and 4xx
   except 409 and 429). Others (5xx, ...) go to the duplicates waiting at that moment, when they
-  fit in a shared failure (about 1 KiB of body); a later retry runs again.
-- A response body larger than ``max_stored_body`` reaches the primary's client but is not stored;
-  its waiting duplicates get 409 ``not-retained`` and a later retry runs again.
-- ``scope_header=`` or ``scope=`` (a callable of the ASGI scope) names the tenant: one tenant's key
-  never replays another's response.
+  fit in a shared failure (about 1 KiB of body); a later retry runs again. A body larger than
+  ``max_stored_body`` is not stored either: its waiting duplicates get 409 ``not-retained``.
+- A streamed response (``text/event-stream``, or a body without ``Content-Length``) is also
+  followed live by the duplicates; one with a ``Content-Length`` is stored as a plain result.
+- The request body is bounded: a ``Content-Length`` over ``max_request_body`` is refused before
+  the body is read, a chunked body as soon as it passes the limit (413).
 - The handler runs in its own task: a client that disconnects does not abort it, its result is
   stored for the retry, and its lease is renewed however long it takes. `cancel_primaries` (used
   by the gateway on shutdown) cancels what still runs, which releases those keys.
 - Errors are ``application/problem+json`` with a stable ``type`` under
-  ``https://strands-dedup.dev/problems/``: ``key-missing`` and ``key-invalid`` (400),
-  ``body-too-large`` (413), ``key-reused`` (422), ``in-progress`` and ``wait-timeout`` (409, with
-  Retry-After), ``not-retained`` (409), ``primary-failed`` (502), ``store-unavailable`` (503).
+  ``https://strands-dedup.dev/problems/``: ``key-missing``, ``key-invalid`` and ``bad-length``
+  (400), ``body-too-large`` (413), ``key-reused`` (422), ``in-progress`` and ``wait-timeout``
+  (409, with Retry-After), ``not-retained`` (409), ``primary-failed`` (502, naming the failure's
+  class only), ``store-unavailable`` (503, with the store's message).
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ import base64
 import contextlib
 import hashlib
 import json
-import math
+import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Literal
 
@@ -42,6 +52,7 @@ from pydantic import BaseModel
 
 from .core import Deduplicator
 from .errors import (
+    DedupError,
     DuplicateInFlight,
     FingerprintMismatch,
     InvalidToken,
@@ -50,11 +61,34 @@ from .errors import (
     StoreUnavailable,
     WaitTimeout,
 )
+from .http_policy import (
+    HttpConfig,
+    Rejected,
+    body_too_large,
+    combine_scope,
+    declared_length,
+    default_retain,
+    identity_of,
+    named_identity,
+    parse_key,
+    replay_headers,
+    retry_after,
+    strip_hop_by_hop,
+)
 from .observe import ROLE_STATE
-from .protocol import Outcome
+from .protocol import LeaveClaimed, Outcome, Role
 from .streaming import Chunk, Emit, StreamReset, stream_events
 
-__all__ = ["IdempotencyMiddleware", "StoredResponse", "default_retain", "problem"]
+__all__ = [
+    "KEYED",
+    "HttpConfig",
+    "IdempotencyMiddleware",
+    "StoredResponse",
+    "default_retain",
+    "problem",
+    "read_body",
+    "strip_hop_by_hop",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -62,21 +96,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+log = logging.getLogger("strands_dedup.http")
 PROBLEM_BASE = "https://strands-dedup.dev/problems/"
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-    }
-)
 _SHARE_LIMIT = 1800  # characters of a not-retained response shared through a failure message
+_OWN = object()  # marks the chunks the primary's own client already has
+KEYED = "strands_dedup.keyed"
+"""Key of the ASGI scope the application sees: true when the request is a keyed primary."""
 
 
 class StoredResponse(BaseModel):
@@ -110,24 +135,6 @@ class _NotRetained(Exception):
         payload = response.model_dump_json() if response is not None else ""
         shared = payload if len(payload) <= _SHARE_LIMIT else ""
         super().__init__(json.dumps({"reason": reason, "response": shared}))
-        self.response = response
-
-
-def default_retain(status: int) -> bool:
-    """2xx and 4xx except 409 (conflict) and 429 (rate limited) are stored for retries."""
-    return 200 <= status < 300 or (400 <= status < 500 and status not in (409, 429))
-
-
-def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Headers without the hop-by-hop ones (and those the Connection header names)."""
-    headers = list(headers)
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-    }
-    return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named]
 
 
 async def send_response(
@@ -154,6 +161,39 @@ async def problem(
     )
 
 
+async def reject(send: Send, rejected: Rejected) -> None:
+    await problem(
+        send, rejected.status, rejected.kind, rejected.title, rejected.detail, rejected.headers
+    )
+
+
+async def read_body(
+    receive: Receive, headers: Iterable[tuple[bytes, bytes]], limit: int
+) -> bytes | None:
+    """The request body, at most ``limit`` bytes; None if the client left before sending it.
+
+    A declared length over the limit is refused before anything is read; a chunked body is
+    counted as it arrives and refused as soon as it passes the limit (`Rejected`, 413).
+    """
+    declared = declared_length(headers)
+    if declared is not None and declared > limit:
+        raise body_too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        if chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def is_streamed(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """A response duplicates should follow live: server-sent events, or no Content-Length."""
     names = {n.lower(): v for n, v in headers}
@@ -161,12 +201,38 @@ def is_streamed(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return kind == b"text/event-stream" or b"content-length" not in names
 
 
-class _Streamed:
+class _Client:
+    """The primary's own client: the application's messages go straight to it, as they come.
+
+    A client that has gone away swallows the rest; the application goes on regardless.
+    """
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.finished = False
+        self.gone = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+        if self.gone:
+            return
+        try:
+            await self._send(message)
+        except Exception:  # the connection is gone: the response is still stored for retries
+            self.gone = True
+
+
+class _Follower:
     """Sends a followed stream to one client: the head chunk, then body chunks as they come."""
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.started = False
+        self.sent = 0  # body bytes sent
         self._head_seen = False
 
     async def chunk(self, chunk: Chunk) -> None:
@@ -176,13 +242,13 @@ class _Streamed:
                 return  # a new attempt's head after a reset: the client has the first one
             head = json.loads(chunk.data)
             headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in head["headers"]]
-            if chunk.original is None:  # followed from another caller's stream
-                headers.append((b"idempotent-replayed", b"true"))
+            headers.append((b"idempotent-replayed", b"true"))
             await self._send(
                 {"type": "http.response.start", "status": int(head["status"]), "headers": headers}
             )
             self.started = True
             return
+        self.sent += len(chunk.data)
         await self._send({"type": "http.response.body", "body": chunk.data, "more_body": True})
 
     def reset(self) -> None:
@@ -191,8 +257,10 @@ class _Streamed:
             raise _StreamBroken("the stream's primary died; retry the request")
         self._head_seen = False
 
-    async def end(self) -> None:
-        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+    async def finish(self, body: bytes) -> None:
+        """End with the part of the stored body the stream did not bring."""
+        rest = body[self.sent :]
+        await self._send({"type": "http.response.body", "body": rest, "more_body": False})
 
 
 class _StreamBroken(Exception):
@@ -207,106 +275,73 @@ class IdempotencyMiddleware:
         app: ASGIApp,
         *,
         dedup: Deduplicator,
-        methods: Iterable[str] = ("POST", "PATCH"),
-        header: str = "Idempotency-Key",
-        require_key: bool = False,
-        scope_header: str | None = None,
-        scope: Callable[[Scope], str | bytes | None] | None = None,
-        fingerprint_headers: Iterable[str] = (),
-        on_duplicate: str = "wait",
-        retain: Callable[[int], bool] = default_retain,
-        max_request_body: int = 10 * 1024 * 1024,
-        max_stored_body: int = 1024 * 1024,
-        max_key_length: int = 255,
+        config: HttpConfig | None = None,
+        **options: Any,
     ) -> None:
-        if on_duplicate not in ("wait", "reject"):
-            raise ValueError(f"on_duplicate must be 'wait' or 'reject', not {on_duplicate!r}")
-        if scope_header is not None and scope is not None:
-            raise ValueError("give scope_header= or scope=, not both")
-        if max_request_body <= 0 or max_stored_body <= 0 or max_key_length <= 0:
-            raise ValueError("max_request_body, max_stored_body and max_key_length must be > 0")
+        if config is not None and options:
+            raise TypeError("give config= or keyword options, not both")
         self.app = app
         self.dedup = dedup
-        self.methods = frozenset(m.upper() for m in methods)
-        self.header = header.lower().encode("latin-1")
-        self.require_key = require_key
-        self.scope_header = scope_header.lower().encode("latin-1") if scope_header else None
-        self.scope = scope
-        self.fingerprint_headers = tuple(h.lower().encode("latin-1") for h in fingerprint_headers)
-        self.on_duplicate: Literal["wait", "raise"] = (
-            "raise" if on_duplicate == "reject" else "wait"
+        self.config = config if config is not None else HttpConfig(**options)
+        cfg = self.config
+        self._methods = frozenset(cfg.methods)
+        self._header = cfg.header_name
+        self._tenant_header = cfg.scope_header.lower().encode() if cfg.scope_header else None
+        self._fingerprint_headers = tuple(h.encode("latin-1") for h in cfg.fingerprint_headers)
+        self._on_duplicate: Literal["wait", "raise"] = (
+            "raise" if cfg.on_duplicate == "reject" else "wait"
         )
-        self.retain = retain
-        self.max_request_body = max_request_body
-        self.max_stored_body = max_stored_body
-        self.max_key_length = max_key_length
         self._tasks: set[asyncio.Task[Any]] = set()
+        if cfg.share_keys_across_identities:
+            log.warning(
+                "share_keys_across_identities is on: any client that sends another's "
+                "Idempotency-Key gets that client's response"
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in self.methods:
+        if scope["type"] != "http" or scope["method"] not in self._methods:
             await self.app(scope, receive, send)
             return
         headers = scope.get("headers", [])
-        key = next((v for n, v in headers if n.lower() == self.header), None)
-        if key is None:
-            if self.require_key:
-                await problem(
-                    send,
+        values = [v for n, v in headers if n.lower() == self._header]
+        if not values and not self.config.require_key:
+            await self.app(scope, receive, send)
+            return
+        try:
+            if not values:
+                raise Rejected(
                     400,
                     "key-missing",
                     "Idempotency-Key missing",
                     f"{scope['method']} requests need an Idempotency-Key header",
                 )
-                return
-            await self.app(scope, receive, send)
+            key = parse_key(values, self.config.max_key_length)
+            body = await read_body(receive, headers, self.config.max_request_body)
+        except Rejected as rejected:
+            await reject(send, rejected)
             return
-        key = key.strip()
-        if not key or len(key) > self.max_key_length:
-            await problem(
-                send,
-                400,
-                "key-invalid",
-                "Invalid Idempotency-Key",
-                f"the key must be 1 to {self.max_key_length} bytes long",
-            )
-            return
-        body = await self._read_body(receive)
         if body is None:
             return  # the client left before sending its body
-        if len(body) > self.max_request_body:
-            await problem(
-                send,
-                413,
-                "body-too-large",
-                "Request body too large",
-                f"the body exceeds {self.max_request_body} bytes",
-            )
-            return
-        await self._deduplicated(scope, send, key, self._tenant(scope), body)
+        await self._deduplicated(scope, send, key, self.scope_of(scope), body)
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size <= self.max_request_body:
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks) if size <= self.max_request_body else b"\0" * size
-
-    def _tenant(self, scope: Scope) -> str | bytes | None:
-        if self.scope is not None:
-            return self.scope(scope)
-        if self.scope_header is not None:
-            return next(
-                (v for n, v in scope.get("headers", []) if n.lower() == self.scope_header), None
+    def scope_of(self, scope: Scope) -> bytes | None:
+        """The token scope of a request: its tenant and its caller's identity digest."""
+        cfg = self.config
+        tenant: str | bytes | None = None
+        if cfg.scope is not None:
+            tenant = cfg.scope(scope)
+        elif self._tenant_header is not None:
+            tenant = next(
+                (v for n, v in scope.get("headers", []) if n.lower() == self._tenant_header), None
             )
-        return None
+        identity: str | None = None
+        if not cfg.share_keys_across_identities:
+            if cfg.identity is not None:
+                named = cfg.identity(scope)
+                identity = named_identity(named, cfg.secret) if named else "anon"
+            else:
+                identity = identity_of(scope.get("headers", []), cfg.identity_headers, cfg.secret)
+        return combine_scope(tenant, identity)
 
     def _fingerprint(self, scope: Scope, body: bytes) -> str:
         digest = hashlib.sha256()
@@ -316,7 +351,7 @@ class IdempotencyMiddleware:
             scope.get("query_string", b""),
             *(
                 b",".join(v for n, v in scope.get("headers", []) if n.lower() == name)
-                for name in self.fingerprint_headers
+                for name in self._fingerprint_headers
             ),
             body,
         ):
@@ -324,30 +359,26 @@ class IdempotencyMiddleware:
         return digest.hexdigest()
 
     async def _deduplicated(
-        self, scope: Scope, send: Send, key: bytes, tenant: str | bytes | None, body: bytes
+        self, scope: Scope, send: Send, key: bytes, tenant: bytes | None, body: bytes
     ) -> None:
-        produced: dict[str, StoredResponse] = {}
+        own = _Client(send)
+        label = key.decode("latin-1")
 
         async def produce(emit: Emit) -> StoredResponse:
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.add(task)
             try:
-                response, complete = await self._run_app(scope, body, emit)
+                return await self._run_app(scope, body, emit, own)
             finally:
                 if task is not None:
                     self._tasks.discard(task)
-            produced["response"] = response
-            if not complete:
-                raise _NotRetained(None, "the response body exceeded max_stored_body")
-            if not self.retain(response.status):
-                raise _NotRetained(response, f"status {response.status} is not retained")
-            return response
 
-        streamed = _Streamed(send)
+        follower = _Follower(send)
         outcome: Outcome[StoredResponse] | None = None
         try:
             keys = self.dedup._keys.for_token(key, tenant)
+            label = f"{keys.token} (scope {keys.scope})"
             async for event in stream_events(
                 self.dedup,
                 keys,
@@ -355,41 +386,53 @@ class IdempotencyMiddleware:
                 rtype=StoredResponse,
                 fingerprint=self._fingerprint(scope, body),
                 wait_timeout=None,
-                on_duplicate=self.on_duplicate,
+                on_duplicate=self._on_duplicate,
+                best_effort=True,
             ):
                 if isinstance(event, Chunk):
-                    await streamed.chunk(event)
+                    if event.original is not _OWN:
+                        await follower.chunk(event)
                 elif isinstance(event, StreamReset):
-                    streamed.reset()
+                    follower.reset()
                 else:
                     outcome = event.outcome
         except Exception as exc:
-            if not streamed.started:
-                await self._send_error(send, exc, produced)
-            elif isinstance(exc, (_NotRetained, LeaseLost)):
-                await streamed.end()  # the primary's own client has had the whole body
+            if own.started:
+                self._after_own(exc, own, label)
+            elif not follower.started:
+                await self._send_error(send, exc)
             else:
                 raise  # part of a body went out: abort the connection; the client retries
             return
         if outcome is None:  # pragma: no cover - the stream always ends with its value
             raise RuntimeError("the stream ended without a value")
         scope.setdefault("state", {})[ROLE_STATE] = outcome.role.value  # for request metrics
-        if streamed.started:
-            await streamed.end()
+        if own.started:
+            if not own.finished:
+                await own({"type": "http.response.body", "body": b"", "more_body": False})
             return
         response = outcome.value
-        headers = response.raw_headers()
-        if outcome.role.value not in ("primary", "takeover"):
+        if follower.started:
+            await follower.finish(response.raw_body())
+            return
+        headers = replay_headers(response.raw_headers(), self.config.replay_set_cookie)
+        if outcome.role not in (Role.PRIMARY, Role.TAKEOVER):
             headers.append((b"idempotent-replayed", b"true"))
         await send_response(send, response.status, headers, response.raw_body())
 
-    async def _send_error(
-        self, send: Send, exc: Exception, produced: dict[str, StoredResponse]
-    ) -> None:
-        if isinstance(exc, _NotRetained):
-            await self._send_own(send, produced.get("response"), exc.response)
-        elif isinstance(exc, LeaseLost):
-            await self._send_own(send, produced.get("response"), None)
+    @staticmethod
+    def _after_own(exc: Exception, own: _Client, label: str) -> None:
+        """The primary's response already went to its client: what is left is the store's part."""
+        if not own.finished:
+            raise exc  # the application failed part-way: abort; the client retries
+        if isinstance(exc, _NotRetained | LeaveClaimed):
+            return
+        log.warning("the response to key %s was sent but not stored: %r", label, exc)
+
+    async def _send_error(self, send: Send, exc: Exception) -> None:
+        cap = self.config.max_retry_after
+        if isinstance(exc, PrimaryFailed):
+            await self._send_shared_failure(send, exc)
         elif isinstance(exc, FingerprintMismatch):
             await problem(
                 send,
@@ -399,14 +442,13 @@ class IdempotencyMiddleware:
                 "this key was used for a different request",
             )
         elif isinstance(exc, DuplicateInFlight):
-            retry = str(max(1, math.ceil(exc.retry_after))).encode()
             await problem(
                 send,
                 409,
                 "in-progress",
                 "Request in progress",
                 "a request with this key is being processed",
-                [(b"retry-after", retry)],
+                [(b"retry-after", retry_after(exc.retry_after, cap))],
             )
         elif isinstance(exc, WaitTimeout):
             await problem(
@@ -417,33 +459,28 @@ class IdempotencyMiddleware:
                 f"gave up waiting after {exc.waited:.0f}s",
                 [(b"retry-after", b"1")],
             )
-        elif isinstance(exc, PrimaryFailed):
-            await self._send_shared_failure(send, exc)
         elif isinstance(exc, StoreUnavailable):
             await problem(
                 send,
                 503,
                 "store-unavailable",
                 "Deduplication store unavailable",
-                str(exc).split(":")[0],
+                str(exc) or type(exc).__name__,
                 [(b"retry-after", b"1")],
             )
         elif isinstance(exc, InvalidToken):
             await problem(send, 400, "key-invalid", "Invalid Idempotency-Key", str(exc))
+        elif isinstance(exc, LeaseLost | _StreamBroken):
+            await problem(
+                send,
+                503,
+                "primary-lost",
+                "The first request was interrupted",
+                "the request with this key lost its lease; retry it",
+                [(b"retry-after", b"1")],
+            )
         else:
             raise exc
-
-    async def _send_own(
-        self, send: Send, full: StoredResponse | None, fallback: StoredResponse | None
-    ) -> None:
-        """The primary's own response, sent to its client although it was not stored."""
-        response = full or fallback
-        if response is None:
-            await problem(
-                send, 502, "primary-failed", "No response", "the handler gave no response"
-            )
-            return
-        await send_response(send, response.status, response.raw_headers(), response.raw_body())
 
     async def _send_shared_failure(self, send: Send, exc: PrimaryFailed) -> None:
         if exc.error_type.endswith("._NotRetained"):
@@ -451,7 +488,8 @@ class IdempotencyMiddleware:
                 shared = json.loads(exc.error_message)
                 if shared.get("response"):
                     response = StoredResponse.model_validate_json(shared["response"])
-                    headers = [*response.raw_headers(), (b"idempotent-replayed", b"true")]
+                    headers = replay_headers(response.raw_headers(), self.config.replay_set_cookie)
+                    headers.append((b"idempotent-replayed", b"true"))
                     await send_response(send, response.status, headers, response.raw_body())
                     return
             await problem(
@@ -463,21 +501,23 @@ class IdempotencyMiddleware:
                 [(b"retry-after", b"1")],
             )
             return
+        kind = exc.error_type.rsplit(".", 1)[-1]
         await problem(
             send,
             502,
             "primary-failed",
             "The first request failed",
-            f"{exc.error_type}: {exc.error_message}"[:500],
+            f"the request with this key failed ({kind}); retry to run it again",
         )
 
-    async def _run_app(self, scope: Scope, body: bytes, emit: Emit) -> tuple[StoredResponse, bool]:
-        """Run the app on the buffered request; capture its response (complete if it fits).
+    async def _run_app(self, scope: Scope, body: bytes, emit: Emit, own: _Client) -> StoredResponse:
+        """Run the app on the buffered request; its response goes straight to its client.
 
-        A streamed response (``text/event-stream``, or a body without ``Content-Length``) is also
-        emitted as it comes, head first, so that duplicates can follow it live.
+        What fits in ``max_stored_body`` is kept to be stored. A streamed response is also
+        emitted as it comes, head first, so that duplicates can follow it live (best effort:
+        the primary's client never waits for, nor depends on, the store).
         """
-        streaming = False
+        cfg = self.config
         delivered = False
         never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -493,33 +533,50 @@ class IdempotencyMiddleware:
         headers: list[tuple[bytes, bytes]] = []
         chunks: list[bytes] = []
         size = 0
+        following = False
+
+        def tell_followers(data: bytes) -> None:
+            nonlocal following
+            try:
+                emit(data, _OWN)
+            except DedupError:
+                following = False  # the followers get the stored value (or a problem)
 
         async def capture(message: Message) -> None:
-            nonlocal status, headers, size, streaming
+            nonlocal status, headers, size, following
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 raw = list(message.get("headers", []))
-                headers = strip_hop_by_hop(raw)
-                streaming = is_streamed(raw)
-                if streaming:
+                headers = replay_headers(raw, cfg.replay_set_cookie)
+                await own(message)
+                following = is_streamed(raw)
+                if following:
                     head = {
                         "status": status,
                         "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers],
                     }
-                    emit(json.dumps(head).encode(), head)  # the original marks our own
+                    tell_followers(json.dumps(head).encode())
             elif message["type"] == "http.response.body":
+                await own(message)
                 chunk = message.get("body", b"")
                 size += len(chunk)
-                chunks.append(chunk)
-                if streaming and chunk:
-                    emit(chunk, chunk)
+                if size <= cfg.max_stored_body:
+                    chunks.append(chunk)
+                elif chunks:
+                    chunks.clear()  # too large to retain: keep nothing
+                if following and chunk:
+                    tell_followers(chunk)
 
         try:
-            await self.app(dict(scope), receive, capture)
+            await self.app({**scope, KEYED: True}, receive, capture)
         finally:
             never.cancel()
+        if size > cfg.max_stored_body:
+            raise _NotRetained(None, "the response body exceeded max_stored_body")
         response = StoredResponse.capture(status, headers, b"".join(chunks))
-        return response, size <= self.max_stored_body
+        if not cfg.retain(status):
+            raise _NotRetained(response, f"status {status} is not retained")
+        return response
 
     async def cancel_primaries(self, timeout: float = 10.0) -> None:
         """Cancel the calls still running (their keys are released; waiters elsewhere take over)."""

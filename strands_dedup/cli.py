@@ -36,6 +36,7 @@ from .store.connect import describe_url
 __all__ = ["main"]
 
 REDIS_URL_ENV = "STRANDS_DEDUP_REDIS_URL"
+IDENTITY_SECRET_ENV = "STRANDS_DEDUP_IDENTITY_SECRET"  # noqa: S105 - a variable name
 NAMESPACE_ENV = "STRANDS_DEDUP_NAMESPACE"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_NAMESPACE = "strands-dedup"
@@ -776,27 +777,52 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 @click.option("--lease-ttl", default=30.0, show_default=True, type=click.FloatRange(0.05))
 @click.option("--result-ttl", default=86400.0, show_default=True, type=click.FloatRange(0.001))
 @click.option("--scope-header", default=None, metavar="NAME", help="Header naming the tenant.")
+@click.option(
+    "--identity-header",
+    "identity_headers",
+    multiple=True,
+    metavar="NAME",
+    help="A header holding callers' credentials (repeat; replaces the default "
+    "Authorization, X-Api-Key, Cookie). Keys are scoped by a digest of these.",
+)
+@click.option(
+    "--identity-secret",
+    envvar=IDENTITY_SECRET_ENV,
+    default=None,
+    metavar="SECRET",
+    help=f"HMAC key of the credentials' digest [env {IDENTITY_SECRET_ENV}].",
+)
+@click.option(
+    "--share-keys-across-identities",
+    is_flag=True,
+    help="Unsafe: any caller may replay any other caller's response for the same key.",
+)
+@click.option("--replay-set-cookie", is_flag=True, help="Store and replay Set-Cookie headers.")
 @click.option("--require-key", is_flag=True, help="Refuse POST/PATCH without Idempotency-Key.")
 @click.option(
     "--on-duplicate",
     type=click.Choice(["wait", "reject"]),
-    default="wait",
-    show_default=True,
-    help="A concurrent duplicate waits for the response, or gets 409 with Retry-After.",
+    default=None,
+    help="A concurrent duplicate waits for the response (default), or gets 409 with Retry-After.",
 )
 @click.option(
     "--max-body",
-    default="10MB",
-    show_default=True,
-    help="Largest request body accepted and response body retained (e.g. 512KiB, 10MB).",
+    default=None,
+    help="Largest request body accepted, any request (e.g. 512KiB, 10MB; default 10MiB).",
 )
-@click.option("--upstream-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1))
+@click.option(
+    "--max-stored-body",
+    default=None,
+    help="Largest response body retained for retries (default 1MiB); larger ones still reach "
+    "their client whole.",
+)
+@click.option("--upstream-timeout", default=None, type=click.FloatRange(0.1), help="Default 60 s.")
 @click.option(
     "--shutdown-timeout",
-    default=30.0,
-    show_default=True,
+    default=None,
     type=click.FloatRange(1),
-    help="On SIGTERM, how long requests in flight may finish before their tokens are released.",
+    help="On SIGTERM, how long requests in flight may finish before their tokens are released "
+    "(default 30 s).",
 )
 def gateway(
     upstream: str,
@@ -806,36 +832,40 @@ def gateway(
     port: int,
     lease_ttl: float,
     result_ttl: float,
-    scope_header: str | None,
-    require_key: bool,
-    on_duplicate: str,
-    max_body: str,
-    upstream_timeout: float,
-    shutdown_timeout: float,
+    **options: Any,
 ) -> None:
     """Serve a retry-safe reverse proxy in front of an HTTP agent service.
 
     Requests with an Idempotency-Key run once across every replica sharing the Redis; duplicates
-    get the first response. GET /healthz, /readyz and /metrics are the gateway's own.
+    from the same caller get the first response. GET /healthz, /readyz and /metrics are the
+    gateway's own. See the README's Security section for what is scoped and bounded how.
     """
-    from .gateway import parse_size, run_gateway
+    from .gateway import GatewayConfig, parse_size, run_gateway
 
-    size = parse_size(max_body)
+    for name in ("max_body", "max_stored_body"):
+        if options[name] is not None:
+            try:
+                options[name] = parse_size(options[name])
+            except ValueError as exc:
+                hint = "--" + name.replace("_", "-")
+                raise click.BadParameter(str(exc), param_hint=hint) from None
+    options["max_request_body"] = options.pop("max_body")
+    if not options["identity_headers"]:
+        del options["identity_headers"]
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    try:
+        config = GatewayConfig(upstream=upstream, **given)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise click.UsageError(errors) from None
     run_gateway(
-        upstream=upstream,
+        config,
         redis_url=redis_url,
         host=host,
         port=port,
         namespace=validate_namespace(namespace),
         lease_ttl=lease_ttl,
         result_ttl=result_ttl,
-        shutdown_timeout=shutdown_timeout,
-        upstream_timeout=upstream_timeout,
-        scope_header=scope_header,
-        require_key=require_key,
-        on_duplicate=on_duplicate,
-        max_request_body=size,
-        max_stored_body=size,
     )
 
 

@@ -42,6 +42,7 @@ from .protocol import (
     Claimed,
     Envelope,
     LeaseInfo,
+    LeaveClaimed,
     Outcome,
     Replay,
     Role,
@@ -962,6 +963,14 @@ class Deduplicator:
         the token is released and one waiter takes over.
         """
         self._renewer.discard(lease)
+        if isinstance(exc, LeaveClaimed):
+            log.warning(
+                "token %r stays claimed until its lease expires (within %gs): %s",
+                lease.keys.token,
+                self.config.lease_ttl,
+                exc,
+            )
+            return
         if isinstance(exc, Exception):
             self._observer.count("failures")
         if lease.lost:

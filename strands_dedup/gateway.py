@@ -19,17 +19,42 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import unquote
 
-from .asgi import IdempotencyMiddleware, problem, strip_hop_by_hop
+from .asgi import KEYED, IdempotencyMiddleware, problem, read_body, reject
 from .core import Deduplicator
+from .http_policy import (
+    GatewayConfig,
+    HttpConfig,
+    Rejected,
+    relay_headers,
+    retry_after,
+    split_upstream,
+    strip_hop_by_hop,
+    upstream_target,
+)
+from .protocol import LeaveClaimed
 
-__all__ = ["Gateway", "parse_size", "run_gateway"]
+__all__ = ["Gateway", "GatewayConfig", "UpstreamBroken", "parse_size", "run_gateway"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+_TARGET = "strands_dedup.upstream_target"  # scope key: the checked upstream path and query
+_NOT_FORWARDED = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-forwarded-port",
+        b"x-real-ip",
+    }
+)
 _UNITS = {
     "": 1,
     "b": 1,
@@ -74,24 +99,42 @@ async def _json(send: Send, status: int, payload: Any, content_type: bytes) -> N
 
 
 class Gateway:
-    """The gateway's ASGI app: its own endpoints, then the middleware, then the proxy."""
+    """The gateway's ASGI app: its own endpoints, then the middleware, then the proxy.
+
+    Options: `GatewayConfig` (or its fields as keywords). The upstream's scheme, host, port and
+    base path come from ``upstream`` only; a request contributes a normalized path below the
+    base and its query (`upstream_target`), and every other target is a 400.
+    """
 
     def __init__(
         self,
-        upstream: str,
-        dedup: Deduplicator,
+        upstream: str | None = None,
+        dedup: Deduplicator | None = None,
         *,
-        upstream_timeout: float = 60.0,
-        max_upstream_connections: int = 100,
-        **middleware_options: Any,
+        config: GatewayConfig | None = None,
+        **options: Any,
     ) -> None:
-        if not upstream.startswith(("http://", "https://")):
-            raise ValueError(f"upstream must be an http:// or https:// URL, not {upstream!r}")
-        self.upstream = upstream.rstrip("/")
+        if dedup is None:
+            raise TypeError("Gateway needs a Deduplicator (dedup=)")
+        if config is None:
+            if upstream is None:
+                raise TypeError("Gateway needs an upstream URL (or config=)")
+            config = GatewayConfig(upstream=upstream, **options)
+        elif upstream is not None or options:
+            raise TypeError("give config= or the upstream and keyword options, not both")
+        self.config = config
         self.dedup = dedup
-        self.upstream_timeout = upstream_timeout
-        self.max_upstream_connections = max_upstream_connections
-        self.middleware = IdempotencyMiddleware(self.proxy, dedup=dedup, **middleware_options)
+        scheme, host, port, self._base = split_upstream(config.upstream)
+        self.upstream = config.upstream.rstrip("/")
+        self._origin = f"{scheme}://{host if ':' not in host else f'[{host}]'}" + (
+            f":{port}" if port is not None else ""
+        )
+        middleware_fields = set(HttpConfig.model_fields)
+        self.middleware = IdempotencyMiddleware(
+            self.proxy,
+            dedup=dedup,
+            config=HttpConfig(**{k: v for k, v in config if k in middleware_fields}),
+        )
         self._client: Any = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,10 +143,20 @@ class Gateway:
             return
         if scope["type"] != "http":
             return  # websockets are not proxied; the server closes the connection
-        path = scope.get("path", "")
-        if scope.get("method") == "GET" and path in ("/healthz", "/readyz", "/metrics"):
-            await self._own(path, send)
+        raw_path = scope.get("raw_path") or scope.get("path", "").encode("latin-1")
+        if scope.get("method") == "GET" and raw_path in (b"/healthz", b"/readyz", b"/metrics"):
+            await self._own(raw_path.decode(), send)
             return
+        try:
+            target = upstream_target(raw_path, scope.get("query_string", b""), self._base)
+        except Rejected as rejected:
+            await reject(send, rejected)
+            return
+        scope = dict(scope)
+        path = target.split("?", 1)[0]
+        scope["raw_path"] = path.encode("ascii")  # the fingerprint sees the normalized path
+        scope["path"] = unquote(path)
+        scope[_TARGET] = target
         await self.dedup._observer.timed(self.middleware, scope, receive, send)
 
     async def _own(self, path: str, send: Send) -> None:
@@ -123,7 +176,7 @@ class Gateway:
                     404,
                     "metrics-unavailable",
                     "Metrics unavailable",
-                    "install strands-dedup[metrics] to expose Prometheus metrics",
+                    "install strands-dedup[http] (it brings prometheus-client) to expose metrics",
                 )
                 return
             body = generate_latest()
@@ -154,17 +207,18 @@ class Gateway:
     async def start(self) -> None:
         import httpx
 
+        timeout = self.config.upstream_timeout
         self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.upstream_timeout, connect=min(10.0, self.upstream_timeout)),
-            limits=httpx.Limits(max_connections=self.max_upstream_connections),
+            base_url=self._origin,
+            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
+            limits=httpx.Limits(max_connections=self.config.max_upstream_connections),
             follow_redirects=False,
+            trust_env=False,
         )
 
     async def stop(self) -> None:
         """Release what is still running (waiters elsewhere take over), then close."""
-        cancel = getattr(self.middleware, "cancel_primaries", None)
-        if cancel is not None:
-            await cancel()
+        await self.middleware.cancel_primaries()
         if self._client is not None:
             await self._client.aclose()
         await self.dedup.aclose()
@@ -175,65 +229,110 @@ class Gateway:
 
         if self._client is None:
             await self.start()
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+        limit = self.config.max_request_body
+        try:
+            body = await read_body(receive, scope.get("headers", []), limit)
+        except Rejected as rejected:
+            await reject(send, rejected)
+            return
+        if body is None:
+            return
+        target = scope.get(_TARGET)
+        if target is None:  # called without the gateway's own checks: apply them here
+            raw_path = scope.get("raw_path") or scope["path"].encode("latin-1")
+            try:
+                target = upstream_target(raw_path, scope.get("query_string", b""), self._base)
+            except Rejected as rejected:
+                await reject(send, rejected)
                 return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        target = self.upstream + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
-        if scope.get("query_string"):
-            target += "?" + scope["query_string"].decode("latin-1")
-        headers = [h for h in strip_hop_by_hop(scope.get("headers", [])) if h[0].lower() != b"host"]
-        client_addr = scope.get("client")
-        if client_addr:
-            headers.append((b"x-forwarded-for", str(client_addr[0]).encode()))
-        headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+        url = self._client.base_url.copy_with(raw_path=target.encode("ascii"))
         request = self._client.build_request(
-            scope["method"], target, headers=headers, content=b"".join(chunks)
+            scope["method"], url, headers=_forwarded(scope), content=body
         )
         try:
             response = await self._client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
+        except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             await problem(
-                send, 504, "upstream-timeout", "Upstream timed out", str(exc) or "timeout"
+                send,
+                504,
+                "upstream-timeout",
+                "Upstream timed out",
+                f"the upstream could not be reached in time ({type(exc).__name__}); "
+                "it did not receive the request",
             )
             return
+        except httpx.TimeoutException as exc:
+            seconds = self.dedup.config.lease_ttl
+            await problem(
+                send,
+                504,
+                "upstream-timeout",
+                "Upstream timed out",
+                f"the upstream did not answer within {self.config.upstream_timeout:g}s and may "
+                f"still be running this request; its key stays reserved for up to {seconds:g}s, "
+                "then a retry runs it again",
+                [(b"retry-after", retry_after(seconds, max(1, int(seconds) + 1)))],
+            )
+            if scope.get(KEYED):
+                raise LeaveClaimed(f"upstream timed out ({type(exc).__name__})") from exc
+            return
         except httpx.HTTPError as exc:
-            await problem(send, 502, "upstream-unreachable", "Upstream unreachable", str(exc))
+            await problem(
+                send,
+                502,
+                "upstream-unreachable",
+                "Upstream unreachable",
+                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+            )
             return
         try:
             await send(
                 {
                     "type": "http.response.start",
                     "status": response.status_code,
-                    "headers": strip_hop_by_hop(response.headers.raw),
+                    "headers": relay_headers(response.headers.raw),
                 }
             )
             async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except httpx.HTTPError:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as exc:
+            # The upstream broke off its response: never end it as if it were whole.
+            raise UpstreamBroken(f"the upstream's response broke off: {exc!r}") from exc
         finally:
             await response.aclose()
 
 
+class UpstreamBroken(Exception):
+    """The upstream's response ended early: the client's connection is aborted, not ended."""
+
+
+def _forwarded(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The request's headers as sent upstream: no hop-by-hop, Host or forwarding headers of the
+    client's (the gateway sets its own), so nothing in them can choose where the request goes."""
+    headers = [
+        (n, v)
+        for n, v in strip_hop_by_hop(scope.get("headers", []))
+        if n.lower() not in _NOT_FORWARDED
+    ]
+    client_addr = scope.get("client")
+    if client_addr:
+        headers.append((b"x-forwarded-for", str(client_addr[0]).encode()))
+    headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+    return headers
+
+
 def run_gateway(
+    config: GatewayConfig,
     *,
-    upstream: str,
     redis_url: str,
     host: str,
     port: int,
     namespace: str,
     lease_ttl: float,
     result_ttl: float,
-    shutdown_timeout: float,
-    upstream_timeout: float,
     log_level: str = "warning",
-    **middleware_options: Any,
 ) -> None:
     """Serve a `Gateway` with uvicorn until SIGTERM/SIGINT (blocking)."""
     import uvicorn
@@ -241,13 +340,14 @@ def run_gateway(
     dedup = Deduplicator.from_url(
         redis_url, namespace=namespace, lease_ttl=lease_ttl, result_ttl=result_ttl
     )
-    app = Gateway(upstream, dedup, upstream_timeout=upstream_timeout, **middleware_options)
-    config = uvicorn.Config(
+    app = Gateway(dedup=dedup, config=config)
+    server = uvicorn.Config(
         app,
         host=host,
         port=port,
         lifespan="on",
-        timeout_graceful_shutdown=int(max(1, shutdown_timeout)),
+        timeout_graceful_shutdown=int(max(1, config.shutdown_timeout)),
         log_level=log_level,
+        server_header=False,
     )
-    asyncio.run(uvicorn.Server(config).serve())
+    asyncio.run(uvicorn.Server(server).serve())

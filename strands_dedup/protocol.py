@@ -24,6 +24,7 @@ __all__ = [
     "Envelope",
     "Grant",
     "LeaseInfo",
+    "LeaveClaimed",
     "Outcome",
     "QueueFull",
     "Queued",
@@ -303,3 +304,10 @@ def wait_budget(pttl_ms: int, grace: float, remaining: float) -> float:
     """
     lease_left = pttl_ms / 1000 if pttl_ms > 0 else 0.0
     return max(0.0, min(remaining, lease_left + grace))
+
+
+class LeaveClaimed(Exception):
+    """Raised by a primary's call that ends without a result while its side effects may still
+    be under way elsewhere (an upstream that timed out may still be running): the token is neither
+    released nor failed; its lease is no longer renewed and expires within one lease TTL, so no
+    second execution starts before then."""

@@ -72,8 +72,9 @@ Emit = Callable[..., None]
 class _Appender:
     """Batches a primary's chunks into fenced appends; never makes the producer wait."""
 
-    def __init__(self, dedup: Deduplicator, lease: HeldLease) -> None:
+    def __init__(self, dedup: Deduplicator, lease: HeldLease, best_effort: bool) -> None:
         cfg = dedup.config
+        self._best_effort = best_effort
         self._store = dedup._store
         self._lease = lease
         self._pending: list[tuple[bytes, bytes]] = [(b"b", b"")]
@@ -85,25 +86,35 @@ class _Appender:
         self.chunks = 0
         self.size = 0
         self.lost = False
+        self.stopped = False
         self.error: BaseException | None = None
 
     def add(self, data: bytes) -> None:
         if self.lost:
             raise self._lost()
+        if self.stopped:
+            return
         if self.error is not None:
+            if self._best_effort:
+                self._stop(self.error)
+                return
             raise self.error
         self.chunks += 1
         self.size += len(data)
         if self.chunks > self._max_chunks or self.size > self._max_bytes:
             which = "chunks" if self.chunks > self._max_chunks else "bytes"
             limit = self._max_chunks if which == "chunks" else self._max_bytes
-            raise ResultTooLarge(
+            too_large = ResultTooLarge(
                 f"the stream of token {self._lease.keys.token!r} passed max_stream_{which} "
                 f"({limit})",
                 token=self._lease.keys.token,
                 size=self.size if which == "bytes" else self.chunks,
                 limit=limit,
             )
+            if self._best_effort:
+                self._stop(too_large)
+                return
+            raise too_large
         self._pending.append((b"c", data))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -121,10 +132,23 @@ class _Appender:
             if not ok:
                 self.lost = True
 
+    def _stop(self, reason: BaseException) -> None:
+        """Best effort: followers get no more chunks (nor an end marker); the call goes on and
+        its stored value gives them the rest."""
+        self.stopped = True
+        self._pending = []
+        log.warning(
+            "followers of token %r stop receiving its stream: %s", self._lease.keys.token, reason
+        )
+
     async def finish(self) -> None:
         """Append what is left and the end marker; `LeaseLost` if the lease went meanwhile."""
         if self._flusher is not None:
             await self._flusher
+        if self.error is not None and self._best_effort and not self.stopped:
+            self._stop(self.error)
+        if self.stopped:
+            return
         if self.error is not None:
             raise self.error
         if self.chunks == 0 and self._flusher is None:
@@ -163,6 +187,7 @@ async def stream_events(
     fingerprint: str | None,
     wait_timeout: float | None,
     on_duplicate: str | None = None,
+    best_effort: bool = False,
 ) -> AsyncIterator[Event]:
     """Run ``produce(emit)`` once for the token across every process, or follow who does.
 
@@ -170,6 +195,9 @@ async def stream_events(
     follower gets them from the Redis Stream. Everyone ends with `Final` (the stored value).
     Leaving the iteration early does not stop a primary: it runs to the end, so its followers
     and later retries get the whole stream.
+
+    ``best_effort=True``: a stream that outgrows ``max_stream_bytes`` or whose appends fail stops
+    reaching the followers (they get the rest from the stored value) instead of failing the call.
     """
     timeout = dedup.config.wait_timeout if wait_timeout is None else wait_timeout
     deadline = time.monotonic() + timeout
@@ -211,7 +239,7 @@ async def stream_events(
                 if watch is not None:
                     watch.close()
                 leading = True
-                async for event in _lead(dedup, lease, produce, rtype):
+                async for event in _lead(dedup, lease, produce, rtype, best_effort):
                     yield event
                 return
             dedup._check_lease(reply.lease, keys, fingerprint)
@@ -277,10 +305,11 @@ async def _lead(
     lease: HeldLease,
     produce: Callable[[Emit], Awaitable[Any]],
     rtype: Any,
+    best_effort: bool,
 ) -> AsyncIterator[Event]:
     """Run the call as the primary in its own task; hand its chunks to the caller as they come."""
     events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
-    appender = _Appender(dedup, lease)
+    appender = _Appender(dedup, lease, best_effort)
 
     def emit(data: bytes, original: Any = None) -> None:
         if not isinstance(data, bytes):

@@ -126,7 +126,7 @@ def test_killed_replica_is_taken_over_by_another(
                 client.post(urls[0] + "/invoke", json={}, headers={"Idempotency-Key": "crash"})
             )
             deadline = time.monotonic() + 10
-            while (lease := await inspector.lease("crash")) is None:
+            while (lease := await inspector.lease("crash", "anon")) is None:
                 assert time.monotonic() < deadline, "the first replica never claimed the key"
                 await asyncio.sleep(0.01)
             while (await client.get(upstream + "/executions")).json().get("crash") != 1:

@@ -1,0 +1,391 @@
+"""The rules of the HTTP surfaces, with no I/O: options, keys, identities, targets, headers.
+
+`IdempotencyMiddleware` and the gateway are thin shells over these functions; each is a plain
+function of bytes, tested (and fuzzed) without a server. Clients are untrusted: whatever they
+send is either accepted under these rules or refused with a `Rejected` (a 4xx problem).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+from urllib.parse import quote, unquote_to_bytes, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+__all__ = [
+    "ANONYMOUS",
+    "GatewayConfig",
+    "HttpConfig",
+    "Rejected",
+    "declared_length",
+    "default_retain",
+    "identity_of",
+    "parse_key",
+    "relay_headers",
+    "replay_headers",
+    "retry_after",
+    "split_upstream",
+    "strip_hop_by_hop",
+    "upstream_target",
+]
+
+MiB = 1024 * 1024
+ANONYMOUS = "anon"
+"""The identity of every request that carries none of the identity headers."""
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_DEFAULT_IDENTITY_KEY = b"strands-dedup identity v1"
+_IDENTITY_HEX = 24  # 96 bits of the digest name an identity in keys and displays
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"  # pchar and "/", without "%": a decoded "%" is sent as %25
+_QUERY_SAFE = "/?:@!$&'()*+,;=-._~%"  # the query passes as sent; only illegal bytes are encoded
+
+
+def default_retain(status: int) -> bool:
+    """2xx and 4xx except 409 (conflict) and 429 (rate limited) are stored for retries."""
+    return 200 <= status < 300 or (400 <= status < 500 and status not in (409, 429))
+
+
+class Rejected(Exception):
+    """A request refused before it reaches the application: a problem with a stable kind."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        title: str,
+        detail: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(f"{status} {kind}: {detail}")
+        self.status = status
+        self.kind = kind
+        self.title = title
+        self.detail = detail
+        self.headers = list(headers)
+
+
+def _lower(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name.strip().lower() for name in names if name.strip()))
+
+
+class HttpConfig(BaseModel):
+    """Options of `IdempotencyMiddleware` (and of the gateway, which adds its own).
+
+    Defaults live here only; the middleware, the gateway and the CLI all build this model.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    methods: tuple[str, ...] = Field(("POST", "PATCH"), description="Methods that are keyed.")
+    header: str = Field("Idempotency-Key", min_length=1, description="The key's header.")
+    require_key: bool = Field(False, description="A keyed method without a key is a 400.")
+    scope_header: str | None = Field(None, description="Header naming the tenant.")
+    scope: Callable[[Any], str | bytes | None] | None = Field(
+        None, description="Callable of the ASGI scope naming the tenant."
+    )
+    identity_headers: tuple[str, ...] = Field(
+        ("authorization", "x-api-key", "cookie"),
+        description="Headers holding the caller's credentials; their digest scopes its keys.",
+    )
+    identity: Callable[[Any], str | bytes | None] | None = Field(
+        None, description="Callable of the ASGI scope naming the caller (instead of headers)."
+    )
+    identity_secret: SecretStr | None = Field(
+        None, description="HMAC key of the credentials' digest (else a fixed key: plain SHA-256)."
+    )
+    share_keys_across_identities: bool = Field(
+        False, description="Let every caller replay every other caller's responses (unsafe)."
+    )
+    fingerprint_headers: tuple[str, ...] = Field((), description="Headers in the fingerprint.")
+    on_duplicate: Literal["wait", "reject"] = Field(
+        "wait", description="A concurrent duplicate waits, or gets 409 with Retry-After."
+    )
+    retain: Callable[[int], bool] = Field(
+        default_retain, description="Which statuses are stored for later retries."
+    )
+    replay_set_cookie: bool = Field(False, description="Store and replay Set-Cookie headers.")
+    max_request_body: int = Field(10 * MiB, gt=0, description="Largest request body accepted.")
+    max_stored_body: int = Field(MiB, gt=0, description="Largest response body retained.")
+    max_key_length: int = Field(255, gt=0, le=4096, description="Longest Idempotency-Key.")
+    max_retry_after: int = Field(60, ge=1, description="Cap of a 409's Retry-After, seconds.")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        methods = tuple(m.strip().upper() for m in value)
+        if not all(methods):
+            raise ValueError("methods must not be empty strings")
+        return methods
+
+    @field_validator("identity_headers", "fingerprint_headers")
+    @classmethod
+    def _names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _lower(value)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> HttpConfig:
+        if self.scope_header is not None and self.scope is not None:
+            raise ValueError("give scope_header= or scope=, not both")
+        if self.scope_header is not None and self.scope_header.lower() in self.identity_headers:
+            raise ValueError(
+                f"scope_header {self.scope_header!r} is a credential header: it is already part "
+                "of the identity scope (and would be stored in clear); name a tenant header"
+            )
+        return self
+
+    @property
+    def header_name(self) -> bytes:
+        return self.header.strip().lower().encode("latin-1")
+
+    @property
+    def secret(self) -> bytes:
+        if self.identity_secret is None:
+            return _DEFAULT_IDENTITY_KEY
+        return self.identity_secret.get_secret_value().encode()
+
+
+class GatewayConfig(HttpConfig):
+    """Options of the gateway: the middleware's, plus the upstream and its limits."""
+
+    upstream: str = Field(description="The service to protect: http(s)://host[:port][/base].")
+    upstream_timeout: float = Field(60.0, gt=0, description="Longest wait for the upstream.")
+    max_upstream_connections: int = Field(100, gt=0, description="Pooled upstream connections.")
+    shutdown_timeout: float = Field(30.0, ge=0, description="Grace for requests on SIGTERM.")
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        split_upstream(value)
+        return value
+
+
+def split_upstream(url: str) -> tuple[str, str, int | None, str]:
+    """``http://svc:8080/api`` -> ("http", "svc", 8080, "/api"); a `ValueError` otherwise.
+
+    Only a plain http(s) origin with an optional base path is accepted: no credentials, query or
+    fragment, so what the gateway reaches is exactly what this URL names.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"upstream {url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"upstream must be an http:// or https:// URL with a host, not {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"upstream {url!r} must not carry credentials")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError(f"upstream {url!r} must not have a query or a fragment")
+    base = parts.path.rstrip("/")
+    if base and _normalized(unquote_to_bytes(base)) != unquote_to_bytes(base):
+        raise ValueError(f"upstream base path {parts.path!r} is not a normalized path")
+    return parts.scheme, parts.hostname, port, base
+
+
+def _normalized(path: bytes) -> bytes | None:
+    """RFC 3986 section 5.2.4 on a decoded absolute path; None if it climbs above the root."""
+    out: list[bytes] = []
+    segments = path.split(b"/")[1:]
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment.split(b";", 1)[0] in (b".", b".."):
+            if segment.split(b";", 1)[0] == b"..":
+                if not out:
+                    return None
+                out.pop()
+            if last:
+                out.append(b"")
+            continue
+        out.append(segment)
+    return b"/" + b"/".join(out)
+
+
+def _bad_target(detail: str) -> Rejected:
+    return Rejected(400, "bad-target", "Request target not allowed", detail)
+
+
+def upstream_target(raw_path: bytes, query: bytes, base: str) -> str:
+    """The upstream's path and query for a request target; `Rejected` (400) if unsafe.
+
+    Only origin-form targets (one leading ``/``) are accepted. The path is percent-decoded once,
+    its dot-segments are removed (RFC 3986 section 5.2.4; a segment whose part before ``;`` is a
+    dot-segment counts as one), and it is encoded again under ``base``: a client can name any path
+    below the base and nothing else. Control characters and backslashes are refused.
+    """
+    if not raw_path.startswith(b"/") or raw_path.startswith(b"//"):
+        raise _bad_target("only origin-form request targets (a path with one leading '/')")
+    decoded = unquote_to_bytes(raw_path)
+    if any(byte < 0x20 or byte == 0x7F for byte in decoded) or b"\\" in decoded:
+        raise _bad_target("the path holds a control character or a backslash")
+    path = _normalized(decoded)
+    if path is None or path.startswith(b"//"):
+        raise _bad_target("the path leaves the upstream's base path")
+    target = base + quote(path, safe=_PATH_SAFE)
+    if query:
+        target += "?" + quote(query, safe=_QUERY_SAFE)
+    return target
+
+
+def parse_key(values: Sequence[bytes], max_length: int) -> bytes:
+    """The Idempotency-Key from its header values; `Rejected` (400) unless exactly one.
+
+    The IETF draft's form (a quoted structured-field string) and a bare token are both accepted;
+    several headers, or one holding a list, are refused.
+    """
+
+    def invalid(detail: str) -> Rejected:
+        return Rejected(400, "key-invalid", "Invalid Idempotency-Key", detail)
+
+    if len(values) != 1:
+        raise invalid("send exactly one Idempotency-Key header")
+    value = values[0].strip(b" \t")
+    if value.startswith(b'"'):
+        key = _sf_string(value)
+        if key is None:
+            raise invalid("the key is not one quoted string (a list, or a bad escape)")
+    elif b"," in value:
+        raise invalid("the key is a list; send one key")
+    else:
+        key = value
+    if not key or len(key) > max_length:
+        raise invalid(f"the key must be 1 to {max_length} bytes long")
+    if any(byte < 0x20 or byte == 0x7F for byte in key):
+        raise invalid("the key holds a control character")
+    return key
+
+
+def _sf_string(value: bytes) -> bytes | None:
+    """An RFC 8941 string (``"..."`` with ``\\"`` and ``\\\\`` escapes) alone; None otherwise."""
+    out = bytearray()
+    i = 1
+    while i < len(value):
+        byte = value[i]
+        if byte == 0x5C:  # backslash
+            if i + 1 >= len(value) or value[i + 1] not in b'"\\':
+                return None
+            out.append(value[i + 1])
+            i += 2
+            continue
+        if byte == 0x22:  # closing quote: nothing may follow
+            return bytes(out) if i == len(value) - 1 else None
+        if byte < 0x20 or byte > 0x7E:
+            return None
+        out.append(byte)
+        i += 1
+    return None
+
+
+def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The request's Content-Length (None when absent); `Rejected` (400) when malformed."""
+    values = {v.strip() for n, v in headers if n.lower() == b"content-length"}
+    if not values:
+        return None
+    if len(values) != 1 or not next(iter(values)).isdigit():
+        raise Rejected(400, "bad-length", "Invalid Content-Length", "one decimal Content-Length")
+    return int(next(iter(values)))
+
+
+def body_too_large(limit: int) -> Rejected:
+    return Rejected(
+        413, "body-too-large", "Request body too large", f"the body exceeds {limit} bytes"
+    )
+
+
+def identity_of(headers: Iterable[tuple[bytes, bytes]], names: Sequence[str], secret: bytes) -> str:
+    """``id-<hex>``: a keyed digest of the caller's credential headers, or `ANONYMOUS`.
+
+    The credentials themselves never leave this function: only the digest is stored, logged or
+    shown.
+    """
+    wanted = {name.encode("latin-1") for name in names}
+    found = sorted((n.lower(), v) for n, v in headers if n.lower() in wanted)
+    if not found:
+        return ANONYMOUS
+    return "id-" + _digest(secret, found)
+
+
+def _digest(secret: bytes, parts: Iterable[tuple[bytes, bytes]]) -> str:
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for name, value in parts:
+        for part in (name, value):
+            mac.update(len(part).to_bytes(8, "big") + part)
+    return mac.hexdigest()[:_IDENTITY_HEX]
+
+
+def named_identity(value: str | bytes, secret: bytes) -> str:
+    """The identity of a caller named by an ``identity=`` callable (digested the same way)."""
+    raw = value.encode() if isinstance(value, str) else value
+    return "id-" + _digest(secret, [(b"identity", raw)])
+
+
+def combine_scope(tenant: str | bytes | None, identity: str | None) -> bytes | None:
+    """The token scope: ``<tenant>|<identity>``, either part alone, or None (shared by all).
+
+    An identity never holds ``|``, so the split from the right is unambiguous.
+    """
+    if tenant is None:
+        return identity.encode() if identity is not None else None
+    raw = tenant.encode() if isinstance(tenant, str) else tenant
+    return raw if identity is None else raw + b"|" + identity.encode()
+
+
+_NOT_STORED = frozenset({b"content-length", b"date"})
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Headers without the hop-by-hop ones (and those the Connection header names)."""
+    headers = list(headers)
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named]
+
+
+def replay_headers(
+    headers: Iterable[tuple[bytes, bytes]], keep_cookies: bool
+) -> list[tuple[bytes, bytes]]:
+    """What a stored or replayed response keeps: no hop-by-hop, length or date headers, and no
+    ``Set-Cookie`` unless asked (the server adds a fresh ``Date`` and the length)."""
+    return [
+        (n, v)
+        for n, v in strip_hop_by_hop(headers)
+        if n.lower() not in _NOT_STORED and (keep_cookies or n.lower() != b"set-cookie")
+    ]
+
+
+def relay_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An upstream response's headers as the gateway relays them: hop-by-hop ones removed,
+    ``Content-Length`` kept when the body is not chunked, ``Date`` left to the gateway's server."""
+    headers = list(headers)
+    chunked = any(n.lower() == b"transfer-encoding" for n, _ in headers)
+    return [
+        (n, v)
+        for n, v in strip_hop_by_hop(headers)
+        if n.lower() != b"date" and not (chunked and n.lower() == b"content-length")
+    ]
+
+
+def retry_after(seconds: float, cap: int) -> bytes:
+    """A Retry-After value: whole seconds, at least 1, at most ``cap``."""
+    if not math.isfinite(seconds):
+        return str(cap).encode()
+    return str(min(cap, max(1, math.ceil(seconds)))).encode()
