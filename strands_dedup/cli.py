@@ -783,7 +783,7 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
     multiple=True,
     metavar="NAME",
     help="A header holding callers' credentials (repeat; replaces the default "
-    "Authorization, X-Api-Key, Cookie). Keys are scoped by a digest of these.",
+    "Authorization, X-Api-Key). Keys are scoped by a digest of these.",
 )
 @click.option(
     "--identity-secret",

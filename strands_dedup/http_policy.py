@@ -100,7 +100,7 @@ class HttpConfig(BaseModel):
         None, description="Callable of the ASGI scope naming the tenant."
     )
     identity_headers: tuple[str, ...] = Field(
-        ("authorization", "x-api-key", "cookie"),
+        ("authorization", "x-api-key"),
         description="Headers holding the caller's credentials; their digest scopes its keys.",
     )
     identity: Callable[[Any], str | bytes | None] | None = Field(

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import redis
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -374,3 +375,34 @@ class ClusterSetup:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
+
+
+def wait_http(url: str, deadline: float) -> None:
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not come up")
+        time.sleep(0.05)  # polling a child process's port against a deadline
+
+
+@contextlib.contextmanager
+def process(args: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process (an HTTP server) that answers ``ready_url`` within 20 s; stopped after.
+
+    Its stderr goes to a file (a pipe nobody reads would block it once full).
+    """
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_http(ready_url, time.monotonic() + 20)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

@@ -273,3 +273,130 @@ async def test_wait_timeout_and_handler_failure(backend_url: str, namespace: str
         assert shared.status_code == 502 and shared.json()["type"].endswith("/primary-failed")
         detail = shared.json()["detail"]
     assert "RuntimeError" in detail and "handler crashed" not in detail  # the text stays in logs
+
+
+async def test_callers_are_isolated_by_their_credentials(dedup: Deduplicator) -> None:
+    agent = Agent()
+    async with client(agent.app(dedup)) as http:
+        alice = {**key("k"), "Authorization": "Bearer alice"}
+        bob = {**key("k"), "X-Api-Key": "bob"}
+        a = await http.post("/invoke", content=b"q", headers=alice)
+        b = await http.post("/invoke", content=b"q", headers=bob)
+        anon = await http.post("/invoke", content=b"q", headers=key("k"))
+        again = await http.post("/invoke", content=b"q", headers=alice)
+    assert [a.json()["run"], b.json()["run"], anon.json()["run"]] == [1, 2, 3]
+    assert again.json()["run"] == 1 and again.headers["idempotent-replayed"] == "true"
+
+
+async def test_an_identity_callable_and_a_tenant_combine(dedup: Deduplicator) -> None:
+    agent = Agent()
+
+    def user(scope: dict[str, object]) -> str:
+        return dict(scope["headers"]).get(b"x-user", b"").decode()  # type: ignore[call-overload, no-any-return]
+
+    app = agent.app(dedup, identity=user, scope_header="X-Tenant")
+    async with client(app) as http:
+        runs = [
+            (await http.post("/invoke", headers={**key("k"), **h})).json()["run"]
+            for h in (
+                {"X-User": "u1", "X-Tenant": "t1"},
+                {"X-User": "u1", "X-Tenant": "t2"},
+                {"X-User": "u2", "X-Tenant": "t1"},
+                {"X-User": "u1", "X-Tenant": "t1", "Authorization": "ignored"},
+            )
+        ]
+    assert runs == [1, 2, 3, 1]
+
+
+async def test_sharing_keys_across_identities_is_explicit_and_logged(
+    dedup: Deduplicator, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = Agent()
+    with caplog.at_level("WARNING", logger="strands_dedup.http"):
+        IdempotencyMiddleware(agent.invoke, dedup=dedup, share_keys_across_identities=True)  # type: ignore[arg-type]
+    assert "share_keys_across_identities" in caplog.text
+    async with client(agent.app(dedup, share_keys_across_identities=True)) as http:
+        await http.post("/invoke", headers={**key("k"), "Authorization": "Bearer a"})
+        other = await http.post("/invoke", headers={**key("k"), "Authorization": "Bearer b"})
+    assert other.headers["idempotent-replayed"] == "true" and agent.runs == 1
+
+
+def test_a_credential_header_cannot_be_the_tenant() -> None:
+    with pytest.raises(ValueError, match="credential header"):
+        IdempotencyMiddleware(Agent().invoke, dedup=None, scope_header="Authorization")  # type: ignore[arg-type]
+
+
+async def test_replays_carry_no_set_cookie_unless_asked(dedup: Deduplicator) -> None:
+    async def login(request: Request) -> Response:
+        return Response(
+            "ok", headers={"set-cookie": "sid=1", "date": "Mon, 01 Jan 2001 00:00:00 GMT"}
+        )
+
+    for keep in (False, True):
+        app = Starlette(routes=[Route("/login", login, methods=["POST"])])
+        app.add_middleware(IdempotencyMiddleware, dedup=dedup, replay_set_cookie=keep)
+        async with client(app) as http:
+            first = await http.post("/login", headers=key(f"cookie-{keep}"))
+            again = await http.post("/login", headers=key(f"cookie-{keep}"))
+        assert first.headers["set-cookie"] == "sid=1"
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.headers.get("set-cookie") == ("sid=1" if keep else None)
+        assert "date" not in again.headers  # the server adds a fresh one
+
+
+async def test_retry_after_follows_the_lease_and_is_capped(
+    backend_url: str, namespace: str
+) -> None:
+    async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=30) as dedup:
+        for cap, low, high in ((60, 25, 30), (5, 5, 5)):
+            agent = Agent()
+            agent.release.clear()
+            app = agent.app(dedup, on_duplicate="reject", max_retry_after=cap)
+            async with client(app) as http:
+                first = asyncio.create_task(http.post("/invoke", headers=key(f"ra-{cap}")))
+                await agent.started.wait()
+                dup = await http.post("/invoke", headers=key(f"ra-{cap}"))
+                agent.release.set()
+                await first
+            assert dup.status_code == 409 and low <= int(dup.headers["retry-after"]) <= high
+
+
+async def test_keys_must_be_one_and_may_be_quoted(dedup: Deduplicator) -> None:
+    agent = Agent()
+    async with client(agent.app(dedup)) as http:
+        bare = await http.post("/invoke", headers=key("abc"))
+        quoted = await http.post("/invoke", headers=key('"abc"'))
+        listed = await http.post("/invoke", headers=key('"a", "b"'))
+        two = await http.post(
+            "/invoke", headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+        )
+    assert quoted.headers["idempotent-replayed"] == "true" and quoted.json() == bare.json()
+    assert listed.status_code == two.status_code == 400 and agent.runs == 1
+    assert two.json()["type"].endswith("/key-invalid")
+
+
+async def test_a_declared_length_over_the_limit_is_refused_unread(dedup: Deduplicator) -> None:
+    read: list[str] = []
+
+    async def receive() -> dict[str, object]:
+        read.append("body")
+        return {"type": "http.request", "body": b"x" * 100, "more_body": True}
+
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    middleware = IdempotencyMiddleware(Agent().invoke, dedup=dedup, max_request_body=1000)  # type: ignore[arg-type]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/invoke",
+        "headers": [(b"idempotency-key", b"k"), (b"content-length", b"300000000")],
+    }
+    await middleware(scope, receive, send)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 413 and read == []
+    chunked = {**scope, "headers": [(b"idempotency-key", b"k")]}
+    sent.clear()
+    await middleware(chunked, receive, send)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 413 and len(read) == 11  # refused once past the limit

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import free_port
+from servers import free_port, process
 
 from strands_dedup.admin import Inspector
 from strands_dedup.demo import gateway_command
@@ -22,34 +22,6 @@ from strands_dedup.gateway import parse_size
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 HERE = Path(__file__).parent
-
-
-def _wait_http(url: str, deadline: float) -> None:
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} did not come up")
-        time.sleep(0.05)  # polling a child process's port against a deadline
-
-
-@contextlib.contextmanager
-def process(args: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _wait_http(ready_url, time.monotonic() + 20)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port
-from test_gateway import process, upstream  # noqa: F401 - upstream is a fixture
+from servers import free_port, process
+from test_gateway import upstream  # noqa: F401 - a fixture
 
 from strands_dedup.demo import gateway_command
 from strands_dedup.observe import EVENTS
