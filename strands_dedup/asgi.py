@@ -6,10 +6,10 @@
 - Requests carrying ``Idempotency-Key`` on POST and PATCH (``methods=``) run once across every
   replica sharing the deduplicator's Redis; other methods pass through. ``require_key=True``
   answers a keyed method without a key with 400; two keys, or a list, are a 400 too.
-- **Clients are isolated**: a key is scoped by the caller's identity, a keyed digest of its
-  credential headers (``identity_headers``: Authorization and X-Api-Key by default; add Cookie,
-  or better an ``identity=`` callable, for cookie sessions; an HMAC with ``identity_secret``) or the name an ``identity=`` callable returns.
-  Requests without credentials share one anonymous scope. A tenant (``scope_header=`` or
+- **Clients are isolated**: a key is scoped by the caller's identity, a keyed digest (HMAC with
+  ``identity_secret``) of its credential headers (``identity_headers``: Authorization and
+  X-Api-Key by default; add Cookie for cookie sessions) or of the name an ``identity=`` callable
+  returns. Requests without credentials share one anonymous scope. A tenant (``scope_header=`` or
   ``scope=``) combines with it. ``share_keys_across_identities=True`` drops the identity (and
   logs a warning). Credentials are never stored, logged or shown: only their digest.
 - The fingerprint covers method, path, query string, body and ``fingerprint_headers``: the same
