@@ -594,10 +594,24 @@ def _scatter(size: int, groups: list[list[int]], parts: Sequence[Sequence[K]]) -
     return out
 
 
+# What a pool adds to its connections' options for RESP3 maintenance notifications (redis-py 8).
+# The subscriber speaks RESP2, whose pure-Python parser refuses them: they are dropped.
+_RESP3_ONLY = (
+    "maint_notifications_config",
+    "maint_notifications_pool_handler",
+    "oss_cluster_maint_notifications_handler",
+    "orig_host_address",
+    "orig_socket_timeout",
+    "orig_socket_connect_timeout",
+)
+
+
 def _subscriber_connection(connection_class: Any, connection_kwargs: dict[str, Any]) -> Any:
     kwargs = dict(connection_kwargs)
     kwargs["protocol"] = 2
     kwargs.pop("himport_registry", None)
+    for option in _RESP3_ONLY:
+        kwargs.pop(option, None)
     name = kwargs.get("client_name")
     if name:
         kwargs["client_name"] = f"{name}:sub"
