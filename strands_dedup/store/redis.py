@@ -46,8 +46,13 @@ def _lua(name: str) -> str:
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
 
 
+def _with_fence(name: str) -> str:
+    """A script that hands out fences, with fence.lua's ``next_fence`` in front of it."""
+    return _lua("fence") + "\n" + _lua(name)
+
+
 _SCRIPTS = {
-    name: _lua(name)
+    name: _with_fence(name) if name in ("claim", "release") else _lua(name)
     for name in (
         "claim",
         "settle",
