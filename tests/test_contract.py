@@ -437,3 +437,28 @@ async def test_a_retried_claim_recognises_its_own_lease(dedup: Deduplicator) -> 
     assert first == again and first[0] == b"C"
     assert other[0] == b"L" and other[1].startswith(b"abc1|" + first[1] + b"|")
 
+
+
+@pytest.mark.parametrize(
+    ("on_primary_error", "outcome"),
+    [("retry", RuntimeError), ("share", RuntimeError), ("share", asyncio.CancelledError)],
+)
+async def test_a_renewal_after_the_owners_release_is_refused(
+    make: Callable[..., Any], on_primary_error: str, outcome: type[BaseException]
+) -> None:
+    from strands_dedup.store import HeldLeaseRef
+
+    async with make(on_primary_error=on_primary_error) as dedup:
+        refs: list[HeldLeaseRef] = []
+
+        async def call() -> None:
+            lease = next(iter(dedup._renewer._held.values()))
+            refs.append(HeldLeaseRef(lease.keys, lease.value))
+            raise outcome("gone")
+
+        with pytest.raises(outcome):
+            await dedup.execute("t", call)
+        # a renewal sent before the release that reaches Redis after it
+        assert await dedup._store.renew(refs) == [False]
+        assert not await dedup._store.client.exists(refs[0].keys.lease)
+        assert (await dedup.execute("t", lambda: "next")).role is Role.PRIMARY
