@@ -1,8 +1,9 @@
 """`RedisStore`: the protocol's round trips, each one Lua script (or one plain command).
 
-Driver errors become the library's own: credentials refused -> `StoreUnavailable` at once;
-connection errors and timeouts -> retried with tenacity while the operation is safe to repeat
-(every script recognises a repeated call by its owner id), then `StoreUnavailable`.
+Driver errors become the library's own: connection errors and timeouts -> retried with tenacity
+while the operation is safe to repeat (every script recognises a repeated call by its owner id),
+then `StoreUnavailable`; a refusal (credentials, NOPERM, OOM, BUSY, NOSCRIPT after a reload; and
+READONLY once retries did not reach a primary) -> `StoreRefused`, carrying the server's message.
 """
 
 from __future__ import annotations
@@ -29,10 +30,18 @@ from tenacity import (
 )
 
 from ..config import DedupConfig
-from ..errors import StoreUnavailable
+from ..errors import StoreRefused, StoreUnavailable
 from ..keys import SessionKeys, TokenKeys
 
-__all__ = ["Client", "HeldLeaseRef", "HeldTicketRef", "RedisStore", "is_transient"]
+__all__ = [
+    "Client",
+    "HeldLeaseRef",
+    "HeldTicketRef",
+    "RedisStore",
+    "describe_error",
+    "is_transient",
+    "store_error",
+]
 
 log = logging.getLogger("strands_dedup.store")
 R = TypeVar("R")
@@ -88,6 +97,39 @@ def _is_auth_error(exc: BaseException) -> bool:
     return isinstance(exc, rex.ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))
 
 
+def describe_error(exc: BaseException) -> str:
+    """An exception's message, or its class name when it has none (``TimeoutError()``); a
+    Redis error with the code redis-py took off its message put back (``OOM ...``)."""
+    text = str(exc).strip()
+    code = getattr(exc, "status_code", None)
+    if isinstance(code, str) and code and not text.startswith(code):
+        text = f"{code} {text}"
+    return text or type(exc).__name__
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    if _is_auth_error(exc) or isinstance(exc, rex.ReadOnlyError):
+        return True
+    return isinstance(exc, rex.ResponseError) and not is_transient(exc)
+
+
+def store_error(exc: BaseException, where: str) -> StoreUnavailable:
+    """The library's error for a driver error from the Redis at ``where``: `StoreRefused` when
+    Redis refused (its message kept), else `StoreUnavailable`."""
+    cause = describe_error(exc)
+    error: StoreUnavailable
+    if _is_auth_error(exc) and not isinstance(exc, rex.NoPermissionError):
+        message = f"Redis at {where} refused the credentials: {cause}"
+        error = StoreRefused(message, server_message=cause)
+    elif _is_refusal(exc):
+        message = f"Redis at {where} refused the command: {cause}"
+        error = StoreRefused(message, server_message=cause)
+    else:
+        error = StoreUnavailable(f"Redis at {where} is unavailable: {cause}")
+    error.__cause__ = exc
+    return error
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying: the connection failed or timed out, or the server is not ready."""
     if _is_auth_error(exc):
@@ -140,14 +182,6 @@ class RedisStore:
 
     # -- error handling ---------------------------------------------------------------------
 
-    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
-        if _is_auth_error(exc):
-            error = StoreUnavailable(f"Redis at {self.where} refused the credentials: {exc}")
-        else:
-            error = StoreUnavailable(f"Redis at {self.where} is unavailable: {exc}")
-        error.__cause__ = exc
-        return error
-
     def _lanes(self) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
         if self._claim_lane is None or self._settle_lane is None:
             total = self._config.max_connections
@@ -186,8 +220,8 @@ class RedisStore:
                     result = await op()
             except Exception as exc:
                 if not is_transient(exc):
-                    if _is_auth_error(exc):
-                        raise self._unavailable(exc) from exc
+                    if isinstance(exc, rex.RedisError):
+                        raise store_error(exc, self.where) from exc
                     raise
                 log.debug("transient Redis error, retrying: %s", exc)
                 first = exc
@@ -202,7 +236,7 @@ class RedisStore:
 
     async def _retry(self, op: Callable[[], Awaitable[R]], first: Exception) -> R:
         if self._config.retry_attempts <= 1:
-            raise self._unavailable(first) from first
+            raise store_error(first, self.where) from first
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._config.retry_attempts - 1)
             | stop_after_delay(self._config.retry_deadline),
@@ -216,8 +250,8 @@ class RedisStore:
                     async with asyncio.timeout(self._timeout):
                         return await op()
         except Exception as exc:
-            if is_transient(exc) or _is_auth_error(exc):
-                raise self._unavailable(exc) from exc
+            if is_transient(exc) or isinstance(exc, rex.RedisError):
+                raise store_error(exc, self.where) from exc
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
