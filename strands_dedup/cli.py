@@ -717,12 +717,15 @@ def stats(as_json: bool) -> None:
         ("stored results", str(view.results)),
         ("lease memory", _size(view.lease_bytes)),
         ("result memory", _size(view.result_bytes)),
+        ("maxmemory-policy", view.eviction_policy),
     ]
     parts: list[RenderableType] = [
         _fields_table(f"namespace {view.namespace}", rows),
         _counters_table(view.counters, None, title="events (all live processes)"),
     ]
     _console().print(Group(*parts))
+    for warning in view.warnings:
+        click.echo(f"Warning: {warning}", err=True)
 
 
 @main.command()

@@ -32,6 +32,7 @@ from .errors import (
     PrimaryFailed,
     ResultTooLarge,
     SerializationError,
+    StoreRefused,
     StoreUnavailable,
     WaitTimeout,
 )
@@ -60,6 +61,7 @@ from .renewer import HeldLease, Renewer
 from .serialization import JsonSerializer, Serializer
 from .store import Client, RedisStore, ShardedSubscriber, Subscriber, Watch, client_from_url
 from .store.connect import describe_url
+from .store.redis import describe_error, eviction_warning, warn_evicting
 
 __all__ = [
     "CallContext",
@@ -278,6 +280,8 @@ class Deduplicator:
         self._publisher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: dict[SessionKeys, list[int]] = {}
+        self._store_check: asyncio.Future[None] | None = None
+        """Reads Redis' eviction policy once, at the first call (`_check_store`)."""
         self._background: set[asyncio.Task[Any]] = set()
         """Streaming primaries whose callers may have stopped listening (see `stream`)."""
         """Sessions this deduplicator's callers hold or wait for: [held, waiting]."""
@@ -485,6 +489,11 @@ class Deduplicator:
             await self._store.aclose()
 
     async def __aenter__(self) -> Deduplicator:
+        try:
+            await self._checked_store()
+        except BaseException:
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -503,12 +512,20 @@ class Deduplicator:
         """Store reachable (one PING, bounded), subscriber connected, local load, renewal lag."""
         started = time.monotonic()
         error = None
+        policy: str | None = None
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 await self._store.probe()
             latency: float | None = (time.monotonic() - started) * 1000
         except Exception as exc:
-            latency, error = None, f"{type(exc).__name__}: {exc}"
+            latency, error = None, f"{type(exc).__name__}: {describe_error(exc)}"
+        if error is None:
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    policy = await self._store.eviction_policy()
+            except Exception as exc:  # health must answer; the policy is a bonus
+                log.debug("could not read the eviction policy: %s", exc)
+        warning = eviction_warning(policy, self._store.where) if policy is not None else None
         waiters = self._subscriber.waiters
         connected = self._subscriber.connected
         sessions: list[SessionLoad] = []
@@ -526,7 +543,33 @@ class Deduplicator:
             sessions_held=sum(x[0] for x in self._sessions.values()),
             sessions_waiting=sum(x[1] for x in self._sessions.values()),
             sessions=sessions,
+            eviction_policy=policy,
+            warnings=[warning] if warning is not None else [],
         )
+
+    async def _checked_store(self) -> None:
+        """Read Redis' eviction policy once: warn (once per process) when it can evict our keys,
+        refuse with `StoreRefused` when ``require_noeviction`` is set. An unreachable Redis is
+        checked again at the next call."""
+        if self._store_check is None:
+            self._store_check = asyncio.ensure_future(self._check_store())
+        await asyncio.shield(self._store_check)
+
+    async def _check_store(self) -> None:
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                policy = await self._store.eviction_policy()
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.debug("could not read the eviction policy yet: %s", exc)
+            self._store_check = None
+            return
+        warn_evicting(policy, self._store.where)
+        if self.config.require_noeviction and policy != "noeviction":
+            detail = eviction_warning(policy, self._store.where) or policy
+            raise StoreRefused(
+                f"require_noeviction is set and {detail}",
+                server_message=f"maxmemory-policy {policy}",
+            )
 
     async def _session_loads(self, limit: int = 100) -> list[SessionLoad]:
         local = list(self._sessions.items())[:limit]
@@ -606,6 +649,10 @@ class Deduplicator:
         if self._publisher is None and not self._closed:
             self._loop = asyncio.get_running_loop()
             self._start_publisher()
+        if self._store_check is None or not self._store_check.done():
+            await self._checked_store()
+        elif self._store_check.exception() is not None:
+            self._store_check.result()  # require_noeviction refused this Redis
         try:
             first = await self._claim_or_wait(keys, fingerprint, rtype, wait_timeout, on_duplicate)
         except FingerprintMismatch:

@@ -225,6 +225,11 @@ class SyncDeduplicator:
             self._portal.stop()
 
     def __enter__(self) -> SyncDeduplicator:
+        try:
+            self._portal.call(self._core._checked_store())
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

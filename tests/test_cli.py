@@ -385,6 +385,7 @@ async def test_show_and_stats_describe_a_stored_result(
     counts = json.loads(stats.stdout)
     assert set(counts) == {
         "namespace", "in_flight", "results", "lease_bytes", "result_bytes", "counters",
+        "eviction_policy", "warnings",
     }  # fmt: skip
     assert (counts["namespace"], counts["in_flight"], counts["results"]) == (namespace, 0, 1)
     assert counts["result_bytes"] > result["size"] and counts["lease_bytes"] == 0

@@ -38,9 +38,12 @@ __all__ = [
     "HeldLeaseRef",
     "HeldTicketRef",
     "RedisStore",
+    "can_evict",
     "describe_error",
+    "eviction_warning",
     "is_transient",
     "store_error",
+    "warn_evicting",
 ]
 
 log = logging.getLogger("strands_dedup.store")
@@ -128,6 +131,57 @@ def store_error(exc: BaseException, where: str) -> StoreUnavailable:
         error = StoreUnavailable(f"Redis at {where} is unavailable: {cause}")
     error.__cause__ = exc
     return error
+
+
+EVICTING_PREFIXES = ("allkeys-", "volatile-")
+"""maxmemory-policy values that can evict this library's keys: every key here has a TTL, so the
+``volatile-*`` policies can evict them as well as the ``allkeys-*`` ones."""
+
+
+def can_evict(policy: str) -> bool:
+    """Whether Redis under this ``maxmemory-policy`` may drop a lease, a fence or a result."""
+    return policy.startswith(EVICTING_PREFIXES)
+
+
+def eviction_warning(policy: str, where: str) -> str | None:
+    """What to tell an operator about ``policy`` (None when it cannot evict our keys)."""
+    if can_evict(policy):
+        return (
+            f"Redis at {where} has maxmemory-policy {policy}: under memory pressure it can evict "
+            "the lease and fence of a call in flight, and the call can then run twice; set "
+            "maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction, and in its "
+            "configuration)"
+        )
+    if policy == "unknown":
+        return (
+            f"the maxmemory-policy of Redis at {where} cannot be read (CONFIG is disabled or not "
+            "permitted): make sure it is noeviction"
+        )
+    return None
+
+
+@functools.cache
+def warn_evicting(policy: str, where: str) -> None:
+    """Log the eviction warning once per process for each (Redis, policy)."""
+    message = eviction_warning(policy, where)
+    if message is not None and can_evict(policy):
+        log.warning("%s", message)
+
+
+def _policies(reply: Any) -> list[str]:
+    """The values of CONFIG GET maxmemory-policy, from a single node's or a cluster's reply."""
+    if isinstance(reply, dict):
+        for name, value in reply.items():
+            if _text(name) == "maxmemory-policy":
+                return [_text(value)]
+        return [policy for value in reply.values() for policy in _policies(value)]
+    if isinstance(reply, (list, tuple)) and len(reply) == 2:
+        return [_text(reply[1])]
+    return []
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -528,6 +582,27 @@ class RedisStore:
 
     async def ping(self) -> None:
         await self._run(self.probe)
+
+    async def eviction_policy(self) -> str:
+        """Redis' ``maxmemory-policy`` (on a cluster: an evicting one among the primaries, if
+        any); ``"unknown"`` when CONFIG is disabled or not permitted. `StoreUnavailable` when
+        Redis cannot be reached. The embedded ``memory://`` store never evicts."""
+        if self.where.startswith("memory://"):
+            return "noeviction"
+
+        async def read() -> Any:
+            if self.cluster is None:
+                return await self.client.config_get("maxmemory-policy")
+            return await self.cluster.config_get(
+                "maxmemory-policy", target_nodes=aredis.RedisCluster.PRIMARIES
+            )
+
+        try:
+            policies = _policies(await self._run(read))
+        except StoreRefused:
+            return "unknown"
+        evicting = [policy for policy in policies if can_evict(policy)]
+        return (evicting or policies or ["unknown"])[0]
 
     async def probe(self) -> None:
         """One PING, not retried (every primary of a cluster: a lost replica is no outage)."""
