@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast, get_type_hints
 
@@ -30,6 +30,7 @@ from .errors import (
     FingerprintMismatch,
     LeaseLost,
     PrimaryFailed,
+    ReentrantCall,
     ResultTooLarge,
     SerializationError,
     StoreRefused,
@@ -69,6 +70,7 @@ __all__ = [
     "LostSignal",
     "call_identity",
     "current_call",
+    "primary_context",
     "return_type_of",
 ]
 
@@ -132,9 +134,30 @@ _CURRENT_CALL: contextvars.ContextVar[CallContext | None] = contextvars.ContextV
 )
 
 
+_RUNNING: contextvars.ContextVar[frozenset[tuple[str, bytes]]] = contextvars.ContextVar(
+    "strands_dedup_running", default=frozenset()
+)
+"""The (store, lease key) of every primary running in this context: the current call and the
+calls it runs inside of."""
+
+
 def current_call() -> CallContext | None:
     """The primary call running in this context (its token and fence), or None outside one."""
     return _CURRENT_CALL.get()
+
+
+@contextlib.contextmanager
+def primary_context(lease: HeldLease, where: str) -> Iterator[CallContext]:
+    """Run a primary's call as `current_call()` (a nested call on its own token is refused)."""
+    keys = lease.keys
+    context = lease.context = CallContext(keys.token, keys.scope, lease.fence, lease.role)
+    call_token = _CURRENT_CALL.set(context)
+    running_token = _RUNNING.set(_RUNNING.get() | {(where, keys.lease)})
+    try:
+        yield context
+    finally:
+        _RUNNING.reset(running_token)
+        _CURRENT_CALL.reset(call_token)
 
 
 _HINTS: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
@@ -680,6 +703,13 @@ class Deduplicator:
     ) -> Outcome[Any] | HeldLease:
         if self._closed:
             raise DedupError("the deduplicator is closed", token=keys.token)
+        if (self._store.where, keys.lease) in _RUNNING.get():
+            scope = f" in scope {keys.scope!r}" if keys.scope else ""
+            raise ReentrantCall(
+                f"token {keys.token!r}{scope} is called from inside its own primary call: it "
+                "would wait for itself (use another token for the inner call)",
+                token=keys.token,
+            )
         owner = self._new_owner()
         meta = self._lease_meta(keys, fingerprint)
         # Listening already (other local waiters on this token)? Then this read needs no repeat.
@@ -900,14 +930,11 @@ class Deduplicator:
         task = asyncio.current_task()
         if self.config.on_lease_lost == "cancel":
             lease.task = task
-        context = lease.context = CallContext(
-            lease.keys.token, lease.keys.scope, lease.fence, lease.role
-        )
-        reset = _CURRENT_CALL.set(context)
         try:
-            result = call()
-            if inspect.isawaitable(result):
-                result = await result
+            with primary_context(lease, self._store.where):
+                result = call()
+                if inspect.isawaitable(result):
+                    result = await result
         except asyncio.CancelledError:
             lease.task = None
             if lease.cancelling and task is not None:
@@ -920,8 +947,6 @@ class Deduplicator:
             lease.task = None
             await self._abandon(lease, exc)
             raise
-        finally:
-            _CURRENT_CALL.reset(reset)
         lease.task = None
         return await self._complete(lease, cast(T, result), rtype)
 

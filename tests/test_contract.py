@@ -18,6 +18,7 @@ from strands_dedup import (
     FingerprintMismatch,
     LeaseLost,
     PrimaryFailed,
+    ReentrantCall,
     ResultTooLarge,
     Role,
     SerializationError,
@@ -462,3 +463,18 @@ async def test_a_renewal_after_the_owners_release_is_refused(
         assert await dedup._store.renew(refs) == [False]
         assert not await dedup._store.client.exists(refs[0].keys.lease)
         assert (await dedup.execute("t", lambda: "next")).role is Role.PRIMARY
+
+
+async def test_a_call_on_its_own_token_fails_at_once(dedup: Deduplicator) -> None:
+    async def inner() -> str:
+        return await dedup.run("outer", lambda: "never", scope="s")
+
+    async def outer() -> str:
+        return await dedup.run("inner", inner, scope="s")  # outer -> inner -> outer
+
+    started = time.monotonic()
+    with pytest.raises(ReentrantCall, match="'outer'") as info:
+        await dedup.run("outer", outer, scope="s")
+    assert time.monotonic() - started < 1.5 and info.value.token == "outer"
+    # the same token in another scope is another call
+    assert await dedup.run("t", lambda: dedup.run("t", lambda: "in", scope="x")) == "in"
