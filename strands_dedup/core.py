@@ -532,7 +532,9 @@ class Deduplicator:
         return dict(self._observer.counters)
 
     async def health(self) -> Health:
-        """Store reachable (one PING, bounded), subscriber connected, local load, renewal lag."""
+        """Store reachable (one PING, bounded), subscriber connected, local load, renewal lag,
+        Redis' eviction policy."""
+        self._bind_loop()
         started = time.monotonic()
         error = None
         policy: str | None = None
@@ -570,10 +572,29 @@ class Deduplicator:
             warnings=[warning] if warning is not None else [],
         )
 
+    def _bind_loop(self, keys: TokenKeys | None = None) -> None:
+        """Remember the event loop of the first use; refuse any other one with a `DedupError`
+        (a raw driver error would follow: "Event loop is closed", "attached to a different
+        loop")."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            state = "closed" if self._loop.is_closed() else "still open"
+            raise DedupError(
+                f"this Deduplicator belongs to the event loop it was first used on "
+                f"({self._loop!r}, {state}), not to the running one ({loop!r}): its connections, "
+                "renewer and subscriber live on that loop. Create one Deduplicator per event "
+                "loop (for each asyncio.run, or each thread's loop), or use SyncDeduplicator "
+                "from blocking code and threads",
+                token=keys.token if keys is not None else None,
+            )
+
     async def _checked_store(self) -> None:
         """Read Redis' eviction policy once: warn (once per process) when it can evict our keys,
         refuse with `StoreRefused` when ``require_noeviction`` is set. An unreachable Redis is
         checked again at the next call."""
+        self._bind_loop()
         if self._store_check is None:
             self._store_check = asyncio.ensure_future(self._check_store())
         await asyncio.shield(self._store_check)
@@ -669,8 +690,8 @@ class Deduplicator:
         """Claim the token: a replayed `Outcome`, a `HeldLease` to run the call under, or wait."""
         started = time.monotonic()
         observer = self._observer
+        self._bind_loop(keys)
         if self._publisher is None and not self._closed:
-            self._loop = asyncio.get_running_loop()
             self._start_publisher()
         if self._store_check is None or not self._store_check.done():
             await self._checked_store()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -478,3 +479,23 @@ async def test_a_call_on_its_own_token_fails_at_once(dedup: Deduplicator) -> Non
     assert time.monotonic() - started < 1.5 and info.value.token == "outer"
     # the same token in another scope is another call
     assert await dedup.run("t", lambda: dedup.run("t", lambda: "in", scope="x")) == "in"
+
+
+async def test_a_deduplicator_used_from_another_loop_says_what_to_do(
+    dedup: Deduplicator,
+) -> None:
+    assert await dedup.run("t", lambda: 1) == 1
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            asyncio.run(dedup.run("u", lambda: 2))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    await asyncio.to_thread(thread.join, 10)
+    assert len(errors) == 1 and isinstance(errors[0], DedupError), errors
+    assert "belongs to the event loop" in str(errors[0]) and "SyncDeduplicator" in str(errors[0])
+    assert await dedup.run("u", lambda: 3) == 3  # its own loop still works
