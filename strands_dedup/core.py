@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, cast, get_type_hints
 
 import pydantic_core
 import redis.asyncio as aredis
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from .config import DedupConfig
 from .errors import (
@@ -29,6 +30,7 @@ from .errors import (
     DuplicateInFlight,
     FingerprintMismatch,
     LeaseLost,
+    OutcomeUnknown,
     PrimaryFailed,
     ReentrantCall,
     ResultTooLarge,
@@ -186,6 +188,14 @@ def return_type_of(func: Callable[..., Any]) -> Any:
     with contextlib.suppress(TypeError):
         _HINTS[target] = hint
     return hint
+
+
+def _fence_of(stored: bytes) -> int | None:
+    """The fence a stored result was written under (None when it is not a result envelope)."""
+    try:
+        return decode_envelope(stored).fence
+    except (ValueError, KeyError):
+        return None
 
 
 def _normalize_fingerprint(fingerprint: str | bytes | None) -> str | None:
@@ -1036,9 +1046,12 @@ class Deduplicator:
             ok, reason = await self._store.settle(
                 lease.keys, lease.owner, lease.fence, envelope, message
             )
-        except StoreUnavailable:
+        except StoreRefused:
             self._observer.count("store_errors")
             raise
+        except StoreUnavailable as lost:
+            self._observer.count("store_errors")
+            ok, reason = await self._settle_again(lease, envelope, message, lost)
         finally:
             self._renewer.discard(lease)
         if not ok:
@@ -1047,6 +1060,54 @@ class Deduplicator:
             lease.keys, lease.role, lease.fence, time.monotonic() - lease.started
         )
         return Outcome(value, lease.role, lease.fence)
+
+    async def _settle_again(
+        self, lease: HeldLease, envelope: bytes, message: bytes, lost: StoreUnavailable
+    ) -> tuple[bool, str]:
+        """The completion was sent but its reply was lost (Redis stalled or the connection
+        broke): within the wait budget, once Redis answers, read the token. A stored result
+        with this primary's fence is ours; no result: send the completion again (it is fenced,
+        so it is refused if the token was claimed since). `OutcomeUnknown` if Redis does not
+        answer in time."""
+        keys = lease.keys
+        log.warning(
+            "the completion of token %r (fence %d) got no reply (%s): reading the token again",
+            keys.token,
+            lease.fence,
+            lost,
+        )
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            retry=retry_if_exception(
+                lambda exc: isinstance(exc, StoreUnavailable) and not isinstance(exc, StoreRefused)
+            ),
+            reraise=True,
+        )
+        try:
+            async with asyncio.timeout(self.config.wait_timeout):
+                async for attempt in retrying:
+                    with attempt:
+                        stored = await self._store.get_result(keys)
+                        if stored is None:
+                            return await self._store.settle(
+                                keys, lease.owner, lease.fence, envelope, message
+                            )
+                        fence = _fence_of(stored)
+                        if fence == lease.fence:
+                            return True, "ok"
+                        return False, f"a result of fence {fence} is stored"
+        except StoreRefused:
+            raise
+        except (StoreUnavailable, TimeoutError) as exc:
+            raise OutcomeUnknown(
+                f"the completion of token {keys.token!r} (fence {lease.fence}) was sent, but "
+                f"Redis at {self._store.where} did not answer within "
+                f"{self.config.wait_timeout:g}s (wait_timeout): whether the result is stored "
+                "cannot be known",
+                token=keys.token,
+                fence=lease.fence,
+            ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _abandon(self, lease: HeldLease, exc: BaseException | None) -> None:
         """The primary did not produce a result: share its failure, or release the token.
