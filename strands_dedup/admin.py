@@ -169,6 +169,11 @@ class Inspector:
         self._owns_client = True
         return self
 
+    async def check_connection(self) -> None:
+        """One PING within ``connect_timeout``, not retried: `StoreUnavailable` naming the cause
+        when the endpoint does not answer or answers something that is not Redis."""
+        await self._store.check_connection()
+
     async def aclose(self) -> None:
         if self._owns_client:
             await self._store.aclose()

@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -307,6 +308,66 @@ def test_unreachable_redis_exits_3_with_one_line() -> None:
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"Error: Redis at {url} is unavailable")
+
+
+@contextlib.contextmanager
+def not_redis(reply: bytes | None) -> Iterator[int]:
+    """A TCP port that accepts connections and answers ``reply`` (None: never answers)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            held.append(conn)
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("reply", "cause"),
+    [(None, "no reply within 5s"), (b"HTTP/1.1 400 Bad Request\r\n\r\n", "not Redis")],
+)
+def test_an_endpoint_that_is_not_redis_fails_within_the_connect_timeout(
+    reply: bytes | None, cause: str
+) -> None:
+    with not_redis(reply) as port:
+        started = time.monotonic()
+        url = f"redis://127.0.0.1:{port}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "strands_dedup.cli", "--redis-url", url, "ls"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=clean_environ(),
+        )
+        took = time.monotonic() - started
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and cause in lines[0], proc.stderr
+    assert not lines[0].rstrip().endswith(":")
+    assert took < 8  # the connect timeout (5 s) and the interpreter's start
 
 
 @pytest.mark.timeout(30)

@@ -583,6 +583,29 @@ class RedisStore:
     async def ping(self) -> None:
         await self._run(self.probe)
 
+    async def check_connection(self) -> None:
+        """One PING within ``connect_timeout``, not retried: `StoreUnavailable` naming the cause
+        when nothing answers in time or what answers is not Redis; `StoreRefused` for refused
+        credentials."""
+        timeout = self._config.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self.probe()
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"Redis at {self.where} is unavailable: no reply within {timeout:g}s "
+                "(connect_timeout); is it a Redis server?"
+            ) from None
+        except rex.InvalidResponse as exc:
+            raise StoreUnavailable(
+                f"Redis at {self.where} is unavailable: what answers there is not Redis "
+                f"({describe_error(exc)})"
+            ) from exc
+        except Exception as exc:
+            if isinstance(exc, (rex.RedisError, OSError)) or is_transient(exc):
+                raise store_error(exc, self.where) from exc
+            raise
+
     async def eviction_policy(self) -> str:
         """Redis' ``maxmemory-policy`` (on a cluster: an evicting one among the primaries, if
         any); ``"unknown"`` when CONFIG is disabled or not permitted. `StoreUnavailable` when
