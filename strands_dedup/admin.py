@@ -11,7 +11,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import DedupConfig
@@ -19,7 +19,7 @@ from .keys import KeySchema, TokenKeys
 from .protocol import decode_envelope, decode_lease
 from .store import RedisStore, client_from_url
 from .store.connect import describe_url
-from .store.redis import Client
+from .store.redis import Client, eviction_warning
 
 __all__ = ["Inspector", "LeaseView", "ResultView", "SessionEntryView", "SessionView", "StatsView"]
 
@@ -79,6 +79,10 @@ class StatsView:
     result_bytes: int
     counters: dict[str, int]
     """Fleet-wide event counters, summed over the live processes' published counters."""
+    eviction_policy: str = "unknown"
+    """Redis' ``maxmemory-policy`` (``"unknown"`` when CONFIG is disabled or not permitted)."""
+    warnings: list[str] = field(default_factory=list)
+    """What the guarantees need and do not get (an evicting ``maxmemory-policy``)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +168,11 @@ class Inspector:
         self._store.where = describe_url(url)
         self._owns_client = True
         return self
+
+    async def check_connection(self) -> None:
+        """One PING within ``connect_timeout``, not retried: `StoreUnavailable` naming the cause
+        when the endpoint does not answer or answers something that is not Redis."""
+        await self._store.check_connection()
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -342,6 +351,8 @@ class Inspector:
                 sizes = await self._store._run(usage)
                 acc[0] += sum(1 for s in sizes if s is not None)
                 acc[1] += sum(int(s) for s in sizes if s is not None)
+        policy = await self._store.eviction_policy()
+        warning = eviction_warning(policy, self._store.where)
         return StatsView(
             namespace=self.config.namespace,
             in_flight=totals["lease"][0],
@@ -349,6 +360,8 @@ class Inspector:
             lease_bytes=totals["lease"][1],
             result_bytes=totals["result"][1],
             counters=await self.counters(),
+            eviction_policy=policy,
+            warnings=[warning] if warning is not None else [],
         )
 
     async def counters(self) -> dict[str, int]:

@@ -32,6 +32,7 @@ from .errors import DedupError, StoreUnavailable
 from .keys import validate_namespace
 from .observe import EVENTS
 from .store.connect import describe_url
+from .store.redis import describe_error
 
 __all__ = ["main"]
 
@@ -101,11 +102,11 @@ class _Cli(click.Group):
         except StoreUnavailable as exc:
             raise Unreachable(str(exc)) from None
         except redis.exceptions.RedisError as exc:
-            raise Unreachable(f"Redis failed the command: {exc}") from None
+            raise Unreachable(f"Redis failed the command: {describe_error(exc)}") from None
         except ValidationError as exc:
             raise Failure(_validation_message(exc)) from None
         except (DedupError, ValueError) as exc:
-            raise Failure(str(exc) or type(exc).__name__) from None
+            raise Failure(describe_error(exc)) from None
 
 
 # -- where to connect: options accepted before the command and on each command ----------------
@@ -169,6 +170,7 @@ def _run(work: Callable[[Inspector], Awaitable[T]]) -> T:
 
     async def session() -> T:
         async with Inspector.from_url(url, namespace=namespace) as inspector:
+            await inspector.check_connection()  # a dead or foreign endpoint fails fast
             return await work(inspector)
 
     return asyncio.run(session())
@@ -720,12 +722,15 @@ def stats(as_json: bool) -> None:
         ("stored results", str(view.results)),
         ("lease memory", _size(view.lease_bytes)),
         ("result memory", _size(view.result_bytes)),
+        ("maxmemory-policy", view.eviction_policy),
     ]
     parts: list[RenderableType] = [
         _fields_table(f"namespace {view.namespace}", rows),
         _counters_table(view.counters, None, title="events (all live processes)"),
     ]
     _console().print(Group(*parts))
+    for warning in view.warnings:
+        click.echo(f"Warning: {warning}", err=True)
 
 
 @main.command()

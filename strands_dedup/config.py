@@ -70,6 +70,10 @@ class DedupConfig(BaseModel):
     stats_interval: float = Field(
         5.0, ge=0.05, le=3600, description="How often a process publishes its counters."
     )
+    require_noeviction: bool = Field(
+        False,
+        description="Refuse to start (StoreRefused) unless Redis' maxmemory-policy is noeviction.",
+    )
     retry_attempts: int = Field(3, ge=1, le=20, description="Attempts for a safe operation.")
     retry_deadline: float = Field(
         10.0, gt=0, description="Total time a retried operation may take before StoreUnavailable."

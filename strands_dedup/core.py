@@ -16,12 +16,13 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast, get_type_hints
 
 import pydantic_core
 import redis.asyncio as aredis
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from .config import DedupConfig
 from .errors import (
@@ -29,9 +30,12 @@ from .errors import (
     DuplicateInFlight,
     FingerprintMismatch,
     LeaseLost,
+    OutcomeUnknown,
     PrimaryFailed,
+    ReentrantCall,
     ResultTooLarge,
     SerializationError,
+    StoreRefused,
     StoreUnavailable,
     WaitTimeout,
 )
@@ -61,6 +65,7 @@ from .renewer import HeldLease, Renewer
 from .serialization import JsonSerializer, Serializer
 from .store import Client, RedisStore, ShardedSubscriber, Subscriber, Watch, client_from_url
 from .store.connect import describe_url
+from .store.redis import describe_error, eviction_warning, warn_evicting
 
 __all__ = [
     "CallContext",
@@ -68,6 +73,7 @@ __all__ = [
     "LostSignal",
     "call_identity",
     "current_call",
+    "primary_context",
     "return_type_of",
 ]
 
@@ -131,9 +137,30 @@ _CURRENT_CALL: contextvars.ContextVar[CallContext | None] = contextvars.ContextV
 )
 
 
+_RUNNING: contextvars.ContextVar[frozenset[tuple[str, bytes]]] = contextvars.ContextVar(
+    "strands_dedup_running", default=frozenset()
+)
+"""The (store, lease key) of every primary running in this context: the current call and the
+calls it runs inside of."""
+
+
 def current_call() -> CallContext | None:
     """The primary call running in this context (its token and fence), or None outside one."""
     return _CURRENT_CALL.get()
+
+
+@contextlib.contextmanager
+def primary_context(lease: HeldLease, where: str) -> Iterator[CallContext]:
+    """Run a primary's call as `current_call()` (a nested call on its own token is refused)."""
+    keys = lease.keys
+    context = lease.context = CallContext(keys.token, keys.scope, lease.fence, lease.role)
+    call_token = _CURRENT_CALL.set(context)
+    running_token = _RUNNING.set(_RUNNING.get() | {(where, keys.lease)})
+    try:
+        yield context
+    finally:
+        _RUNNING.reset(running_token)
+        _CURRENT_CALL.reset(call_token)
 
 
 _HINTS: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
@@ -162,6 +189,14 @@ def return_type_of(func: Callable[..., Any]) -> Any:
     with contextlib.suppress(TypeError):
         _HINTS[target] = hint
     return hint
+
+
+def _fence_of(stored: bytes) -> int | None:
+    """The fence a stored result was written under (None when it is not a result envelope)."""
+    try:
+        return decode_envelope(stored).fence
+    except (ValueError, KeyError):
+        return None
 
 
 def _normalize_fingerprint(fingerprint: str | bytes | None) -> str | None:
@@ -279,6 +314,8 @@ class Deduplicator:
         self._publisher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: dict[SessionKeys, list[int]] = {}
+        self._store_check: asyncio.Future[None] | None = None
+        """Reads Redis' eviction policy once, at the first call (`_check_store`)."""
         self._background: set[asyncio.Task[Any]] = set()
         """Streaming primaries whose callers may have stopped listening (see `stream`)."""
         """Sessions this deduplicator's callers hold or wait for: [held, waiting]."""
@@ -486,6 +523,11 @@ class Deduplicator:
             await self._store.aclose()
 
     async def __aenter__(self) -> Deduplicator:
+        try:
+            await self._checked_store()
+        except BaseException:
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -501,15 +543,25 @@ class Deduplicator:
         return dict(self._observer.counters)
 
     async def health(self) -> Health:
-        """Store reachable (one PING, bounded), subscriber connected, local load, renewal lag."""
+        """Store reachable (one PING, bounded), subscriber connected, local load, renewal lag,
+        Redis' eviction policy."""
+        self._bind_loop()
         started = time.monotonic()
         error = None
+        policy: str | None = None
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 await self._store.probe()
             latency: float | None = (time.monotonic() - started) * 1000
         except Exception as exc:
-            latency, error = None, f"{type(exc).__name__}: {exc}"
+            latency, error = None, f"{type(exc).__name__}: {describe_error(exc)}"
+        if error is None:
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    policy = await self._store.eviction_policy()
+            except Exception as exc:  # health must answer; the policy is a bonus
+                log.debug("could not read the eviction policy: %s", exc)
+        warning = eviction_warning(policy, self._store.where) if policy is not None else None
         waiters = self._subscriber.waiters
         connected = self._subscriber.connected
         sessions: list[SessionLoad] = []
@@ -527,7 +579,52 @@ class Deduplicator:
             sessions_held=sum(x[0] for x in self._sessions.values()),
             sessions_waiting=sum(x[1] for x in self._sessions.values()),
             sessions=sessions,
+            eviction_policy=policy,
+            warnings=[warning] if warning is not None else [],
         )
+
+    def _bind_loop(self, keys: TokenKeys | None = None) -> None:
+        """Remember the event loop of the first use; refuse any other one with a `DedupError`
+        (a raw driver error would follow: "Event loop is closed", "attached to a different
+        loop")."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            state = "closed" if self._loop.is_closed() else "still open"
+            raise DedupError(
+                f"this Deduplicator belongs to the event loop it was first used on "
+                f"({self._loop!r}, {state}), not to the running one ({loop!r}): its connections, "
+                "renewer and subscriber live on that loop. Create one Deduplicator per event "
+                "loop (for each asyncio.run, or each thread's loop), or use SyncDeduplicator "
+                "from blocking code and threads",
+                token=keys.token if keys is not None else None,
+            )
+
+    async def _checked_store(self) -> None:
+        """Read Redis' eviction policy once: warn (once per process) when it can evict our keys,
+        refuse with `StoreRefused` when ``require_noeviction`` is set. An unreachable Redis is
+        checked again at the next call."""
+        self._bind_loop()
+        if self._store_check is None:
+            self._store_check = asyncio.ensure_future(self._check_store())
+        await asyncio.shield(self._store_check)
+
+    async def _check_store(self) -> None:
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                policy = await self._store.eviction_policy()
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.debug("could not read the eviction policy yet: %s", exc)
+            self._store_check = None
+            return
+        warn_evicting(policy, self._store.where)
+        if self.config.require_noeviction and policy != "noeviction":
+            detail = eviction_warning(policy, self._store.where) or policy
+            raise StoreRefused(
+                f"require_noeviction is set and {detail}",
+                server_message=f"maxmemory-policy {policy}",
+            )
 
     async def _session_loads(self, limit: int = 100) -> list[SessionLoad]:
         local = list(self._sessions.items())[:limit]
@@ -604,9 +701,13 @@ class Deduplicator:
         """Claim the token: a replayed `Outcome`, a `HeldLease` to run the call under, or wait."""
         started = time.monotonic()
         observer = self._observer
+        self._bind_loop(keys)
         if self._publisher is None and not self._closed:
-            self._loop = asyncio.get_running_loop()
             self._start_publisher()
+        if self._store_check is None or not self._store_check.done():
+            await self._checked_store()
+        elif self._store_check.exception() is not None:
+            self._store_check.result()  # require_noeviction refused this Redis
         try:
             first = await self._claim_or_wait(keys, fingerprint, rtype, wait_timeout, on_duplicate)
         except FingerprintMismatch:
@@ -634,6 +735,13 @@ class Deduplicator:
     ) -> Outcome[Any] | HeldLease:
         if self._closed:
             raise DedupError("the deduplicator is closed", token=keys.token)
+        if (self._store.where, keys.lease) in _RUNNING.get():
+            scope = f" in scope {keys.scope!r}" if keys.scope else ""
+            raise ReentrantCall(
+                f"token {keys.token!r}{scope} is called from inside its own primary call: it "
+                "would wait for itself (use another token for the inner call)",
+                token=keys.token,
+            )
         owner = self._new_owner()
         meta = self._lease_meta(keys, fingerprint)
         # Listening already (other local waiters on this token)? Then this read needs no repeat.
@@ -854,14 +962,11 @@ class Deduplicator:
         task = asyncio.current_task()
         if self.config.on_lease_lost == "cancel":
             lease.task = task
-        context = lease.context = CallContext(
-            lease.keys.token, lease.keys.scope, lease.fence, lease.role
-        )
-        reset = _CURRENT_CALL.set(context)
         try:
-            result = call()
-            if inspect.isawaitable(result):
-                result = await result
+            with primary_context(lease, self._store.where):
+                result = call()
+                if inspect.isawaitable(result):
+                    result = await result
         except asyncio.CancelledError:
             lease.task = None
             if lease.cancelling and task is not None:
@@ -874,8 +979,6 @@ class Deduplicator:
             lease.task = None
             await self._abandon(lease, exc)
             raise
-        finally:
-            _CURRENT_CALL.reset(reset)
         lease.task = None
         return await self._complete(lease, cast(T, result), rtype)
 
@@ -944,9 +1047,12 @@ class Deduplicator:
             ok, reason = await self._store.settle(
                 lease.keys, lease.owner, lease.fence, envelope, message
             )
-        except StoreUnavailable:
+        except StoreRefused:
             self._observer.count("store_errors")
             raise
+        except StoreUnavailable as lost:
+            self._observer.count("store_errors")
+            ok, reason = await self._settle_again(lease, envelope, message, lost)
         finally:
             self._renewer.discard(lease)
         if not ok:
@@ -955,6 +1061,54 @@ class Deduplicator:
             lease.keys, lease.role, lease.fence, time.monotonic() - lease.started
         )
         return Outcome(value, lease.role, lease.fence)
+
+    async def _settle_again(
+        self, lease: HeldLease, envelope: bytes, message: bytes, lost: StoreUnavailable
+    ) -> tuple[bool, str]:
+        """The completion was sent but its reply was lost (Redis stalled or the connection
+        broke): within the wait budget, once Redis answers, read the token. A stored result
+        with this primary's fence is ours; no result: send the completion again (it is fenced,
+        so it is refused if the token was claimed since). `OutcomeUnknown` if Redis does not
+        answer in time."""
+        keys = lease.keys
+        log.warning(
+            "the completion of token %r (fence %d) got no reply (%s): reading the token again",
+            keys.token,
+            lease.fence,
+            lost,
+        )
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            retry=retry_if_exception(
+                lambda exc: isinstance(exc, StoreUnavailable) and not isinstance(exc, StoreRefused)
+            ),
+            reraise=True,
+        )
+        try:
+            async with asyncio.timeout(self.config.wait_timeout):
+                async for attempt in retrying:
+                    with attempt:
+                        stored = await self._store.get_result(keys)
+                        if stored is None:
+                            return await self._store.settle(
+                                keys, lease.owner, lease.fence, envelope, message
+                            )
+                        fence = _fence_of(stored)
+                        if fence == lease.fence:
+                            return True, "ok"
+                        return False, f"a result of fence {fence} is stored"
+        except StoreRefused:
+            raise
+        except (StoreUnavailable, TimeoutError) as exc:
+            raise OutcomeUnknown(
+                f"the completion of token {keys.token!r} (fence {lease.fence}) was sent, but "
+                f"Redis at {self._store.where} did not answer within "
+                f"{self.config.wait_timeout:g}s (wait_timeout): whether the result is stored "
+                "cannot be known",
+                token=keys.token,
+                fence=lease.fence,
+            ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _abandon(self, lease: HeldLease, exc: BaseException | None) -> None:
         """The primary did not produce a result: share its failure, or release the token.

@@ -8,10 +8,17 @@ Every error the library raises on purpose derives from one root::
     ├── FingerprintMismatch   the token was first used for a different request (HTTP 422)
     ├── LeaseLost             a late primary: its completion was refused (fenced off)
     ├── PrimaryFailed         the primary raised; the failure was shared with this duplicate
-    ├── StoreUnavailable      Redis could not be reached (or refused the credentials)
+    ├── StoreUnavailable      Redis could not be reached in bounded time
+    │   ├── StoreRefused      Redis answered with a refusal: credentials or a permission
+    │   │                     (NOAUTH, WRONGPASS, NOPERM), out of memory (OOM), a read-only
+    │   │                     replica (READONLY), a busy script (BUSY), a script it cannot load
+    │   │                     (NOSCRIPT after a reload) or an eviction policy refused by
+    │   │                     require_noeviction (``server_message``)
+    │   └── OutcomeUnknown    a completion was sent but whether Redis applied it cannot be known
     ├── ResultTooLarge        the serialized result exceeds max_result_bytes
     ├── SerializationError    the result could not be serialized or deserialized
     ├── InvalidToken          the token or scope cannot be used (also a ValueError)
+    ├── ReentrantCall         a call on the token of a primary that is running in this context
     └── SessionBusy           a guarded session is taken (mode "throw"), its queue is full, or
                               the wait in its queue passed queue_timeout (see ``reason``)
 
@@ -29,10 +36,13 @@ __all__ = [
     "FingerprintMismatch",
     "InvalidToken",
     "LeaseLost",
+    "OutcomeUnknown",
     "PrimaryFailed",
+    "ReentrantCall",
     "ResultTooLarge",
     "SerializationError",
     "SessionBusy",
+    "StoreRefused",
     "StoreUnavailable",
     "WaitTimeout",
 ]
@@ -91,7 +101,26 @@ class PrimaryFailed(DedupError):
 
 
 class StoreUnavailable(DedupError):
-    """Redis could not be reached in bounded time, or refused the connection's credentials."""
+    """Redis could not be reached in bounded time, or refused what was asked (`StoreRefused`)."""
+
+
+class StoreRefused(StoreUnavailable):
+    """Redis answered, with a refusal: retrying the same thing will not help until its cause
+    (credentials, permissions, memory, a replica taken for the primary, ...) is fixed."""
+
+    def __init__(self, message: str, *, server_message: str, token: str | None = None) -> None:
+        super().__init__(message, token=token)
+        self.server_message = server_message
+        """What Redis said (for example ``OOM command not allowed when used memory > ...``)."""
+
+
+class OutcomeUnknown(StoreUnavailable):
+    """A primary's completion was sent, but Redis did not answer within the wait budget: its
+    result may or may not be stored (a later call on the token replays it, or runs again)."""
+
+    def __init__(self, message: str, *, token: str | None, fence: int) -> None:
+        super().__init__(message, token=token)
+        self.fence = fence
 
 
 class ResultTooLarge(DedupError):
@@ -109,6 +138,11 @@ class SerializationError(DedupError):
 
 class InvalidToken(DedupError, ValueError):
     """A token or scope is empty, of the wrong type, or too long to be used."""
+
+
+class ReentrantCall(DedupError):
+    """A call on a (scope, token) whose primary is running in this very context (the call
+    would wait for itself): raised at once."""
 
 
 class BusyReason(enum.StrEnum):

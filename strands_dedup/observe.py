@@ -85,6 +85,10 @@ class Health:
     """Callers of this deduplicator waiting in a session's queue right now."""
     sessions: list[SessionLoad] = field(default_factory=list)
     """Every session this deduplicator's callers hold or wait for, as Redis sees it now."""
+    eviction_policy: str | None = None
+    """Redis' ``maxmemory-policy`` (``"unknown"`` when CONFIG is refused; None: unreachable)."""
+    warnings: list[str] = field(default_factory=list)
+    """What the guarantees need and do not get (an evicting ``maxmemory-policy``)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

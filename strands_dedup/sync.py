@@ -18,13 +18,12 @@ import redis.asyncio as aredis
 
 from .config import DedupConfig
 from .core import (
-    _CURRENT_CALL,
     _UNSET,
-    CallContext,
     Deduplicator,
     Token,
     _normalize_fingerprint,
     call_identity,
+    primary_context,
     return_type_of,
 )
 from .observe import Health, PrometheusMetrics
@@ -139,16 +138,12 @@ class SyncDeduplicator:
             return outcome
 
     def _run_primary(self, lease: HeldLease, call: Callable[[], T], rtype: Any) -> Outcome[T]:
-        keys = lease.keys
-        lease.context = CallContext(keys.token, keys.scope, lease.fence, lease.role)
-        reset = _CURRENT_CALL.set(lease.context)
         try:
-            value = call()
+            with primary_context(lease, self._core._store.where):
+                value = call()
         except BaseException as exc:
             self._portal.call(self._core._abandon(lease, exc))
             raise
-        finally:
-            _CURRENT_CALL.reset(reset)
         if inspect.isawaitable(value):
             if inspect.iscoroutine(value):
                 value.close()
@@ -225,6 +220,11 @@ class SyncDeduplicator:
             self._portal.stop()
 
     def __enter__(self) -> SyncDeduplicator:
+        try:
+            self._portal.call(self._core._checked_store())
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

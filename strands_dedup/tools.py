@@ -5,8 +5,8 @@
     @tool                                   # Strands' decorator goes outside
     @idempotent_tool(dedup)
     def refund(order_id: str, amount_cents: int) -> str:
-        fence = current_call().fence        # pass downstream: a stale writer can be refused
-        return payments.refund(order_id, amount_cents, idempotency_key=f"refund-{fence}")
+        call = current_call()               # the token: one idempotency key for every attempt
+        return payments.refund(order_id, amount_cents, idempotency_key=call.token)
 
 The call is keyed by the tool's name and its normalized arguments (JSON with sorted keys), and
 scoped by the session it runs in (`current_session`, set by `SessionGuard` and `DedupAgent`)

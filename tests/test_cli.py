@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -170,13 +171,13 @@ async def test_ls_json_shows_leases_held_by_other_processes(
         assert (theirs["token"], ours["token"]) == ("held-tok", "scoped-tok")
         assert set(theirs) == LEASE_FIELDS
         assert (theirs["host"], theirs["pid"]) == (HOST, child.pid)
-        assert theirs["fence"] == 1
+        assert theirs["fence"] > 0
         assert 25 < theirs["ttl_s"] <= 30
         assert theirs["scope"] == ""
         assert theirs["listeners"] == 0
         assert theirs["age_s"] >= 0 and ours["age_s"] >= 0
         assert theirs["key"] == key(namespace, "held-tok", "lease")
-        assert (ours["pid"], ours["scope"], ours["fence"]) == (os.getpid(), "tenant-a", 1)
+        assert (ours["pid"], ours["scope"]) == (os.getpid(), "tenant-a") and ours["fence"] > 0
 
         scoped = json.loads((await cli("ls", "--json", "--scope", "tenant-a")).stdout)
         assert [v["token"] for v in scoped] == ["scoped-tok"]
@@ -228,12 +229,17 @@ async def test_release_hands_a_stuck_token_to_its_waiter(
     started = time.monotonic()
     released = await cli("release", "stuck", "--yes")
     assert released.exit_code == 0, released.output
-    assert f"held by {HOST}:{child.pid}, fence 1" in released.stdout
+    fence = int(listed[0]["fence"])
+    assert f"held by {HOST}:{child.pid}, fence {fence}" in released.stdout
     assert "1 waiting procs" in released.stdout
     outcome = await asyncio.wait_for(waiter, 5)
     assert time.monotonic() - started < 5  # the lease had 25+ s left
-    # release moved the fence to 2 (fencing the old primary off); the takeover claimed 3
-    assert (outcome.role, outcome.fence, outcome.value) == (Role.TAKEOVER, 3, {"by": "takeover"})
+    # release moved the fence on (fencing the old primary off); the takeover claimed the next
+    assert (outcome.role, outcome.fence, outcome.value) == (
+        Role.TAKEOVER,
+        fence + 2,
+        {"by": "takeover"},
+    )
 
     # the released primary, still alive, is fenced off
     await child.send("late")
@@ -257,7 +263,8 @@ async def test_forget_makes_the_next_call_run_again(
         runs.append(1)
         return len(runs)
 
-    assert (await local.execute("once", call)).role is Role.PRIMARY
+    first = await local.execute("once", call)
+    assert first.role is Role.PRIMARY
     assert (await local.execute("once", call)).role is Role.REPLAY
 
     declined = await cli("forget", "once", input="n\n")
@@ -269,7 +276,8 @@ async def test_forget_makes_the_next_call_run_again(
     assert forgotten.exit_code == 0, forgotten.output
     assert "forgot the stored result of token 'once'" in forgotten.stdout
     outcome = await local.execute("once", call)
-    assert (outcome.role, outcome.fence, outcome.value, len(runs)) == (Role.PRIMARY, 2, 2, 2)
+    assert (outcome.role, outcome.value, len(runs)) == (Role.PRIMARY, 2, 2)
+    assert outcome.fence == first.fence + 1
 
     missing = await cli("forget", "never-stored", "--yes")
     assert missing.exit_code == 1
@@ -285,9 +293,8 @@ async def test_forget_makes_the_next_call_run_again(
 # -- 4. exit codes ----------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
-def test_unreachable_redis_exits_3_with_one_line() -> None:
-    url = f"redis://127.0.0.1:{closed_port()}/0"
+def exit_3_with_one_line(url: str) -> str:
+    """Run ``strands-dedup ls`` on ``url`` in a child: it must exit 3 with one line on stderr."""
     proc = subprocess.run(
         [sys.executable, "-m", "strands_dedup.cli", "--redis-url", url, "ls"],
         capture_output=True,
@@ -299,7 +306,63 @@ def test_unreachable_redis_exits_3_with_one_line() -> None:
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"Error: Redis at {url} is unavailable")
+    return lines[0]
+
+
+@pytest.mark.timeout(30)
+def test_unreachable_redis_exits_3_with_one_line() -> None:
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    assert exit_3_with_one_line(url).startswith(f"Error: Redis at {url} is unavailable")
+
+
+@contextlib.contextmanager
+def not_redis(reply: bytes | None) -> Iterator[int]:
+    """A TCP port that accepts connections and answers ``reply`` (None: never answers)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            held.append(conn)
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("reply", "cause"),
+    [(None, "no reply within 5s"), (b"HTTP/1.1 400 Bad Request\r\n\r\n", "not Redis")],
+)
+def test_an_endpoint_that_is_not_redis_fails_within_the_connect_timeout(
+    reply: bytes | None, cause: str
+) -> None:
+    with not_redis(reply) as port:
+        started = time.monotonic()
+        line = exit_3_with_one_line(f"redis://127.0.0.1:{port}")
+        took = time.monotonic() - started
+    assert cause in line and not line.rstrip().endswith(":"), line
+    assert took < 8  # the connect timeout (5 s) and the interpreter's start
 
 
 @pytest.mark.timeout(30)
@@ -340,7 +403,7 @@ async def test_show_and_stats_describe_a_stored_result(
     async def call() -> dict[str, int]:
         return {"answer": 42}
 
-    await local.execute("done", call)
+    fence = (await local.execute("done", call)).fence
     await local.execute("done", call)
 
     shown = await cli("show", "done", "--json")
@@ -349,7 +412,7 @@ async def test_show_and_stats_describe_a_stored_result(
     assert doc["lease"] is None
     result = doc["result"]
     assert set(result) == RESULT_FIELDS
-    assert (result["token"], result["status"], result["fence"]) == ("done", "ok", 1)
+    assert (result["token"], result["status"], result["fence"]) == ("done", "ok", fence)
     assert result["value"] is None
     assert 0 < result["ttl_s"] <= 86400 and result["age_s"] >= 0
 
@@ -378,6 +441,7 @@ async def test_show_and_stats_describe_a_stored_result(
     counts = json.loads(stats.stdout)
     assert set(counts) == {
         "namespace", "in_flight", "results", "lease_bytes", "result_bytes", "counters",
+        "eviction_policy", "warnings",
     }  # fmt: skip
     assert (counts["namespace"], counts["in_flight"], counts["results"]) == (namespace, 0, 1)
     assert counts["result_bytes"] > result["size"] and counts["lease_bytes"] == 0

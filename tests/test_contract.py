@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,11 +19,13 @@ from strands_dedup import (
     FingerprintMismatch,
     LeaseLost,
     PrimaryFailed,
+    ReentrantCall,
     ResultTooLarge,
     Role,
     SerializationError,
     SignedPickleSerializer,
     WaitTimeout,
+    current_call,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -36,9 +39,12 @@ class Gate:
         self.release = asyncio.Event()
         self.runs = 0
         self.value = value
+        self.fence = 0
 
     async def __call__(self) -> Any:
         self.runs += 1
+        context = current_call()
+        self.fence = context.fence if context is not None else 0
         self.started.set()
         await self.release.wait()
         if isinstance(self.value, BaseException):
@@ -68,8 +74,8 @@ async def test_primary_then_replay(dedup: Deduplicator) -> None:
 
     first = await dedup.execute("t1", call)
     again = await dedup.execute("t1", call)
-    assert (first.role, first.value, first.fence) == (Role.PRIMARY, {"n": 1}, 1)
-    assert (again.role, again.value, again.fence) == (Role.REPLAY, {"n": 1}, 1)
+    assert (first.role, first.value) == (Role.PRIMARY, {"n": 1})
+    assert (again.role, again.value, again.fence) == (Role.REPLAY, {"n": 1}, first.fence)
     assert runs == 1
     assert await dedup.run(b"t1", call) == {"n": 1}  # bytes and str tokens are one token
 
@@ -85,7 +91,7 @@ async def test_concurrent_duplicates_wait_and_share_one_execution(dedup: Dedupli
     assert gate.runs == 1
     assert outcomes[0].role is Role.PRIMARY
     assert {o.role for o in outcomes[1:]} == {Role.WAITER}
-    assert all(o.value == {"answer": 42} and o.fence == 1 for o in outcomes)
+    assert all(o.value == {"answer": 42} and o.fence == gate.fence for o in outcomes)
     assert dedup._subscriber.waiters == 0
 
 
@@ -117,7 +123,7 @@ async def test_on_duplicate_raise_fails_fast(make: Callable[..., Any]) -> None:
         await gate.started.wait()
         with pytest.raises(DuplicateInFlight) as info:
             await dedup.execute("t", gate)
-        assert info.value.fence == 1 and 0 < info.value.retry_after <= 2
+        assert info.value.fence == gate.fence and 0 < info.value.retry_after <= 2
         assert info.value.token == "t"
         gate.release.set()
         await primary
@@ -173,7 +179,8 @@ async def test_retry_mode_hands_the_call_to_one_waiter(make: Callable[..., Any])
         outcomes = await asyncio.gather(*dups)
         assert runs == 1
         assert sorted(o.role.value for o in outcomes) == ["takeover"] + ["waiter"] * 4
-        assert {o.value for o in outcomes} == {"recovered"} and {o.fence for o in outcomes} == {2}
+        assert {o.value for o in outcomes} == {"recovered"}
+        assert len({o.fence for o in outcomes}) == 1 and outcomes[0].fence > gate.fence
 
 
 async def test_cache_errors_replays_the_failure(make: Callable[..., Any]) -> None:
@@ -196,7 +203,8 @@ async def test_cancelled_primary_releases_and_a_waiter_takes_over(dedup: Dedupli
     await waiting(dedup, 1)
     primary.cancel()
     outcome = await asyncio.wait_for(dup, 1.5)  # well before the 2 s lease would expire
-    assert (outcome.role, outcome.value, outcome.fence) == (Role.TAKEOVER, "mine", 2)
+    assert (outcome.role, outcome.value) == (Role.TAKEOVER, "mine")
+    assert outcome.fence > gate.fence
 
 
 async def test_unserializable_result_releases_and_tells_waiters(dedup: Deduplicator) -> None:
@@ -314,7 +322,7 @@ async def test_lost_lease_cancels_the_primary_when_asked(make: Callable[..., Any
         await _steal(dedup, "t")
         with pytest.raises(LeaseLost) as info:
             await asyncio.wait_for(primary, 2)
-        assert info.value.fence == 1
+        assert info.value.fence == gate.fence
 
 
 async def test_lost_lease_refuses_the_completion(make: Callable[..., Any]) -> None:
@@ -390,7 +398,7 @@ async def test_an_expired_lease_nobody_claimed_is_taken_back(make: Callable[...,
             await asyncio.sleep(0.01)
         gate.release.set()
         outcome = await primary
-        assert (outcome.role, outcome.fence) == (Role.PRIMARY, 1)
+        assert (outcome.role, outcome.fence) == (Role.PRIMARY, gate.fence)
 
 
 async def test_no_watch_outlives_its_call(dedup: Deduplicator) -> None:
@@ -428,5 +436,66 @@ async def test_a_retried_claim_recognises_its_own_lease(dedup: Deduplicator) -> 
     first = await dedup._store.claim(keys, "abc1", meta)
     again = await dedup._store.claim(keys, "abc1", meta)  # as if the reply had been lost
     other = await dedup._store.claim(keys, "abc2", meta)
-    assert first == again == [b"C", 1]
-    assert other[0] == b"L" and other[1].startswith(b"abc1|1|")
+    assert first == again and first[0] == b"C"
+    assert other[0] == b"L" and other[1].startswith(b"abc1|" + first[1] + b"|")
+
+
+
+@pytest.mark.parametrize(
+    ("on_primary_error", "outcome"),
+    [("retry", RuntimeError), ("share", RuntimeError), ("share", asyncio.CancelledError)],
+)
+async def test_a_renewal_after_the_owners_release_is_refused(
+    make: Callable[..., Any], on_primary_error: str, outcome: type[BaseException]
+) -> None:
+    from strands_dedup.store import HeldLeaseRef
+
+    async with make(on_primary_error=on_primary_error) as dedup:
+        refs: list[HeldLeaseRef] = []
+
+        async def call() -> None:
+            lease = next(iter(dedup._renewer._held.values()))
+            refs.append(HeldLeaseRef(lease.keys, lease.value))
+            raise outcome("gone")
+
+        with pytest.raises(outcome):
+            await dedup.execute("t", call)
+        # a renewal sent before the release that reaches Redis after it
+        assert await dedup._store.renew(refs) == [False]
+        assert not await dedup._store.client.exists(refs[0].keys.lease)
+        assert (await dedup.execute("t", lambda: "next")).role is Role.PRIMARY
+
+
+async def test_a_call_on_its_own_token_fails_at_once(dedup: Deduplicator) -> None:
+    async def inner() -> str:
+        return await dedup.run("outer", lambda: "never", scope="s")
+
+    async def outer() -> str:
+        return await dedup.run("inner", inner, scope="s")  # outer -> inner -> outer
+
+    started = time.monotonic()
+    with pytest.raises(ReentrantCall, match="'outer'") as info:
+        await dedup.run("outer", outer, scope="s")
+    assert time.monotonic() - started < 1.5 and info.value.token == "outer"
+    # the same token in another scope is another call
+    assert await dedup.run("t", lambda: dedup.run("t", lambda: "in", scope="x")) == "in"
+
+
+async def test_a_deduplicator_used_from_another_loop_says_what_to_do(
+    dedup: Deduplicator,
+) -> None:
+    assert await dedup.run("t", lambda: 1) == 1
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            asyncio.run(dedup.run("u", lambda: 2))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    await asyncio.to_thread(thread.join, 10)
+    assert len(errors) == 1 and isinstance(errors[0], DedupError), errors
+    assert "belongs to the event loop" in str(errors[0]) and "SyncDeduplicator" in str(errors[0])
+    assert await dedup.run("u", lambda: 3) == 3  # its own loop still works

@@ -9,7 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pydantic
 import pytest
 
-from strands_dedup import FingerprintMismatch, PrimaryFailed, Role, SyncDeduplicator
+from strands_dedup import (
+    FingerprintMismatch,
+    PrimaryFailed,
+    ReentrantCall,
+    Role,
+    SyncDeduplicator,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -121,3 +127,11 @@ def test_close_stops_the_portal_thread(backend_url: str, namespace: str) -> None
     d.close()
     d.close()  # idempotent
     assert threading.active_count() == before
+
+
+def test_a_blocking_call_on_its_own_token_fails_at_once(sync_dedup: SyncDeduplicator) -> None:
+    def outer() -> str:
+        return sync_dedup.run("outer", lambda: "never")
+
+    with pytest.raises(ReentrantCall, match="'outer'"):
+        sync_dedup.run("outer", outer)

@@ -72,6 +72,7 @@ def _memory_client(url: str, config: DedupConfig, client_name: str) -> aredis.Re
         port=0,
         client_name=client_name,
         max_connections=config.max_connections,
+        protocol=2,  # as every client built here: RESP2 works with either reply parser
     )
     return client
 

@@ -1,8 +1,9 @@
 """`RedisStore`: the protocol's round trips, each one Lua script (or one plain command).
 
-Driver errors become the library's own: credentials refused -> `StoreUnavailable` at once;
-connection errors and timeouts -> retried with tenacity while the operation is safe to repeat
-(every script recognises a repeated call by its owner id), then `StoreUnavailable`.
+Driver errors become the library's own: connection errors and timeouts -> retried with tenacity
+while the operation is safe to repeat (every script recognises a repeated call by its owner id),
+then `StoreUnavailable`; a refusal (credentials, NOPERM, OOM, BUSY, NOSCRIPT after a reload; and
+READONLY once retries did not reach a primary) -> `StoreRefused`, carrying the server's message.
 """
 
 from __future__ import annotations
@@ -29,10 +30,21 @@ from tenacity import (
 )
 
 from ..config import DedupConfig
-from ..errors import StoreUnavailable
+from ..errors import StoreRefused, StoreUnavailable
 from ..keys import SessionKeys, TokenKeys
 
-__all__ = ["Client", "HeldLeaseRef", "HeldTicketRef", "RedisStore", "is_transient"]
+__all__ = [
+    "Client",
+    "HeldLeaseRef",
+    "HeldTicketRef",
+    "RedisStore",
+    "can_evict",
+    "describe_error",
+    "eviction_warning",
+    "is_transient",
+    "store_error",
+    "warn_evicting",
+]
 
 log = logging.getLogger("strands_dedup.store")
 R = TypeVar("R")
@@ -46,8 +58,13 @@ def _lua(name: str) -> str:
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
 
 
+def _with_fence(name: str) -> str:
+    """A script that hands out fences, with fence.lua's ``next_fence`` in front of it."""
+    return _lua("fence") + "\n" + _lua(name)
+
+
 _SCRIPTS = {
-    name: _lua(name)
+    name: _with_fence(name) if name in ("claim", "release") else _lua(name)
     for name in (
         "claim",
         "settle",
@@ -81,6 +98,90 @@ def _is_auth_error(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, rex.ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception's message, or its class name when it has none (``TimeoutError()``); a
+    Redis error with the code redis-py took off its message put back (``OOM ...``)."""
+    text = str(exc).strip()
+    code = getattr(exc, "status_code", None)
+    if isinstance(code, str) and code and not text.startswith(code):
+        text = f"{code} {text}"
+    return text or type(exc).__name__
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    if _is_auth_error(exc) or isinstance(exc, rex.ReadOnlyError):
+        return True
+    return isinstance(exc, rex.ResponseError) and not is_transient(exc)
+
+
+def store_error(exc: BaseException, where: str) -> StoreUnavailable:
+    """The library's error for a driver error from the Redis at ``where``: `StoreRefused` when
+    Redis refused (its message kept), else `StoreUnavailable`."""
+    cause = describe_error(exc)
+    error: StoreUnavailable
+    if _is_auth_error(exc) and not isinstance(exc, rex.NoPermissionError):
+        message = f"Redis at {where} refused the credentials: {cause}"
+        error = StoreRefused(message, server_message=cause)
+    elif _is_refusal(exc):
+        message = f"Redis at {where} refused the command: {cause}"
+        error = StoreRefused(message, server_message=cause)
+    else:
+        error = StoreUnavailable(f"Redis at {where} is unavailable: {cause}")
+    error.__cause__ = exc
+    return error
+
+
+EVICTING_PREFIXES = ("allkeys-", "volatile-")
+"""maxmemory-policy values that can evict this library's keys: every key here has a TTL, so the
+``volatile-*`` policies can evict them as well as the ``allkeys-*`` ones."""
+
+
+def can_evict(policy: str) -> bool:
+    """Whether Redis under this ``maxmemory-policy`` may drop a lease, a fence or a result."""
+    return policy.startswith(EVICTING_PREFIXES)
+
+
+def eviction_warning(policy: str, where: str) -> str | None:
+    """What to tell an operator about ``policy`` (None when it cannot evict our keys)."""
+    if can_evict(policy):
+        return (
+            f"Redis at {where} has maxmemory-policy {policy}: under memory pressure it can evict "
+            "the lease and fence of a call in flight, and the call can then run twice; set "
+            "maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction, and in its "
+            "configuration)"
+        )
+    if policy == "unknown":
+        return (
+            f"the maxmemory-policy of Redis at {where} cannot be read (CONFIG is disabled or not "
+            "permitted): make sure it is noeviction"
+        )
+    return None
+
+
+@functools.cache
+def warn_evicting(policy: str, where: str) -> None:
+    """Log the eviction warning once per process for each (Redis, policy)."""
+    message = eviction_warning(policy, where)
+    if message is not None and can_evict(policy):
+        log.warning("%s", message)
+
+
+def _policies(reply: Any) -> list[str]:
+    """The values of CONFIG GET maxmemory-policy, from a single node's or a cluster's reply."""
+    if isinstance(reply, dict):
+        for name, value in reply.items():
+            if _text(name) == "maxmemory-policy":
+                return [_text(value)]
+        return [policy for value in reply.values() for policy in _policies(value)]
+    if isinstance(reply, (list, tuple)) and len(reply) == 2:
+        return [_text(reply[1])]
+    return []
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -135,14 +236,6 @@ class RedisStore:
 
     # -- error handling ---------------------------------------------------------------------
 
-    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
-        if _is_auth_error(exc):
-            error = StoreUnavailable(f"Redis at {self.where} refused the credentials: {exc}")
-        else:
-            error = StoreUnavailable(f"Redis at {self.where} is unavailable: {exc}")
-        error.__cause__ = exc
-        return error
-
     def _lanes(self) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
         if self._claim_lane is None or self._settle_lane is None:
             total = self._config.max_connections
@@ -181,8 +274,8 @@ class RedisStore:
                     result = await op()
             except Exception as exc:
                 if not is_transient(exc):
-                    if _is_auth_error(exc):
-                        raise self._unavailable(exc) from exc
+                    if isinstance(exc, rex.RedisError):
+                        raise store_error(exc, self.where) from exc
                     raise
                 log.debug("transient Redis error, retrying: %s", exc)
                 first = exc
@@ -197,7 +290,7 @@ class RedisStore:
 
     async def _retry(self, op: Callable[[], Awaitable[R]], first: Exception) -> R:
         if self._config.retry_attempts <= 1:
-            raise self._unavailable(first) from first
+            raise store_error(first, self.where) from first
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._config.retry_attempts - 1)
             | stop_after_delay(self._config.retry_deadline),
@@ -211,8 +304,8 @@ class RedisStore:
                     async with asyncio.timeout(self._timeout):
                         return await op()
         except Exception as exc:
-            if is_transient(exc) or _is_auth_error(exc):
-                raise self._unavailable(exc) from exc
+            if is_transient(exc) or isinstance(exc, rex.RedisError):
+                raise store_error(exc, self.where) from exc
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -490,6 +583,50 @@ class RedisStore:
     async def ping(self) -> None:
         await self._run(self.probe)
 
+    async def check_connection(self) -> None:
+        """One PING within ``connect_timeout``, not retried: `StoreUnavailable` naming the cause
+        when nothing answers in time or what answers is not Redis; `StoreRefused` for refused
+        credentials."""
+        timeout = self._config.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self.probe()
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"Redis at {self.where} is unavailable: no reply within {timeout:g}s "
+                "(connect_timeout); is it a Redis server?"
+            ) from None
+        except rex.InvalidResponse as exc:
+            raise StoreUnavailable(
+                f"Redis at {self.where} is unavailable: what answers there is not Redis "
+                f"({describe_error(exc)})"
+            ) from exc
+        except Exception as exc:
+            if isinstance(exc, (rex.RedisError, OSError)) or is_transient(exc):
+                raise store_error(exc, self.where) from exc
+            raise
+
+    async def eviction_policy(self) -> str:
+        """Redis' ``maxmemory-policy`` (on a cluster: an evicting one among the primaries, if
+        any); ``"unknown"`` when CONFIG is disabled or not permitted. `StoreUnavailable` when
+        Redis cannot be reached. The embedded ``memory://`` store never evicts."""
+        if self.where.startswith("memory://"):
+            return "noeviction"
+
+        async def read() -> Any:
+            if self.cluster is None:
+                return await self.client.config_get("maxmemory-policy")
+            return await self.cluster.config_get(
+                "maxmemory-policy", target_nodes=aredis.RedisCluster.PRIMARIES
+            )
+
+        try:
+            policies = _policies(await self._run(read))
+        except StoreRefused:
+            return "unknown"
+        evicting = [policy for policy in policies if can_evict(policy)]
+        return (evicting or policies or ["unknown"])[0]
+
     async def probe(self) -> None:
         """One PING, not retried (every primary of a cluster: a lost replica is no outage)."""
         if self.cluster is None:
@@ -594,10 +731,24 @@ def _scatter(size: int, groups: list[list[int]], parts: Sequence[Sequence[K]]) -
     return out
 
 
+# What a pool adds to its connections' options for RESP3 maintenance notifications (redis-py 8).
+# The subscriber speaks RESP2, whose pure-Python parser refuses them: they are dropped.
+_RESP3_ONLY = (
+    "maint_notifications_config",
+    "maint_notifications_pool_handler",
+    "oss_cluster_maint_notifications_handler",
+    "orig_host_address",
+    "orig_socket_timeout",
+    "orig_socket_connect_timeout",
+)
+
+
 def _subscriber_connection(connection_class: Any, connection_kwargs: dict[str, Any]) -> Any:
     kwargs = dict(connection_kwargs)
     kwargs["protocol"] = 2
     kwargs.pop("himport_registry", None)
+    for option in _RESP3_ONLY:
+        kwargs.pop(option, None)
     name = kwargs.get("client_name")
     if name:
         kwargs["client_name"] = f"{name}:sub"

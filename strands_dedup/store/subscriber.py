@@ -37,6 +37,7 @@ from redis.crc import key_slot
 
 from ..errors import StoreUnavailable
 from ..protocol import WakeUp
+from .redis import describe_error
 
 if TYPE_CHECKING:
     from .redis import RedisStore
@@ -378,7 +379,9 @@ class Subscriber:
                     failing_since = failing_since or now
                     log.warning("subscriber cannot connect: %s", exc)
                     if now - failing_since >= self._give_up_after:
-                        error = StoreUnavailable(f"pub/sub connection to Redis failed: {exc}")
+                        error = StoreUnavailable(
+                            f"pub/sub connection to Redis failed: {describe_error(exc)}"
+                        )
                         error.__cause__ = exc
                         self._fail_waiting(error)
                     await asyncio.sleep(backoff)

@@ -4,6 +4,8 @@ ARGV[1]  owner id (hex, unique per call attempt)
 ARGV[2]  lease TTL in ms
 ARGV[3]  lease metadata (JSON; stored after "owner|fence|")
 ARGV[4]  fence TTL in ms (outlives any result and lease of the token)
+A new lease takes the next fence (fence.lua: above every earlier one, even after Redis lost
+the counter).
 Returns
   {'R', envelope}             a result is stored: replay it
   {'C', fence}                the lease is ours (new claim, or a retried claim finding its own lease)
@@ -13,15 +15,15 @@ local result = redis.call('GET', KEYS[3])
 if result then
   return {'R', result}
 end
-local fence = (tonumber(redis.call('GET', KEYS[2])) or 0) + 1
-if redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence .. '|' .. ARGV[3], 'NX', 'PX', ARGV[2]) then
-  redis.call('SET', KEYS[2], fence, 'PX', ARGV[4])
+local lease = redis.call('GET', KEYS[1])
+if not lease then
+  local fence = next_fence(KEYS[2], ARGV[4])
+  redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence .. '|' .. ARGV[3], 'PX', ARGV[2])
   return {'C', fence}
 end
-local lease = redis.call('GET', KEYS[1])
 local owner, held = string.match(lease, '^([^|]*)|(%d+)|')
 if owner == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {'C', tonumber(held)}
+  return {'C', held}
 end
 return {'L', lease, redis.call('PTTL', KEYS[1])}

@@ -6,7 +6,9 @@ ARGV[4]  result TTL in ms        ARGV[5]  channel of the token
 ARGV[6]  message to publish
 ARGV[7]  publish command: 'PUBLISH' (or 'SPUBLISH' on a cluster)
 Accepted only while the fence still equals the primary's and the lease is the primary's or absent:
-a primary paused past its lease, whose token was claimed again, is refused. Each claim bumps the
+a primary paused past its lease, whose token was claimed again, is refused. A settle that stores
+nothing (a release, or a failure that is not cached) moves the fence on, so the lease ends for
+good: a renewal still on its way is refused instead of taking the lease back. Each claim bumps the
 fence, so a stored result can only be replaced by a repeat of this same settle (same owner, same
 envelope: harmless). The fence key needs no new TTL here: claims and renewals keep it alive for
 result TTL + 2 lease TTLs, longer than the result it guards.
@@ -28,6 +30,8 @@ if lease then
 end
 if ARGV[3] ~= '' then
   redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+else
+  redis.call('INCR', KEYS[2])
 end
 redis.call(ARGV[7], ARGV[5], ARGV[6])
 return {1, 'ok'}
