@@ -543,8 +543,8 @@ class Deduplicator:
         return dict(self._observer.counters)
 
     async def health(self) -> Health:
-        """Store reachable (one PING, bounded), subscriber connected, local load, renewal lag,
-        Redis' eviction policy."""
+        """Store reachable (one PING, bounded) and accepting writes (one small SET), subscriber
+        connected, local load, renewal lag, Redis' eviction policy."""
         self._bind_loop()
         started = time.monotonic()
         error = None
@@ -561,6 +561,14 @@ class Deduplicator:
                     policy = await self._store.eviction_policy()
             except Exception as exc:  # health must answer; the policy is a bonus
                 log.debug("could not read the eviction policy: %s", exc)
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    await self._store.probe_write(self._keys.probe)
+                writable: bool | None = True
+            except Exception as exc:
+                writable, error = False, f"{type(exc).__name__}: {describe_error(exc)}"
+        else:
+            writable = None
         warning = eviction_warning(policy, self._store.where) if policy is not None else None
         waiters = self._subscriber.waiters
         connected = self._subscriber.connected
@@ -569,7 +577,8 @@ class Deduplicator:
             sessions = await self._session_loads()
         return Health(
             ok=error is None and (connected or waiters == 0),
-            store_reachable=error is None,
+            store_reachable=writable is not None,
+            store_writable=writable,
             store_latency_ms=latency,
             subscriber_connected=connected,
             in_flight=self._renewer.held,

@@ -164,7 +164,7 @@ class Gateway:
             await _json(send, 200, {"status": "alive"}, b"application/json")
         elif path == "/readyz":
             health = await self.dedup.health()
-            status = 200 if health.store_reachable else 503
+            status = 200 if health.store_reachable and health.store_writable else 503
             payload = {"status": "ready" if status == 200 else "unready", **health.to_json()}
             await _json(send, status, payload, b"application/json")
         else:

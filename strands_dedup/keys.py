@@ -141,6 +141,11 @@ class KeySchema:
         # Retries and duplicates reuse tokens: remember recent ones (bounded, per schema).
         self._cached = lru_cache(maxsize=4096)(self._build)
 
+    @property
+    def probe(self) -> bytes:
+        """A key written (with a short TTL) to check that Redis accepts writes."""
+        return self._prefix + b"probe}:write"
+
     def for_token(self, token: str | bytes, scope: str | bytes | None = None) -> TokenKeys:
         """The keys of ``token`` within ``scope``; raises ``InvalidToken`` for unusable input."""
         if (

@@ -85,6 +85,8 @@ class Health:
     """Callers of this deduplicator waiting in a session's queue right now."""
     sessions: list[SessionLoad] = field(default_factory=list)
     """Every session this deduplicator's callers hold or wait for, as Redis sees it now."""
+    store_writable: bool | None = None
+    """Redis took a small write (False: it refuses writes, see ``error``; None: unreachable)."""
     eviction_policy: str | None = None
     """Redis' ``maxmemory-policy`` (``"unknown"`` when CONFIG is refused; None: unreachable)."""
     warnings: list[str] = field(default_factory=list)

@@ -440,7 +440,6 @@ async def test_a_retried_claim_recognises_its_own_lease(dedup: Deduplicator) -> 
     assert other[0] == b"L" and other[1].startswith(b"abc1|" + first[1] + b"|")
 
 
-
 @pytest.mark.parametrize(
     ("on_primary_error", "outcome"),
     [("retry", RuntimeError), ("share", RuntimeError), ("share", asyncio.CancelledError)],

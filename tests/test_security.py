@@ -515,3 +515,24 @@ def test_several_keys_are_refused(gateway: tuple[int, int]) -> None:
         )  # fmt: skip
         assert status_of(response) == 400
         assert json.loads(response.split(b"\r\n\r\n", 1)[1])["type"].endswith("/key-invalid")
+
+
+def test_a_store_that_refuses_writes_is_a_503_problem_and_unready(
+    upstream: int, redis_server_factory: type[RedisServer]
+) -> None:
+    server = redis_server_factory("--maxmemory", "1", "--maxmemory-policy", "noeviction")
+    port, started = start_gateway(upstream, server.url, "oom")
+    base = f"http://127.0.0.1:{port}"
+    with started:
+        ready = httpx.get(base + "/readyz")
+        assert ready.status_code == 503 and ready.json()["store_writable"] is False
+        assert "OOM" in ready.json()["error"]
+        refused = httpx.post(base + "/echo", headers={"Idempotency-Key": "oom-1"})
+        assert refused.status_code == 503
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["type"].endswith("/store-unavailable")
+        assert "OOM" in refused.json()["detail"] and "Traceback" not in refused.text
+        redis.Redis(port=server.port).config_set("maxmemory", "0")
+        assert httpx.get(base + "/readyz").status_code == 200
+        accepted = httpx.post(base + "/echo", headers={"Idempotency-Key": "oom-1"})
+        assert accepted.status_code == 200

@@ -634,6 +634,16 @@ class RedisStore:
         else:
             await self.cluster.ping(target_nodes=aredis.RedisCluster.PRIMARIES)
 
+    async def probe_write(self, key: bytes) -> None:
+        """One small write (``SET key 1 PX 10000``), not retried: `StoreRefused` when Redis
+        refuses writes (out of memory, a read-only replica, a missing permission)."""
+        try:
+            await self.client.set(key, b"1", px=10_000)
+        except Exception as exc:
+            if isinstance(exc, (rex.RedisError, OSError)) or is_transient(exc):
+                raise store_error(exc, self.where) from exc
+            raise
+
     async def listeners(self, channels: Sequence[bytes]) -> dict[bytes, int]:
         """Subscribers per channel (PUBSUB NUMSUB; SHARDNUMSUB on each shard of a cluster)."""
         if not channels:
