@@ -64,6 +64,11 @@ class DedupConfig(BaseModel):
         1.0, gt=0, le=60, description="Longest WAIT for min_replicas acknowledgements."
     )
     max_connections: int = Field(32, ge=2, le=10_000, description="Bound of the connection pool.")
+    auto_pipeline: bool = Field(
+        True,
+        description="Concurrent calls' scripts leave in one write on one connection (not on a "
+        "cluster).",
+    )
     pool_timeout: float = Field(20.0, gt=0, description="Longest wait for a free connection.")
     connect_timeout: float = Field(5.0, gt=0, description="Socket connect timeout.")
     socket_timeout: float = Field(5.0, gt=0, description="Socket read/write timeout.")

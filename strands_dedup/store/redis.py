@@ -32,6 +32,7 @@ from tenacity import (
 from ..config import DedupConfig
 from ..errors import StoreRefused, StoreUnavailable
 from ..keys import SessionKeys, TokenKeys
+from .pipeline import AutoPipeline
 
 __all__ = [
     "Client",
@@ -226,6 +227,13 @@ class RedisStore:
         self._session_renew = client.register_script(_SCRIPTS["session_renew"])
         self._stream_append = client.register_script(_SCRIPTS["stream_append"])
         self._publish = "PUBLISH" if self.cluster is None else "SPUBLISH"
+        self._pipe = (
+            AutoPipeline(client.connection_pool, timeout=config.socket_timeout)
+            if isinstance(client, aredis.Redis) and config.auto_pipeline
+            else None
+        )
+        """Scripts of concurrent calls leave in one write on one connection (see pipeline.py);
+        a cluster, or ``auto_pipeline=False``, runs each on a pooled connection."""
         self._claim_lane: asyncio.Semaphore | None = None
         self._settle_lane: asyncio.Semaphore | None = None
         self._timeout = config.socket_timeout
@@ -382,6 +390,16 @@ class RedisStore:
                 await conn.disconnect(nowait=True)
             node.release(conn)
 
+    async def _eval(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        """Run a registered script: EVALSHA through the auto-pipeline (EVAL, which also loads
+        it, when Redis does not know it), or redis-py's own call."""
+        if self._pipe is None:
+            return await script(keys=keys, args=args)
+        try:
+            return await self._pipe.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except rex.NoScriptError:
+            return await self._pipe.execute("EVAL", script.script, len(keys), *keys, *args)
+
     def slot_primary(self, key: bytes) -> ClusterNode:
         """Cluster: the primary serving ``key``'s hash slot, as the client's slot map has it
         (`redis.exceptions.SlotNotCoveredError` when the map has no primary for it)."""
@@ -410,13 +428,13 @@ class RedisStore:
                 lambda: self._replicated(self._claim, names, args, wait)
             )
         else:
-            reply = await self._run(lambda: self._claim(keys=names, args=args))
+            reply = await self._run(lambda: self._eval(self._claim, names, args))
         if _is_claimed(reply) and time.monotonic() - started > self._renew_after:
             # The claim took a renewal period or more (retries, a slow WAIT): part of the lease
             # is gone, and the renewer would only extend it one period from now. Claim again
             # with the same owner: it extends the lease if it is still ours, or reports who
             # took the token after it ran out.
-            reply = await self._run(lambda: self._claim(keys=names, args=args))
+            reply = await self._run(lambda: self._eval(self._claim, names, args))
         return reply
 
     async def settle(
@@ -439,7 +457,7 @@ class RedisStore:
                 lambda: self._replicated(self._settle, names, args, wait), priority=True
             )
         else:
-            reply = await self._run(lambda: self._settle(keys=names, args=args), priority=True)
+            reply = await self._run(lambda: self._eval(self._settle, names, args), priority=True)
         reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         return bool(reply[0]), reason
 
@@ -499,7 +517,7 @@ class RedisStore:
         for ref in leases:
             keys += (ref.keys.lease, ref.keys.fence, ref.keys.result)
             args.append(ref.value)
-        reply = await self._run(lambda: self._renew(keys=keys, args=args), priority=True)
+        reply = await self._run(lambda: self._eval(self._renew, keys, args), priority=True)
         return [bool(x) for x in reply]
 
     async def session(
@@ -513,7 +531,7 @@ class RedisStore:
         """Run session.lua with ``args`` as its ARGV[1..11] (see its header)."""
         full = [*args, keys.channel, self._publish, idle_ttl_ms]
         reply: list[Any] = await self._run(
-            lambda: self._session(keys=keys.all, args=full), priority=priority
+            lambda: self._eval(self._session, keys.all, full), priority=priority
         )
         return reply
 
@@ -535,7 +553,7 @@ class RedisStore:
         for ref in tickets:
             keys += (ref.keys.holders, ref.keys.qexp)
             args.append(ref.ticket)
-        reply = await self._run(lambda: self._session_renew(keys=keys, args=args), priority=True)
+        reply = await self._run(lambda: self._eval(self._session_renew, keys, args), priority=True)
         return [bool(x) for x in reply]
 
     async def append(
@@ -551,7 +569,7 @@ class RedisStore:
         for kind, data in items:
             args += (kind, data)
         reply = await self._run(
-            lambda: self._stream_append(keys=(keys.lease, keys.fence, keys.stream), args=args),
+            lambda: self._eval(self._stream_append, (keys.lease, keys.fence, keys.stream), args),
             priority=True,
         )
         return bool(reply)
@@ -572,12 +590,9 @@ class RedisStore:
 
     async def force_release(self, keys: TokenKeys) -> bytes | None:
         """Delete the lease whoever holds it and wake its waiters; the lease value, or None."""
-        reply = await self._run(
-            lambda: self._release(
-                keys=(keys.lease, keys.fence), args=(keys.channel, self._publish, self._fence_ttl)
-            ),
-            priority=True,
-        )
+        names = (keys.lease, keys.fence)
+        args = (keys.channel, self._publish, self._fence_ttl)
+        reply = await self._run(lambda: self._eval(self._release, names, args), priority=True)
         return reply[1] if reply[0] else None
 
     async def ping(self) -> None:
@@ -721,6 +736,8 @@ class RedisStore:
     async def aclose(self) -> None:
         from .connect import close_client
 
+        if self._pipe is not None:
+            await self._pipe.aclose()
         await close_client(self.client)
 
 

@@ -1,0 +1,138 @@
+"""`AutoPipeline`: commands issued by concurrent calls leave together, on one connection.
+
+Every command given to `AutoPipeline.execute` while no batch is being written joins the next
+batch; a batch is one write of every queued command (at most ``max_batch``) on one connection,
+then its replies, read in order and handed to their callers. While a batch is in flight, the
+commands that arrive meanwhile gather for the next one: under concurrency a batch carries what
+many calls issued in the same loop iteration, and a lone call costs one round trip as before.
+Nothing is transactional: each command succeeds or fails on its own (an error reply goes to its
+caller only).
+
+- A caller cancelled while its command waits in the queue is dropped before the write; one
+  cancelled after the write has its reply read and discarded.
+- A connection that fails (connect, write or read error; the batch not answered within
+  ``timeout``) is closed, every
+  caller of its batch gets that error (the store turns it into `StoreUnavailable`, or retries
+  what is safe to repeat), and the next batch opens a new connection from the pool (behind
+  Sentinel: to the current primary).
+- The connection comes from the client's pool and is held for the pipeline's life, so it counts
+  towards ``max_connections``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import redis.exceptions as rex
+
+__all__ = ["AutoPipeline"]
+
+_Pending = tuple[Sequence[Any], "asyncio.Future[Any]"]
+
+
+class AutoPipeline:
+    """Batches the commands of concurrent callers on one connection of ``pool``."""
+
+    def __init__(self, pool: Any, *, timeout: float, max_batch: int = 256) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._pool = pool
+        self._timeout = timeout
+        self._max_batch = max_batch
+        self._queue: list[_Pending] = []
+        self._conn: Any = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.batches = 0
+        """Batches written so far (for tests and benchmarks)."""
+        self.commands = 0
+        """Commands written so far."""
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command with the others of this loop iteration; its reply (or its error)."""
+        if self._closed:
+            raise rex.ConnectionError("the pipeline is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((args, future))
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        """Write batches until the queue is empty (a batch's replies are read before the next
+        batch is written: what arrives meanwhile gathers into it)."""
+        try:
+            while self._queue:
+                batch = [item for item in self._queue[: self._max_batch] if not item[1].done()]
+                del self._queue[: self._max_batch]
+                if batch:
+                    await self._send(batch)
+        finally:
+            self._writer = None
+            if self._queue and not self._closed:  # queued while we were being cancelled
+                self._writer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                conn = await self._connection()
+                await conn.send_packed_command(
+                    conn.pack_commands([args for args, _ in batch]), check_health=False
+                )
+                self.batches += 1
+                self.commands += len(batch)
+                for _, future in batch:
+                    try:
+                        reply = await conn.read_response(timeout=math.inf)
+                    except rex.ResponseError as refused:  # an error reply: this caller's alone
+                        if not future.done():
+                            future.set_exception(refused)
+                    else:
+                        if not future.done():
+                            future.set_result(reply)
+        except BaseException as exc:
+            await self._drop()
+            error: BaseException = exc
+            if isinstance(exc, TimeoutError):
+                error = rex.TimeoutError(f"no reply from Redis within {self._timeout:g}s")
+            elif isinstance(exc, asyncio.CancelledError):
+                error = rex.ConnectionError("the pipeline's writer was cancelled")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    async def _connection(self) -> Any:
+        if self._conn is None:
+            self._conn = await self._pool.get_connection()
+        return self._conn
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn)
+
+    async def aclose(self) -> None:
+        """Fail what is queued, stop the writer and give the connection back."""
+        self._closed = True
+        queued, self._queue = self._queue, []
+        for _, future in queued:
+            if not future.done():
+                future.set_exception(rex.ConnectionError("the pipeline is closed"))
+        writer = self._writer
+        if writer is not None and not writer.done():
+            writer.cancel()
+            with contextlib.suppress(BaseException):
+                await writer
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn)

@@ -1,0 +1,198 @@
+"""The auto-pipeline: concurrent commands in one write, replies in order, failures contained.
+
+On real redis-servers of the tests' own (DEBUG SLEEP holds a batch in flight; CLIENT KILL drops
+its connection; SIGSTOP stalls it; SCRIPT FLUSH forgets the scripts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+import redis.asyncio as aredis
+import redis.exceptions as rex
+from servers import RedisServer
+
+from strands_dedup import Deduplicator, StoreUnavailable
+from strands_dedup.store.pipeline import AutoPipeline
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def server(redis_server_factory: type[RedisServer]) -> RedisServer:
+    return redis_server_factory("--enable-debug-command", "yes")
+
+
+@pytest.fixture
+async def pipe(server: RedisServer) -> AsyncIterator[AutoPipeline]:
+    client = aredis.Redis(port=server.port, protocol=2)
+    pipeline = AutoPipeline(client.connection_pool, timeout=2)
+    yield pipeline
+    await pipeline.aclose()
+    await client.aclose()
+
+
+async def test_replies_reach_their_callers_in_order(pipe: AutoPipeline) -> None:
+    async def one(i: int) -> None:
+        for round_ in range(5):
+            await asyncio.sleep(0.001 * (i % 3))  # interleave the callers over iterations
+            assert await pipe.execute("ECHO", f"{i}-{round_}") == f"{i}-{round_}".encode()
+
+    await asyncio.gather(*(one(i) for i in range(300)))
+    assert pipe.commands == 1500 and pipe.batches < 300  # batched, not one write each
+
+
+async def test_an_error_reply_goes_to_its_caller_only(pipe: AutoPipeline) -> None:
+    results = await asyncio.gather(
+        pipe.execute("ECHO", "a"),
+        pipe.execute("NO-SUCH-COMMAND"),
+        pipe.execute("ECHO", "b"),
+        return_exceptions=True,
+    )
+    assert results[0] == b"a" and results[2] == b"b"
+    assert isinstance(results[1], rex.ResponseError)
+
+
+class CuttingProxy:
+    """A TCP proxy to Redis that, once ``budget`` is set, passes that many more reply bytes and
+    then closes the connection: a connection dropped in the middle of a batch's replies."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.budget: int | None = None
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def requests() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+
+        pump = asyncio.ensure_future(requests())
+        try:
+            while data := await up_reader.read(65536):
+                if self.budget is not None:
+                    data = data[: self.budget]
+                    self.budget -= len(data)
+                    if self.budget <= 0:
+                        writer.write(data)
+                        break
+                writer.write(data)
+                await writer.drain()
+        finally:
+            pump.cancel()
+            writer.close()
+            up_writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_connection_dropped_mid_batch_fails_that_batch_and_no_more(
+    server: RedisServer,
+) -> None:
+    proxy = CuttingProxy(server.port)
+    client = aredis.Redis(port=await proxy.start(), protocol=2)
+    pipe = AutoPipeline(client.connection_pool, timeout=2)
+    try:
+        assert await pipe.execute("ECHO", "connected") == b"connected"
+        proxy.budget = 5 * len(b"$2\r\n00\r\n") + 3  # five whole replies, then a cut
+        async with asyncio.timeout(5):  # nobody hangs
+            results = await asyncio.gather(
+                *(pipe.execute("ECHO", f"{i:02d}") for i in range(50)), return_exceptions=True
+            )
+        assert results[:5] == [f"{i:02d}".encode() for i in range(5)]
+        assert all(isinstance(r, rex.ConnectionError) for r in results[5:]), results[5:]
+        proxy.budget = None
+        assert await pipe.execute("ECHO", "after") == b"after"  # a new connection
+    finally:
+        await pipe.aclose()
+        await client.aclose()
+        await proxy.close()
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_replies(pipe: AutoPipeline) -> None:
+    queued = [asyncio.ensure_future(pipe.execute("ECHO", str(i))) for i in range(10)]
+    queued[3].cancel()  # before the write: dropped from the batch
+    assert [r for i, r in enumerate(await asyncio.gather(*queued, return_exceptions=True))
+            if i != 3] == [str(i).encode() for i in range(10) if i != 3]  # fmt: skip
+    sleeping = asyncio.ensure_future(pipe.execute("DEBUG", "SLEEP", "0.2"))
+    written = [asyncio.ensure_future(pipe.execute("ECHO", str(i))) for i in range(5)]
+    await asyncio.sleep(0.05)
+    written[1].cancel()  # after the write: its reply is read and dropped
+    results = await asyncio.gather(sleeping, *written, return_exceptions=True)
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert [results[i + 1] for i in (0, 2, 3, 4)] == [b"0", b"2", b"3", b"4"]
+    assert await pipe.execute("ECHO", "next") == b"next"  # nothing shifted
+
+
+async def test_a_stalled_server_times_the_batch_out_then_recovers(
+    pipe: AutoPipeline, server: RedisServer
+) -> None:
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(10):
+            results = await asyncio.gather(
+                *(pipe.execute("ECHO", str(i)) for i in range(20)), return_exceptions=True
+            )
+        assert all(isinstance(r, rex.TimeoutError) for r in results)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert await pipe.execute("ECHO", "back") == b"back"
+
+
+async def test_scripts_survive_a_flush_mid_stream_and_a_killed_connection(
+    server: RedisServer,
+) -> None:
+    side = redis.Redis(port=server.port)
+    async with Deduplicator.from_url(server.url, namespace="pipe", lease_ttl=2) as dedup:
+        assert (await dedup.execute("warm", lambda: 0)).value == 0
+        side.script_flush()  # every script is forgotten: EVALSHA answers NOSCRIPT
+
+        async def call(i: int) -> int:
+            return (await dedup.execute(f"t{i}", lambda: i)).value
+
+        assert await asyncio.gather(*(call(i) for i in range(100))) == list(range(100))
+
+        async def slow(i: int) -> int:
+            await asyncio.sleep(0.05)
+            return i
+
+        calls = [
+            asyncio.ensure_future(dedup.execute(f"k{i}", lambda i=i: slow(i))) for i in range(60)
+        ]
+        await asyncio.sleep(0.02)
+        side.client_kill_filter(_type="normal", skipme=True)  # mid-storm: every connection
+        async with asyncio.timeout(30):
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for i, outcome in enumerate(outcomes):
+            assert isinstance(outcome, StoreUnavailable) or outcome.value == i
+        # Nothing is left claimed for long, and the store answers again.
+        assert (await dedup.execute("after", lambda: 1)).value == 1
+    side.close()
+
+
+async def test_a_lone_call_is_one_write(server: RedisServer) -> None:
+    async with Deduplicator.from_url(server.url, namespace="lone") as dedup:
+        pipeline = dedup._store._pipe
+        assert pipeline is not None
+        await dedup.execute("warm", lambda: 1)  # the scripts are loaded (EVAL once each)
+        before = pipeline.commands
+        await dedup.execute("one", lambda: 1)
+        assert pipeline.commands - before == 2  # claim, settle: one write each
+    async with Deduplicator.from_url(server.url, namespace="off", auto_pipeline=False) as dedup:
+        assert dedup._store._pipe is None
+        assert (await dedup.execute("one", lambda: 1)).value == 1
