@@ -29,9 +29,28 @@ from typing import Any
 
 import redis.exceptions as rex
 
-__all__ = ["AutoPipeline"]
+__all__ = ["AutoPipeline", "pack"]
 
 _Pending = tuple[Sequence[Any], "asyncio.Future[Any]"]
+
+
+def pack(args: Sequence[Any]) -> bytes:
+    """One command in RESP: an array of bulk strings (bytes as they are; str as UTF-8; int and
+    float as their decimal text)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            data = repr(arg).encode()
+        elif isinstance(arg, memoryview):
+            data = arg.tobytes()
+        else:
+            raise rex.DataError(f"cannot send a {type(arg).__name__} to Redis: {arg!r}")
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 class AutoPipeline:
@@ -71,6 +90,8 @@ class AutoPipeline:
                 del self._queue[: self._max_batch]
                 if batch:
                     await self._send(batch)
+                    # Let the callers just answered run on: their next commands join the batch.
+                    await asyncio.sleep(0)
         finally:
             self._writer = None
             if self._queue and not self._closed:  # queued while we were being cancelled
@@ -81,7 +102,7 @@ class AutoPipeline:
             async with asyncio.timeout(self._timeout):
                 conn = await self._connection()
                 await conn.send_packed_command(
-                    conn.pack_commands([args for args, _ in batch]), check_health=False
+                    [pack(args) for args, _ in batch], check_health=False
                 )
                 self.batches += 1
                 self.commands += len(batch)

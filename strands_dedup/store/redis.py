@@ -296,6 +296,28 @@ class RedisStore:
         finally:
             slots.release()
 
+    async def _script(
+        self, script: Any, keys: Sequence[bytes], args: Sequence[Any], *, priority: bool = False
+    ) -> Any:
+        """Run a registered script like `_run` does. Through the auto-pipeline it needs no
+        connection slot and no timeout of its own (the pipeline bounds each batch)."""
+        if self._pipe is None:
+            return await self._run(lambda: self._eval(script, keys, args), priority=priority)
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
+        try:
+            result = await self._eval(script, keys, args)
+        except Exception as exc:
+            if not is_transient(exc):
+                if isinstance(exc, rex.RedisError):
+                    raise store_error(exc, self.where) from exc
+                raise
+            log.debug("transient Redis error, retrying: %s", exc)
+            return await self._retry(lambda: self._eval(script, keys, args), exc)
+        if task is not None and task.cancelling() > cancelling:
+            raise asyncio.CancelledError  # a reply raced our cancellation: honour it here
+        return result
+
     async def _retry(self, op: Callable[[], Awaitable[R]], first: Exception) -> R:
         if self._config.retry_attempts <= 1:
             raise store_error(first, self.where) from first
@@ -428,13 +450,13 @@ class RedisStore:
                 lambda: self._replicated(self._claim, names, args, wait)
             )
         else:
-            reply = await self._run(lambda: self._eval(self._claim, names, args))
+            reply = await self._script(self._claim, names, args)
         if _is_claimed(reply) and time.monotonic() - started > self._renew_after:
             # The claim took a renewal period or more (retries, a slow WAIT): part of the lease
             # is gone, and the renewer would only extend it one period from now. Claim again
             # with the same owner: it extends the lease if it is still ours, or reports who
             # took the token after it ran out.
-            reply = await self._run(lambda: self._eval(self._claim, names, args))
+            reply = await self._script(self._claim, names, args)
         return reply
 
     async def settle(
@@ -457,7 +479,7 @@ class RedisStore:
                 lambda: self._replicated(self._settle, names, args, wait), priority=True
             )
         else:
-            reply = await self._run(lambda: self._eval(self._settle, names, args), priority=True)
+            reply = await self._script(self._settle, names, args, priority=True)
         reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         return bool(reply[0]), reason
 
@@ -517,7 +539,7 @@ class RedisStore:
         for ref in leases:
             keys += (ref.keys.lease, ref.keys.fence, ref.keys.result)
             args.append(ref.value)
-        reply = await self._run(lambda: self._eval(self._renew, keys, args), priority=True)
+        reply = await self._script(self._renew, keys, args, priority=True)
         return [bool(x) for x in reply]
 
     async def session(
@@ -530,9 +552,7 @@ class RedisStore:
     ) -> list[Any]:
         """Run session.lua with ``args`` as its ARGV[1..11] (see its header)."""
         full = [*args, keys.channel, self._publish, idle_ttl_ms]
-        reply: list[Any] = await self._run(
-            lambda: self._eval(self._session, keys.all, full), priority=priority
-        )
+        reply: list[Any] = await self._script(self._session, keys.all, full, priority=priority)
         return reply
 
     async def renew_tickets(
@@ -553,7 +573,7 @@ class RedisStore:
         for ref in tickets:
             keys += (ref.keys.holders, ref.keys.qexp)
             args.append(ref.ticket)
-        reply = await self._run(lambda: self._eval(self._session_renew, keys, args), priority=True)
+        reply = await self._script(self._session_renew, keys, args, priority=True)
         return [bool(x) for x in reply]
 
     async def append(
@@ -568,10 +588,8 @@ class RedisStore:
         args: list[bytes | str | int] = [owner, fence, ttl_ms, keys.channel, self._publish]
         for kind, data in items:
             args += (kind, data)
-        reply = await self._run(
-            lambda: self._eval(self._stream_append, (keys.lease, keys.fence, keys.stream), args),
-            priority=True,
-        )
+        names = (keys.lease, keys.fence, keys.stream)
+        reply = await self._script(self._stream_append, names, args, priority=True)
         return bool(reply)
 
     async def read_stream(
@@ -592,7 +610,7 @@ class RedisStore:
         """Delete the lease whoever holds it and wake its waiters; the lease value, or None."""
         names = (keys.lease, keys.fence)
         args = (keys.channel, self._publish, self._fence_ttl)
-        reply = await self._run(lambda: self._eval(self._release, names, args), priority=True)
+        reply = await self._script(self._release, names, args, priority=True)
         return reply[1] if reply[0] else None
 
     async def ping(self) -> None:
