@@ -38,7 +38,8 @@ from strands_dedup import (
     current_call,
     current_session,
 )
-from strands_dedup.strands import DedupAgent, StoredAgentResult, idempotent_tool, message_token
+from strands_dedup.agents import idempotent_tool, message_token
+from strands_dedup.agents.strands import DedupAgent, StoredAgentResult
 
 pytestmark = pytest.mark.timeout(60)
 WORKER = str(Path(__file__).with_name("agent_worker.py"))
@@ -258,7 +259,10 @@ def test_message_token() -> None:
 
 
 def test_importing_the_core_does_not_import_strands() -> None:
-    code = "import sys, strands_dedup, strands_dedup.asgi; assert 'strands' not in sys.modules"
+    code = (
+        "import sys, strands_dedup, strands_dedup.http, strands_dedup.agents; "
+        "assert 'strands' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
 
 

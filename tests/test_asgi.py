@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from strands_dedup import Deduplicator
-from strands_dedup.asgi import IdempotencyMiddleware
+from strands_dedup.http import IdempotencyMiddleware
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -25,7 +25,7 @@ from failover import Gated, storm_across, until
 from servers import ClusterSetup, free_port, node_command
 
 from strands_dedup import Deduplicator, LeaseLost, Outcome, Role, StoreUnavailable
-from strands_dedup.admin import Inspector
+from strands_dedup.cli import Inspector
 from strands_dedup.keys import KeySchema
 
 pytestmark = [pytest.mark.redis]

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from .keys import TokenKeys
-    from .protocol import Role
+    from ..keys import TokenKeys
+    from ..protocol import Role
 
 __all__ = ["EVENTS", "ROLE_STATE", "Health", "Observer", "PrometheusMetrics", "SessionLoad"]
 

@@ -25,15 +25,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import FingerprintMismatch, LeaseLost, ResultTooLarge, StoreUnavailable, WaitTimeout
-from .protocol import Claimed, Envelope, Outcome, Replay, Role, WakeUp, parse_claim_reply
-from .protocol import wait_budget as _wait_budget
+from ..errors import FingerprintMismatch, LeaseLost, ResultTooLarge, StoreUnavailable, WaitTimeout
+from ..protocol import Claimed, Envelope, Outcome, Replay, Role, WakeUp, parse_claim_reply
+from ..protocol import wait_budget as _wait_budget
 
 if TYPE_CHECKING:
-    from .core import Deduplicator
-    from .keys import TokenKeys
+    from ..keys import TokenKeys
+    from ..store import Watch
+    from .deduplicator import Deduplicator
     from .renewer import HeldLease
-    from .store import Watch
 
 __all__ = ["Chunk", "Emit", "Final", "StreamReset", "stream_events"]
 

@@ -24,8 +24,8 @@ import pydantic_core
 import redis.asyncio as aredis
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
-from .config import DedupConfig
-from .errors import (
+from ..config import DedupConfig
+from ..errors import (
     DedupError,
     DuplicateInFlight,
     FingerprintMismatch,
@@ -39,9 +39,8 @@ from .errors import (
     StoreUnavailable,
     WaitTimeout,
 )
-from .keys import KeySchema, SessionKeys, TokenKeys
-from .observe import Health, Observer, PrometheusMetrics, SessionLoad
-from .protocol import (
+from ..keys import KeySchema, SessionKeys, TokenKeys
+from ..protocol import (
     Busy,
     Claimed,
     Envelope,
@@ -61,11 +60,12 @@ from .protocol import (
     parse_claim_reply,
     wait_budget,
 )
+from ..serialization import JsonSerializer, Serializer
+from ..store import Client, RedisStore, ShardedSubscriber, Subscriber, Watch, client_from_url
+from ..store.connect import describe_url
+from ..store.redis import describe_error, eviction_warning, warn_evicting
+from .observe import Health, Observer, PrometheusMetrics, SessionLoad
 from .renewer import HeldLease, Renewer
-from .serialization import JsonSerializer, Serializer
-from .store import Client, RedisStore, ShardedSubscriber, Subscriber, Watch, client_from_url
-from .store.connect import describe_url
-from .store.redis import describe_error, eviction_warning, warn_evicting
 
 __all__ = [
     "CallContext",

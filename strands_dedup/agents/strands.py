@@ -46,15 +46,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "strands_dedup.strands needs the Strands Agents SDK: pip install 'strands-dedup[strands]'"
     ) from exc
 
-from .core import Deduplicator, current_call
-from .protocol import Outcome
-from .session import SessionGuard
-from .streaming import Chunk, Emit, StreamReset, stream_events
+from ..engine.deduplicator import Deduplicator, current_call
+from ..engine.session import SessionGuard
+from ..engine.streaming import Chunk, Emit, StreamReset, stream_events
+from ..protocol import Outcome
 from .tokens import message_token
 from .tools import idempotent_tool
 
 if TYPE_CHECKING:
-    from .sync import SyncDeduplicator
+    from ..engine.sync import SyncDeduplicator
 
 __all__ = [
     "STREAMED_KEYS",
@@ -222,7 +222,7 @@ class DedupAgent:
         *,
         session_guard: SessionGuard | None = None,
     ) -> None:
-        from .sync import Bridge
+        from ..engine.sync import Bridge
 
         self._bridge = Bridge(dedup, "DedupAgent")
         self._core = self._bridge.core

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import DedupConfig
-from .keys import KeySchema, TokenKeys
-from .protocol import decode_envelope, decode_lease
-from .store import RedisStore, client_from_url
-from .store.connect import describe_url
-from .store.redis import Client, eviction_warning
+from ..config import DedupConfig
+from ..keys import KeySchema, TokenKeys
+from ..protocol import decode_envelope, decode_lease
+from ..store import RedisStore, client_from_url
+from ..store.connect import describe_url
+from ..store.redis import Client, eviction_warning
 
 __all__ = ["Inspector", "LeaseView", "ResultView", "SessionEntryView", "SessionView", "StatsView"]
 

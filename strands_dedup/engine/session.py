@@ -40,16 +40,16 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .core import LostSignal
-from .errors import BusyReason, DedupError, LeaseLost, SessionBusy
-from .keys import SessionKeys
-from .protocol import Grant, Queued, QueueFull, Taken, WakeUp, parse_session_reply
+from ..errors import BusyReason, DedupError, LeaseLost, SessionBusy
+from ..keys import SessionKeys
+from ..protocol import Grant, Queued, QueueFull, Taken, WakeUp, parse_session_reply
+from .deduplicator import LostSignal
 from .renewer import HeldTicket
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from .core import Deduplicator
+    from .deduplicator import Deduplicator
     from .sync import SyncDeduplicator
 
 __all__ = ["SessionConfig", "SessionGuard", "SessionHold", "current_session"]

@@ -23,9 +23,9 @@ from typing import Any
 import redis.asyncio as aredis
 import redis.exceptions
 
-from .config import DedupConfig
-from .keys import KeySchema
-from .store.connect import client_from_url, close_client, describe_url
+from ..config import DedupConfig
+from ..keys import KeySchema
+from ..store.connect import client_from_url, close_client, describe_url
 
 __all__ = [
     "DRYRUN_ARGS",

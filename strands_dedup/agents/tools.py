@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pydantic_core
 
-from .core import Deduplicator, return_type_of
-from .errors import SerializationError
-from .session import current_session
+from ..engine.deduplicator import Deduplicator, return_type_of
+from ..engine.session import current_session
+from ..errors import SerializationError
 
 if TYPE_CHECKING:
-    from .sync import SyncDeduplicator
+    from ..engine.sync import SyncDeduplicator
 
 __all__ = ["idempotent_tool", "tool_token"]
 
@@ -82,7 +82,7 @@ def idempotent_tool(
     ``name``: the tool's name in tokens (default: the function's name).
     ``ignore``: parameters left out of the identity (default: what Strands injects).
     """
-    from .sync import SyncDeduplicator
+    from ..engine.sync import SyncDeduplicator
 
     if not isinstance(dedup, (Deduplicator, SyncDeduplicator)):
         raise TypeError(

@@ -16,8 +16,10 @@ from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aredis
 
-from .config import DedupConfig
-from .core import (
+from ..config import DedupConfig
+from ..protocol import Outcome
+from ..serialization import Serializer
+from .deduplicator import (
     _UNSET,
     Deduplicator,
     Token,
@@ -27,9 +29,7 @@ from .core import (
     return_type_of,
 )
 from .observe import Health, PrometheusMetrics
-from .protocol import Outcome
 from .renewer import HeldLease
-from .serialization import Serializer
 
 __all__ = ["Bridge", "SyncDeduplicator"]
 
