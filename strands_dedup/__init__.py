@@ -8,7 +8,8 @@ import logging
 
 from ._version import __version__
 from .config import DedupConfig
-from .engine.deduplicator import CallContext, Deduplicator, current_call
+from .engine.call import CallContext, current_call
+from .engine.deduplicator import Deduplicator
 from .engine.observe import Health, PrometheusMetrics, SessionLoad
 from .engine.session import SessionConfig, SessionGuard, SessionHold, current_session
 from .engine.streaming import StreamReset

@@ -157,7 +157,7 @@ class Gateway:
         scope["raw_path"] = path.encode("ascii")  # the fingerprint sees the normalized path
         scope["path"] = unquote(path)
         scope[_TARGET] = target
-        await self.dedup._observer.timed(self.middleware, scope, receive, send)
+        await self.dedup.engine.observer.timed(self.middleware, scope, receive, send)
 
     async def _own(self, path: str, send: Send) -> None:
         if path == "/healthz":

@@ -377,10 +377,10 @@ class IdempotencyMiddleware:
         follower = _Follower(send)
         outcome: Outcome[StoredResponse] | None = None
         try:
-            keys = self.dedup._keys.for_token(key, tenant)
+            keys = self.dedup.engine.keys.for_token(key, tenant)
             label = f"{keys.token} (scope {keys.scope})"
             async for event in stream_events(
-                self.dedup,
+                self.dedup.engine,
                 keys,
                 produce,
                 rtype=StoredResponse,
