@@ -856,9 +856,7 @@ class RedisStore:
         return _subscriber_connection(node.connection_class, node.connection_kwargs)
 
     async def aclose(self) -> None:
-        from .connect import close_client
-
-        await close_client(self.client)
+        await self.client.aclose()
 
 
 def _is_claimed(reply: Any) -> bool:
