@@ -564,6 +564,21 @@ class Engine:
         """A `LeaseLost` for ``lease`` (counted)."""
         return self._lost_error(lease, detail)
 
+    def _envelope(self, lease: HeldLease, payload: bytes, exc: BaseException | None) -> bytes:
+        """The primary's result (``exc`` None) or shared failure, as an envelope."""
+        header = envelope_header(
+            ok=exc is None,
+            fence=lease.fence,
+            fingerprint=lease.fingerprint,
+            serializer=self.serializer.name,
+            created_ms=int(time.time() * 1000),
+            token=lease.keys.token,
+            scope=lease.keys.scope,
+            error_type="" if exc is None else f"{type(exc).__module__}.{type(exc).__qualname__}",
+            error_message="" if exc is None else str(exc)[:_MAX_ERROR_TEXT],
+        )
+        return encode_envelope(lease.owner, header, payload)
+
     async def complete(self, lease: HeldLease, value: T, rtype: Any) -> Outcome[T]:
         """Serialize and store the result, fenced; wake the waiters."""
         try:
@@ -588,16 +603,7 @@ class Engine:
             )
             await self.fail(lease, too_large)
             raise too_large
-        header = envelope_header(
-            ok=True,
-            fence=lease.fence,
-            fingerprint=lease.fingerprint,
-            serializer=self.serializer.name,
-            created_ms=int(time.time() * 1000),
-            token=lease.keys.token,
-            scope=lease.keys.scope,
-        )
-        envelope = encode_envelope(lease.owner, header, payload)
+        envelope = self._envelope(lease, payload, None)
         message = (
             encode_value_message(envelope)
             if len(envelope) <= self.config.inline_result_bytes
@@ -696,18 +702,7 @@ class Engine:
         if release:
             message = encode_released_message(lease.fence)
         else:
-            header = envelope_header(
-                ok=False,
-                fence=lease.fence,
-                fingerprint=lease.fingerprint,
-                serializer=self.serializer.name,
-                created_ms=int(time.time() * 1000),
-                token=lease.keys.token,
-                scope=lease.keys.scope,
-                error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-                error_message=str(exc)[:_MAX_ERROR_TEXT],
-            )
-            envelope = encode_envelope(lease.owner, header, b"")
+            envelope = self._envelope(lease, b"", exc)
             stored = envelope if self.config.cache_errors else b""
             message = encode_value_message(envelope)
         try:
