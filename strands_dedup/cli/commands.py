@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._version import __version__
+from ..config import DedupConfig
 from ..engine.observe import EVENTS
 from ..errors import DedupError, StoreUnavailable
 from ..keys import validate_namespace
@@ -779,8 +780,18 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 @click.option("--namespace", default=DEFAULT_NAMESPACE, show_default=True, help="Key prefix.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8787, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--lease-ttl", default=30.0, show_default=True, type=click.FloatRange(0.05))
-@click.option("--result-ttl", default=86400.0, show_default=True, type=click.FloatRange(0.001))
+@click.option(
+    "--lease-ttl",
+    default=DedupConfig.model_fields["lease_ttl"].default,
+    show_default=True,
+    type=click.FloatRange(0.05),
+)
+@click.option(
+    "--result-ttl",
+    default=DedupConfig.model_fields["result_ttl"].default,
+    show_default=True,
+    type=click.FloatRange(0.001),
+)
 @click.option("--scope-header", default=None, metavar="NAME", help="Header naming the tenant.")
 @click.option(
     "--identity-header",
