@@ -186,7 +186,7 @@ async def run_sequential(
 
 async def wait_parked(dedup: Deduplicator, expected: int, deadline: float) -> None:
     """Until ``expected`` duplicates are registered and each is blocked waiting for a message."""
-    sub = dedup._subscriber
+    sub = dedup.engine.subscriber
     while sub.waiters != expected:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {sub.waiters} of {expected} waiters registered in time")

@@ -56,7 +56,7 @@ def serve(kind: str, port: int, url: str, namespace: str, upstream: str | None) 
         app = make_app(url, namespace)
     elif kind == "strands-dedup":
         from strands_dedup import Deduplicator
-        from strands_dedup.asgi import IdempotencyMiddleware
+        from strands_dedup.http import IdempotencyMiddleware
 
         dedup = Deduplicator.from_url(url, namespace=namespace, lease_ttl=2, metrics=False)
         app = IdempotencyMiddleware(make_app(url, namespace), dedup=dedup)
@@ -68,7 +68,7 @@ def serve(kind: str, port: int, url: str, namespace: str, upstream: str | None) 
         app = IdempotencyMiddleware(make_app(url, namespace), backend=backend, config=config)
     elif kind == "gateway":
         from strands_dedup import Deduplicator
-        from strands_dedup.gateway import Gateway
+        from strands_dedup.http import Gateway
 
         assert upstream is not None
         dedup = Deduplicator.from_url(url, namespace=namespace, lease_ttl=2, metrics=False)

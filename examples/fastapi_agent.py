@@ -37,7 +37,8 @@ from strands_dedup import (
     SessionGuard,
     WaitTimeout,
 )
-from strands_dedup.strands import DedupAgent, message_token
+from strands_dedup.agents import message_token
+from strands_dedup.agents.strands import DedupAgent
 
 
 def make_model() -> Any:

@@ -8,7 +8,12 @@ import logging
 
 from ._version import __version__
 from .config import DedupConfig
-from .core import CallContext, Deduplicator, current_call
+from .engine.call import CallContext, current_call
+from .engine.deduplicator import Deduplicator
+from .engine.observe import Health, PrometheusMetrics, SessionLoad
+from .engine.session import SessionConfig, SessionGuard, SessionHold, current_session
+from .engine.streaming import StreamReset
+from .engine.sync import SyncDeduplicator
 from .errors import (
     BusyReason,
     DedupError,
@@ -26,12 +31,8 @@ from .errors import (
     StoreUnavailable,
     WaitTimeout,
 )
-from .observe import Health, PrometheusMetrics, SessionLoad
 from .protocol import Outcome, Role
 from .serialization import JsonSerializer, Serializer, SignedPickleSerializer
-from .session import SessionConfig, SessionGuard, SessionHold, current_session
-from .streaming import StreamReset
-from .sync import SyncDeduplicator
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -7,17 +7,39 @@ Wire formats (all bytes):
   completion recognise its own result inside the script.
 - wake-up message on the token's channel: ``V<envelope>`` (the result or shared failure travels
   inside), ``S<fence>`` (stored, too large to travel: read the result key) or ``R<fence>``
-  (released without a result: re-read, and one waiter takes over).
+  (released without a result: re-read, and one waiter takes over); ``A<fence>`` (a streaming
+  primary appended chunks, published by ``stream_append.lua``); on a session's channel
+  ``G<ticket>|<grant>`` (an admission, published by ``session.lua``).
+- stream entries (``stream_append.lua``): fields ``k`` (kind: `STREAM_BEGIN`, `STREAM_CHUNK`,
+  `STREAM_END`), ``f`` (fence), ``d`` (data).
+- lease metadata: JSON ``{"fp", "tok", "sc", "t", "h", "p"}``; session ticket metadata: JSON
+  ``{"s", "h", "p", "t", "q"}`` (`encode_lease_meta`, `encode_session_meta`, `decode_meta`).
+
+The waiter's decision after each wake-up is `after_wake`; every waiter loop (plain, stream
+follower, session queue) is the engine's one loop driven by it.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 __all__ = [
+    "CLAIM_BUSY",
+    "CLAIM_CLAIMED",
+    "CLAIM_REPLAY",
+    "MSG_APPENDED",
+    "MSG_GRANT",
+    "MSG_RELEASED",
+    "MSG_STORED",
+    "MSG_VALUE",
+    "STREAM_BEGIN",
+    "STREAM_CHUNK",
+    "STREAM_END",
     "Busy",
     "Claimed",
     "ClaimReply",
@@ -33,10 +55,21 @@ __all__ = [
     "SessionReply",
     "Taken",
     "WakeUp",
+    "Wake",
+    "after_wake",
     "decode_envelope",
     "decode_lease",
+    "encode_lease",
     "decode_message",
+    "decode_meta",
     "encode_envelope",
+    "encode_lease_meta",
+    "encode_released_message",
+    "encode_session_meta",
+    "encode_stored_message",
+    "encode_value_message",
+    "envelope_header",
+    "fence_of",
     "fingerprints_conflict",
     "parse_claim_reply",
     "parse_grant",
@@ -46,6 +79,24 @@ __all__ = [
 
 T = TypeVar("T")
 ENVELOPE_MAGIC = b"SD1|"
+
+# Tags of the messages on a token's (or session's) channel.
+MSG_VALUE = b"V"
+MSG_STORED = b"S"
+MSG_RELEASED = b"R"
+MSG_APPENDED = b"A"
+MSG_GRANT = b"G"
+# Kinds of claim.lua's reply.
+CLAIM_REPLAY = b"R"
+CLAIM_CLAIMED = b"C"
+CLAIM_BUSY = b"L"
+# Kinds of a streamed attempt's entries (field ``k``).
+STREAM_BEGIN = b"b"
+STREAM_CHUNK = b"c"
+STREAM_END = b"e"
+
+_HOST = socket.gethostname()
+_HOST_JSON = json.dumps(_HOST)
 
 
 class Role(enum.StrEnum):
@@ -171,58 +222,114 @@ def decode_envelope(data: bytes) -> Envelope:
 
 def decode_lease(value: bytes, pttl_ms: int) -> LeaseInfo:
     owner, fence, meta = value.split(b"|", 2)
-    try:
-        parsed = json.loads(meta) if meta else {}
-    except ValueError:
-        parsed = {}
-    return LeaseInfo(
-        owner.decode(), int(fence), parsed if isinstance(parsed, dict) else {}, pttl_ms
-    )
+    return LeaseInfo(owner.decode(), int(fence), decode_meta(meta), pttl_ms)
+
+
+def encode_lease(owner: str, fence: int, meta: bytes) -> bytes:
+    """A lease's value as claim.lua writes it (the renewer compares it)."""
+    return f"{owner}|{fence}|".encode() + meta
 
 
 def parse_claim_reply(reply: list[Any]) -> ClaimReply:
     """Turn the claim script's reply into a `Replay`, `Claimed` or `Busy`."""
     kind = reply[0]
-    if kind == b"R":
+    if kind == CLAIM_REPLAY:
         return Replay(reply[1])
-    if kind == b"C":
+    if kind == CLAIM_CLAIMED:
         return Claimed(int(reply[1]))
-    if kind == b"L":
+    if kind == CLAIM_BUSY:
         return Busy(decode_lease(reply[1], int(reply[2])))
     raise ValueError(f"unexpected claim reply {reply!r}")
 
 
 def encode_stored_message(fence: int) -> bytes:
-    return b"S" + str(fence).encode()
+    return MSG_STORED + str(fence).encode()
 
 
 def encode_released_message(fence: int) -> bytes:
-    return b"R" + str(fence).encode()
+    return MSG_RELEASED + str(fence).encode()
 
 
 def encode_value_message(envelope: bytes) -> bytes:
-    return b"V" + envelope
+    return MSG_VALUE + envelope
+
+
+def envelope_header(
+    *,
+    ok: bool,
+    fence: int,
+    fingerprint: str | None,
+    serializer: str,
+    created_ms: int,
+    token: str,
+    scope: str,
+    error_type: str = "",
+    error_message: str = "",
+) -> dict[str, Any]:
+    """The JSON header of a result envelope (`decode_envelope` reads it back)."""
+    header: dict[str, Any] = {
+        "st": "ok" if ok else "error",
+        "f": fence,
+        "fp": fingerprint,
+        "ser": serializer,
+        "t": created_ms,
+        "tok": token,
+        "sc": scope,
+    }
+    if not ok:
+        header["et"] = error_type
+        header["em"] = error_message
+    return header
+
+
+def fence_of(stored: bytes) -> int | None:
+    """The fence a stored result was written under (None when it is not a result envelope)."""
+    try:
+        return decode_envelope(stored).fence
+    except (ValueError, KeyError):
+        return None
+
+
+def encode_lease_meta(key_meta: str, fingerprint: str | None, now_ms: int) -> bytes:
+    """A lease's metadata (JSON): fingerprint, the token's display fields (``key_meta``, from
+    `TokenKeys.meta`), start time, host and pid."""
+    fp = "null" if fingerprint is None else json.dumps(fingerprint)
+    return f'{{"fp":{fp},{key_meta},"t":{now_ms},"h":{_HOST_JSON},"p":{os.getpid()}}}'.encode()
+
+
+def encode_session_meta(session: str, seq: int | None, now_ms: int) -> str:
+    """A session ticket's metadata (JSON): session name, host, pid, time, sequence number."""
+    return json.dumps({"s": session, "h": _HOST, "p": os.getpid(), "t": now_ms, "q": seq})
+
+
+def decode_meta(raw: bytes | str | None) -> dict[str, Any]:
+    """Lease or ticket metadata as a dict (empty when missing or not JSON)."""
+    try:
+        parsed = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def decode_message(data: bytes) -> Envelope | Grant | WakeUp:
     """Parse a wake-up message once for every waiter of the channel."""
     kind = data[:1]
-    if kind == b"G":
+    if kind == MSG_GRANT:
         try:
             ticket, _, grant = data[1:].decode().partition("|")
             return parse_grant(ticket, grant)
         except ValueError:
             return WakeUp.MALFORMED
-    if kind == b"V":
+    if kind == MSG_VALUE:
         try:
             return decode_envelope(data[1:])
         except (ValueError, KeyError):
             return WakeUp.MALFORMED
-    if kind == b"S":
+    if kind == MSG_STORED:
         return WakeUp.STORED
-    if kind == b"R":
+    if kind == MSG_RELEASED:
         return WakeUp.RELEASED
-    if kind == b"A":
+    if kind == MSG_APPENDED:
         return WakeUp.APPENDED
     return WakeUp.MALFORMED
 
@@ -311,3 +418,23 @@ class LeaveClaimed(Exception):
     be under way elsewhere (an upstream that timed out may still be running): the token is neither
     released nor failed; its lease is no longer renewed and expires within one lease TTL, so no
     second execution starts before then."""
+
+
+class Wake(enum.Enum):
+    """What a waiter does after `Watch.next` returned (`after_wake`)."""
+
+    REREAD = "reread"
+    """Read the token (or session) again: the lease may have expired, or it was released."""
+    RESUBSCRIBE = "resubscribe"
+    """Wait for the subscription to be confirmed again, then read (messages may be lost)."""
+    HEAR = "hear"
+    """A message for the surface waiting: a value, a grant, a stored or appended notice."""
+
+
+def after_wake(event: object) -> Wake:
+    """A waiter's next step after a wake-up (``None``: its listening budget ran out)."""
+    if event is None or event is WakeUp.RELEASED or event is WakeUp.MALFORMED:
+        return Wake.REREAD
+    if event is WakeUp.RECONNECTED:
+        return Wake.RESUBSCRIBE
+    return Wake.HEAR

@@ -33,7 +33,7 @@ from fake_model import FakeModel
 from strands import Agent
 
 from strands_dedup import Deduplicator, SessionGuard
-from strands_dedup.strands import DedupAgent
+from strands_dedup.agents.strands import DedupAgent
 
 
 def emit(event: str, **fields: Any) -> None:

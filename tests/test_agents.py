@@ -38,7 +38,8 @@ from strands_dedup import (
     current_call,
     current_session,
 )
-from strands_dedup.strands import DedupAgent, StoredAgentResult, idempotent_tool, message_token
+from strands_dedup.agents import idempotent_tool, message_token
+from strands_dedup.agents.strands import DedupAgent, StoredAgentResult
 
 pytestmark = pytest.mark.timeout(60)
 WORKER = str(Path(__file__).with_name("agent_worker.py"))
@@ -127,7 +128,7 @@ async def test_a_lost_lease_sets_the_agents_cancel_signal(redis_url: str, namesp
     async with Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=0.4) as dedup:
         guarded = DedupAgent(dedup, agent_of(model))
         side = redis.Redis.from_url(redis_url)
-        keys = dedup._keys.for_token("req-lost", "s")
+        keys = dedup.engine.keys.for_token("req-lost", "s")
         task = asyncio.create_task(
             guarded.invoke_async("q", session_id="s", idempotency_token="req-lost")
         )
@@ -258,7 +259,10 @@ def test_message_token() -> None:
 
 
 def test_importing_the_core_does_not_import_strands() -> None:
-    code = "import sys, strands_dedup, strands_dedup.asgi; assert 'strands' not in sys.modules"
+    code = (
+        "import sys, strands_dedup, strands_dedup.http, strands_dedup.agents; "
+        "assert 'strands' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
 
 

@@ -33,7 +33,8 @@ from click.testing import CliRunner, Result
 from failover import until
 
 from strands_dedup import Deduplicator, Role, SessionGuard
-from strands_dedup.cli import NAMESPACE_ENV, REDIS_URL_ENV, _rates, main
+from strands_dedup.cli import NAMESPACE_ENV, REDIS_URL_ENV, main
+from strands_dedup.cli.commands import event_rates
 
 HOST = socket.gethostname()
 LEASE_FIELDS = {
@@ -478,7 +479,12 @@ async def test_ls_table_and_watch_show_the_token(cli: Invoke, local: Deduplicato
 def test_rates_are_per_second_and_never_negative() -> None:
     before = (10.0, {"claims": 5, "takeovers": 3, "waits": 7})
     after = (12.0, {"claims": 9, "replays": 4, "waits": 1})  # a process exited: waits fell
-    assert _rates(before, after) == {"claims": 2.0, "replays": 2.0, "takeovers": 0.0, "waits": 0.0}
+    assert event_rates(before, after) == {
+        "claims": 2.0,
+        "replays": 2.0,
+        "takeovers": 0.0,
+        "waits": 0.0,
+    }
 
 
 @pytest.mark.timeout(30)
@@ -534,7 +540,7 @@ async def test_release_fences_a_live_primary_off_even_without_waiters(
 ) -> None:
     """With nobody to take over, a released primary must not quietly take its lease back."""
     from strands_dedup import Deduplicator, LeaseLost
-    from strands_dedup.admin import Inspector
+    from strands_dedup.cli import Inspector
 
     async with (
         Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=0.3) as dedup,
@@ -547,11 +553,11 @@ async def test_release_fences_a_live_primary_off_even_without_waiters(
             return "late"
 
         primary = asyncio.create_task(dedup.execute("alone", call))
-        while dedup._renewer.held == 0:
+        while dedup.engine.renewer.held == 0:
             await asyncio.sleep(0.005)
         assert (await inspector.release("alone")) is not None
         deadline = time.monotonic() + 2
-        while dedup._renewer.held:  # the next renewal finds the lease lost
+        while dedup.engine.renewer.held:  # the next renewal finds the lease lost
             assert time.monotonic() < deadline, "the released lease was renewed"
             await asyncio.sleep(0.01)
         release.set()

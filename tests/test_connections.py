@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -77,7 +78,7 @@ async def test_unix_socket_url(redis_server_factory: type[RedisServer], namespac
 
         primary = asyncio.create_task(dedup.execute("t", call))
         dup = asyncio.create_task(dedup.execute("t", call))
-        while dedup._subscriber.listening < 1:
+        while dedup.engine.subscriber.listening < 1:
             await asyncio.sleep(0.005)
         gate.set()
         assert {(await primary).value, (await dup).value} == {"over a socket"}
@@ -135,7 +136,7 @@ async def test_killed_connections_are_retried_transparently(redis_url: str, name
         assert (await dedup.execute("a", lambda: 1)).role is Role.PRIMARY
         admin = redis.Redis.from_url(redis_url)
         try:
-            name = dedup._client_name
+            name = dedup.engine.store.client.get_connection_kwargs()["client_name"]
             killed = admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
             assert killed >= 1
             assert not any(c["name"] == name for c in admin.client_list(_type="normal"))
@@ -166,44 +167,36 @@ async def test_a_claim_that_returns_late_is_checked_before_the_call_runs(
     # process, a slow network): meanwhile the lease ran out and another caller took the token.
     # The late claim is checked (claimed again, same owner) before the call runs: it sees the
     # other holder and waits, then takes over when that lease runs out.
-    import strands_dedup.store.redis as store_module
-
     clock = {"skew": 0.0}
-
-    class LateClock:
-        @staticmethod
-        def monotonic() -> float:
-            return time.monotonic() + clock["skew"]
 
     options = {"namespace": namespace, "lease_ttl": 1, "metrics": False}
     async with (
         Deduplicator.from_url(redis_url, **options) as dedup,
         Deduplicator.from_url(redis_url, **options) as other,
     ):
-        store = dedup._store
-        run_script = store._eval
+        store = dedup.engine.store
+        assert store.pipeline is not None
+        first_claim = store.pipeline.execute  # the first script this deduplicator runs: a claim
         calls = 0
         fences: list[int] = []
 
-        async def late_claim(script: object, *args: object) -> object:
+        async def late_claim(*args: object) -> object:
             nonlocal calls
-            reply = await run_script(script, *args)  # type: ignore[arg-type]
-            if script is not store._claim:
-                return reply
+            reply: Any = await first_claim(*args)
             calls += 1
             if calls == 1:  # the lease runs out and another caller claims the token
-                keys = other._keys.for_token("tok")
-                await other._store.client.delete(keys.lease)
-                taken = await other._store.claim(
-                    keys, other._new_owner(), other._lease_meta(keys, None)
+                keys = other.engine.keys.for_token("tok")
+                await other.engine.store.client.delete(keys.lease)
+                taken = await other.engine.store.claim(
+                    keys, other.engine.new_owner(), other.engine.lease_meta(keys, None)
                 )
                 fences.append(int(reply[1]))
                 assert taken[0] == b"C" and int(taken[1]) == fences[0] + 1
                 clock["skew"] += 1.0
             return reply
 
-        monkeypatch.setattr(store, "_eval", late_claim)
-        monkeypatch.setattr(store_module, "time", LateClock)
+        monkeypatch.setattr(store.pipeline, "execute", late_claim)
+        store.clock = lambda: time.monotonic() + clock["skew"]  # the store's injected clock
         runs = 0
 
         def call() -> str:

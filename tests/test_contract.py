@@ -61,7 +61,7 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 async def waiting(dedup: Deduplicator, n: int) -> None:
-    await until(lambda: dedup._subscriber.listening >= n)
+    await until(lambda: dedup.engine.subscriber.listening >= n)
 
 
 async def test_primary_then_replay(dedup: Deduplicator) -> None:
@@ -92,7 +92,7 @@ async def test_concurrent_duplicates_wait_and_share_one_execution(dedup: Dedupli
     assert outcomes[0].role is Role.PRIMARY
     assert {o.role for o in outcomes[1:]} == {Role.WAITER}
     assert all(o.value == {"answer": 42} and o.fence == gate.fence for o in outcomes)
-    assert dedup._subscriber.waiters == 0
+    assert dedup.engine.subscriber.waiters == 0
 
 
 async def test_scopes_isolate_tenants(dedup: Deduplicator) -> None:
@@ -218,8 +218,8 @@ async def test_unserializable_result_releases_and_tells_waiters(dedup: Deduplica
         await primary
     with pytest.raises(PrimaryFailed, match="SerializationError"):
         await dup
-    keys = dedup._keys.for_token("t")
-    assert await dedup._store.client.exists(keys.lease, keys.result) == 0
+    keys = dedup.engine.keys.for_token("t")
+    assert await dedup.engine.store.client.exists(keys.lease, keys.result) == 0
     assert (await dedup.execute("t", lambda: "fine")).role is Role.PRIMARY
 
 
@@ -228,8 +228,8 @@ async def test_oversized_result_is_refused_without_storing(make: Callable[..., A
         with pytest.raises(ResultTooLarge) as info:
             await dedup.execute("t", lambda: "x" * 5000)
         assert info.value.size > 1000 and info.value.limit == 1000
-        keys = dedup._keys.for_token("t")
-        assert await dedup._store.client.exists(keys.lease, keys.result) == 0
+        keys = dedup.engine.keys.for_token("t")
+        assert await dedup.engine.store.client.exists(keys.lease, keys.result) == 0
 
 
 async def test_large_result_is_read_once_and_shared(make: Callable[..., Any]) -> None:
@@ -241,14 +241,14 @@ async def test_large_result_is_read_once_and_shared(make: Callable[..., Any]) ->
         dups = [asyncio.create_task(dedup.execute("t", gate)) for _ in range(10)]
         await waiting(dedup, 10)
         reads = 0
-        original = dedup._store.get_result
+        original = dedup.engine.store.get_result
 
         async def counting(keys: Any) -> bytes | None:
             nonlocal reads
             reads += 1
             return await original(keys)
 
-        dedup._store.get_result = counting  # type: ignore[method-assign]
+        dedup.engine.store.get_result = counting  # type: ignore[method-assign]
         gate.release.set()
         outcomes = await asyncio.gather(primary, *dups)
         assert all(o.value == big for o in outcomes)
@@ -296,10 +296,10 @@ async def test_lease_is_renewed_while_a_slow_primary_runs(make: Callable[..., An
         gate = Gate("slow")
         primary = asyncio.create_task(dedup.execute("t", gate))
         await gate.started.wait()
-        keys = dedup._keys.for_token("t")
+        keys = dedup.engine.keys.for_token("t")
         renewed_past = time.monotonic() + 0.9  # three lease lifetimes
         await until(lambda: time.monotonic() > renewed_past)
-        assert await dedup._store.client.pttl(keys.lease) > 0
+        assert await dedup.engine.store.client.pttl(keys.lease) > 0
         with pytest.raises(DuplicateInFlight):
             await dedup.execute("t", gate, on_duplicate="raise")
         gate.release.set()
@@ -308,8 +308,8 @@ async def test_lease_is_renewed_while_a_slow_primary_runs(make: Callable[..., An
 
 async def _steal(dedup: Deduplicator, token: str) -> None:
     """Make the token look claimed by someone else (fence moved on, lease theirs)."""
-    keys = dedup._keys.for_token(token)
-    client = dedup._store.client
+    keys = dedup.engine.keys.for_token(token)
+    client = dedup.engine.store.client
     await client.incr(keys.fence)
     await client.set(keys.lease, b"ffff|99|{}", px=60_000)
 
@@ -334,8 +334,8 @@ async def test_lost_lease_refuses_the_completion(make: Callable[..., Any]) -> No
         gate.release.set()
         with pytest.raises(LeaseLost, match="refused"):
             await primary
-        keys = dedup._keys.for_token("t")
-        assert await dedup._store.client.get(keys.result) is None
+        keys = dedup.engine.keys.for_token("t")
+        assert await dedup.engine.store.client.get(keys.result) is None
 
 
 @pytest.mark.parametrize(
@@ -389,8 +389,8 @@ async def test_an_expired_lease_nobody_claimed_is_taken_back(make: Callable[...,
         gate = Gate("kept")
         primary = asyncio.create_task(dedup.execute("t", gate))
         await gate.started.wait()
-        keys = dedup._keys.for_token("t")
-        client = dedup._store.client
+        keys = dedup.engine.keys.for_token("t")
+        client = dedup.engine.store.client
         await client.delete(keys.lease)  # as if it had expired during a pause
         deadline = time.monotonic() + 2
         while not await client.exists(keys.lease):
@@ -403,21 +403,21 @@ async def test_an_expired_lease_nobody_claimed_is_taken_back(make: Callable[...,
 
 async def test_no_watch_outlives_its_call(dedup: Deduplicator) -> None:
     # A bystander keeps the token's channel subscribed, so calls attach before they read.
-    keys = dedup._keys.for_token("t")
-    bystander = dedup._subscriber.register(keys.channel)
+    keys = dedup.engine.keys.for_token("t")
+    bystander = dedup.engine.subscriber.register(keys.channel)
     await bystander.ready(5)
     try:
         assert (await dedup.execute("t", lambda: "v")).role is Role.PRIMARY
-        assert dedup._subscriber.waiters == 1
+        assert dedup.engine.subscriber.waiters == 1
         assert (await dedup.execute("t", lambda: "w")).role is Role.REPLAY
-        assert dedup._subscriber.waiters == 1
+        assert dedup.engine.subscriber.waiters == 1
     finally:
         bystander.close()
-    assert dedup._subscriber.waiters == 0
+    assert dedup.engine.subscriber.waiters == 0
 
 
 async def test_idle_subscriber_is_not_taken_for_dead(dedup: Deduplicator) -> None:
-    dedup._subscriber._health_interval = 0.05  # PING often; each PING must be answered
+    dedup.engine.subscriber.health_interval = 0.05  # PING often; each PING must be answered
     gate = Gate("v")
     primary = asyncio.create_task(dedup.execute("t", gate))
     await gate.started.wait()
@@ -427,15 +427,15 @@ async def test_idle_subscriber_is_not_taken_for_dead(dedup: Deduplicator) -> Non
     await asyncio.gather(primary, dup)  # the channel is unsubscribed again: plain PONG replies
     later = time.monotonic() + 0.5
     await until(lambda: time.monotonic() > later)
-    assert dedup._subscriber.connected and dedup._subscriber.connects == 1
+    assert dedup.engine.subscriber.connected and dedup.engine.subscriber.connects == 1
 
 
 async def test_a_retried_claim_recognises_its_own_lease(dedup: Deduplicator) -> None:
-    keys = dedup._keys.for_token("t")
-    meta = dedup._lease_meta(keys, None)
-    first = await dedup._store.claim(keys, "abc1", meta)
-    again = await dedup._store.claim(keys, "abc1", meta)  # as if the reply had been lost
-    other = await dedup._store.claim(keys, "abc2", meta)
+    keys = dedup.engine.keys.for_token("t")
+    meta = dedup.engine.lease_meta(keys, None)
+    first = await dedup.engine.store.claim(keys, "abc1", meta)
+    again = await dedup.engine.store.claim(keys, "abc1", meta)  # as if the reply had been lost
+    other = await dedup.engine.store.claim(keys, "abc2", meta)
     assert first == again and first[0] == b"C"
     assert other[0] == b"L" and other[1].startswith(b"abc1|" + first[1] + b"|")
 
@@ -453,15 +453,15 @@ async def test_a_renewal_after_the_owners_release_is_refused(
         refs: list[HeldLeaseRef] = []
 
         async def call() -> None:
-            lease = next(iter(dedup._renewer._held.values()))
+            lease = dedup.engine.renewer.leases[0]
             refs.append(HeldLeaseRef(lease.keys, lease.value))
             raise outcome("gone")
 
         with pytest.raises(outcome):
             await dedup.execute("t", call)
         # a renewal sent before the release that reaches Redis after it
-        assert await dedup._store.renew(refs) == [False]
-        assert not await dedup._store.client.exists(refs[0].keys.lease)
+        assert await dedup.engine.store.renew(refs) == [False]
+        assert not await dedup.engine.store.client.exists(refs[0].keys.lease)
         assert (await dedup.execute("t", lambda: "next")).role is Role.PRIMARY
 
 

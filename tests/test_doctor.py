@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 from servers import REDIS_SERVER, RedisServer, free_port, node_command, redis_server
 
 from strands_dedup.cli import main
-from strands_dedup.doctor import (
+from strands_dedup.cli.doctor import (
     DRYRUN_ARGS,
     Facts,
     Level,

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from servers import free_port, process
 
-from strands_dedup.admin import Inspector
-from strands_dedup.demo import gateway_command
-from strands_dedup.gateway import parse_size
+from strands_dedup.cli import Inspector
+from strands_dedup.http.demo import gateway_command
+from strands_dedup.http.gateway import parse_size
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 HERE = Path(__file__).parent

@@ -18,8 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from strands_dedup import Deduplicator
-from strands_dedup.asgi import IdempotencyMiddleware
-from strands_dedup.gateway import Gateway
+from strands_dedup.http import Gateway, IdempotencyMiddleware
 
 pytestmark = pytest.mark.timeout(30)
 EVENTS = 10

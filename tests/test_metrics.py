@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import free_port, process
 from test_gateway import upstream  # noqa: F401 - a fixture
 
-from strands_dedup.demo import gateway_command
-from strands_dedup.observe import EVENTS
+from strands_dedup.engine.observe import EVENTS
+from strands_dedup.http.demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 

@@ -19,7 +19,7 @@ from strands_dedup import (
     StoreUnavailable,
     SyncDeduplicator,
 )
-from strands_dedup.admin import Inspector
+from strands_dedup.cli import Inspector
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -51,7 +51,7 @@ async def test_counters_and_prometheus_metrics(backend_url: str, namespace: str)
         primary = asyncio.create_task(dedup.execute("t", call, fingerprint="a"))
         await until(lambda: sample("strands_dedup_in_flight") == 1)
         dup = asyncio.create_task(dedup.execute("t", call, fingerprint="a"))
-        await until(lambda: dedup._subscriber.listening == 1)
+        await until(lambda: dedup.engine.subscriber.listening == 1)
         assert sample("strands_dedup_waiters") == 1
         with pytest.raises(FingerprintMismatch):
             await dedup.execute("t", call, fingerprint="b")
@@ -96,7 +96,7 @@ async def test_health_reports_store_and_local_load(redis_url: str, namespace: st
         assert health.store_latency_ms is not None and health.store_latency_ms >= 0
         release = asyncio.Event()
         task = asyncio.create_task(dedup.execute("t", release.wait))
-        await until(lambda: dedup._renewer.held == 1)
+        await until(lambda: dedup.engine.renewer.held == 1)
         assert (await dedup.health()).in_flight == 1
         release.set()
         await task
@@ -147,7 +147,7 @@ async def test_a_span_per_call(backend_url: str, namespace: str) -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     async with Deduplicator.from_url(backend_url, namespace=namespace) as dedup:
-        dedup._observer._tracer = trace.get_tracer("strands_dedup", tracer_provider=provider)
+        dedup.engine.observer.tracer = trace.get_tracer("strands_dedup", tracer_provider=provider)
         await dedup.execute("t", lambda: 1)
         await dedup.execute("t", lambda: 1)
     spans = exporter.get_finished_spans()
@@ -159,8 +159,8 @@ async def test_a_span_per_call(backend_url: str, namespace: str) -> None:
 def test_no_span_work_without_a_configured_tracer_provider() -> None:
     from opentelemetry import trace
 
-    from strands_dedup.observe import Observer
+    from strands_dedup.engine.observe import Observer
 
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         pytest.skip("a tracer provider was configured globally in this process")
-    assert Observer("ns", None)._active_tracer() is None
+    assert Observer("ns", None).active_tracer() is None

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from recording_upstream import pattern
 from servers import RedisServer, free_port, process
 
-from strands_dedup.demo import gateway_command
+from strands_dedup.http.demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(120)]
 HERE = Path(__file__).parent

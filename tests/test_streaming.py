@@ -57,7 +57,7 @@ async def test_a_duplicate_joining_mid_stream_gets_every_chunk_in_order(
         await asyncio.wait_for(produce.paused.wait(), 5)
         other = Producer(20)  # never runs: the first call is alive
         follower = asyncio.create_task(collect(dedup.stream("tok", other)))
-        while dedup._subscriber.waiters < 1:
+        while dedup.engine.subscriber.waiters < 1:
             await asyncio.sleep(0.005)
         produce.resume.set()
         mine, theirs = await asyncio.gather(primary, follower)
@@ -147,7 +147,7 @@ async def test_a_fenced_out_primary_cannot_append(redis_url: str, namespace: str
         produce = Producer(10, pause_after=3)
         primary = asyncio.create_task(collect(dedup.stream("zombie", produce)))
         await asyncio.wait_for(produce.paused.wait(), 5)
-        keys = dedup._keys.for_token("zombie")
+        keys = dedup.engine.keys.for_token("zombie")
         side = redis.Redis.from_url(redis_url)
         side.incr(keys.fence)  # somebody else claimed the token meanwhile
         side.delete(keys.lease)

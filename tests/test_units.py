@@ -239,14 +239,13 @@ async def test_a_cancel_that_arrives_with_the_subscription_confirmation_is_not_l
     # cancelled session waiter went on waiting in the queue).
     import asyncio
 
-    from strands_dedup.store.subscriber import Subscriber
+    from subscribers import HandDriven
 
-    sub = Subscriber(lambda: None, decode=decode_message, connect_timeout=1, give_up_after=1)
-    sub._start = lambda loop: None  # type: ignore[method-assign]  # no connection: driven by hand
+    sub = HandDriven(lambda: None, decode=decode_message, connect_timeout=1, give_up_after=1)
     watch = sub.register(b"chan")
     waiting = asyncio.ensure_future(watch.ready(10))
     await asyncio.sleep(0)  # the waiter now awaits the confirmation
-    sub._channels[b"chan"].ready.set_result(None)
+    sub.confirm(b"chan")
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting

@@ -11,7 +11,7 @@ from redis.backoff import NoBackoff
 
 from ..config import DedupConfig
 
-__all__ = ["client_from_url", "close_client", "describe_url"]
+__all__ = ["SentinelClient", "client_from_url", "describe_url"]
 
 SCHEMES = ("redis", "rediss", "unix", "memory", "redis+sentinel", "redis+cluster", "rediss+cluster")
 
@@ -162,26 +162,27 @@ def _sentinel_client(url: str, config: DedupConfig, client_name: str) -> aredis.
         socket_connect_timeout=config.connect_timeout,
         socket_timeout=config.connect_timeout,
     )
-    client: aredis.Redis = sentinel.master_for(
+    client: SentinelClient = sentinel.master_for(
         service,
-        redis_class=aredis.Redis,
+        redis_class=SentinelClient,
         username=parts.username,
         password=parts.password,
         db=int(db or 0),
         **_options(config, client_name),
     )
-    SENTINELS[id(client)] = sentinel
+    client.sentinel = sentinel
     return client
 
 
-SENTINELS: dict[int, Any] = {}
-"""The Sentinel managers of the clients built here, closed with them (`close_client`)."""
+class SentinelClient(aredis.Redis):
+    """A client of a Sentinel-managed primary that owns its Sentinel connections: closing the
+    client closes them too."""
 
+    sentinel: Any = None
 
-async def close_client(client: aredis.Redis | aredis.RedisCluster) -> None:
-    """Close a client built by `client_from_url`, with its Sentinel connections if any."""
-    await client.aclose()
-    sentinel = SENTINELS.pop(id(client), None)
-    if sentinel is not None:
-        for node in sentinel.sentinels:
-            await node.aclose()
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        sentinel, self.sentinel = self.sentinel, None
+        if sentinel is not None:
+            for node in sentinel.sentinels:
+                await node.aclose()

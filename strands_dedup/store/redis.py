@@ -32,6 +32,7 @@ from tenacity import (
 from ..config import DedupConfig
 from ..errors import StoreRefused, StoreUnavailable
 from ..keys import SessionKeys, TokenKeys
+from ..protocol import CLAIM_CLAIMED
 from .pipeline import AutoPipeline
 
 __all__ = [
@@ -210,9 +211,18 @@ def is_transient(exc: BaseException) -> bool:
 class RedisStore:
     """The protocol's operations on one Redis (scripts registered once, run with EVALSHA)."""
 
-    def __init__(self, client: Client, config: DedupConfig, *, where: str = "redis") -> None:
+    def __init__(
+        self,
+        client: Client,
+        config: DedupConfig,
+        *,
+        where: str = "redis",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.client = client
         self.where = where
+        self.clock = clock
+        """Monotonic seconds: times a claim's round trip (tests move it)."""
         self.cluster: aredis.RedisCluster | None = (
             client if isinstance(client, aredis.RedisCluster) else None
         )
@@ -227,7 +237,7 @@ class RedisStore:
         self._session_renew = client.register_script(_SCRIPTS["session_renew"])
         self._stream_append = client.register_script(_SCRIPTS["stream_append"])
         self._publish = "PUBLISH" if self.cluster is None else "SPUBLISH"
-        self._pipe = (
+        self.pipeline = (
             AutoPipeline(client.connection_pool, timeout=config.socket_timeout)
             if isinstance(client, aredis.Redis) and config.auto_pipeline
             else None
@@ -301,7 +311,7 @@ class RedisStore:
     ) -> Any:
         """Run a registered script like `_run` does. Through the auto-pipeline it needs no
         connection slot and no timeout of its own (the pipeline bounds each batch)."""
-        if self._pipe is None:
+        if self.pipeline is None:
             return await self._run(lambda: self._eval(script, keys, args), priority=priority)
         task = asyncio.current_task()
         cancelling = task.cancelling() if task is not None else 0
@@ -415,12 +425,12 @@ class RedisStore:
     async def _eval(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         """Run a registered script: EVALSHA through the auto-pipeline (EVAL, which also loads
         it, when Redis does not know it), or redis-py's own call."""
-        if self._pipe is None:
+        if self.pipeline is None:
             return await script(keys=keys, args=args)
         try:
-            return await self._pipe.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except rex.NoScriptError:
-            return await self._pipe.execute("EVAL", script.script, len(keys), *keys, *args)
+            return await self.pipeline.execute("EVAL", script.script, len(keys), *keys, *args)
 
     def slot_primary(self, key: bytes) -> ClusterNode:
         """Cluster: the primary serving ``key``'s hash slot, as the client's slot map has it
@@ -442,7 +452,7 @@ class RedisStore:
         """Run claim.lua; see its header for the reply."""
         args = (owner, self._lease_ttl, meta, self._fence_ttl)
         names = (keys.lease, keys.fence, keys.result)
-        started = time.monotonic()
+        started = self.clock()
         if self._config.min_replicas:
             # the lease runs while WAIT waits: a quarter of it at most
             wait = min(self._config.replica_timeout, self._config.lease_ttl / 4)
@@ -451,7 +461,7 @@ class RedisStore:
             )
         else:
             reply = await self._script(self._claim, names, args)
-        if _is_claimed(reply) and time.monotonic() - started > self._renew_after:
+        if _is_claimed(reply) and self.clock() - started > self._renew_after:
             # The claim took a renewal period or more (retries, a slow WAIT): part of the lease
             # is gone, and the renewer would only extend it one period from now. Claim again
             # with the same owner: it extends the lease if it is still ours, or reports who
@@ -613,8 +623,135 @@ class RedisStore:
         reply = await self._script(self._release, names, args, priority=True)
         return reply[1] if reply[0] else None
 
-    async def ping(self) -> None:
-        await self._run(self.probe)
+    # -- session admission (session.lua's ARGV is assembled here) ------------------------------
+
+    async def session_acquire(
+        self,
+        keys: SessionKeys,
+        *,
+        ticket: str,
+        owner: str,
+        mode: str,
+        limit: int,
+        max_queue: int,
+        meta: str,
+        seq: int | None,
+        gap_ms: int,
+        first_seq: int | None,
+        idle_ttl_ms: int,
+    ) -> list[Any]:
+        """Join (or ask again with ``ticket``) a session's holders or queue; see session.lua."""
+        args: list[bytes | str | int] = [
+            "acquire",
+            ticket,
+            owner,
+            mode,
+            limit,
+            max_queue,
+            self._config.lease_ttl_ms,
+            meta,
+            "" if seq is None else seq,
+            gap_ms,
+            "" if first_seq is None else first_seq,
+        ]
+        return await self.session(keys, args, idle_ttl_ms)
+
+    async def session_release(self, keys: SessionKeys, ticket: str, idle_ttl_ms: int) -> None:
+        """Give a session place up (holder or waiter); the script admits the next in line."""
+        args: list[bytes | str | int] = ["release", ticket, "", "queue", 1, 0]
+        args += [self._config.lease_ttl_ms, "", "", 0, ""]
+        await self.session(keys, args, idle_ttl_ms, priority=True)
+
+    async def session_loads(self, sessions: Sequence[SessionKeys]) -> list[tuple[int, int]]:
+        """(holders, waiting) of each session, as Redis counts them now."""
+        client = self.client
+
+        async def read() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for keys in sessions:
+                    pipe.zcard(keys.holders)
+                    pipe.zcard(keys.qexp)
+                return list(await pipe.execute())
+
+        counts = await self._run(read)
+        return [(int(counts[2 * i]), int(counts[2 * i + 1])) for i in range(len(sessions))]
+
+    async def publish_stats(self, key: bytes, counts: dict[str, int] | None, ttl_ms: int) -> None:
+        """Write a process's counters (when they changed) and keep their hash alive."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            if counts is not None:
+                pipe.hset(key, mapping=counts)  # type: ignore[arg-type]
+            pipe.pexpire(key, ttl_ms)
+            await pipe.execute()
+
+    # -- inspection (what the CLI reads and repairs) ---------------------------------------------
+
+    async def values_with_ttl(self, keys: Sequence[bytes]) -> list[tuple[bytes | None, int]]:
+        """GET and PTTL of each key, in one round trip."""
+        client = self.client
+
+        async def read() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.get(key)
+                    pipe.pttl(key)
+                return list(await pipe.execute())
+
+        replies = await self._run(read)
+        return [(replies[2 * i], int(replies[2 * i + 1])) for i in range(len(keys))]
+
+    async def session_states(
+        self, bases: Sequence[bytes]
+    ) -> tuple[float, list[tuple[list[Any], list[Any], dict[bytes, bytes], list[Any]]]]:
+        """Redis' clock (ms) and, per session key prefix, its holders and waiters (with lease
+        expiries), ticket metadata and state fields (fence, next, gap)."""
+        client = self.client
+
+        async def read() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.time()
+                for base in bases:
+                    pipe.zrange(base + b"holders", 0, -1, withscores=True)
+                    pipe.zrange(base + b"qexp", 0, -1, withscores=True)
+                    pipe.hgetall(base + b"meta")
+                    pipe.hmget(base + b"state", "fence", "next", "gap")
+                return list(await pipe.execute())
+
+        replies = await self._run(read)
+        seconds, micros = replies[0]
+        now_ms = int(seconds) * 1000 + int(micros) / 1000
+        return now_ms, [
+            (replies[1 + 4 * i], replies[2 + 4 * i], replies[3 + 4 * i], replies[4 + 4 * i])
+            for i in range(len(bases))
+        ]
+
+    async def memory_usage(self, keys: Sequence[bytes]) -> list[int | None]:
+        """MEMORY USAGE of each key (None where it is gone)."""
+        client = self.client
+
+        async def read() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.memory_usage(key)
+                return list(await pipe.execute())
+
+        return [None if s is None else int(s) for s in await self._run(read)]
+
+    async def hashes(self, keys: Sequence[bytes]) -> list[dict[bytes, bytes]]:
+        """HGETALL of each key, in one round trip."""
+        client = self.client
+
+        async def read() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                return list(await pipe.execute())
+
+        return list(await self._run(read))
+
+    async def delete(self, key: bytes) -> bool:
+        """Delete one key; False when it did not exist."""
+        return bool(await self._run(lambda: self.client.delete(key)))
 
     async def check_connection(self) -> None:
         """One PING within ``connect_timeout``, not retried: `StoreUnavailable` naming the cause
@@ -752,15 +889,13 @@ class RedisStore:
         return _subscriber_connection(node.connection_class, node.connection_kwargs)
 
     async def aclose(self) -> None:
-        from .connect import close_client
-
-        if self._pipe is not None:
-            await self._pipe.aclose()
-        await close_client(self.client)
+        if self.pipeline is not None:
+            await self.pipeline.aclose()
+        await self.client.aclose()
 
 
 def _is_claimed(reply: Any) -> bool:
-    return isinstance(reply, list) and bool(reply) and reply[0] in (b"C", "C")
+    return isinstance(reply, list) and bool(reply) and reply[0] in (CLAIM_CLAIMED, "C")
 
 
 def _bytes(value: Any) -> bytes:

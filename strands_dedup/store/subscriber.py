@@ -153,7 +153,7 @@ class Subscriber:
         self._decode = decode
         self._connect_timeout = connect_timeout
         self._give_up_after = give_up_after
-        self._health_interval = health_interval
+        self.health_interval = health_interval
         self._channels: dict[bytes, _Channel] = {}
         self._dirty: set[bytes] = set()
         self._flush_scheduled = False
@@ -391,7 +391,7 @@ class Subscriber:
             conn = self._conn
             try:
                 response = await conn.read_response(
-                    disable_decoding=True, timeout=self._health_interval
+                    disable_decoding=True, timeout=self.health_interval
                 )
             except asyncio.CancelledError:
                 raise

@@ -63,7 +63,7 @@ async def run(args: argparse.Namespace) -> None:
         min_replicas=args.min_replicas,
         metrics=False,
     ) as dedup:
-        await dedup._store.ping()
+        await dedup.engine.store.probe()
         print("ready", flush=True)
 
         async def one(token: str) -> None:

@@ -23,17 +23,25 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import FingerprintMismatch, LeaseLost, ResultTooLarge, StoreUnavailable, WaitTimeout
-from .protocol import Claimed, Envelope, Outcome, Replay, Role, WakeUp, parse_claim_reply
-from .protocol import wait_budget as _wait_budget
-
-if TYPE_CHECKING:
-    from .core import Deduplicator
-    from .keys import TokenKeys
-    from .renewer import HeldLease
-    from .store import Watch
+from ..errors import FingerprintMismatch, LeaseLost, ResultTooLarge, StoreUnavailable, WaitTimeout
+from ..keys import TokenKeys
+from ..protocol import (
+    STREAM_BEGIN,
+    STREAM_CHUNK,
+    STREAM_END,
+    Busy,
+    Claimed,
+    Envelope,
+    Outcome,
+    Replay,
+    Role,
+    WakeUp,
+    wait_budget,
+)
+from .engine import Done, Engine, Listen
+from .renewer import HeldLease
 
 __all__ = ["Chunk", "Emit", "Final", "StreamReset", "stream_events"]
 
@@ -72,12 +80,12 @@ Emit = Callable[..., None]
 class _Appender:
     """Batches a primary's chunks into fenced appends; never makes the producer wait."""
 
-    def __init__(self, dedup: Deduplicator, lease: HeldLease, best_effort: bool) -> None:
-        cfg = dedup.config
+    def __init__(self, engine: Engine, lease: HeldLease, best_effort: bool) -> None:
+        cfg = engine.config
         self._best_effort = best_effort
-        self._store = dedup._store
+        self._engine = engine
         self._lease = lease
-        self._pending: list[tuple[bytes, bytes]] = [(b"b", b"")]
+        self._pending: list[tuple[bytes, bytes]] = [(STREAM_BEGIN, b"")]
         self._flusher: asyncio.Task[None] | None = None
         self._ttl_ms = cfg.fence_ttl_ms
         self._end_ttl_ms = 2 * cfg.lease_ttl_ms + 10_000
@@ -115,7 +123,7 @@ class _Appender:
                 self._stop(too_large)
                 return
             raise too_large
-        self._pending.append((b"c", data))
+        self._pending.append((STREAM_CHUNK, data))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
@@ -123,9 +131,7 @@ class _Appender:
         while self._pending and not self.lost:
             batch, self._pending = self._pending, []
             try:
-                ok = await self._store.append(
-                    self._lease.keys, self._lease.owner, self._lease.fence, batch, self._ttl_ms
-                )
+                ok = await self._engine.append(self._lease, batch, self._ttl_ms)
             except Exception as exc:  # the producer hears of it at its next chunk or the end
                 self.error = exc
                 return
@@ -154,10 +160,8 @@ class _Appender:
         if self.chunks == 0 and self._flusher is None:
             return  # nothing was streamed: followers just wait for the stored value
         if not self.lost:
-            batch, self._pending = [*self._pending, (b"e", b"")], []
-            ok = await self._store.append(
-                self._lease.keys, self._lease.owner, self._lease.fence, batch, self._end_ttl_ms
-            )
+            batch, self._pending = [*self._pending, (STREAM_END, b"")], []
+            ok = await self._engine.append(self._lease, batch, self._end_ttl_ms)
             self.lost = not ok
         if self.lost:
             raise self._lost()
@@ -178,8 +182,121 @@ class _Appender:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Lead:
+    """A follower's claim won the token: it becomes the primary."""
+
+    fence: int
+
+
+class _Follower:
+    """A duplicate following a streamed call (`WaitHooks` of `Engine.wait`): every read is a
+    claim; between reads it reads the attempt's entries as their appends are announced."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        keys: TokenKeys,
+        owner: str,
+        meta: bytes,
+        fingerprint: str | None,
+        rtype: Any,
+        timeout: float,
+    ) -> None:
+        self.engine, self.keys, self.owner, self.meta = engine, keys, owner, meta
+        self.fingerprint, self.rtype, self.timeout = fingerprint, rtype, timeout
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
+        self.claims = 0
+        self.attempt: int | None = None  # fence of the attempt whose chunks this caller follows
+        self.received = 0  # chunks of that attempt handed to the caller
+        self.cursor: bytes | None = None  # last stream entry read
+        self.first_read = True
+
+    async def claim(self) -> Replay | Claimed | Busy:
+        self.claims += 1
+        return await self.engine.claim(self.keys, self.owner, self.meta)
+
+    def final(self, outcome: Outcome[Any]) -> Done[list[Event | _Lead]]:
+        self.engine.observer.received(
+            self.keys, outcome.role, outcome.fence, time.monotonic() - self.started
+        )
+        events: list[Event | _Lead] = []
+        if self.received and outcome.fence != self.attempt:
+            events.append(StreamReset(outcome.fence))  # it completed in an attempt we missed
+        events.append(Final(outcome))
+        return Done(events)
+
+    async def verdict(self, reply: Replay | Claimed | Busy) -> Done[list[Event | _Lead]] | Busy:
+        if isinstance(reply, Replay):
+            role = Role.REPLAY if self.claims == 1 and self.attempt is None else Role.WAITER
+            return self.final(
+                self.engine.outcome_of(
+                    reply.envelope, role, self.keys, self.fingerprint, self.rtype
+                )
+            )
+        if isinstance(reply, Claimed):
+            return Done([_Lead(reply.fence)])
+        self.engine.check_lease(reply.lease, self.keys, self.fingerprint)
+        return reply
+
+    async def read(self, not_before: float) -> Done[list[Event | _Lead]] | Listen:
+        step = await self.verdict(await self.claim())
+        if isinstance(step, Done):
+            return step
+        until = time.monotonic() + wait_budget(
+            step.lease.pttl_ms, self.engine.config.takeover_grace, self.deadline - time.monotonic()
+        )
+        return Listen(until, await self.entries())
+
+    async def heard(
+        self, event: Any, listening: Listen
+    ) -> Done[list[Event | _Lead]] | Listen | None:
+        if event is WakeUp.APPENDED:
+            return Listen(listening.until, await self.entries())
+        if isinstance(event, Envelope):
+            return self.final(
+                self.engine.outcome_from(
+                    event, Role.WAITER, self.keys, self.fingerprint, self.rtype
+                )
+            )
+        return None  # stored (large) or a message that is not ours: claim again
+
+    def expired(self) -> WaitTimeout:
+        return WaitTimeout(
+            f"gave up following the stream of token {self.keys.token!r} after {self.timeout:g}s",
+            token=self.keys.token,
+            waited=time.monotonic() - self.started,
+        )
+
+    async def entries(self) -> list[Event]:
+        """The attempt's entries since the last read, as events."""
+        events: list[Event] = []
+        while True:
+            entries = await self.engine.read_stream(self.keys, self.cursor, _READ_BATCH)
+            if self.first_read and entries:
+                self.first_read = False
+                begins = [i for i, (_, f) in enumerate(entries) if f.get(b"k") == STREAM_BEGIN]
+                if begins and len(entries) < _READ_BATCH:
+                    entries = entries[begins[-1] :]  # start at the latest attempt
+            for entry_id, fields in entries:
+                self.cursor = entry_id
+                kind = fields.get(b"k")
+                fence = int(fields.get(b"f", b"0"))
+                if kind == STREAM_BEGIN:
+                    if self.attempt is not None and fence != self.attempt and self.received:
+                        events.append(StreamReset(fence))
+                        self.received = 0
+                    self.attempt = fence
+                elif kind == STREAM_CHUNK and fence == self.attempt:
+                    self.received += 1
+                    events.append(Chunk(fields.get(b"d", b"")))
+            if len(entries) < _READ_BATCH:
+                return events
+
+
 async def stream_events(
-    dedup: Deduplicator,
+    engine: Engine,
     keys: TokenKeys,
     produce: Callable[[Emit], Awaitable[Any]],
     *,
@@ -199,109 +316,63 @@ async def stream_events(
     ``best_effort=True``: a stream that outgrows ``max_stream_bytes`` or whose appends fail stops
     reaching the followers (they get the rest from the stored value) instead of failing the call.
     """
-    timeout = dedup.config.wait_timeout if wait_timeout is None else wait_timeout
-    deadline = time.monotonic() + timeout
-    started = time.monotonic()
-    owner = dedup._new_owner()
-    meta = dedup._lease_meta(keys, fingerprint)
-    watch: Watch | None = None  # subscribed only once there is somebody to follow
-    attempt: int | None = None  # fence of the attempt whose chunks this caller follows
-    received = 0  # chunks of that attempt handed to the caller
-    cursor: bytes | None = None  # last stream entry read
-    first_read = True
-    observer = dedup._observer
-    leading = False  # the primary's own errors are counted where they happen
-    try:
-        claims = 0
-        while True:
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(
-                    f"gave up following the stream of token {keys.token!r} after {timeout:g}s",
-                    token=keys.token,
-                    waited=time.monotonic() - started,
-                )
-            reply = parse_claim_reply(await dedup._store.claim(keys, owner, meta))
-            claims += 1
-            if isinstance(reply, Replay):
-                role = Role.REPLAY if claims == 1 and attempt is None else Role.WAITER
-                final = dedup._from_envelope(reply.envelope, role, keys, fingerprint, rtype)
-                observer.received(keys, role, final.fence, time.monotonic() - started)
-                if received and final.fence != attempt:
-                    yield StreamReset(final.fence)  # it completed in an attempt we missed
-                yield Final(final)
-                return
-            if isinstance(reply, Claimed):
-                role = Role.PRIMARY if claims == 1 else Role.TAKEOVER
-                observer.claimed(role)
-                if received:
-                    yield StreamReset(reply.fence)
-                lease = dedup._hold(keys, owner, reply.fence, meta, role, fingerprint)
-                if watch is not None:
-                    watch.close()
-                leading = True
-                async for event in _lead(dedup, lease, produce, rtype, best_effort):
-                    yield event
-                return
-            dedup._check_lease(reply.lease, keys, fingerprint)
-            if claims == 1 and (on_duplicate or dedup.config.on_duplicate) == "raise":
-                raise dedup._in_flight(keys, reply.lease)
-            if watch is None:  # subscribe, then read again: no append or result is missed
-                watch = dedup._subscriber.register(keys.channel)
-                await watch.ready(max(0.0, deadline - time.monotonic()))
-                continue
-            reread_at = time.monotonic() + _wait_budget(
-                reply.lease.pttl_ms, dedup.config.takeover_grace, deadline - time.monotonic()
-            )
-            # Follow: read what is there, then wait for appends, the result, or the lease's end.
-            while True:
-                entries = await dedup._store.read_stream(keys, cursor, _READ_BATCH)
-                if first_read and entries:
-                    first_read = False
-                    begins = [i for i, (_, f) in enumerate(entries) if f.get(b"k") == b"b"]
-                    if begins and len(entries) < _READ_BATCH:
-                        entries = entries[begins[-1] :]  # start at the latest attempt
-                for entry_id, fields in entries:
-                    cursor = entry_id
-                    kind = fields.get(b"k")
-                    fence = int(fields.get(b"f", b"0"))
-                    if kind == b"b":
-                        if attempt is not None and fence != attempt and received:
-                            yield StreamReset(fence)
-                            received = 0
-                        attempt = fence
-                    elif kind == b"c" and fence == attempt:
-                        received += 1
-                        yield Chunk(fields.get(b"d", b""))
-                if len(entries) == _READ_BATCH:
-                    continue  # more to read at once
-                event = await watch.next(max(0.0, min(deadline, reread_at) - time.monotonic()))
-                if event is WakeUp.APPENDED:
-                    continue
-                if isinstance(event, Envelope):
-                    final = dedup._from_decoded(event, Role.WAITER, keys, fingerprint, rtype)
-                    observer.received(keys, Role.WAITER, final.fence, time.monotonic() - started)
-                    if received and final.fence != attempt:
-                        yield StreamReset(final.fence)  # it completed in an attempt we missed
-                    yield Final(final)
-                    return
-                if event is WakeUp.RECONNECTED:
-                    await watch.ready(max(0.0, deadline - time.monotonic()))
-                break  # stored (large), released, lease expired, or a reconnect: claim again
-    except FingerprintMismatch:
-        if not leading:
+    timeout = engine.config.wait_timeout if wait_timeout is None else wait_timeout
+    follower = _Follower(
+        engine,
+        keys,
+        engine.new_owner(),
+        engine.lease_meta(keys, fingerprint),
+        fingerprint,
+        rtype,
+        timeout,
+    )
+    observer = engine.observer
+    with engine.span(keys, current=False) as span:
+        try:
+            await engine.ready(keys)
+            first = await follower.verdict(await follower.claim())
+            if isinstance(first, Busy):
+                if (on_duplicate or engine.config.on_duplicate) == "raise":
+                    raise engine.in_flight(keys, first.lease)
+                # subscribe, then claim again: no append or result is missed
+                async with contextlib.aclosing(
+                    engine.wait(keys.channel, follower.deadline, follower)
+                ) as steps:
+                    async for step in steps:
+                        if isinstance(step, Done):
+                            first = step
+                        else:
+                            yield step
+        except FingerprintMismatch:
             observer.count("fingerprint_mismatch")
-        raise
-    except StoreUnavailable:
-        if not leading:
+            raise
+        except StoreUnavailable:
             observer.count("store_errors")
-        raise
-    finally:
-        if watch is not None:
-            watch.close()
+            raise
+        assert isinstance(first, Done)
+        for event in first.value:
+            if isinstance(event, _Lead):
+                role = Role.PRIMARY if follower.claims == 1 else Role.TAKEOVER
+                observer.claimed(role)
+                if follower.received:
+                    yield StreamReset(event.fence)
+                lease = engine.hold(
+                    keys, follower.owner, event.fence, follower.meta, role, fingerprint
+                )
+                async for led in _lead(engine, lease, produce, rtype, best_effort):
+                    if span is not None and isinstance(led, Final):
+                        span.set_attribute("strands_dedup.role", led.outcome.role.value)
+                        span.set_attribute("strands_dedup.fence", led.outcome.fence)
+                    yield led
+                return
+            if span is not None and isinstance(event, Final):
+                span.set_attribute("strands_dedup.role", event.outcome.role.value)
+                span.set_attribute("strands_dedup.fence", event.outcome.fence)
+            yield event
 
 
 async def _lead(
-    dedup: Deduplicator,
+    engine: Engine,
     lease: HeldLease,
     produce: Callable[[Emit], Awaitable[Any]],
     rtype: Any,
@@ -309,7 +380,7 @@ async def _lead(
 ) -> AsyncIterator[Event]:
     """Run the call as the primary in its own task; hand its chunks to the caller as they come."""
     events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
-    appender = _Appender(dedup, lease, best_effort)
+    appender = _Appender(engine, lease, best_effort)
 
     def emit(data: bytes, original: Any = None) -> None:
         if not isinstance(data, bytes):
@@ -334,9 +405,7 @@ async def _lead(
         else:
             events.put_nowait(Final(task.result()))
 
-    task = asyncio.get_running_loop().create_task(dedup._run_primary(lease, call, rtype))
-    dedup._background.add(task)
-    task.add_done_callback(dedup._background.discard)
+    task = engine.spawn(engine.run_primary(lease, call, rtype))
     task.add_done_callback(done)
     while True:
         event = await events.get()

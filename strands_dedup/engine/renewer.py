@@ -10,13 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .keys import SessionKeys, TokenKeys
-from .protocol import Role
-from .store import HeldLeaseRef, RedisStore
-from .store.redis import HeldTicketRef
+from ..keys import SessionKeys, TokenKeys
+from ..protocol import Role
+from ..store import HeldLeaseRef, RedisStore
+from ..store.redis import HeldTicketRef
 
 if TYPE_CHECKING:
-    from .core import CallContext
+    from .call import CallContext
 
 __all__ = ["HeldLease", "HeldTicket", "Renewer"]
 
@@ -77,6 +77,11 @@ class Renewer:
     @property
     def held(self) -> int:
         return len(self._held)
+
+    @property
+    def leases(self) -> list[HeldLease]:
+        """The leases renewed right now."""
+        return list(self._held.values())
 
     @property
     def tickets(self) -> int:

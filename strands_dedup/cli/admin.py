@@ -7,19 +7,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import DedupConfig
-from .keys import KeySchema, TokenKeys
-from .protocol import decode_envelope, decode_lease
-from .store import RedisStore, client_from_url
-from .store.connect import describe_url
-from .store.redis import Client, eviction_warning
+from ..config import DedupConfig
+from ..keys import KeySchema
+from ..protocol import decode_envelope, decode_lease, decode_meta
+from ..store import RedisStore, client_from_url
+from ..store.connect import describe_url
+from ..store.redis import Client, eviction_warning
 
 __all__ = ["Inspector", "LeaseView", "ResultView", "SessionEntryView", "SessionView", "StatsView"]
 
@@ -126,12 +125,7 @@ class SessionView:
 def _entry_view(
     ticket: bytes, expiry: float, meta: bytes | None, now_ms: float
 ) -> SessionEntryView:
-    try:
-        data = json.loads(meta) if meta else {}
-        if not isinstance(data, dict):
-            data = {}
-    except ValueError:
-        data = {}
+    data = decode_meta(meta)
     started = data.get("t")
     return SessionEntryView(
         ticket=_text(ticket),
@@ -154,20 +148,26 @@ def _ttl(pttl: int) -> float | None:
 class Inspector:
     """Read (and, on request, repair) one namespace's tokens."""
 
-    def __init__(self, client: Client, *, config: DedupConfig | None = None, **options: Any):
+    def __init__(
+        self,
+        client: Client,
+        *,
+        config: DedupConfig | None = None,
+        where: str = "redis",
+        owns_client: bool = False,
+        **options: Any,
+    ):
         self.config = config if config is not None else DedupConfig(**options)
         self._keys = KeySchema(self.config.namespace)
-        self._store = RedisStore(client, self.config)
-        self._owns_client = False
+        self._store = RedisStore(client, self.config, where=where)
+        self._owns_client = owns_client
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Inspector:
+        """Connect to ``url`` (see `Deduplicator.from_url`); options are `DedupConfig` fields."""
         config = DedupConfig(**options)
         client = client_from_url(url, config, client_name="strands-dedup-cli")
-        self = cls(client, config=config)
-        self._store.where = describe_url(url)
-        self._owns_client = True
-        return self
+        return cls(client, config=config, where=describe_url(url), owns_client=True)
 
     async def check_connection(self) -> None:
         """One PING within ``connect_timeout``, not retried: `StoreUnavailable` naming the cause
@@ -190,25 +190,16 @@ class Inspector:
         return self._store.scan(pattern)
 
     async def _lease_views(self, keys: list[bytes], now_ms: float | None = None) -> list[LeaseView]:
-        client = self._store.client
-
-        async def read() -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.get(key)
-                    pipe.pttl(key)
-                return list(await pipe.execute())
-
-        replies = await self._store._run(read)
+        replies = await self._store.values_with_ttl(keys)
         channels = [self._keys.channel_of(key) for key in keys]
         listeners = await self._store.listeners(channels)
         now_ms = time.time() * 1000 if now_ms is None else now_ms
         views = []
         for i, key in enumerate(keys):
-            value, pttl = replies[2 * i], replies[2 * i + 1]
+            value, pttl = replies[i]
             if value is None:
                 continue  # released between SCAN and GET
-            view = _lease_view(key, value, int(pttl), listeners.get(channels[i], 0), now_ms)
+            view = _lease_view(key, value, pttl, listeners.get(channels[i], 0), now_ms)
             if view is not None:
                 views.append(view)
         return views
@@ -239,33 +230,14 @@ class Inspector:
         return sorted(views, key=lambda v: (-len(v.waiting), -len(v.holders), v.session))
 
     async def _session_views(self, bases: list[bytes]) -> list[SessionView]:
-        client = self._store.client
-
-        async def read() -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.time()
-                for base in bases:
-                    pipe.zrange(base + b"holders", 0, -1, withscores=True)
-                    pipe.zrange(base + b"qexp", 0, -1, withscores=True)
-                    pipe.hgetall(base + b"meta")
-                    pipe.hmget(base + b"state", "fence", "next", "gap")
-                return list(await pipe.execute())
-
-        replies = await self._store._run(read)
-        seconds, micros = replies[0]
-        now_ms = int(seconds) * 1000 + int(micros) / 1000  # the clock the leases are set by
+        now_ms, states = await self._store.session_states(bases)  # Redis' clock sets the leases
         views = []
-        for i, base in enumerate(bases):
-            holders, waiting, meta, state = replies[1 + 4 * i : 5 + 4 * i]
+        for base, (holders, waiting, meta, state) in zip(bases, states, strict=True):
             live_holders = [(t, e) for t, e in holders if e > now_ms]
             live_waiting = sorted((t, e) for t, e in waiting if e > now_ms)
             if not live_holders and not live_waiting:
                 continue
-            name = None
-            for raw in meta.values():
-                with contextlib.suppress(ValueError, AttributeError):
-                    name = json.loads(raw).get("s")
-                    break
+            name = next((decode_meta(raw).get("s") for raw in meta.values()), None)
             tag = _text(base[base.index(b"{") + 1 : base.rindex(b"}")])
             fence, next_seq, gap = state
             views.append(
@@ -281,9 +253,6 @@ class Inspector:
             )
         return views
 
-    def keys_of(self, token: str | bytes, scope: str | bytes | None = None) -> TokenKeys:
-        return self._keys.for_token(token, scope)
-
     async def lease(self, token: str | bytes, scope: str | bytes | None = None) -> LeaseView | None:
         views = await self._lease_views([self._keys.for_token(token, scope).lease])
         return views[0] if views else None
@@ -293,15 +262,7 @@ class Inspector:
     ) -> ResultView | None:
         """The stored result's metadata; its payload (as text) only with ``with_value``."""
         keys = self._keys.for_token(token, scope)
-        client = self._store.client
-
-        async def read() -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.get(keys.result)
-                pipe.pttl(keys.result)
-                return list(await pipe.execute())
-
-        data, pttl = await self._store._run(read)
+        [(data, pttl)] = await self._store.values_with_ttl([keys.result])
         if data is None:
             return None
         try:
@@ -337,18 +298,10 @@ class Inspector:
 
     async def stats(self) -> StatsView:
         """Counts and memory of the namespace's leases and results, and fleet-wide counters."""
-        client = self._store.client
         totals = {"lease": [0, 0], "result": [0, 0]}
         for part, acc in totals.items():
             async for batch in self._scan(self._keys.pattern(part)):
-
-                async def usage(batch: list[bytes] = batch) -> list[Any]:
-                    async with client.pipeline(transaction=False) as pipe:
-                        for key in batch:
-                            pipe.memory_usage(key)
-                        return list(await pipe.execute())
-
-                sizes = await self._store._run(usage)
+                sizes = await self._store.memory_usage(batch)
                 acc[0] += sum(1 for s in sizes if s is not None)
                 acc[1] += sum(int(s) for s in sizes if s is not None)
         policy = await self._store.eviction_policy()
@@ -366,17 +319,9 @@ class Inspector:
 
     async def counters(self) -> dict[str, int]:
         """Event counters summed over every live process of the namespace."""
-        client = self._store.client
         total: dict[str, int] = {}
         async for batch in self._scan(self._keys.stats_pattern()):
-
-            async def read(batch: list[bytes] = batch) -> list[Any]:
-                async with client.pipeline(transaction=False) as pipe:
-                    for key in batch:
-                        pipe.hgetall(key)
-                    return list(await pipe.execute())
-
-            for mapping in await self._store._run(read):
+            for mapping in await self._store.hashes(batch):
                 for name, value in mapping.items():
                     field = name.decode() if isinstance(name, bytes) else str(name)
                     total[field] = total.get(field, 0) + int(value)
@@ -403,8 +348,7 @@ class Inspector:
     async def forget(self, token: str | bytes, scope: str | bytes | None = None) -> bool:
         """Delete the stored result so the next call runs again; False if there was none."""
         keys = self._keys.for_token(token, scope)
-        deleted = await self._store._run(lambda: self._store.client.delete(keys.result))
-        return bool(deleted)
+        return await self._store.delete(keys.result)
 
 
 def _lease_view(

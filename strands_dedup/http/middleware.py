@@ -50,8 +50,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from .core import Deduplicator
-from .errors import (
+from ..engine.deduplicator import Deduplicator
+from ..engine.observe import ROLE_STATE
+from ..engine.streaming import Chunk, Emit, StreamReset, stream_events
+from ..errors import (
     DedupError,
     DuplicateInFlight,
     FingerprintMismatch,
@@ -61,7 +63,8 @@ from .errors import (
     StoreUnavailable,
     WaitTimeout,
 )
-from .http_policy import (
+from ..protocol import LeaveClaimed, Outcome, Role
+from .policy import (
     HttpConfig,
     Rejected,
     body_too_large,
@@ -75,9 +78,6 @@ from .http_policy import (
     retry_after,
     strip_hop_by_hop,
 )
-from .observe import ROLE_STATE
-from .protocol import LeaveClaimed, Outcome, Role
-from .streaming import Chunk, Emit, StreamReset, stream_events
 
 __all__ = [
     "KEYED",
@@ -377,10 +377,10 @@ class IdempotencyMiddleware:
         follower = _Follower(send)
         outcome: Outcome[StoredResponse] | None = None
         try:
-            keys = self.dedup._keys.for_token(key, tenant)
+            keys = self.dedup.engine.keys.for_token(key, tenant)
             label = f"{keys.token} (scope {keys.scope})"
             async for event in stream_events(
-                self.dedup,
+                self.dedup.engine,
                 keys,
                 produce,
                 rtype=StoredResponse,

@@ -30,7 +30,7 @@ import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict
@@ -46,15 +46,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "strands_dedup.strands needs the Strands Agents SDK: pip install 'strands-dedup[strands]'"
     ) from exc
 
-from .core import Deduplicator, current_call
-from .protocol import Outcome
-from .session import SessionGuard
-from .streaming import Chunk, Emit, StreamReset, stream_events
+from ..engine.call import current_call
+from ..engine.deduplicator import Deduplicator
+from ..engine.session import SessionGuard
+from ..engine.streaming import Chunk, Emit, StreamReset, stream_events
+from ..engine.sync import Bridge, SyncDeduplicator
+from ..protocol import Outcome
 from .tokens import message_token
 from .tools import idempotent_tool
-
-if TYPE_CHECKING:
-    from .sync import SyncDeduplicator
 
 __all__ = [
     "STREAMED_KEYS",
@@ -222,13 +221,11 @@ class DedupAgent:
         *,
         session_guard: SessionGuard | None = None,
     ) -> None:
-        from .sync import Bridge
-
         self._bridge = Bridge(dedup, "DedupAgent")
         self._core = self._bridge.core
         if not callable(agent_factory):
             raise TypeError("agent_factory must be callable: session_id -> Agent")
-        if session_guard is not None and session_guard._core is not self._core:
+        if session_guard is not None and session_guard.engine is not self._core.engine:
             raise ValueError("session_guard must be built over the same deduplicator")
         self.dedup = dedup
         self.agent_factory = agent_factory
@@ -322,7 +319,7 @@ class DedupAgent:
         if token is None:
             await self._run_agent(prompt, session_id, seq, options, deliver)
             return
-        keys = self._core._keys.for_token(token, session_id)
+        keys = self._core.engine.keys.for_token(token, session_id)
         ran: list[AgentResult] = []
 
         async def produce(emit: Emit) -> StoredAgentResult:
@@ -341,7 +338,7 @@ class DedupAgent:
         received = 0
         model = options.get("structured_output_model")
         async for item in stream_events(
-            self._core,
+            self._core.engine,
             keys,
             produce,
             rtype=StoredAgentResult,

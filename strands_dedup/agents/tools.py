@@ -23,16 +23,14 @@ import hashlib
 import inspect
 import json
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import pydantic_core
 
-from .core import Deduplicator, return_type_of
-from .errors import SerializationError
-from .session import current_session
-
-if TYPE_CHECKING:
-    from .sync import SyncDeduplicator
+from ..engine.deduplicator import Deduplicator, return_type_of
+from ..engine.session import current_session
+from ..engine.sync import SyncDeduplicator
+from ..errors import SerializationError
 
 __all__ = ["idempotent_tool", "tool_token"]
 
@@ -82,8 +80,6 @@ def idempotent_tool(
     ``name``: the tool's name in tokens (default: the function's name).
     ``ignore``: parameters left out of the identity (default: what Strands injects).
     """
-    from .sync import SyncDeduplicator
-
     if not isinstance(dedup, (Deduplicator, SyncDeduplicator)):
         raise TypeError(
             f"idempotent_tool needs a Deduplicator or SyncDeduplicator, not {type(dedup).__name__}"
@@ -109,9 +105,9 @@ def idempotent_tool(
                     return func(*args, **kwargs)
 
                 if isinstance(dedup, SyncDeduplicator):
-                    core = dedup._core
                     future = asyncio.run_coroutine_threadsafe(
-                        core.run(token, call, scope=scope, returns=returns), dedup._portal.loop
+                        dedup.core.run(token, call, scope=scope, returns=returns),
+                        dedup.portal.loop,
                     )
                     return await asyncio.wrap_future(future)
                 return await dedup.run(token, call, scope=scope, returns=returns)
@@ -123,7 +119,7 @@ def idempotent_tool(
             token, scope = identity(args, kwargs)
             if isinstance(dedup, SyncDeduplicator):
                 return dedup.run(token, lambda: func(*args, **kwargs), scope=scope, returns=returns)
-            loop = dedup._loop
+            loop = dedup.engine.loop
             if loop is None or not loop.is_running() or _in_loop_thread(loop):
                 raise RuntimeError(
                     f"tool {tool_name} is blocking and wraps an asyncio Deduplicator: call it "

@@ -147,7 +147,7 @@ async def _gateways(
     redis_url: str, replicas: int, upstream: str, namespace: str
 ) -> AsyncIterator[list[str]]:
     """In-process gateway (memory:// or one replica), or N gateway processes on a real Redis."""
-    from .core import Deduplicator
+    from ..engine.deduplicator import Deduplicator
     from .gateway import Gateway
 
     if replicas == 1:

@@ -21,9 +21,10 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import unquote
 
-from .asgi import KEYED, IdempotencyMiddleware, problem, read_body, reject
-from .core import Deduplicator
-from .http_policy import (
+from ..engine.deduplicator import Deduplicator
+from ..protocol import LeaveClaimed
+from .middleware import KEYED, IdempotencyMiddleware, problem, read_body, reject
+from .policy import (
     GatewayConfig,
     HttpConfig,
     Rejected,
@@ -33,7 +34,6 @@ from .http_policy import (
     strip_hop_by_hop,
     upstream_target,
 )
-from .protocol import LeaveClaimed
 
 __all__ = ["Gateway", "GatewayConfig", "UpstreamBroken", "parse_size", "run_gateway"]
 
@@ -157,7 +157,7 @@ class Gateway:
         scope["raw_path"] = path.encode("ascii")  # the fingerprint sees the normalized path
         scope["path"] = unquote(path)
         scope[_TARGET] = target
-        await self.dedup._observer.timed(self.middleware, scope, receive, send)
+        await self.dedup.engine.observer.timed(self.middleware, scope, receive, send)
 
     async def _own(self, path: str, send: Send) -> None:
         if path == "/healthz":

@@ -29,10 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -40,23 +37,32 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .core import LostSignal
-from .errors import BusyReason, DedupError, LeaseLost, SessionBusy
-from .keys import SessionKeys
-from .protocol import Grant, Queued, QueueFull, Taken, WakeUp, parse_session_reply
+from ..errors import BusyReason, DedupError, LeaseLost, SessionBusy
+from ..keys import SessionKeys
+from ..protocol import (
+    Grant,
+    Queued,
+    QueueFull,
+    SessionReply,
+    Taken,
+    encode_session_meta,
+    parse_session_reply,
+)
+from .call import LostSignal
+from .engine import Done, Listen
 from .renewer import HeldTicket
+from .sync import Bridge
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from .core import Deduplicator
+    from .deduplicator import Deduplicator
     from .sync import SyncDeduplicator
 
 __all__ = ["SessionConfig", "SessionGuard", "SessionHold", "current_session"]
 
 log = logging.getLogger("strands_dedup.session")
 T = TypeVar("T")
-_HOST = socket.gethostname()
 _TOTAL_QUEUE = 1_000_000
 
 _CURRENT_SESSION: contextvars.ContextVar[SessionHold | None] = contextvars.ContextVar(
@@ -205,19 +211,17 @@ class SessionGuard:
     """
 
     def __init__(self, dedup: Deduplicator | SyncDeduplicator, **options: Any) -> None:
-        from .sync import Bridge
-
         self.config = SessionConfig(**options)
         self._bridge = Bridge(dedup, "SessionGuard")
-        self._core = self._bridge.core
+        self.engine = self._bridge.engine
+        """The engine the guard's holds run on (the deduplicator's)."""
         self.dedup = dedup
-        core_config = self._core.config
+        core_config = self.engine.config
         self._queue_timeout = (
             self.config.queue_timeout
             if self.config.queue_timeout is not None
             else core_config.wait_timeout
         )
-        self._lease_ms = core_config.lease_ttl_ms
         self._gap_ms = int(self.config.gap_timeout * 1000)
         self._idle_ms = int(self.config.idle_ttl * 1000)
         self._grace = core_config.takeover_grace
@@ -239,7 +243,7 @@ class SessionGuard:
                 raise ValueError("seq= orders a queue; it has no meaning with mode='throw'")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be positive, not {timeout!r}")
-        self._core._keys.for_session(session)  # validate the name now, not inside the block
+        self.engine.keys.for_session(session)  # validate the name now, not inside the block
         return _Hold(self, session, seq, timeout)
 
     # -- running on the deduplicator's loop ---------------------------------------------------
@@ -259,7 +263,7 @@ class SessionGuard:
     async def _acquire(
         self, name: str | bytes, seq: int | None, timeout: float | None
     ) -> SessionHold:
-        keys = self._core._keys.for_session(name)
+        keys = self.engine.keys.for_session(name)
         started = time.monotonic()
         deadline = started + (self._queue_timeout if timeout is None else timeout)
         cfg = self.config
@@ -270,7 +274,7 @@ class SessionGuard:
         try:
             if cfg.max_concurrent_total is not None:
                 total, _ = await self._enter(
-                    self._core._keys.for_total(),
+                    self.engine.keys.for_total(),
                     None,
                     deadline,
                     cfg.mode,
@@ -303,24 +307,19 @@ class SessionGuard:
                 cfg.gap_timeout,
                 seq,
             )
-        self._core._session_activity(keys, held=1)
+        self.engine.session_activity(keys, held=1)
         return hold
 
     async def _release(self, hold: SessionHold) -> None:
         for ticket in reversed(hold._tickets):
             await self._leave(ticket)
-        self._core._session_activity(hold._tickets[0].keys, held=-1)
+        self.engine.session_activity(hold._tickets[0].keys, held=-1)
 
     async def _leave(self, ticket: HeldTicket) -> None:
         """Give the place up (holder or waiter); the script admits the next in line."""
-        self._core._renewer.discard_ticket(ticket)
+        self.engine.renewer.discard_ticket(ticket)
         try:
-            await self._core._store.session(
-                ticket.keys,
-                self._args(ticket.keys, "release", ticket.ticket),
-                self._idle_ms,
-                priority=True,
-            )
+            await self.engine.store.session_release(ticket.keys, ticket.ticket, self._idle_ms)
         except DedupError as exc:
             log.warning(
                 "could not leave session %r (its place frees itself within lease_ttl): %s",
@@ -328,33 +327,31 @@ class SessionGuard:
                 exc,
             )
 
-    def _args(
+    async def _ask(
         self,
         keys: SessionKeys,
-        op: str,
         ticket: str,
-        owner: str = "",
-        mode: str = "queue",
-        limit: int = 1,
-        max_queue: int = 0,
-        seq: int | None = None,
-    ) -> list[bytes | str | int]:
-        meta = json.dumps(
-            {"s": keys.name, "h": _HOST, "p": os.getpid(), "t": int(time.time() * 1000), "q": seq}
+        owner: str,
+        mode: str,
+        limit: int,
+        max_queue: int,
+        seq: int | None,
+    ) -> SessionReply:
+        """Join the session (``ticket`` ""), or ask again where ``ticket`` stands."""
+        reply = await self.engine.store.session_acquire(
+            keys,
+            ticket=ticket,
+            owner=owner,
+            mode=mode,
+            limit=limit,
+            max_queue=max_queue,
+            meta=encode_session_meta(keys.name, seq, int(time.time() * 1000)),
+            seq=seq,
+            gap_ms=self._gap_ms,
+            first_seq=self.config.first_seq,
+            idle_ttl_ms=self._idle_ms,
         )
-        return [
-            op,
-            ticket,
-            owner,
-            mode,
-            limit,
-            max_queue,
-            self._lease_ms,
-            meta,
-            "" if seq is None else seq,
-            self._gap_ms,
-            "" if self.config.first_seq is None else self.config.first_seq,
-        ]
+        return parse_session_reply(reply)
 
     async def _enter(
         self,
@@ -365,13 +362,12 @@ class SessionGuard:
         limit: int,
         max_queue: int,
     ) -> tuple[HeldTicket, Grant]:
-        core = self._core
-        owner = core._new_owner()
-        args = self._args(keys, "acquire", "", owner, mode, limit, max_queue, seq)
+        engine = self.engine
+        owner = engine.new_owner()
         lock, users = self._enqueue_lock(keys)
         try:
             async with lock:  # callers of one process join the queue in the order they came
-                reply = parse_session_reply(await core._store.session(keys, args, self._idle_ms))
+                reply = await self._ask(keys, "", owner, mode, limit, max_queue, seq)
         finally:
             users[0] -= 1
             if users[0] == 0:
@@ -389,19 +385,20 @@ class SessionGuard:
         if isinstance(reply, QueueFull):
             raise self._queue_full(keys, reply)
         ticket = HeldTicket(keys, reply.ticket)
-        core._renewer.add_ticket(ticket)
+        engine.renewer.add_ticket(ticket)
         if isinstance(reply, Grant):
             return ticket, reply  # the uncontended path: no subscription at all
-        core._session_activity(keys, waiting=1)
-        watch = core._subscriber.register(keys.channel)
+        engine.session_activity(keys, waiting=1)
+        queue = _QueueWait(self, keys, ticket, reply, (owner, mode, limit, max_queue, seq))
         try:
-            return ticket, await self._wait(keys, ticket, reply, watch, deadline, args)
+            # Registered after the caller joined the queue: once Redis confirms the
+            # subscription, the first step asks again, so a grant published before is not missed.
+            return ticket, await engine.wait_for(keys.channel, deadline, queue)
         except BaseException:
             await asyncio.shield(self._leave(ticket))
             raise
         finally:
-            watch.close()
-            core._session_activity(keys, waiting=-1)
+            engine.session_activity(keys, waiting=-1)
 
     def _enqueue_lock(self, keys: SessionKeys) -> tuple[asyncio.Lock, list[int]]:
         entry = self._enqueueing.get(keys.holders)
@@ -420,61 +417,58 @@ class SessionGuard:
             depth=reply.depth,
         )
 
-    async def _wait(
+
+class _QueueWait:
+    """A caller waiting in a session's queue (`WaitHooks` of `Engine.wait`): admitted by a grant
+    message naming its ticket, or by asking again when a lease or a gap may have expired (the
+    reply says when) or the subscriber reconnected."""
+
+    def __init__(
         self,
+        guard: SessionGuard,
         keys: SessionKeys,
         ticket: HeldTicket,
         queued: Queued,
-        watch: Any,
-        deadline: float,
-        args: list[bytes | str | int],
-    ) -> Grant:
-        """Wait in the queue until a message announces our admission, re-asking when a lease or
-        a gap may have expired (the reply says when) or the subscriber reconnected.
+        ask: tuple[str, str, int, int, int | None],
+    ) -> None:
+        self.guard, self.keys, self.ticket, self.ask = guard, keys, ticket, ask
+        self.depth = queued.depth
 
-        The watch was registered after the caller joined the queue: once Redis confirms the
-        subscription, the first step asks again, so a grant published before that is not missed.
-        """
-        core = self._core
-        depth = queued.depth
-        await watch.ready(max(0.0, deadline - time.monotonic()))
-        wake_at = 0.0  # ask again at once
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise SessionBusy(
-                    f"not admitted to session {keys.name!r} before the queue timeout "
-                    f"({depth} waiting)",
-                    session=keys.name,
-                    reason=BusyReason.QUEUE_TIMEOUT,
-                    holders=None,
-                    depth=depth,
-                )
-            event = await watch.next(max(0.0, min(deadline, wake_at) - now)) if wake_at else None
-            if isinstance(event, Grant):
-                if event.ticket == ticket.ticket:
-                    return event
-                continue  # somebody else's turn: the queue moved
-            if event is WakeUp.RECONNECTED:
-                await watch.ready(max(0.0, deadline - time.monotonic()))
-            elif event is None and time.monotonic() < wake_at:
-                continue  # the deadline passed: raised at the top
-            args[1] = ticket.ticket
-            reply = parse_session_reply(await core._store.session(keys, args, self._idle_ms))
-            if isinstance(reply, Grant):
-                return reply
-            if isinstance(reply, QueueFull):  # our entry had expired and the queue filled up
-                raise self._queue_full(keys, reply)
-            if isinstance(reply, Taken):  # pragma: no cover - queue mode never answers this
-                raise AssertionError(reply)
-            if reply.ticket != ticket.ticket or ticket.lost:
-                log.warning(
-                    "session %r: a waiter's place had expired (was its process stalled?); it "
-                    "joined the queue again at the tail",
-                    keys.name,
-                )
-                core._renewer.discard_ticket(ticket)
-                ticket.ticket, ticket.lost = reply.ticket, False
-                core._renewer.add_ticket(ticket)
-            depth = reply.depth
-            wake_at = time.monotonic() + reply.wake_ms / 1000 + self._grace
+    async def read(self, not_before: float) -> Done[Grant] | Listen:
+        guard, keys, ticket = self.guard, self.keys, self.ticket
+        reply = await guard._ask(keys, ticket.ticket, *self.ask)
+        if isinstance(reply, Grant):
+            return Done(reply)
+        if isinstance(reply, QueueFull):  # our entry had expired and the queue filled up
+            raise guard._queue_full(keys, reply)
+        if isinstance(reply, Taken):  # pragma: no cover - queue mode never answers this
+            raise AssertionError(reply)
+        renewer = guard.engine.renewer
+        if reply.ticket != ticket.ticket or ticket.lost:
+            log.warning(
+                "session %r: a waiter's place had expired (was its process stalled?); it "
+                "joined the queue again at the tail",
+                keys.name,
+            )
+            renewer.discard_ticket(ticket)
+            ticket.ticket, ticket.lost = reply.ticket, False
+            renewer.add_ticket(ticket)
+        self.depth = reply.depth
+        return Listen(time.monotonic() + reply.wake_ms / 1000 + guard._grace)
+
+    async def heard(self, event: Any, listening: Listen) -> Done[Grant] | Listen | None:
+        if isinstance(event, Grant):
+            if event.ticket == self.ticket.ticket:
+                return Done(event)
+            return listening  # somebody else's turn: the queue moved
+        return None
+
+    def expired(self) -> SessionBusy:
+        return SessionBusy(
+            f"not admitted to session {self.keys.name!r} before the queue timeout "
+            f"({self.depth} waiting)",
+            session=self.keys.name,
+            reason=BusyReason.QUEUE_TIMEOUT,
+            holders=None,
+            depth=self.depth,
+        )

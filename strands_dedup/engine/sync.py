@@ -16,20 +16,21 @@ from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aredis
 
-from .config import DedupConfig
-from .core import (
-    _UNSET,
+from ..config import DedupConfig
+from ..protocol import Outcome
+from ..serialization import Serializer
+from .call import primary_context
+from .deduplicator import (
+    UNSET,
     Deduplicator,
     Token,
-    _normalize_fingerprint,
     call_identity,
-    primary_context,
+    normalize_fingerprint,
     return_type_of,
 )
+from .engine import Engine
 from .observe import Health, PrometheusMetrics
-from .protocol import Outcome
 from .renewer import HeldLease
-from .serialization import Serializer
 
 __all__ = ["Bridge", "SyncDeduplicator"]
 
@@ -86,9 +87,16 @@ class SyncDeduplicator:
         self._setup(core)
 
     def _setup(self, core: Deduplicator) -> None:
-        self._core = core
-        self._portal = _Portal()
+        self.core = core
+        """The asyncio deduplicator this facade drives on its portal loop."""
+        self.portal = _Portal()
+        """The event loop (in a daemon thread) the core runs on."""
         self._closed = False
+
+    @property
+    def engine(self) -> Engine:
+        """The core's engine (introspection only)."""
+        return self.core.engine
 
     @classmethod
     def from_url(
@@ -106,7 +114,7 @@ class SyncDeduplicator:
 
     @property
     def config(self) -> DedupConfig:
-        return self._core.config
+        return self.core.config
 
     def execute(
         self,
@@ -115,20 +123,20 @@ class SyncDeduplicator:
         *,
         scope: Token | None = None,
         fingerprint: str | bytes | None = None,
-        returns: Any = _UNSET,
+        returns: Any = UNSET,
         wait_timeout: float | None = None,
         on_duplicate: Literal["wait", "raise"] | None = None,
     ) -> Outcome[T]:
         """See `Deduplicator.execute`; ``call`` is a blocking callable run in this thread."""
         if not callable(call):
             raise TypeError(f"call must be callable, not {type(call).__name__}")
-        core = self._core
-        keys = core._keys.for_token(token, scope)
-        rtype = return_type_of(call) if returns is _UNSET else returns
-        with core._observer.span(keys) as span:
-            first = self._portal.call(
-                core._begin(
-                    keys, _normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate
+        engine = self.core.engine
+        keys = engine.keys.for_token(token, scope)
+        rtype = return_type_of(call) if returns is UNSET else returns
+        with engine.span(keys) as span:
+            first = self.portal.call(
+                engine.begin(
+                    keys, normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate
                 )
             )
             outcome = first if isinstance(first, Outcome) else self._run_primary(first, call, rtype)
@@ -138,19 +146,20 @@ class SyncDeduplicator:
             return outcome
 
     def _run_primary(self, lease: HeldLease, call: Callable[[], T], rtype: Any) -> Outcome[T]:
+        engine = self.core.engine
         try:
-            with primary_context(lease, self._core._store.where):
+            with primary_context(lease, engine.where):
                 value = call()
         except BaseException as exc:
-            self._portal.call(self._core._abandon(lease, exc))
+            self.portal.call(engine.fail(lease, exc))
             raise
         if inspect.isawaitable(value):
             if inspect.iscoroutine(value):
                 value.close()
             error = TypeError("SyncDeduplicator got an awaitable; use Deduplicator for async calls")
-            self._portal.call(self._core._abandon(lease, error))
+            self.portal.call(engine.fail(lease, error))
             raise error
-        return self._portal.call(self._core._complete(lease, value, rtype))
+        return self.portal.call(engine.complete(lease, value, rtype))
 
     def run(
         self,
@@ -159,7 +168,7 @@ class SyncDeduplicator:
         *,
         scope: Token | None = None,
         fingerprint: str | bytes | None = None,
-        returns: Any = _UNSET,
+        returns: Any = UNSET,
         wait_timeout: float | None = None,
         on_duplicate: Literal["wait", "raise"] | None = None,
     ) -> T:
@@ -180,14 +189,14 @@ class SyncDeduplicator:
         *,
         scope: Callable[..., Token | None] | None = None,
         fingerprint: bool | Callable[..., str | bytes] = True,
-        returns: Any = _UNSET,
+        returns: Any = UNSET,
     ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """See `Deduplicator.idempotent`, for blocking functions."""
 
         def decorate(func: Callable[..., T]) -> Callable[..., T]:
             if inspect.iscoroutinefunction(inspect.unwrap(func)):
                 raise TypeError(f"{func.__qualname__} is async; use Deduplicator.idempotent")
-            rtype = return_type_of(func) if returns is _UNSET else returns
+            rtype = return_type_of(func) if returns is UNSET else returns
 
             @functools.wraps(func)
             def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -203,11 +212,11 @@ class SyncDeduplicator:
     @property
     def counters(self) -> dict[str, int]:
         """See `Deduplicator.counters`."""
-        return self._core.counters
+        return self.core.counters
 
     def health(self) -> Health:
         """See `Deduplicator.health`."""
-        return self._portal.call(self._core.health())
+        return self.portal.call(self.core.health())
 
     def close(self) -> None:
         """Close the core on its loop and stop the portal thread."""
@@ -215,13 +224,13 @@ class SyncDeduplicator:
             return
         self._closed = True
         try:
-            self._portal.call(self._core.aclose())
+            self.portal.call(self.core.aclose())
         finally:
-            self._portal.stop()
+            self.portal.stop()
 
     def __enter__(self) -> SyncDeduplicator:
         try:
-            self._portal.call(self._core._checked_store())
+            self.portal.call(self.core.engine.checked_store())
         except BaseException:
             self.close()
             raise
@@ -242,13 +251,14 @@ class Bridge:
     def __init__(self, dedup: Deduplicator | SyncDeduplicator, user: str) -> None:
         self.portal: _Portal | None
         if isinstance(dedup, SyncDeduplicator):
-            self.core, self.portal = dedup._core, dedup._portal
+            self.core, self.portal = dedup.core, dedup.portal
         elif isinstance(dedup, Deduplicator):
             self.core, self.portal = dedup, None
         else:
             raise TypeError(
                 f"{user} needs a Deduplicator or SyncDeduplicator, not {type(dedup).__name__}"
             )
+        self.engine = self.core.engine
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` on the core's loop from the current one."""
@@ -265,7 +275,7 @@ class Bridge:
         """
         if self.portal is not None:
             return self.portal.call(coro)
-        loop = self.core._loop
+        loop = self.core.engine.loop
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:

@@ -23,9 +23,9 @@ from typing import Any
 import redis.asyncio as aredis
 import redis.exceptions
 
-from .config import DedupConfig
-from .keys import KeySchema
-from .store.connect import client_from_url, close_client, describe_url
+from ..config import DedupConfig
+from ..keys import KeySchema
+from ..store.connect import client_from_url, describe_url
 
 __all__ = [
     "DRYRUN_ARGS",
@@ -543,7 +543,7 @@ async def read_facts(
         sharded = cluster or bool(int(facts.info.get("cluster_enabled", 0) or 0))
         await _read_acl(run, facts, namespace, cluster=sharded)
     finally:
-        await close_client(client)
+        await client.aclose()
     return facts
 
 

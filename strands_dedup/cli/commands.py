@@ -26,13 +26,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from .._version import __version__
+from ..config import DedupConfig
+from ..engine.observe import EVENTS
+from ..errors import DedupError, StoreUnavailable
+from ..keys import validate_namespace
+from ..store.connect import describe_url
+from ..store.redis import describe_error
 from .admin import Inspector, LeaseView, ResultView, SessionView, StatsView, dumps
-from .errors import DedupError, StoreUnavailable
-from .keys import validate_namespace
-from .observe import EVENTS
-from .store.connect import describe_url
-from .store.redis import describe_error
 
 __all__ = ["main"]
 
@@ -335,7 +336,7 @@ def _counters_table(
     return table
 
 
-def _rates(
+def event_rates(
     before: tuple[float, dict[str, int]], after: tuple[float, dict[str, int]]
 ) -> dict[str, float]:
     """Events per second between two counter snapshots.
@@ -437,7 +438,7 @@ def demo(
     ):
         redis_url = ctx.meta[_URL_KEY]  # given before the command: `strands-dedup --redis-url`
     try:
-        from .demo import run_demo
+        from ..http.demo import run_demo
     except ImportError as exc:
         raise Failure(
             f"the demo needs the http extra ({exc}): pip install 'strands-dedup[http]'"
@@ -504,7 +505,7 @@ def fake_agent(host: str, port: int, work: float) -> None:
     try:
         import uvicorn
 
-        from .demo import FakeAgent
+        from ..http.demo import FakeAgent
     except ImportError as exc:
         raise Failure(
             f"this needs the http extra ({exc}): pip install 'strands-dedup[http]'"
@@ -630,7 +631,7 @@ def watch(interval: float, scope: str | None, iterations: int | None) -> None:
                 while True:
                     sample = (time.monotonic(), await inspector.counters())
                     views = await inspector.leases(scope)
-                    rates = _rates(previous, sample) if previous is not None else None
+                    rates = event_rates(previous, sample) if previous is not None else None
                     previous = sample
                     header = (
                         f"{where} · namespace {namespace} · every {interval:g}s · "
@@ -779,8 +780,18 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 @click.option("--namespace", default=DEFAULT_NAMESPACE, show_default=True, help="Key prefix.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8787, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--lease-ttl", default=30.0, show_default=True, type=click.FloatRange(0.05))
-@click.option("--result-ttl", default=86400.0, show_default=True, type=click.FloatRange(0.001))
+@click.option(
+    "--lease-ttl",
+    default=DedupConfig.model_fields["lease_ttl"].default,
+    show_default=True,
+    type=click.FloatRange(0.05),
+)
+@click.option(
+    "--result-ttl",
+    default=DedupConfig.model_fields["result_ttl"].default,
+    show_default=True,
+    type=click.FloatRange(0.001),
+)
 @click.option("--scope-header", default=None, metavar="NAME", help="Header naming the tenant.")
 @click.option(
     "--identity-header",
@@ -845,7 +856,7 @@ def gateway(
     from the same caller get the first response. GET /healthz, /readyz and /metrics are the
     gateway's own. See the README's Security section for what is scoped and bounded how.
     """
-    from .gateway import GatewayConfig, parse_size, run_gateway
+    from ..http.gateway import GatewayConfig, parse_size, run_gateway
 
     for name in ("max_body", "max_stored_body"):
         if options[name] is not None:
@@ -872,7 +883,3 @@ def gateway(
         lease_ttl=lease_ttl,
         result_ttl=result_ttl,
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from .keys import TokenKeys
-    from .protocol import Role
+    from ..keys import TokenKeys
+    from ..protocol import Role
 
 __all__ = ["EVENTS", "ROLE_STATE", "Health", "Observer", "PrometheusMetrics", "SessionLoad"]
 
@@ -179,7 +179,8 @@ class Observer:
         self.counters = dict.fromkeys(EVENTS, 0)
         self.changed = False
         self._metrics = metrics
-        self._tracer = _tracer()
+        self.tracer = _tracer()
+        """The OpenTelemetry tracer spans come from (None without opentelemetry-api)."""
         if metrics is not None:
             self._events = {name: c.labels(namespace) for name, c in metrics.events.items()}
 
@@ -256,10 +257,10 @@ class Observer:
                 },
             )
 
-    def _active_tracer(self) -> Any:
+    def active_tracer(self) -> Any:
         """The tracer, unless tracing is off: no opentelemetry-api, or no provider configured
         (a no-op span still costs tens of microseconds per call)."""
-        tracer = self._tracer
+        tracer = self.tracer
         if tracer is None:
             return None
         from opentelemetry import trace
@@ -273,11 +274,21 @@ class Observer:
         return tracer
 
     @contextlib.contextmanager
-    def span(self, keys: TokenKeys) -> Iterator[Any]:
-        """An OpenTelemetry span around one call (none unless tracing is configured)."""
-        tracer = self._active_tracer()
+    def span(self, keys: TokenKeys, *, current: bool = True) -> Iterator[Any]:
+        """An OpenTelemetry span around one call (none unless tracing is configured); the
+        current span of its context unless ``current=False``."""
+        tracer = self.active_tracer()
         if tracer is None:
             yield None
+            return
+        if not current:
+            span = tracer.start_span("strands_dedup.call")
+            try:
+                span.set_attribute("strands_dedup.namespace", self.namespace)
+                span.set_attribute("strands_dedup.token_digest", digest(keys))
+                yield span
+            finally:
+                span.end()
             return
         with tracer.start_as_current_span("strands_dedup.call") as span:
             span.set_attribute("strands_dedup.namespace", self.namespace)
@@ -292,7 +303,3 @@ class Observer:
 def digest(keys: TokenKeys) -> str:
     """A short, stable, non-reversible name of a token for logs and spans."""
     return hashlib.sha256(keys.lease).hexdigest()[:12]
-
-
-def monotonic() -> float:
-    return time.monotonic()

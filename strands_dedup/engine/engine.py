@@ -1,0 +1,954 @@
+"""`Engine`: the one protocol implementation every surface runs its calls through.
+
+One engine per deduplicator (and so per event loop) owns the store, the shared subscriber, the
+renewer, the observer, the serializer and the owner ids. Its API is small: `begin` (claim, or
+wait as a duplicate), `wait` (the one waiter loop, with hooks for stream appends and session
+grants), `run_primary`, `complete`, `fail`, `release`, `append` (a stream's chunks). It counts
+every event and opens every span, so the library, the blocking facade, streams, sessions, the
+agent wrappers, the middleware and the gateway are all observed the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Sequence,
+)
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar, cast
+
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
+
+from ..config import DedupConfig
+from ..errors import (
+    DedupError,
+    DuplicateInFlight,
+    FingerprintMismatch,
+    LeaseLost,
+    OutcomeUnknown,
+    PrimaryFailed,
+    ReentrantCall,
+    ResultTooLarge,
+    SerializationError,
+    StoreRefused,
+    StoreUnavailable,
+    WaitTimeout,
+)
+from ..keys import KeySchema, SessionKeys, TokenKeys
+from ..protocol import (
+    Busy,
+    Claimed,
+    ClaimReply,
+    Envelope,
+    LeaseInfo,
+    LeaveClaimed,
+    Outcome,
+    Replay,
+    Role,
+    Wake,
+    WakeUp,
+    after_wake,
+    decode_envelope,
+    decode_message,
+    encode_envelope,
+    encode_lease,
+    encode_lease_meta,
+    encode_released_message,
+    encode_stored_message,
+    encode_value_message,
+    envelope_header,
+    fence_of,
+    fingerprints_conflict,
+    parse_claim_reply,
+    wait_budget,
+)
+from ..serialization import Serializer
+from ..store import Client, RedisStore, ShardedSubscriber, Subscriber, Watch
+from ..store.redis import describe_error, eviction_warning, warn_evicting
+from .call import is_running, primary_context
+from .observe import Health, Observer, PrometheusMetrics, SessionLoad
+from .renewer import HeldLease, Renewer
+
+__all__ = ["Done", "Engine", "Listen", "WaitHooks"]
+
+log = logging.getLogger("strands_dedup")
+T = TypeVar("T")
+_MAX_ERROR_TEXT = 2000
+_HOST = socket.gethostname()
+# A waiter's re-read in flight: when it was issued, and (reply, issuer owner, issuer fingerprint).
+_Reread = tuple[float, "asyncio.Future[tuple[ClaimReply, str, str | None]]"]
+
+
+@dataclass(frozen=True, slots=True)
+class Done(Generic[T]):
+    """A waiter's end: ``value`` is what its surface waited for."""
+
+    value: T
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Keep listening until ``until`` (monotonic seconds) unless woken; hand ``items`` (a stream
+    follower's chunks) to the caller first."""
+
+    until: float
+    items: Sequence[Any] = ()
+
+
+class WaitHooks(Protocol[T]):
+    """What one kind of waiter does inside `Engine.wait`."""
+
+    async def read(self, not_before: float) -> Done[T] | Listen:
+        """Read the token (or session) again; ``not_before``: a shared read issued earlier than
+        this (monotonic) may not be joined."""
+        ...
+
+    async def heard(self, event: Any, listening: Listen) -> Done[T] | Listen | None:
+        """A message for this waiter (`Wake.HEAR`): done, keep listening, or None: read again."""
+        ...
+
+    def expired(self) -> BaseException:
+        """The error raised when the deadline passes."""
+        ...
+
+
+class Engine:
+    """The protocol of one deduplicator on one event loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: Client,
+        config: DedupConfig,
+        *,
+        where: str,
+        owns_client: bool,
+        serializer: Serializer,
+        metrics: PrometheusMetrics | bool | None,
+    ) -> None:
+        self.config = config
+        self.keys = KeySchema(config.namespace)
+        self.store = RedisStore(client, config, where=where)
+        self.serializer = serializer
+        subscriber_options: dict[str, Any] = {
+            "decode": decode_message,
+            "connect_timeout": config.connect_timeout,
+            "give_up_after": config.retry_deadline,
+        }
+        self.subscriber: Subscriber | ShardedSubscriber = (
+            Subscriber(self.store.new_subscriber_connection, **subscriber_options)
+            if self.store.cluster is None
+            else ShardedSubscriber(self.store, **subscriber_options)
+        )
+        self.renewer = Renewer(self.store, config.effective_renew_interval, self._lease_lost)
+        if metrics is None or metrics is True:
+            metrics = PrometheusMetrics.default()
+        self.observer = Observer(config.namespace, metrics or None)
+        self.observer.watch_gauges(lambda: self.renewer.held, lambda: self.subscriber.waiters)
+        self.closed = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The event loop this engine serves (known from its first call)."""
+        self._owns_client = owns_client
+        self._owner_prefix = os.urandom(6).hex()
+        self._owner_seq = itertools.count(1)
+        self._fetches: dict[bytes, asyncio.Future[bytes | None]] = {}
+        self._rereads: dict[bytes, _Reread] = {}
+        self._stats_key = self.keys.stats_key(f"{_HOST}:{os.getpid()}:{self._owner_prefix}")
+        self._publisher: asyncio.Task[None] | None = None
+        self._sessions: dict[SessionKeys, list[int]] = {}
+        """Sessions this engine's callers hold or wait for: [held, waiting]."""
+        self._store_check: asyncio.Future[None] | None = None
+        """Reads Redis' eviction policy once, at the first call (`_check_store`)."""
+        self._background: set[asyncio.Task[Any]] = set()
+        """Streaming primaries whose callers may have stopped listening."""
+
+    @property
+    def where(self) -> str:
+        """The store's address, for messages."""
+        return self.store.where
+
+    # -- ids and bookkeeping ----------------------------------------------------------------------
+
+    def new_owner(self) -> str:
+        """A fresh owner id (hex): unique per claim attempt, so a retried claim knows its lease."""
+        return f"{self._owner_prefix}{next(self._owner_seq):x}"
+
+    def lease_meta(self, keys: TokenKeys, fingerprint: str | None) -> bytes:
+        """The metadata a claim records in its lease."""
+        return encode_lease_meta(keys.meta, fingerprint, int(time.time() * 1000))
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``coro`` in a task the engine cancels when it closes (a stream's primary)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def session_activity(self, keys: SessionKeys, *, held: int = 0, waiting: int = 0) -> None:
+        """Count a session hold (or a wait in its queue) of this engine's callers, for `health`."""
+        entry = self._sessions.setdefault(keys, [0, 0])
+        entry[0] += held
+        entry[1] += waiting
+        if entry == [0, 0]:
+            del self._sessions[keys]
+
+    @contextlib.contextmanager
+    def span(self, keys: TokenKeys, *, current: bool = True) -> Iterator[Any]:
+        """One call's span (none unless tracing is configured); ``current=False`` for a call
+        that yields to its caller (a stream), whose span must not become the caller's."""
+        with self.observer.span(keys, current=current) as span:
+            yield span
+
+    # -- claim ------------------------------------------------------------------------------------
+
+    async def begin(
+        self,
+        keys: TokenKeys,
+        fingerprint: str | None,
+        rtype: Any,
+        wait_timeout: float | None,
+        on_duplicate: str | None,
+    ) -> Outcome[Any] | HeldLease:
+        """Claim the token: a replayed `Outcome`, a `HeldLease` to run the call under, or wait."""
+        started = time.monotonic()
+        observer = self.observer
+        await self.ready(keys)
+        try:
+            first = await self._claim_or_wait(keys, fingerprint, rtype, wait_timeout, on_duplicate)
+        except FingerprintMismatch:
+            observer.count("fingerprint_mismatch")
+            raise
+        except StoreUnavailable:
+            observer.count("store_errors")
+            raise
+        if isinstance(first, Outcome):
+            observer.received(keys, first.role, first.fence, time.monotonic() - started)
+        else:
+            observer.claimed(first.role)
+        return first
+
+    async def ready(self, keys: TokenKeys | None = None) -> None:
+        """Checks before a call: the right loop, the engine open, the store's policy read."""
+        self.bind_loop(keys)
+        if self._publisher is None and not self.closed:
+            self._start_publisher()
+        if self._store_check is None or not self._store_check.done():
+            await self.checked_store()
+        elif self._store_check.exception() is not None:
+            self._store_check.result()  # require_noeviction refused this Redis
+        if keys is not None:
+            if self.closed:
+                raise DedupError("the deduplicator is closed", token=keys.token)
+            if is_running(self.store.where, keys.lease):
+                scope = f" in scope {keys.scope!r}" if keys.scope else ""
+                raise ReentrantCall(
+                    f"token {keys.token!r}{scope} is called from inside its own primary call: "
+                    "it would wait for itself (use another token for the inner call)",
+                    token=keys.token,
+                )
+
+    async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
+        """One claim (claim.lua): a replay, the lease, or who holds it."""
+        return parse_claim_reply(await self.store.claim(keys, owner, meta))
+
+    async def _claim_or_wait(
+        self,
+        keys: TokenKeys,
+        fingerprint: str | None,
+        rtype: Any,
+        wait_timeout: float | None,
+        on_duplicate: str | None,
+    ) -> Outcome[Any] | HeldLease:
+        owner = self.new_owner()
+        meta = self.lease_meta(keys, fingerprint)
+        # Listening already (other local waiters on this token)? Then this read needs no repeat.
+        watch = self.subscriber.attach_if_subscribed(keys.channel)
+        handed_over = False
+        try:
+            reply = await self.claim(keys, owner, meta)
+            if isinstance(reply, Replay):
+                return self.outcome_of(reply.envelope, Role.REPLAY, keys, fingerprint, rtype)
+            if isinstance(reply, Claimed):
+                return self.hold(keys, owner, reply.fence, meta, Role.PRIMARY, fingerprint)
+            self.check_lease(reply.lease, keys, fingerprint)
+            if (on_duplicate or self.config.on_duplicate) == "raise":
+                raise self.in_flight(keys, reply.lease)
+            timeout = self.config.wait_timeout if wait_timeout is None else wait_timeout
+            hooks = _TokenWaiter(self, keys, owner, meta, fingerprint, rtype, timeout)
+            listening = None if watch is None else hooks.listen(reply)
+            handed_over = True  # from here on `wait` owns the watch and closes it
+            return await self.wait_for(
+                keys.channel, hooks.deadline, hooks, watch=watch, listening=listening
+            )
+        finally:
+            if watch is not None and not handed_over:
+                watch.close()
+
+    def hold(
+        self,
+        keys: TokenKeys,
+        owner: str,
+        fence: int,
+        meta: bytes,
+        role: Role,
+        fingerprint: str | None,
+    ) -> HeldLease:
+        """A lease just claimed, renewed from now on until it is completed, failed or released."""
+        lease = HeldLease(keys, owner, fence, encode_lease(owner, fence, meta), role, fingerprint)
+        self.renewer.add(lease)
+        return lease
+
+    @staticmethod
+    def in_flight(keys: TokenKeys, lease: LeaseInfo) -> DuplicateInFlight:
+        """The error of a duplicate that does not wait."""
+        return DuplicateInFlight(
+            f"token {keys.token!r} is in flight (fence {lease.fence}, "
+            f"{lease.pttl_ms} ms left on its lease)",
+            token=keys.token,
+            owner=lease.owner,
+            fence=lease.fence,
+            retry_after=max(0.001, lease.pttl_ms / 1000),
+        )
+
+    @staticmethod
+    def check_lease(lease: LeaseInfo, keys: TokenKeys, fingerprint: str | None) -> None:
+        """`FingerprintMismatch` when the token is in flight for another request."""
+        if fingerprints_conflict(fingerprint, lease.fingerprint):
+            raise FingerprintMismatch(
+                f"token {keys.token!r} is in flight for a different request (fingerprint differs)",
+                token=keys.token,
+            )
+
+    # -- the waiter loop ----------------------------------------------------------------------
+
+    async def wait(
+        self,
+        channel: bytes,
+        deadline: float,
+        hooks: WaitHooks[T],
+        *,
+        watch: Watch | None = None,
+        listening: Listen | None = None,
+    ) -> AsyncGenerator[Any, None]:
+        """The one waiter loop: yields the items each step hands over, and last a `Done`.
+
+        Subscribe-before-read: ``listening`` (a read's verdict) counts only if ``watch`` was
+        attached before that read; otherwise subscribe, wait for Redis to confirm, and read.
+        Then: listen until the step's ``until`` (or the deadline), and do what `after_wake`
+        says; a lost message costs a re-read, never a hang.
+        """
+        not_before = 0.0
+        if watch is None:
+            watch = self.subscriber.register(channel)
+            listening = None
+        try:
+            if listening is None:
+                await watch.ready(max(0.0, deadline - time.monotonic()))
+                not_before = watch.mark
+            while True:
+                if listening is None:
+                    if time.monotonic() >= deadline:
+                        raise hooks.expired()
+                    step = await hooks.read(not_before)
+                    if isinstance(step, Done):
+                        yield step
+                        return
+                    listening = step
+                    for item in step.items:
+                        yield item
+                assert listening is not None
+                event = await watch.next(
+                    max(0.0, min(deadline, listening.until) - time.monotonic())
+                )
+                action = after_wake(event)
+                # A shared read must postdate what woke us; after a timeout any read in flight
+                # is fresh enough (it only has to show whether the lease is still there).
+                not_before = watch.mark if event is not None else 0.0
+                if action is Wake.RESUBSCRIBE:
+                    await watch.ready(max(0.0, deadline - time.monotonic()))
+                    not_before = watch.mark
+                if action is not Wake.HEAR:
+                    listening = None
+                    continue
+                heard = await hooks.heard(event, listening)
+                if isinstance(heard, Done):
+                    yield heard
+                    return
+                listening = heard
+                if heard is not None:
+                    for item in heard.items:
+                        yield item
+        finally:
+            watch.close()
+
+    async def wait_for(
+        self,
+        channel: bytes,
+        deadline: float,
+        hooks: WaitHooks[T],
+        *,
+        watch: Watch | None = None,
+        listening: Listen | None = None,
+    ) -> T:
+        """`wait` for a waiter whose steps hand over nothing: its `Done` value."""
+        async with contextlib.aclosing(
+            self.wait(channel, deadline, hooks, watch=watch, listening=listening)
+        ) as steps:
+            async for step in steps:
+                if isinstance(step, Done):
+                    return cast(T, step.value)
+        raise AssertionError("the waiter loop ended without a value")  # pragma: no cover
+
+    async def read_again(
+        self, keys: TokenKeys, owner: str, meta: bytes, fingerprint: str | None, not_before: float
+    ) -> ClaimReply:
+        """A waiter's re-read (a claim), shared by this process's waiters of the token.
+
+        One claim is in flight per token; a waiter joins it if it was issued at or after
+        ``not_before``, else issues its own. When the shared claim wins the token, only its
+        issuer takes over; the others see the issuer's fresh lease and keep waiting.
+        """
+        pending = self._rereads.get(keys.lease)
+        if pending is not None and pending[0] >= not_before:
+            try:
+                reply, issuer, issuer_fp = await asyncio.shield(pending[1])
+            except Exception as exc:  # the issuer's read failed: read on our own below
+                log.debug("shared re-read of %r failed: %s", keys.token, exc)
+            else:
+                if isinstance(reply, Claimed):
+                    shared = {"fp": issuer_fp} if issuer_fp is not None else {}
+                    return Busy(LeaseInfo(issuer, reply.fence, shared, self.config.lease_ttl_ms))
+                return reply
+        entry: _Reread = (time.monotonic(), asyncio.get_running_loop().create_future())
+        self._rereads[keys.lease] = entry
+        try:
+            reply = await self.claim(keys, owner, meta)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else DedupError("the read was cancelled")
+            entry[1].set_exception(error)
+            entry[1].exception()  # marked retrieved: there may be no joiner
+            raise
+        finally:
+            if self._rereads.get(keys.lease) is entry:
+                del self._rereads[keys.lease]
+        entry[1].set_result((reply, owner, fingerprint))
+        return reply
+
+    async def fetch_shared(self, keys: TokenKeys) -> bytes | None:
+        """Read a large stored result once per process for all of its waiters."""
+        pending = self._fetches.get(keys.result)
+        if pending is None:
+            pending = asyncio.ensure_future(self.store.get_result(keys))
+            self._fetches[keys.result] = pending
+            pending.add_done_callback(lambda _: self._fetches.pop(keys.result, None))
+        return await asyncio.shield(pending)
+
+    async def read_stream(
+        self, keys: TokenKeys, after: bytes | None, count: int
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """A streamed attempt's entries after ``after`` (from the start when None)."""
+        return await self.store.read_stream(keys, after, count)
+
+    # -- outcomes ---------------------------------------------------------------------------------
+
+    def outcome_of(
+        self, data: bytes, role: Role, keys: TokenKeys, fingerprint: str | None, rtype: Any
+    ) -> Outcome[Any]:
+        """The `Outcome` a stored (or shared) envelope gives this caller."""
+        try:
+            envelope = decode_envelope(data)
+        except (ValueError, KeyError) as exc:
+            raise SerializationError(
+                f"the value stored for token {keys.token!r} is not a strands-dedup result",
+                token=keys.token,
+            ) from exc
+        return self.outcome_from(envelope, role, keys, fingerprint, rtype)
+
+    def outcome_from(
+        self, envelope: Envelope, role: Role, keys: TokenKeys, fingerprint: str | None, rtype: Any
+    ) -> Outcome[Any]:
+        """See `outcome_of`, for an envelope decoded already (one decode for every waiter)."""
+        if fingerprints_conflict(fingerprint, envelope.fingerprint):
+            raise FingerprintMismatch(
+                f"token {keys.token!r} was used for a different request (fingerprint differs)",
+                token=keys.token,
+            )
+        if not envelope.ok:
+            raise PrimaryFailed(
+                f"the primary for token {keys.token!r} failed: "
+                f"{envelope.error_type}: {envelope.error_message}",
+                token=keys.token,
+                error_type=envelope.error_type,
+                error_message=envelope.error_message,
+                fence=envelope.fence,
+            )
+        serializer = self.serializer
+        if envelope.serializer != serializer.name:
+            raise SerializationError(
+                f"the result for token {keys.token!r} was written with serializer "
+                f"{envelope.serializer!r}; this deduplicator reads {serializer.name!r}",
+                token=keys.token,
+            )
+        try:
+            value = serializer.loads(envelope.payload, rtype)
+        except SerializationError as exc:
+            exc.token = keys.token
+            raise
+        except Exception as exc:
+            raise SerializationError(
+                f"the result for token {keys.token!r} could not be read: {exc}", token=keys.token
+            ) from exc
+        return Outcome(value, role, envelope.fence)
+
+    # -- the primary --------------------------------------------------------------------------
+
+    async def run_primary(
+        self, lease: HeldLease, call: Callable[[], Awaitable[T]] | Callable[[], T], rtype: Any
+    ) -> Outcome[T]:
+        """Run ``call`` as the primary of ``lease`` (on this loop) and settle the token."""
+        task = asyncio.current_task()
+        if self.config.on_lease_lost == "cancel":
+            lease.task = task
+        try:
+            with primary_context(lease, self.store.where):
+                result = call()
+                if inspect.isawaitable(result):
+                    result = await result
+        except asyncio.CancelledError:
+            lease.task = None
+            if lease.cancelling and task is not None:
+                task.uncancel()
+                self.renewer.discard(lease)
+                raise self._lost_error(lease, "the call was cancelled") from None
+            await asyncio.shield(self.fail(lease, None))
+            raise
+        except BaseException as exc:
+            lease.task = None
+            await self.fail(lease, exc)
+            raise
+        lease.task = None
+        return await self.complete(lease, cast(T, result), rtype)
+
+    def _lease_lost(self, lease: HeldLease) -> None:
+        log.warning(
+            "lease lost for token %r (fence %d): another caller may run it",
+            lease.keys.token,
+            lease.fence,
+        )
+        if lease.context is not None:
+            lease.context.lost.set()
+        if lease.task is not None and not lease.task.done():
+            lease.cancelling = True
+            lease.task.cancel("strands-dedup: lease lost")
+
+    def _lost_error(self, lease: HeldLease, detail: str) -> LeaseLost:
+        self.observer.count("lease_lost")
+        return LeaseLost(
+            f"lease on token {lease.keys.token!r} (fence {lease.fence}) was lost: {detail}",
+            token=lease.keys.token,
+            fence=lease.fence,
+        )
+
+    def lease_lost_error(self, lease: HeldLease, detail: str) -> LeaseLost:
+        """A `LeaseLost` for ``lease`` (counted)."""
+        return self._lost_error(lease, detail)
+
+    def _envelope(self, lease: HeldLease, payload: bytes, exc: BaseException | None) -> bytes:
+        """The primary's result (``exc`` None) or shared failure, as an envelope."""
+        header = envelope_header(
+            ok=exc is None,
+            fence=lease.fence,
+            fingerprint=lease.fingerprint,
+            serializer=self.serializer.name,
+            created_ms=int(time.time() * 1000),
+            token=lease.keys.token,
+            scope=lease.keys.scope,
+            error_type="" if exc is None else f"{type(exc).__module__}.{type(exc).__qualname__}",
+            error_message="" if exc is None else str(exc)[:_MAX_ERROR_TEXT],
+        )
+        return encode_envelope(lease.owner, header, payload)
+
+    async def complete(self, lease: HeldLease, value: T, rtype: Any) -> Outcome[T]:
+        """Serialize and store the result, fenced; wake the waiters."""
+        try:
+            payload = self.serializer.dumps(value, rtype)
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, SerializationError)
+                else SerializationError(f"result could not be serialized: {exc}")
+            )
+            error.token = lease.keys.token
+            await self.fail(lease, error)
+            raise error from (exc if error is not exc else None)
+        limit = self.config.max_result_bytes
+        if len(payload) > limit:
+            too_large = ResultTooLarge(
+                f"result for token {lease.keys.token!r} is {len(payload)} bytes; "
+                f"max_result_bytes is {limit}",
+                token=lease.keys.token,
+                size=len(payload),
+                limit=limit,
+            )
+            await self.fail(lease, too_large)
+            raise too_large
+        envelope = self._envelope(lease, payload, None)
+        message = (
+            encode_value_message(envelope)
+            if len(envelope) <= self.config.inline_result_bytes
+            else encode_stored_message(lease.fence)
+        )
+        try:
+            ok, reason = await self.store.settle(
+                lease.keys, lease.owner, lease.fence, envelope, message
+            )
+        except StoreRefused:
+            self.observer.count("store_errors")
+            raise
+        except StoreUnavailable as lost:
+            self.observer.count("store_errors")
+            ok, reason = await self._settle_again(lease, envelope, message, lost)
+        finally:
+            self.renewer.discard(lease)
+        if not ok:
+            raise self._lost_error(lease, f"its completion was refused ({reason})")
+        self.observer.outcome(lease.keys, lease.role, lease.fence, time.monotonic() - lease.started)
+        return Outcome(value, lease.role, lease.fence)
+
+    async def _settle_again(
+        self, lease: HeldLease, envelope: bytes, message: bytes, lost: StoreUnavailable
+    ) -> tuple[bool, str]:
+        """The completion was sent but its reply was lost (Redis stalled or the connection
+        broke): within the wait budget, once Redis answers, read the token. A stored result
+        with this primary's fence is ours; no result: send the completion again (it is fenced,
+        so it is refused if the token was claimed since). `OutcomeUnknown` if Redis does not
+        answer in time."""
+        keys = lease.keys
+        log.warning(
+            "the completion of token %r (fence %d) got no reply (%s): reading the token again",
+            keys.token,
+            lease.fence,
+            lost,
+        )
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            retry=retry_if_exception(
+                lambda exc: isinstance(exc, StoreUnavailable) and not isinstance(exc, StoreRefused)
+            ),
+            reraise=True,
+        )
+        try:
+            async with asyncio.timeout(self.config.wait_timeout):
+                async for attempt in retrying:
+                    with attempt:
+                        stored = await self.store.get_result(keys)
+                        if stored is None:
+                            return await self.store.settle(
+                                keys, lease.owner, lease.fence, envelope, message
+                            )
+                        fence = fence_of(stored)
+                        if fence == lease.fence:
+                            return True, "ok"
+                        return False, f"a result of fence {fence} is stored"
+        except StoreRefused:
+            raise
+        except (StoreUnavailable, TimeoutError) as exc:
+            raise OutcomeUnknown(
+                f"the completion of token {keys.token!r} (fence {lease.fence}) was sent, but "
+                f"Redis at {self.store.where} did not answer within "
+                f"{self.config.wait_timeout:g}s (wait_timeout): whether the result is stored "
+                "cannot be known",
+                token=keys.token,
+                fence=lease.fence,
+            ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def release(self, lease: HeldLease) -> None:
+        """Give the token up without a result: one waiter takes over."""
+        await self.fail(lease, None)
+
+    async def fail(self, lease: HeldLease, exc: BaseException | None) -> None:
+        """The primary did not produce a result: share its failure, or release the token.
+
+        ``exc`` is None (or not an ``Exception``) when the call was cancelled or interrupted:
+        the token is released and one waiter takes over.
+        """
+        self.renewer.discard(lease)
+        if isinstance(exc, LeaveClaimed):
+            log.warning(
+                "token %r stays claimed until its lease expires (within %gs): %s",
+                lease.keys.token,
+                self.config.lease_ttl,
+                exc,
+            )
+            return
+        if isinstance(exc, Exception):
+            self.observer.count("failures")
+        if lease.lost:
+            return  # somebody else holds the token now; nothing of ours may be written
+        release = not isinstance(exc, Exception) or self.config.on_primary_error == "retry"
+        stored = b""
+        if release:
+            message = encode_released_message(lease.fence)
+        else:
+            envelope = self._envelope(lease, b"", exc)
+            stored = envelope if self.config.cache_errors else b""
+            message = encode_value_message(envelope)
+        try:
+            await self.store.settle(lease.keys, lease.owner, lease.fence, stored, message)
+        except DedupError as error:
+            log.warning(
+                "could not release token %r (it frees itself within lease_ttl): %s",
+                lease.keys.token,
+                error,
+            )
+
+    async def append(
+        self, lease: HeldLease, items: Sequence[tuple[bytes, bytes]], ttl_ms: int
+    ) -> bool:
+        """Append a streaming primary's (kind, data) items, fenced; False: the lease is lost."""
+        return await self.store.append(lease.keys, lease.owner, lease.fence, items, ttl_ms)
+
+    # -- lifecycle and health -----------------------------------------------------------------
+
+    def bind_loop(self, keys: TokenKeys | None = None) -> None:
+        """Remember the event loop of the first use; refuse any other one with a `DedupError`
+        (a raw driver error would follow: "Event loop is closed", "attached to a different
+        loop")."""
+        loop = asyncio.get_running_loop()
+        if self.loop is None:
+            self.loop = loop
+        elif loop is not self.loop:
+            state = "closed" if self.loop.is_closed() else "still open"
+            raise DedupError(
+                f"this Deduplicator belongs to the event loop it was first used on "
+                f"({self.loop!r}, {state}), not to the running one ({loop!r}): its connections, "
+                "renewer and subscriber live on that loop. Create one Deduplicator per event "
+                "loop (for each asyncio.run, or each thread's loop), or use SyncDeduplicator "
+                "from blocking code and threads",
+                token=keys.token if keys is not None else None,
+            )
+
+    async def checked_store(self) -> None:
+        """Read Redis' eviction policy once: warn (once per process) when it can evict our keys,
+        refuse with `StoreRefused` when ``require_noeviction`` is set. An unreachable Redis is
+        checked again at the next call."""
+        self.bind_loop()
+        if self._store_check is None:
+            self._store_check = asyncio.ensure_future(self._check_store())
+        await asyncio.shield(self._store_check)
+
+    async def _check_store(self) -> None:
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                policy = await self.store.eviction_policy()
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.debug("could not read the eviction policy yet: %s", exc)
+            self._store_check = None
+            return
+        warn_evicting(policy, self.store.where)
+        if self.config.require_noeviction and policy != "noeviction":
+            detail = eviction_warning(policy, self.store.where) or policy
+            raise StoreRefused(
+                f"require_noeviction is set and {detail}",
+                server_message=f"maxmemory-policy {policy}",
+            )
+
+    async def health(self) -> Health:
+        """Store reachable (one PING, bounded) and accepting writes (one small SET), subscriber
+        connected, local load, renewal lag, Redis' eviction policy."""
+        self.bind_loop()
+        timeout = self.config.connect_timeout
+        started = time.monotonic()
+        error = None
+        policy: str | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                await self.store.probe()
+            latency: float | None = (time.monotonic() - started) * 1000
+        except Exception as exc:
+            latency, error = None, f"{type(exc).__name__}: {describe_error(exc)}"
+        if error is None:
+            try:
+                async with asyncio.timeout(timeout):
+                    policy = await self.store.eviction_policy()
+            except Exception as exc:  # health must answer; the policy is a bonus
+                log.debug("could not read the eviction policy: %s", exc)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.store.probe_write(self.keys.probe)
+                writable: bool | None = True
+            except Exception as exc:
+                writable, error = False, f"{type(exc).__name__}: {describe_error(exc)}"
+        else:
+            writable = None
+        warning = eviction_warning(policy, self.store.where) if policy is not None else None
+        waiters = self.subscriber.waiters
+        connected = self.subscriber.connected
+        sessions: list[SessionLoad] = []
+        if error is None and self._sessions:
+            sessions = await self._session_loads()
+        return Health(
+            ok=error is None and (connected or waiters == 0),
+            store_reachable=writable is not None,
+            store_writable=writable,
+            store_latency_ms=latency,
+            subscriber_connected=connected,
+            in_flight=self.renewer.held,
+            waiters=waiters,
+            renewal_lag_s=self.renewer.lag,
+            error=error,
+            sessions_held=sum(x[0] for x in self._sessions.values()),
+            sessions_waiting=sum(x[1] for x in self._sessions.values()),
+            sessions=sessions,
+            eviction_policy=policy,
+            warnings=[warning] if warning is not None else [],
+        )
+
+    async def _session_loads(self, limit: int = 100) -> list[SessionLoad]:
+        local = list(self._sessions.items())[:limit]
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                counts = await self.store.session_loads([keys for keys, _ in local])
+        except Exception as exc:  # health must answer; the counts are a bonus
+            log.debug("could not read session loads: %s", exc)
+            return []
+        return [
+            SessionLoad(keys.name, holders, queued, held, waiting)
+            for (keys, (held, waiting)), (holders, queued) in zip(local, counts, strict=True)
+        ]
+
+    def _start_publisher(self) -> None:
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.get_running_loop().create_task(
+                self._publish_counters(), name="strands-dedup-stats"
+            )
+
+    async def _publish_counters(self) -> None:
+        """Publish this process's counters for the CLI, every few seconds while they change."""
+        interval = self.config.stats_interval
+        ttl_ms = int(interval * 4 * 1000)  # outlives a few missed publications, not the process
+        while not self.closed:
+            try:
+                counts = self.observer.snapshot() if self.observer.changed else None
+                async with asyncio.timeout(self.config.socket_timeout):
+                    await self.store.publish_stats(self._stats_key, counts, ttl_ms)
+            except Exception as exc:  # best effort: counters are not part of the protocol
+                log.debug("could not publish counters: %s", exc)
+                self.observer.changed = True
+            if self.closed:  # closed meanwhile: the driver may have swallowed the cancel
+                return
+            await asyncio.sleep(interval)
+
+    async def aclose(self) -> None:
+        """Stop the background work, the renewer and the subscriber; close the connections if
+        this engine made them."""
+        if self.closed:
+            return
+        self.closed = True
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.config.connect_timeout)
+        if self._publisher is not None and not self._publisher.done():
+            self._publisher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._publisher
+        await self.renewer.aclose()
+        await self.subscriber.aclose()
+        if self._owns_client:
+            await self.store.aclose()
+
+
+class _TokenWaiter:
+    """A duplicate waiting for a token's result (`WaitHooks` of `Engine.begin`)."""
+
+    __slots__ = (
+        "deadline",
+        "engine",
+        "fingerprint",
+        "keys",
+        "meta",
+        "owner",
+        "rtype",
+        "started",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        engine: Engine,
+        keys: TokenKeys,
+        owner: str,
+        meta: bytes,
+        fingerprint: str | None,
+        rtype: Any,
+        timeout: float,
+    ) -> None:
+        self.engine, self.keys, self.owner, self.meta = engine, keys, owner, meta
+        self.fingerprint, self.rtype = fingerprint, rtype
+        self.started = time.monotonic()
+        self.timeout = timeout
+        self.deadline = self.started + timeout
+
+    def listen(self, busy: Busy) -> Listen:
+        until = time.monotonic() + wait_budget(
+            busy.lease.pttl_ms,
+            self.engine.config.takeover_grace,
+            self.deadline - time.monotonic(),
+        )
+        return Listen(until)
+
+    async def read(self, not_before: float) -> Done[Outcome[Any] | HeldLease] | Listen:
+        engine, keys = self.engine, self.keys
+        reply = await engine.read_again(keys, self.owner, self.meta, self.fingerprint, not_before)
+        if isinstance(reply, Replay):
+            return Done(
+                engine.outcome_of(reply.envelope, Role.WAITER, keys, self.fingerprint, self.rtype)
+            )
+        if isinstance(reply, Claimed):
+            return Done(
+                engine.hold(
+                    keys, self.owner, reply.fence, self.meta, Role.TAKEOVER, self.fingerprint
+                )
+            )
+        engine.check_lease(reply.lease, keys, self.fingerprint)
+        return self.listen(reply)
+
+    async def heard(
+        self, event: Any, listening: Listen
+    ) -> Done[Outcome[Any] | HeldLease] | Listen | None:
+        if event is WakeUp.APPENDED:
+            return listening  # a streaming primary is alive: keep waiting
+        if event is WakeUp.STORED:
+            stored = await self.engine.fetch_shared(self.keys)
+            if stored is None:
+                return None
+            return Done(
+                self.engine.outcome_of(stored, Role.WAITER, self.keys, self.fingerprint, self.rtype)
+            )
+        if isinstance(event, Envelope):
+            return Done(
+                self.engine.outcome_from(
+                    event, Role.WAITER, self.keys, self.fingerprint, self.rtype
+                )
+            )
+        return None  # not a token's message: read again
+
+    def expired(self) -> WaitTimeout:
+        return WaitTimeout(
+            f"gave up waiting for token {self.keys.token!r} after {self.timeout:g}s",
+            token=self.keys.token,
+            waited=time.monotonic() - self.started,
+        )

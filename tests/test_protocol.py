@@ -1,0 +1,96 @@
+"""The protocol's wire formats (both ways) and the waiter's decisions, without Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from strands_dedup.protocol import (
+    MSG_APPENDED,
+    Grant,
+    Wake,
+    WakeUp,
+    after_wake,
+    decode_envelope,
+    decode_lease,
+    decode_message,
+    decode_meta,
+    encode_envelope,
+    encode_lease,
+    encode_lease_meta,
+    encode_released_message,
+    encode_session_meta,
+    encode_stored_message,
+    encode_value_message,
+    envelope_header,
+    fence_of,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def _envelope(ok: bool = True) -> bytes:
+    header = envelope_header(
+        ok=ok,
+        fence=7,
+        fingerprint="fp",
+        serializer="json",
+        created_ms=1,
+        token="t",
+        scope="s",
+        error_type="" if ok else "builtins.ValueError",
+        error_message="" if ok else "boom",
+    )
+    return encode_envelope("abc", header, b'"v"' if ok else b"")
+
+
+def test_an_envelope_round_trips() -> None:
+    env = decode_envelope(_envelope())
+    assert (env.owner, env.fence, env.ok, env.fingerprint, env.payload) == (
+        "abc",
+        7,
+        True,
+        "fp",
+        b'"v"',
+    )
+    failed = decode_envelope(_envelope(ok=False))
+    assert (failed.ok, failed.error_type, failed.error_message) == (
+        False,
+        "builtins.ValueError",
+        "boom",
+    )
+    assert fence_of(_envelope()) == 7 and fence_of(b"not ours") is None
+
+
+def test_lease_and_session_metadata_round_trip() -> None:
+    meta = encode_lease_meta('"tok":"t","sc":""', "fp", 123)
+    lease = decode_lease(encode_lease("abc", 9, meta), 500)
+    assert (lease.owner, lease.fence, lease.fingerprint, lease.pttl_ms) == ("abc", 9, "fp", 500)
+    assert lease.meta["tok"] == "t" and lease.meta["t"] == 123 and isinstance(lease.meta["p"], int)
+    session = decode_meta(encode_session_meta("s-1", 4, 5))
+    assert (session["s"], session["q"], session["t"]) == ("s-1", 4, 5)
+    assert decode_meta(b"[1]") == {} and decode_meta(b"{") == {} and decode_meta(None) == {}
+
+
+def test_every_message_decodes_to_what_a_waiter_acts_on() -> None:
+    assert decode_envelope(_envelope()) == decode_message(encode_value_message(_envelope()))
+    assert decode_message(encode_stored_message(3)) is WakeUp.STORED
+    assert decode_message(encode_released_message(3)) is WakeUp.RELEASED
+    assert decode_message(MSG_APPENDED + b"3") is WakeUp.APPENDED
+    assert decode_message(b"G1.a|5|-1|-1|0") == Grant("1.a", 5, None, False)
+    assert decode_message(b"Vjunk") is WakeUp.MALFORMED and decode_message(b"?") is WakeUp.MALFORMED
+
+
+@pytest.mark.parametrize(
+    ("event", "action"),
+    [
+        (None, Wake.REREAD),  # the lease may have run out: read again
+        (WakeUp.RELEASED, Wake.REREAD),
+        (WakeUp.MALFORMED, Wake.REREAD),
+        (WakeUp.RECONNECTED, Wake.RESUBSCRIBE),  # messages may be lost: confirm, then read
+        (WakeUp.STORED, Wake.HEAR),
+        (WakeUp.APPENDED, Wake.HEAR),
+        (Grant("t", 1, None, False), Wake.HEAR),
+    ],
+)
+def test_what_a_waiter_does_after_each_wake_up(event: object, action: Wake) -> None:
+    assert after_wake(event) is action
