@@ -8,6 +8,8 @@ Every error the library raises on purpose derives from one root::
     ├── FingerprintMismatch   the token was first used for a different request (HTTP 422)
     ├── LeaseLost             a late primary: its completion was refused (fenced off)
     ├── PrimaryFailed         the primary raised; the failure was shared with this duplicate
+    │   └── NotStored         the primary's value was handed to the duplicates waiting then,
+    │                         but not stored (``shared``); a later retry runs again
     ├── StoreUnavailable      Redis could not be reached in bounded time
     │   ├── StoreRefused      Redis answered with a refusal: credentials or a permission
     │   │                     (NOAUTH, WRONGPASS, NOPERM), out of memory (OOM), a read-only
@@ -36,6 +38,7 @@ __all__ = [
     "FingerprintMismatch",
     "InvalidToken",
     "LeaseLost",
+    "NotStored",
     "OutcomeUnknown",
     "PrimaryFailed",
     "ReentrantCall",
@@ -98,6 +101,19 @@ class PrimaryFailed(DedupError):
         self.error_type = error_type
         self.error_message = error_message
         self.fence = fence
+
+
+class NotStored(PrimaryFailed):
+    """The primary's value was not stored (its caller chose so: an HTTP response too large to
+    keep, or with a status that is not kept); the duplicates waiting at that moment get this,
+    with the value's bytes in ``shared`` when the primary handed them over (else empty)."""
+
+    def __init__(self, message: str, *, token: str | None, reason: str, shared: bytes, fence: int):
+        super().__init__(
+            message, token=token, error_type="not-stored", error_message=reason, fence=fence
+        )
+        self.reason = reason
+        self.shared = shared
 
 
 class StoreUnavailable(DedupError):

@@ -47,6 +47,8 @@ __all__ = [
     "Grant",
     "LeaseInfo",
     "LeaveClaimed",
+    "STATUS_SHARED",
+    "ShareOnly",
     "Outcome",
     "QueueFull",
     "Queued",
@@ -156,6 +158,8 @@ class Envelope:
     error_type: str = ""
     error_message: str = ""
     size: int = field(default=0)
+    stored: bool = True
+    """False for a value handed to the waiters of the moment only (`ShareOnly`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +221,7 @@ def decode_envelope(data: bytes) -> Envelope:
         error_type=header.get("et", ""),
         error_message=header.get("em", ""),
         size=len(payload),
+        stored=header["st"] != STATUS_SHARED,
     )
 
 
@@ -254,6 +259,10 @@ def encode_value_message(envelope: bytes) -> bytes:
     return MSG_VALUE + envelope
 
 
+STATUS_SHARED = "shared"
+"""Envelope status of a value handed to the waiters of the moment and never stored."""
+
+
 def envelope_header(
     *,
     ok: bool,
@@ -265,10 +274,11 @@ def envelope_header(
     scope: str,
     error_type: str = "",
     error_message: str = "",
+    shared_only: bool = False,
 ) -> dict[str, Any]:
     """The JSON header of a result envelope (`decode_envelope` reads it back)."""
     header: dict[str, Any] = {
-        "st": "ok" if ok else "error",
+        "st": STATUS_SHARED if shared_only else "ok" if ok else "error",
         "f": fence,
         "fp": fingerprint,
         "ser": serializer,
@@ -438,3 +448,14 @@ def after_wake(event: object) -> Wake:
     if event is WakeUp.RECONNECTED:
         return Wake.RESUBSCRIBE
     return Wake.HEAR
+
+
+class ShareOnly(Exception):
+    """Raised by a primary's call whose value goes to the duplicates waiting at this moment but is
+    not stored (``shared``: its bytes, or empty when too large to hand over; ``reason``: why).
+    The token is released afterwards, so a later retry runs again. The waiters get `NotStored`."""
+
+    def __init__(self, reason: str, shared: bytes = b"") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.shared = shared

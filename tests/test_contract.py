@@ -18,6 +18,7 @@ from strands_dedup import (
     DuplicateInFlight,
     FingerprintMismatch,
     LeaseLost,
+    NotStored,
     PrimaryFailed,
     ReentrantCall,
     ResultTooLarge,
@@ -27,6 +28,7 @@ from strands_dedup import (
     WaitTimeout,
     current_call,
 )
+from strands_dedup.protocol import ShareOnly
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -157,6 +159,29 @@ async def test_failure_is_shared_with_waiters_but_not_stored(dedup: Deduplicator
     assert info.value.error_type == "builtins.ValueError"
     assert info.value.error_message == "model refused"
     assert (await dedup.execute("t", lambda: "second try")).role is Role.PRIMARY
+
+
+async def test_a_share_only_value_reaches_the_waiters_of_the_moment_and_nothing_more(
+    make: Callable[..., Any],
+) -> None:
+    async with make(cache_errors=True) as dedup:
+        gate = Gate(ShareOnly("status 503 is not retained", b"the response"))
+        primary = asyncio.create_task(dedup.execute("t", gate))
+        await gate.started.wait()
+        dup = asyncio.create_task(dedup.execute("t", gate))
+        await waiting(dedup, 1)
+        gate.release.set()
+        with pytest.raises(ShareOnly):
+            await primary
+        with pytest.raises(NotStored) as info:
+            await dup
+        assert info.value.shared == b"the response"
+        assert info.value.reason == "status 503 is not retained"
+        assert isinstance(info.value, PrimaryFailed)  # callers catching failures still do
+        assert dedup.counters["failures"] == 0
+        # Never stored (not even with cache_errors), and the token is free again.
+        again = await dedup.execute("t", lambda: "second try")
+        assert again.role is Role.PRIMARY and again.fence > gate.fence
 
 
 async def test_retry_mode_hands_the_call_to_one_waiter(make: Callable[..., Any]) -> None:

@@ -61,6 +61,25 @@ def test_an_envelope_round_trips() -> None:
     assert fence_of(_envelope()) == 7 and fence_of(b"not ours") is None
 
 
+def test_a_share_only_envelope_is_a_value_that_was_not_stored() -> None:
+    header = envelope_header(
+        ok=False,
+        fence=3,
+        fingerprint=None,
+        serializer="json",
+        created_ms=1,
+        token="t",
+        scope="",
+        error_type="strands_dedup.protocol.ShareOnly",
+        error_message="status 503 is not retained",
+        shared_only=True,
+    )
+    shared = decode_envelope(encode_envelope("o", header, b"the response"))
+    assert (shared.stored, shared.ok, shared.payload) == (False, False, b"the response")
+    assert shared.error_message == "status 503 is not retained"
+    assert decode_envelope(_envelope()).stored and decode_envelope(_envelope(ok=False)).stored
+
+
 def test_lease_and_session_metadata_round_trip() -> None:
     meta = encode_lease_meta('"tok":"t","sc":""', "fp", 123)
     lease = decode_lease(encode_lease("abc", 9, meta), 500)

@@ -37,6 +37,7 @@ from ..errors import (
     DuplicateInFlight,
     FingerprintMismatch,
     LeaseLost,
+    NotStored,
     OutcomeUnknown,
     PrimaryFailed,
     ReentrantCall,
@@ -57,6 +58,7 @@ from ..protocol import (
     Outcome,
     Replay,
     Role,
+    ShareOnly,
     Wake,
     WakeUp,
     after_wake,
@@ -484,6 +486,15 @@ class Engine:
                 f"token {keys.token!r} was used for a different request (fingerprint differs)",
                 token=keys.token,
             )
+        if not envelope.stored:
+            raise NotStored(
+                f"the primary for token {keys.token!r} handed its value to the duplicates "
+                f"waiting then, without storing it: {envelope.error_message}",
+                token=keys.token,
+                reason=envelope.error_message,
+                shared=envelope.payload,
+                fence=envelope.fence,
+            )
         if not envelope.ok:
             raise PrimaryFailed(
                 f"the primary for token {keys.token!r} failed: "
@@ -576,6 +587,7 @@ class Engine:
             scope=lease.keys.scope,
             error_type="" if exc is None else f"{type(exc).__module__}.{type(exc).__qualname__}",
             error_message="" if exc is None else str(exc)[:_MAX_ERROR_TEXT],
+            shared_only=isinstance(exc, ShareOnly),
         )
         return encode_envelope(lease.owner, header, payload)
 
@@ -693,13 +705,15 @@ class Engine:
                 exc,
             )
             return
-        if isinstance(exc, Exception):
+        if isinstance(exc, Exception) and not isinstance(exc, ShareOnly):
             self.observer.count("failures")
         if lease.lost:
             return  # somebody else holds the token now; nothing of ours may be written
         release = not isinstance(exc, Exception) or self.config.on_primary_error == "retry"
         stored = b""
-        if release:
+        if isinstance(exc, ShareOnly):  # handed to the waiters of the moment, never stored
+            message = encode_value_message(self._envelope(lease, exc.shared, exc))
+        elif release:
             message = encode_released_message(lease.fence)
         else:
             envelope = self._envelope(lease, b"", exc)

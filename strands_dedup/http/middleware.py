@@ -21,7 +21,7 @@
   hop-by-hop, ``Date`` or (unless ``replay_set_cookie=True``) ``Set-Cookie`` headers.
 - ``retain(status)`` says which responses are stored for later retries (default: 2xx and 4xx
   except 409 and 429). Others (5xx, ...) go to the duplicates waiting at that moment, when they
-  fit in a shared failure (about 1 KiB of body); a later retry runs again. A body larger than
+  fit in a wake-up message (``inline_result_bytes``); a later retry runs again. A body larger than
   ``max_stored_body`` is not stored either: its waiting duplicates get 409 ``not-retained``.
 - A streamed response (``text/event-stream``, or a body without ``Content-Length``) is also
   followed live by the duplicates; one with a ``Content-Length`` is stored as a plain result.
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -59,11 +58,12 @@ from ..errors import (
     FingerprintMismatch,
     InvalidToken,
     LeaseLost,
+    NotStored,
     PrimaryFailed,
     StoreUnavailable,
     WaitTimeout,
 )
-from ..protocol import LeaveClaimed, Outcome, Role
+from ..protocol import LeaveClaimed, Outcome, Role, ShareOnly
 from .policy import (
     HttpConfig,
     Rejected,
@@ -98,7 +98,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("strands_dedup.http")
 PROBLEM_BASE = "https://strands-dedup.dev/problems/"
-_SHARE_LIMIT = 1800  # characters of a not-retained response shared through a failure message
 _OWN = object()  # marks the chunks the primary's own client already has
 KEYED = "strands_dedup.keyed"
 """Key of the ASGI scope the application sees: true when the request is a keyed primary."""
@@ -126,15 +125,6 @@ class StoredResponse(BaseModel):
 
     def raw_body(self) -> bytes:
         return base64.b64decode(self.body)
-
-
-class _NotRetained(Exception):
-    """Raised through the deduplicator so a response is shared with waiters but not stored."""
-
-    def __init__(self, response: StoredResponse | None, reason: str) -> None:
-        payload = response.model_dump_json() if response is not None else ""
-        shared = payload if len(payload) <= _SHARE_LIMIT else ""
-        super().__init__(json.dumps({"reason": reason, "response": shared}))
 
 
 async def send_response(
@@ -425,7 +415,7 @@ class IdempotencyMiddleware:
         """The primary's response already went to its client: what is left is the store's part."""
         if not own.finished:
             raise exc  # the application failed part-way: abort; the client retries
-        if isinstance(exc, _NotRetained | LeaveClaimed):
+        if isinstance(exc, ShareOnly | LeaveClaimed):
             return
         log.warning("the response to key %s was sent but not stored: %r", label, exc)
 
@@ -483,15 +473,13 @@ class IdempotencyMiddleware:
             raise exc
 
     async def _send_shared_failure(self, send: Send, exc: PrimaryFailed) -> None:
-        if exc.error_type.endswith("._NotRetained"):
-            with contextlib.suppress(ValueError, TypeError, KeyError):
-                shared = json.loads(exc.error_message)
-                if shared.get("response"):
-                    response = StoredResponse.model_validate_json(shared["response"])
-                    headers = replay_headers(response.raw_headers(), self.config.replay_set_cookie)
-                    headers.append((b"idempotent-replayed", b"true"))
-                    await send_response(send, response.status, headers, response.raw_body())
-                    return
+        if isinstance(exc, NotStored):
+            if exc.shared:
+                response = StoredResponse.model_validate_json(exc.shared)
+                headers = replay_headers(response.raw_headers(), self.config.replay_set_cookie)
+                headers.append((b"idempotent-replayed", b"true"))
+                await send_response(send, response.status, headers, response.raw_body())
+                return
             await problem(
                 send,
                 409,
@@ -572,10 +560,13 @@ class IdempotencyMiddleware:
         finally:
             never.cancel()
         if size > cfg.max_stored_body:
-            raise _NotRetained(None, "the response body exceeded max_stored_body")
+            raise ShareOnly("the response body exceeded max_stored_body")
         response = StoredResponse.capture(status, headers, b"".join(chunks))
         if not cfg.retain(status):
-            raise _NotRetained(response, f"status {status} is not retained")
+            shared = response.model_dump_json().encode()
+            if len(shared) > self.dedup.config.inline_result_bytes:
+                shared = b""  # too large to hand over in the wake-up message: a 409 instead
+            raise ShareOnly(f"status {status} is not retained", shared)
         return response
 
     async def cancel_primaries(self, timeout: float = 10.0) -> None:
