@@ -130,7 +130,11 @@ class AutoPipeline:
 
     async def _connection(self) -> Any:
         if self._conn is None:
-            self._conn = await self._pool.get_connection()
+            conn = await self._pool.get_connection()
+            # Each batch is bounded as a whole (`timeout`): no per-write timer (redis-py wraps
+            # every write in asyncio.wait_for, a task each, when the connection has a timeout).
+            conn.socket_timeout = None
+            self._conn = conn
         return self._conn
 
     async def _drop(self) -> None:
