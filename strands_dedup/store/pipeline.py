@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import redis.exceptions as rex
 
@@ -34,7 +34,7 @@ __all__ = ["AutoPipeline", "pack"]
 _Pending = tuple[Sequence[Any], "asyncio.Future[Any]"]
 
 
-def pack(args: Sequence[Any]) -> bytes:
+def _pack_python(args: Sequence[Any]) -> bytes:
     """One command in RESP: an array of bulk strings (bytes as they are; str as UTF-8; int and
     float as their decimal text)."""
     parts = [b"*%d\r\n" % len(args)]
@@ -43,14 +43,36 @@ def pack(args: Sequence[Any]) -> bytes:
             data = arg
         elif isinstance(arg, str):
             data = arg.encode()
-        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            data = b"%d" % arg
+        elif isinstance(arg, float):
             data = repr(arg).encode()
         elif isinstance(arg, memoryview):
             data = arg.tobytes()
         else:
             raise rex.DataError(f"cannot send a {type(arg).__name__} to Redis: {arg!r}")
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        parts += (b"$%d\r\n" % len(data), data, b"\r\n")
     return b"".join(parts)
+
+
+def _hiredis_packer() -> Callable[[Sequence[Any]], bytes]:
+    """hiredis' C packer when the optional hiredis is installed (the same bytes), else ours."""
+    try:
+        from hiredis import pack_command
+    except ImportError:  # pragma: no cover - exercised by the CI pass without hiredis
+        return _pack_python
+    plain = frozenset({bytes, str, int, float})
+
+    def pack_c(args: Sequence[Any]) -> bytes:
+        if all(type(arg) in plain for arg in args):
+            return cast(bytes, pack_command(tuple(args)))
+        return _pack_python(args)
+
+    return pack_c
+
+
+pack = _hiredis_packer()
+"""Pack one command in RESP."""
 
 
 class AutoPipeline:
