@@ -64,6 +64,19 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+_WAKE_CHUNK = 256
+"""Waiters woken per turn of the event loop when one message reaches many: what else is ready
+(the primary's own reply, other connections) runs between chunks instead of after them all."""
+
+
+def _wake_chunks(watches: tuple[Watch, ...], start: int) -> None:
+    end = start + _WAKE_CHUNK
+    for watch in watches[start:end]:
+        watch.wake()
+    if end < len(watches):
+        asyncio.get_running_loop().call_soon(_wake_chunks, watches, end)
+
+
 class Watch:
     """One waiter's registration on a channel."""
 
@@ -78,6 +91,13 @@ class Watch:
 
     def deliver(self, event: Any) -> None:
         self._events.append(event)
+        self.wake()
+
+    def queue(self, event: Any) -> None:
+        """Hold ``event`` for this watch without waking its waiter yet (see `wake`)."""
+        self._events.append(event)
+
+    def wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -434,8 +454,14 @@ class Subscriber:
                 return
             state.mark = time.monotonic()
             event = self._decode(response[2])
-            for watch in tuple(state.watches):
-                watch.deliver(event)
+            watches = tuple(state.watches)
+            if len(watches) <= _WAKE_CHUNK:
+                for watch in watches:
+                    watch.deliver(event)
+            else:  # every watch has the event now; their waiters wake a chunk per loop turn
+                for watch in watches:
+                    watch.queue(event)
+                _wake_chunks(watches, 0)
         elif kind == subscribed:
             state = self._channels.get(response[1])
             if state is None:
