@@ -128,13 +128,21 @@ async def test_a_cancelled_caller_leaves_the_others_their_replies(pipe: AutoPipe
     queued[3].cancel()  # before the write: dropped from the batch
     assert [r for i, r in enumerate(await asyncio.gather(*queued, return_exceptions=True))
             if i != 3] == [str(i).encode() for i in range(10) if i != 3]  # fmt: skip
-    sleeping = asyncio.ensure_future(pipe.execute("DEBUG", "SLEEP", "0.2"))
-    written = [asyncio.ensure_future(pipe.execute("ECHO", str(i))) for i in range(5)]
-    await asyncio.sleep(0.05)
-    written[1].cancel()  # after the write: its reply is read and dropped
-    results = await asyncio.gather(sleeping, *written, return_exceptions=True)
+    # The first command goes alone (nothing in flight); the rest are one batch, written once it
+    # is answered, whose replies DEBUG SLEEP holds back: ECHO 1 is cancelled after its write.
+    before = pipe.batches
+    first = asyncio.ensure_future(pipe.execute("DEBUG", "SLEEP", "0.1"))
+    batch = [
+        asyncio.ensure_future(pipe.execute(*args))
+        for args in (("ECHO", "0"), ("DEBUG", "SLEEP", "0.3"), ("ECHO", "1"), ("ECHO", "2"))
+    ]
+    await first
+    await asyncio.sleep(0.15)
+    assert pipe.batches == before + 2  # the lone command, then the batch: written, unanswered
+    batch[2].cancel()  # after the write: its reply is read and dropped
+    results = await asyncio.gather(*batch, return_exceptions=True)
     assert isinstance(results[2], asyncio.CancelledError)
-    assert [results[i + 1] for i in (0, 2, 3, 4)] == [b"0", b"2", b"3", b"4"]
+    assert [results[0], results[3]] == [b"0", b"2"]
     assert await pipe.execute("ECHO", "next") == b"next"  # nothing shifted
 
 

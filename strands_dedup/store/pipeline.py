@@ -1,20 +1,21 @@
 """`AutoPipeline`: commands issued by concurrent calls leave together, on one connection.
 
-Every command given to `AutoPipeline.execute` while no batch is being written joins the next
-batch; a batch is one write of every queued command (at most ``max_batch``) on one connection,
-then its replies, read in order and handed to their callers. While a batch is in flight, the
-commands that arrive meanwhile gather for the next one: under concurrency a batch carries what
-many calls issued in the same loop iteration, and a lone call costs one round trip as before.
+A command given to `AutoPipeline.execute` while nothing is in flight is written at once by its
+caller, who reads its reply; every command given while something is in flight joins the next
+batch: one write of every queued command (at most ``max_batch``) on one connection, then its
+replies, read in order and handed to their callers. Under concurrency a batch carries what many
+calls issued while the previous one was answered, and a lone call costs one round trip, with no
+hop to another task.
 Nothing is transactional: each command succeeds or fails on its own (an error reply goes to its
 caller only).
 
 - A caller cancelled while its command waits in the queue is dropped before the write; one
-  cancelled after the write has its reply read and discarded.
+  cancelled after the write has its reply read and discarded (a lone caller cancelled while it
+  reads its own reply closes the connection: the next command opens another).
 - A connection that fails (connect, write or read error; the batch not answered within
-  ``timeout``) is closed, every
-  caller of its batch gets that error (the store turns it into `StoreUnavailable`, or retries
-  what is safe to repeat), and the next batch opens a new connection from the pool (behind
-  Sentinel: to the current primary).
+  ``timeout``) is closed, every caller of its batch gets that error (the store turns it into
+  `StoreUnavailable`, or retries what is safe to repeat), and the next batch opens a new
+  connection from the pool (behind Sentinel: to the current primary).
 - The connection comes from the client's pool and is held for the pipeline's life, so it counts
   towards ``max_connections``.
 """
@@ -87,6 +88,7 @@ class AutoPipeline:
         self._queue: list[_Pending] = []
         self._conn: Any = None
         self._writer: asyncio.Task[None] | None = None
+        self._alone = False  # a caller is writing (and reading) a command of its own
         self._closed = False
         self.batches = 0
         """Batches written so far (for tests and benchmarks)."""
@@ -97,10 +99,22 @@ class AutoPipeline:
         """Send one command with the others of this loop iteration; its reply (or its error)."""
         if self._closed:
             raise rex.ConnectionError("the pipeline is closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self._writer is None and not self._alone and not self._queue:
+            # Nothing in flight: this caller writes its command itself (no hop to a writer task);
+            # what others send meanwhile gathers into the next batch.
+            self._alone = True
+            try:
+                await self._send([(args, future)])
+            finally:
+                self._alone = False
+                if self._queue and self._writer is None and not self._closed:
+                    self._writer = loop.create_task(self._drain())
+            return future.result()
         self._queue.append((args, future))
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        if self._writer is None and not self._alone:
+            self._writer = loop.create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
