@@ -214,3 +214,42 @@ async def test_a_primary_killed_mid_stream_is_replaced_and_followers_reset(
     assert {item["pid"] for item in before} == {child.pid}
     assert [item["i"] for item in before] == list(range(len(before)))  # in order, from 0
     assert after == [{"pid": os.getpid(), "i": i} for i in range(5)]  # the new attempt, whole
+
+
+async def test_a_follower_follows_only_the_attempt_of_the_live_lease(
+    backend_url: str, namespace: str
+) -> None:
+    # A first attempt streams three chunks and fails (its lease is released); a second primary
+    # holds the token without having streamed yet. A follower joining now must not take the dead
+    # attempt's chunks for the live one's (it would have to be reset, mid-response, later).
+    async with (
+        Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as a,
+        Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as b,
+    ):
+        keys = a.engine.keys.for_token("tok")
+        fail = asyncio.Event()
+
+        async def dies() -> AsyncIterator[dict[str, int]]:
+            for i in range(3):
+                yield {"dead": i}
+            await fail.wait()
+            raise RuntimeError("the first attempt dies")
+
+        first = asyncio.create_task(collect(a.stream("tok", dies)))
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(await a.engine.read_stream(keys, None, 100)) < 4:  # its begin and 3 chunks
+            assert asyncio.get_running_loop().time() < deadline, "the chunks never arrived"
+            await asyncio.sleep(0.005)  # polling the stream against a deadline
+        fail.set()
+        with pytest.raises(RuntimeError):
+            await first
+        live = Producer(5, pause_after=0)  # claims, then waits before its first chunk
+        second = asyncio.create_task(collect(b.stream("tok", live)))
+        await asyncio.wait_for(live.paused.wait(), 5)
+        follower = asyncio.create_task(collect(a.stream("tok", Producer(5))))
+        while a.engine.subscriber.waiters < 1:
+            await asyncio.sleep(0.005)  # polling the subscriber against the test's timeout
+        live.resume.set()
+        followed, produced = await asyncio.gather(follower, second)
+        assert produced == [{"i": i} for i in range(5)]
+        assert followed == produced  # no dead chunk, no StreamReset

@@ -209,6 +209,7 @@ class _Follower:
         self.deadline = self.started + timeout
         self.claims = 0
         self.attempt: int | None = None  # fence of the attempt whose chunks this caller follows
+        self.live: int | None = None  # fence of the lease the last claim found
         self.received = 0  # chunks of that attempt handed to the caller
         self.cursor: bytes | None = None  # last stream entry read
         self.first_read = True
@@ -247,6 +248,7 @@ class _Follower:
         until = time.monotonic() + wait_budget(
             step.lease.pttl_ms, self.engine.config.takeover_grace, self.deadline - time.monotonic()
         )
+        self.live = step.lease.fence
         return Listen(until, await self.entries())
 
     async def heard(
@@ -270,7 +272,7 @@ class _Follower:
         )
 
     async def entries(self) -> list[Event]:
-        """The attempt's entries since the last read, as events."""
+        """The entries of the live lease's attempt since the last read, as events."""
         events: list[Event] = []
         while True:
             entries = await self.engine.read_stream(self.keys, self.cursor, _READ_BATCH)
@@ -284,6 +286,10 @@ class _Follower:
                 kind = fields.get(b"k")
                 fence = int(fields.get(b"f", b"0"))
                 if kind == STREAM_BEGIN:
+                    if fence != self.live:
+                        # an attempt whose lease is gone: its stream may stop anywhere, and the
+                        # holder of the live lease may never stream; follow only the live one
+                        continue
                     if self.attempt is not None and fence != self.attempt and self.received:
                         events.append(StreamReset(fence))
                         self.received = 0
