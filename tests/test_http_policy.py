@@ -115,7 +115,7 @@ def test_keys_by_example() -> None:
 
 
 def test_an_identity_is_a_keyed_digest_of_the_credentials() -> None:
-    names = ("authorization", "x-api-key")
+    names = frozenset({b"authorization", b"x-api-key"})
     alice = [(b"Authorization", b"Bearer alice")]
     one = identity_of(alice, names, b"k1")
     assert one.startswith("id-") and "alice" not in one

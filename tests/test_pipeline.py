@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -137,8 +138,11 @@ async def test_a_cancelled_caller_leaves_the_others_their_replies(pipe: AutoPipe
         for args in (("ECHO", "0"), ("DEBUG", "SLEEP", "0.3"), ("ECHO", "1"), ("ECHO", "2"))
     ]
     await first
-    await asyncio.sleep(0.15)
-    assert pipe.batches == before + 2  # the lone command, then the batch: written, unanswered
+    deadline = time.monotonic() + 5
+    while pipe.batches < before + 2:  # the lone command, then the batch: written, unanswered
+        assert time.monotonic() < deadline, "the batch was never written"
+        await asyncio.sleep(0.005)  # polling the pipeline's count against a deadline
+    assert not batch[2].done()  # DEBUG SLEEP 0.3 holds the batch's replies
     batch[2].cancel()  # after the write: its reply is read and dropped
     results = await asyncio.gather(*batch, return_exceptions=True)
     assert isinstance(results[2], asyncio.CancelledError)
@@ -175,14 +179,22 @@ async def test_scripts_survive_a_flush_mid_stream_and_a_killed_connection(
 
         assert await asyncio.gather(*(call(i) for i in range(100))) == list(range(100))
 
+        started = 0
+        storming = asyncio.Event()
+
         async def slow(i: int) -> int:
-            await asyncio.sleep(0.05)
+            nonlocal started
+            started += 1
+            if started == 10:
+                storming.set()
+            await asyncio.sleep(0.05)  # the call's own work
             return i
 
         calls = [
             asyncio.ensure_future(dedup.execute(f"k{i}", lambda i=i: slow(i))) for i in range(60)
         ]
-        await asyncio.sleep(0.02)
+        async with asyncio.timeout(10):
+            await storming.wait()
         side.client_kill_filter(_type="normal", skipme=True)  # mid-storm: every connection
         async with asyncio.timeout(30):
             outcomes = await asyncio.gather(*calls, return_exceptions=True)

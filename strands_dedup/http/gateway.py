@@ -26,7 +26,6 @@ from ..protocol import LeaveClaimed
 from .middleware import KEYED, IdempotencyMiddleware, problem, read_body, reject
 from .policy import (
     GatewayConfig,
-    HttpConfig,
     Rejected,
     relay_headers,
     retry_after,
@@ -125,16 +124,10 @@ class Gateway:
         self.config = config
         self.dedup = dedup
         scheme, host, port, self._base = split_upstream(config.upstream)
-        self.upstream = config.upstream.rstrip("/")
         self._origin = f"{scheme}://{host if ':' not in host else f'[{host}]'}" + (
             f":{port}" if port is not None else ""
         )
-        middleware_fields = set(HttpConfig.model_fields)
-        self.middleware = IdempotencyMiddleware(
-            self.proxy,
-            dedup=dedup,
-            config=HttpConfig(**{k: v for k, v in config if k in middleware_fields}),
-        )
+        self.middleware = IdempotencyMiddleware(self.proxy, dedup=dedup, config=config)
         self._client: Any = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -148,7 +141,7 @@ class Gateway:
             await self._own(raw_path.decode(), send)
             return
         try:
-            target = upstream_target(raw_path, scope.get("query_string", b""), self._base)
+            target = self._target(scope)
         except Rejected as rejected:
             await reject(send, rejected)
             return
@@ -158,6 +151,11 @@ class Gateway:
         scope["path"] = unquote(path)
         scope[_TARGET] = target
         await self.dedup.engine.observer.timed(self.middleware, scope, receive, send)
+
+    def _target(self, scope: Scope) -> str:
+        """The upstream path and query for this request; `Rejected` (400) if it is not safe."""
+        raw_path = scope.get("raw_path") or scope.get("path", "").encode("latin-1")
+        return upstream_target(raw_path, scope.get("query_string", b""), self._base)
 
     async def _own(self, path: str, send: Send) -> None:
         if path == "/healthz":
@@ -229,22 +227,15 @@ class Gateway:
 
         if self._client is None:
             await self.start()
-        limit = self.config.max_request_body
         try:
-            body = await read_body(receive, scope.get("headers", []), limit)
+            # the target the gateway checked, or (proxy mounted on its own) checked here
+            target = scope.get(_TARGET) or self._target(scope)
+            body = await read_body(receive, scope.get("headers", []), self.config.max_request_body)
         except Rejected as rejected:
             await reject(send, rejected)
             return
         if body is None:
             return
-        target = scope.get(_TARGET)
-        if target is None:  # called without the gateway's own checks: apply them here
-            raw_path = scope.get("raw_path") or scope["path"].encode("latin-1")
-            try:
-                target = upstream_target(raw_path, scope.get("query_string", b""), self._base)
-            except Rejected as rejected:
-                await reject(send, rejected)
-                return
         url = self._client.base_url.copy_with(raw_path=target.encode("ascii"))
         request = self._client.build_request(
             scope["method"], url, headers=_forwarded(scope), content=body

@@ -65,6 +65,7 @@ from ..errors import (
 )
 from ..protocol import LeaveClaimed, Outcome, Role, ShareOnly
 from .policy import (
+    ANONYMOUS,
     HttpConfig,
     Rejected,
     body_too_large,
@@ -277,6 +278,8 @@ class IdempotencyMiddleware:
         self._methods = frozenset(cfg.methods)
         self._header = cfg.header_name
         self._tenant_header = cfg.scope_header.lower().encode() if cfg.scope_header else None
+        self._identity_names = cfg.identity_header_names  # read once: used on every request
+        self._secret = cfg.secret
         self._fingerprint_headers = tuple(h.encode("latin-1") for h in cfg.fingerprint_headers)
         self._on_duplicate: Literal["wait", "raise"] = (
             "raise" if cfg.on_duplicate == "reject" else "wait"
@@ -328,9 +331,9 @@ class IdempotencyMiddleware:
         if not cfg.share_keys_across_identities:
             if cfg.identity is not None:
                 named = cfg.identity(scope)
-                identity = named_identity(named, cfg.secret) if named else "anon"
+                identity = named_identity(named, self._secret) if named else ANONYMOUS
             else:
-                identity = identity_of(scope.get("headers", []), cfg.identity_headers, cfg.secret)
+                identity = identity_of(scope.get("headers", []), self._identity_names, self._secret)
         return combine_scope(tenant, identity)
 
     def _fingerprint(self, scope: Scope, body: bytes) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Literal
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
@@ -154,6 +154,10 @@ class HttpConfig(BaseModel):
         return self.header.strip().lower().encode("latin-1")
 
     @property
+    def identity_header_names(self) -> frozenset[bytes]:
+        return frozenset(name.encode("latin-1") for name in self.identity_headers)
+
+    @property
     def secret(self) -> bytes:
         if self.identity_secret is None:
             return _DEFAULT_IDENTITY_KEY
@@ -203,16 +207,16 @@ def _normalized(path: bytes) -> bytes | None:
     out: list[bytes] = []
     segments = path.split(b"/")[1:]
     for i, segment in enumerate(segments):
-        last = i == len(segments) - 1
-        if segment.split(b";", 1)[0] in (b".", b".."):
-            if segment.split(b";", 1)[0] == b"..":
-                if not out:
-                    return None
-                out.pop()
-            if last:
-                out.append(b"")
+        dots = segment.split(b";", 1)[0]
+        if dots not in (b".", b".."):
+            out.append(segment)
             continue
-        out.append(segment)
+        if dots == b"..":
+            if not out:
+                return None
+            out.pop()
+        if i == len(segments) - 1:
+            out.append(b"")  # "/a/.." and "/a/." end with a slash
     return b"/" + b"/".join(out)
 
 
@@ -307,14 +311,16 @@ def body_too_large(limit: int) -> Rejected:
     )
 
 
-def identity_of(headers: Iterable[tuple[bytes, bytes]], names: Sequence[str], secret: bytes) -> str:
-    """``id-<hex>``: a keyed digest of the caller's credential headers, or `ANONYMOUS`.
+def identity_of(
+    headers: Iterable[tuple[bytes, bytes]], names: Collection[bytes], secret: bytes
+) -> str:
+    """``id-<hex>``: a keyed digest of the caller's credential headers (``names``, lower-case),
+    or `ANONYMOUS`.
 
     The credentials themselves never leave this function: only the digest is stored, logged or
     shown.
     """
-    wanted = {name.encode("latin-1") for name in names}
-    found = sorted((n.lower(), v) for n, v in headers if n.lower() in wanted)
+    found = sorted((n.lower(), v) for n, v in headers if n.lower() in names)
     if not found:
         return ANONYMOUS
     return "id-" + _digest(secret, found)

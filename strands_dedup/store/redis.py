@@ -272,8 +272,6 @@ class RedisStore:
         """
         claim_lane, settle_lane = self._lanes()
         slots = settle_lane if priority else claim_lane
-        task = asyncio.current_task()
-        cancelling = task.cancelling() if task is not None else 0
         if slots.locked():
             try:
                 async with asyncio.timeout(self._config.pool_timeout):
@@ -287,22 +285,7 @@ class RedisStore:
         else:
             await slots.acquire()
         try:
-            try:  # fast path: no retry machinery unless the first attempt fails
-                async with asyncio.timeout(self._timeout):
-                    result = await op()
-            except Exception as exc:
-                if not is_transient(exc):
-                    if isinstance(exc, rex.RedisError):
-                        raise store_error(exc, self.where) from exc
-                    raise
-                log.debug("transient Redis error, retrying: %s", exc)
-                first = exc
-            else:
-                if task is not None and task.cancelling() > cancelling:
-                    # A client swallowed our cancellation (its reply raced it): honour it here.
-                    raise asyncio.CancelledError
-                return result
-            return await self._retry(op, first)
+            return await self._attempt(op, bounded=True)
         finally:
             slots.release()
 
@@ -311,21 +294,32 @@ class RedisStore:
     ) -> Any:
         """Run a registered script like `_run` does. Through the auto-pipeline it needs no
         connection slot and no timeout of its own (the pipeline bounds each batch)."""
+        op: Callable[[], Awaitable[Any]] = lambda: self._eval(script, keys, args)  # noqa: E731
         if self.pipeline is None:
-            return await self._run(lambda: self._eval(script, keys, args), priority=priority)
+            return await self._run(op, priority=priority)
+        return await self._attempt(op, bounded=False)
+
+    async def _attempt(self, op: Callable[[], Awaitable[R]], *, bounded: bool) -> R:
+        """Run ``op`` once (within ``socket_timeout`` when ``bounded``); retry a transient
+        error; a driver error becomes the library's own."""
         task = asyncio.current_task()
         cancelling = task.cancelling() if task is not None else 0
-        try:
-            result = await self._eval(script, keys, args)
+        try:  # fast path: no retry machinery unless the first attempt fails
+            if bounded:
+                async with asyncio.timeout(self._timeout):
+                    result = await op()
+            else:
+                result = await op()
         except Exception as exc:
             if not is_transient(exc):
                 if isinstance(exc, rex.RedisError):
                     raise store_error(exc, self.where) from exc
                 raise
             log.debug("transient Redis error, retrying: %s", exc)
-            return await self._retry(lambda: self._eval(script, keys, args), exc)
+            return await self._retry(op, exc)
         if task is not None and task.cancelling() > cancelling:
-            raise asyncio.CancelledError  # a reply raced our cancellation: honour it here
+            # A client swallowed our cancellation (its reply raced it): honour it here.
+            raise asyncio.CancelledError
         return result
 
     async def _retry(self, op: Callable[[], Awaitable[R]], first: Exception) -> R:
