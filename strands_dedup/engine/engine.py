@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import inspect
 import itertools
 import logging
@@ -83,7 +84,7 @@ from .call import is_running, primary_context
 from .observe import Health, Observer, PrometheusMetrics, SessionLoad
 from .renewer import HeldLease, Renewer
 
-__all__ = ["Done", "Engine", "Listen", "WaitHooks"]
+__all__ = ["Done", "Duplicate", "Engine", "Listen", "WaitHooks"]
 
 log = logging.getLogger("strands_dedup")
 T = TypeVar("T")
@@ -98,6 +99,19 @@ class Done(Generic[T]):
     """A waiter's end: ``value`` is what its surface waited for."""
 
     value: T
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """A first claim that found the token in flight: what `Engine.wait_duplicate` needs."""
+
+    keys: TokenKeys
+    owner: str
+    meta: bytes
+    fingerprint: str | None
+    rtype: Any
+    reply: Busy
+    started: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +188,8 @@ class Engine:
         """Reads Redis' eviction policy once, at the first call (`_check_store`)."""
         self._background: set[asyncio.Task[Any]] = set()
         """Streaming primaries whose callers may have stopped listening."""
+        self._home: asyncio.AbstractEventLoop | None = None
+        """Set on a view made by `over`: the engine's own loop, where its leases are renewed."""
 
     @property
     def where(self) -> str:
@@ -224,21 +240,19 @@ class Engine:
     ) -> Outcome[Any] | HeldLease:
         """Claim the token: a replayed `Outcome`, a `HeldLease` to run the call under, or wait."""
         started = time.monotonic()
-        observer = self.observer
         await self.ready(keys)
+        # Listening already (other local waiters on this token)? Then the claim's read needs no
+        # repeat once subscribed.
+        watch = self.subscriber.attach_if_subscribed(keys.channel)
         try:
-            first = await self._claim_or_wait(keys, fingerprint, rtype, wait_timeout, on_duplicate)
-        except FingerprintMismatch:
-            observer.count("fingerprint_mismatch")
-            raise
-        except StoreUnavailable:
-            observer.count("store_errors")
-            raise
-        if isinstance(first, Outcome):
-            observer.received(keys, first.role, first.fence, time.monotonic() - started)
-        else:
-            observer.claimed(first.role)
-        return first
+            first = await self.first_claim(keys, fingerprint, rtype, on_duplicate, started)
+            if not isinstance(first, Duplicate):
+                return first
+            handed, watch = watch, None  # from here on `wait` owns the watch and closes it
+            return await self.wait_duplicate(first, wait_timeout, watch=handed)
+        finally:
+            if watch is not None:
+                watch.close()
 
     async def ready(self, keys: TokenKeys | None = None) -> None:
         """Checks before a call: the right loop, the engine open, the store's policy read."""
@@ -250,52 +264,138 @@ class Engine:
         elif self._store_check.exception() is not None:
             self._store_check.result()  # require_noeviction refused this Redis
         if keys is not None:
-            if self.closed:
-                raise DedupError("the deduplicator is closed", token=keys.token)
-            if is_running(self.store.where, keys.lease):
-                scope = f" in scope {keys.scope!r}" if keys.scope else ""
-                raise ReentrantCall(
-                    f"token {keys.token!r}{scope} is called from inside its own primary call: "
-                    "it would wait for itself (use another token for the inner call)",
-                    token=keys.token,
-                )
+            self.check_call(keys)
+
+    def check_call(self, keys: TokenKeys) -> None:
+        """`DedupError` once closed; `ReentrantCall` inside the primary call of the same token
+        (read from the caller's context)."""
+        if self.closed:
+            raise DedupError("the deduplicator is closed", token=keys.token)
+        if is_running(self.store.where, keys.lease):
+            scope = f" in scope {keys.scope!r}" if keys.scope else ""
+            raise ReentrantCall(
+                f"token {keys.token!r}{scope} is called from inside its own primary call: "
+                "it would wait for itself (use another token for the inner call)",
+                token=keys.token,
+            )
+
+    @property
+    def warm(self) -> bool:
+        """Ready for calls from another loop (`over`): bound to its loop, publishing its
+        counters, the store's policy read and accepted."""
+        check = self._store_check
+        return (
+            self.loop is not None
+            and self._publisher is not None
+            and check is not None
+            and check.done()
+            and not check.cancelled()
+            and check.exception() is None
+        )
+
+    def over(self, store: RedisStore) -> Engine:
+        """This engine with its claims and completions sent through ``store``: a connection made
+        for another event loop (a blocking caller's thread, see `SyncDeduplicator`).
+
+        Only `first_claim`, `complete`, `fail` and `release` may run on that loop. Everything
+        else stays on this engine's loop: leases are renewed there (handed over with
+        `Renewer.add_from_thread`), duplicates wait there (`wait_duplicate`). The counters, the
+        serializer and the owner ids are this engine's.
+        """
+        if self.loop is None:
+            raise RuntimeError("the engine has no loop yet (not warm)")
+        view = copy.copy(self)
+        view.store = store
+        view._home = self.loop
+        return view
+
+    def _keep(self, lease: HeldLease) -> None:
+        """Have the renewer renew ``lease`` (on the engine's own loop)."""
+        if self._home is None:
+            self.renewer.add(lease)
+        else:
+            self.renewer.add_from_thread(lease, self._home)
+
+    def _drop(self, lease: HeldLease) -> None:
+        """Stop renewing ``lease``."""
+        if self._home is None:
+            self.renewer.discard(lease)
+        else:
+            self.renewer.discard_from_thread(lease)
 
     async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
         """One claim (claim.lua): a replay, the lease, or who holds it."""
         return parse_claim_reply(await self.store.claim(keys, owner, meta))
 
-    async def _claim_or_wait(
+    async def first_claim(
         self,
         keys: TokenKeys,
         fingerprint: str | None,
         rtype: Any,
-        wait_timeout: float | None,
         on_duplicate: str | None,
-    ) -> Outcome[Any] | HeldLease:
+        started: float,
+    ) -> Outcome[Any] | HeldLease | Duplicate:
+        """A call's first claim: the replayed `Outcome`, the `HeldLease` to run under, or the
+        `Duplicate` to wait as (`wait_duplicate`); `DuplicateInFlight` when told not to wait."""
         owner = self.new_owner()
         meta = self.lease_meta(keys, fingerprint)
-        # Listening already (other local waiters on this token)? Then this read needs no repeat.
-        watch = self.subscriber.attach_if_subscribed(keys.channel)
-        handed_over = False
+        first: Outcome[Any] | HeldLease
         try:
             reply = await self.claim(keys, owner, meta)
             if isinstance(reply, Replay):
-                return self.outcome_of(reply.envelope, Role.REPLAY, keys, fingerprint, rtype)
-            if isinstance(reply, Claimed):
-                return self.hold(keys, owner, reply.fence, meta, Role.PRIMARY, fingerprint)
-            self.check_lease(reply.lease, keys, fingerprint)
-            if (on_duplicate or self.config.on_duplicate) == "raise":
-                raise self.in_flight(keys, reply.lease)
-            timeout = self.config.wait_timeout if wait_timeout is None else wait_timeout
-            hooks = _TokenWaiter(self, keys, owner, meta, fingerprint, rtype, timeout)
-            listening = None if watch is None else hooks.listen(reply)
-            handed_over = True  # from here on `wait` owns the watch and closes it
-            return await self.wait_for(
+                first = self.outcome_of(reply.envelope, Role.REPLAY, keys, fingerprint, rtype)
+            elif isinstance(reply, Claimed):
+                first = self.hold(keys, owner, reply.fence, meta, Role.PRIMARY, fingerprint)
+            else:
+                self.check_lease(reply.lease, keys, fingerprint)
+                if (on_duplicate or self.config.on_duplicate) == "raise":
+                    raise self.in_flight(keys, reply.lease)
+                return Duplicate(keys, owner, meta, fingerprint, rtype, reply, started)
+        except (FingerprintMismatch, StoreUnavailable) as exc:
+            self._count_error(exc)
+            raise
+        self._count_first(keys, first, started)
+        return first
+
+    async def wait_duplicate(
+        self, duplicate: Duplicate, wait_timeout: float | None, *, watch: Watch | None = None
+    ) -> Outcome[Any] | HeldLease:
+        """Wait as a duplicate for the value (or take over); on this engine's loop. ``watch``:
+        attached before the claim's read, so that read's verdict counts."""
+        keys = duplicate.keys
+        timeout = self.config.wait_timeout if wait_timeout is None else wait_timeout
+        hooks = _TokenWaiter(
+            self,
+            keys,
+            duplicate.owner,
+            duplicate.meta,
+            duplicate.fingerprint,
+            duplicate.rtype,
+            timeout,
+        )
+        listening = None if watch is None else hooks.listen(duplicate.reply)
+        try:
+            first: Outcome[Any] | HeldLease = await self.wait_for(
                 keys.channel, hooks.deadline, hooks, watch=watch, listening=listening
             )
-        finally:
-            if watch is not None and not handed_over:
-                watch.close()
+        except (FingerprintMismatch, StoreUnavailable) as exc:
+            self._count_error(exc)
+            raise
+        self._count_first(keys, first, duplicate.started)
+        return first
+
+    def _count_error(self, exc: Exception) -> None:
+        self.observer.count(
+            "fingerprint_mismatch" if isinstance(exc, FingerprintMismatch) else "store_errors"
+        )
+
+    def _count_first(
+        self, keys: TokenKeys, first: Outcome[Any] | HeldLease, started: float
+    ) -> None:
+        if isinstance(first, Outcome):
+            self.observer.received(keys, first.role, first.fence, time.monotonic() - started)
+        else:
+            self.observer.claimed(first.role)
 
     def hold(
         self,
@@ -308,7 +408,7 @@ class Engine:
     ) -> HeldLease:
         """A lease just claimed, renewed from now on until it is completed, failed or released."""
         lease = HeldLease(keys, owner, fence, encode_lease(owner, fence, meta), role, fingerprint)
-        self.renewer.add(lease)
+        self._keep(lease)
         return lease
 
     @staticmethod
@@ -540,7 +640,7 @@ class Engine:
             lease.task = None
             if lease.cancelling and task is not None:
                 task.uncancel()
-                self.renewer.discard(lease)
+                self._drop(lease)
                 raise self._lost_error(lease, "the call was cancelled") from None
             await asyncio.shield(self.fail(lease, None))
             raise
@@ -621,6 +721,7 @@ class Engine:
             if len(envelope) <= self.config.inline_result_bytes
             else encode_stored_message(lease.fence)
         )
+        lease.ending = True
         try:
             ok, reason = await self.store.settle(
                 lease.keys, lease.owner, lease.fence, envelope, message
@@ -632,7 +733,7 @@ class Engine:
             self.observer.count("store_errors")
             ok, reason = await self._settle_again(lease, envelope, message, lost)
         finally:
-            self.renewer.discard(lease)
+            self._drop(lease)
         if not ok:
             raise self._lost_error(lease, f"its completion was refused ({reason})")
         self.observer.outcome(lease.keys, lease.role, lease.fence, time.monotonic() - lease.started)
@@ -696,7 +797,8 @@ class Engine:
         ``exc`` is None (or not an ``Exception``) when the call was cancelled or interrupted:
         the token is released and one waiter takes over.
         """
-        self.renewer.discard(lease)
+        lease.ending = True
+        self._drop(lease)
         if isinstance(exc, LeaveClaimed):
             log.warning(
                 "token %r stays claimed until its lease expires (within %gs): %s",

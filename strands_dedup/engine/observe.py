@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import asdict, dataclass, field
@@ -178,6 +179,7 @@ class Observer:
         self.namespace = namespace
         self.counters = dict.fromkeys(EVENTS, 0)
         self.changed = False
+        self._lock = threading.Lock()  # blocking callers count from their own threads
         self._metrics = metrics
         self.tracer = _tracer()
         """The OpenTelemetry tracer spans come from (None without opentelemetry-api)."""
@@ -191,8 +193,9 @@ class Observer:
             self._metrics.waiters.labels(self.namespace).set_function(waiters)
 
     def count(self, event: str) -> None:
-        self.counters[event] += 1
-        self.changed = True
+        with self._lock:
+            self.counters[event] += 1
+            self.changed = True
         if self._metrics is not None:
             self._events[event].inc()
 
@@ -296,8 +299,9 @@ class Observer:
             yield span
 
     def snapshot(self) -> dict[str, int]:
-        self.changed = False
-        return dict(self.counters)
+        with self._lock:
+            self.changed = False
+            return dict(self.counters)
 
 
 def digest(keys: TokenKeys) -> str:

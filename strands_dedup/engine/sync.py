@@ -1,22 +1,31 @@
 """`SyncDeduplicator`: the blocking facade over the asyncio core.
 
-The core runs on one private event loop in a daemon thread (the *portal*); the blocking caller
-sends it the claim and the completion, and runs its call in its own thread in between. A waiting
-duplicate blocks only its own thread. The portal's loop owns the facade's renewer and subscriber.
+The core runs on one private event loop in a daemon thread (the *portal*), which owns the
+facade's renewer and subscriber: leases are renewed there and duplicates wait there (a waiting
+duplicate blocks only its own thread). The claim and the completion of a call are the engine's
+own coroutines, run where they cost least: on an event loop of the calling thread's own (a
+`_CallerLoop`, over a connection of its own) from the thread's second call on, so a call crosses
+no thread; else (the first call of a thread, a cluster or Sentinel, a thread running an event
+loop, more threads than ``max_connections``) handed to the portal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
+import logging
 import threading
+import time
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aredis
 
 from ..config import DedupConfig
+from ..errors import DedupError
 from ..protocol import Outcome
 from ..serialization import Serializer
 from .call import primary_context
@@ -28,13 +37,14 @@ from .deduplicator import (
     normalize_fingerprint,
     return_type_of,
 )
-from .engine import Engine
+from .engine import Duplicate, Engine
 from .observe import Health, PrometheusMetrics
 from .renewer import HeldLease
 
 __all__ = ["Bridge", "SyncDeduplicator"]
 
 T = TypeVar("T")
+log = logging.getLogger("strands_dedup")
 
 
 class _Portal:
@@ -65,6 +75,52 @@ class _Portal:
             self.loop.close()
 
 
+class _CallerLoop:
+    """An event loop of one calling thread's own, where that thread's claims and completions
+    run (the engine's coroutines, over a connection of the thread's own): a call then crosses no
+    thread. Its thread holds ``lock`` while the loop runs; closing takes it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        """A view of the core's engine (`Engine.over`) whose store is this loop's."""
+        self.loop = asyncio.new_event_loop()
+        self.thread = weakref.ref(threading.current_thread())
+        self.lock = threading.Lock()
+
+    @property
+    def orphaned(self) -> bool:
+        """Its thread has ended."""
+        thread = self.thread()
+        return thread is None or not thread.is_alive()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        with self.lock:
+            if self.loop.is_closed():
+                coro.close()
+                raise DedupError("the deduplicator is closed")
+            task = self.loop.create_task(coro)
+            try:
+                return self.loop.run_until_complete(task)
+            except BaseException:
+                if not task.done():  # interrupted (KeyboardInterrupt): let the task unwind
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        self.loop.run_until_complete(task)
+                raise
+
+    def close(self) -> None:
+        """Close its connection and the loop (from a thread that runs no event loop)."""
+        with self.lock:
+            if self.loop.is_closed():
+                return
+            try:
+                self.loop.run_until_complete(self.engine.store.aclose())
+            except Exception as exc:  # closing must not fail: the socket goes with the loop
+                log.debug("closing a caller loop's connection failed: %s", exc)
+            finally:
+                self.loop.close()
+
+
 class SyncDeduplicator:
     """The same API as `Deduplicator` for blocking code; the call runs in the caller's thread.
 
@@ -92,11 +148,22 @@ class SyncDeduplicator:
         self.portal = _Portal()
         """The event loop (in a daemon thread) the core runs on."""
         self._closed = False
+        self._local = threading.local()
+        self._callers: list[_CallerLoop] = []
+        self._callers_lock = threading.Lock()
+        self._copyable: bool | None = None
+        """Whether the core's store can be copied for a caller's loop (None: not tried yet)."""
 
     @property
     def engine(self) -> Engine:
         """The core's engine (introspection only)."""
         return self.core.engine
+
+    @property
+    def caller_loops(self) -> int:
+        """Threads whose calls claim and complete on a loop and connection of their own."""
+        with self._callers_lock:
+            return len(self._callers)
 
     @classmethod
     def from_url(
@@ -133,33 +200,82 @@ class SyncDeduplicator:
         engine = self.core.engine
         keys = engine.keys.for_token(token, scope)
         rtype = return_type_of(call) if returns is UNSET else returns
+        fp = normalize_fingerprint(fingerprint)
+        caller = self._caller_loop()
         with engine.span(keys) as span:
-            first = self.portal.call(
-                engine.begin(
-                    keys, normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate
+            if caller is None:
+                first = self.portal.call(engine.begin(keys, fp, rtype, wait_timeout, on_duplicate))
+            else:
+                engine.check_call(keys)  # in this thread's context (and closed or not)
+                claimed = caller.run(
+                    caller.engine.first_claim(keys, fp, rtype, on_duplicate, time.monotonic())
                 )
+                first = (
+                    self.portal.call(engine.wait_duplicate(claimed, wait_timeout))
+                    if isinstance(claimed, Duplicate)
+                    else claimed
+                )
+            outcome = (
+                first
+                if isinstance(first, Outcome)
+                else self._run_primary(first, call, rtype, caller)
             )
-            outcome = first if isinstance(first, Outcome) else self._run_primary(first, call, rtype)
             if span is not None:
                 span.set_attribute("strands_dedup.role", outcome.role.value)
                 span.set_attribute("strands_dedup.fence", outcome.fence)
             return outcome
 
-    def _run_primary(self, lease: HeldLease, call: Callable[[], T], rtype: Any) -> Outcome[T]:
-        engine = self.core.engine
+    def _run_primary(
+        self, lease: HeldLease, call: Callable[[], T], rtype: Any, caller: _CallerLoop | None
+    ) -> Outcome[T]:
+        engine, run = (
+            (self.core.engine, self.portal.call) if caller is None else (caller.engine, caller.run)
+        )
         try:
             with primary_context(lease, engine.where):
                 value = call()
         except BaseException as exc:
-            self.portal.call(engine.fail(lease, exc))
+            run(engine.fail(lease, exc))
             raise
         if inspect.isawaitable(value):
             if inspect.iscoroutine(value):
                 value.close()
             error = TypeError("SyncDeduplicator got an awaitable; use Deduplicator for async calls")
-            self.portal.call(engine.fail(lease, error))
+            run(engine.fail(lease, error))
             raise error
-        return self.portal.call(engine.complete(lease, value, rtype))
+        return run(engine.complete(lease, value, rtype))
+
+    def _caller_loop(self) -> _CallerLoop | None:
+        """This thread's own loop for claims and completions, or None: use the portal."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            return None  # a thread that runs an event loop cannot run another one
+        local = self._local
+        mine: _CallerLoop | None = getattr(local, "caller", None)
+        if mine is not None:
+            return None if mine.loop.is_closed() else mine
+        # A thread's first call goes through the portal: a thread made for one call (a thread
+        # per request) costs no loop and no connection.
+        local.calls = calls = getattr(local, "calls", 0) + 1
+        engine = self.core.engine
+        if calls < 2 or self._copyable is False or self._closed or not engine.warm:
+            return None
+        with self._callers_lock:
+            for orphan in [c for c in self._callers if c.orphaned]:
+                self._callers.remove(orphan)
+                orphan.close()
+            if len(self._callers) >= self.config.max_connections:
+                return None
+            store = engine.store.for_caller_thread()
+            self._copyable = store is not None
+            if store is None:
+                return None
+            mine = local.caller = _CallerLoop(engine.over(store))
+            self._callers.append(mine)
+        return mine
 
     def run(
         self,
@@ -223,6 +339,17 @@ class SyncDeduplicator:
         if self._closed:
             return
         self._closed = True
+        with self._callers_lock:
+            callers, self._callers = self._callers, []
+        if callers:  # in a thread of its own: this one may be running an event loop
+
+            def close_callers() -> None:
+                for caller in callers:
+                    caller.close()
+
+            closer = threading.Thread(target=close_callers, name="strands-dedup-close")
+            closer.start()
+            closer.join()
         try:
             self.portal.call(self.core.aclose())
         finally:

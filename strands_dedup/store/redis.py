@@ -17,9 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar, cast
 
+import redis
 import redis.asyncio as aredis
 import redis.exceptions as rex
 from redis.asyncio.cluster import ClusterNode
+from redis.backoff import NoBackoff
+from redis.retry import Retry as SyncRetry
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -33,7 +36,16 @@ from ..config import DedupConfig
 from ..errors import StoreRefused, StoreUnavailable
 from ..keys import SessionKeys, TokenKeys
 from ..protocol import CLAIM_CLAIMED
-from .pipeline import AutoPipeline
+from .pipeline import AutoPipeline, BlockingLane
+
+_BLOCKING_CONNECTIONS: dict[type, type] = {
+    aredis.Connection: redis.Connection,
+    aredis.SSLConnection: redis.SSLConnection,
+    aredis.UnixDomainSocketConnection: redis.UnixDomainSocketConnection,
+}
+"""The blocking twin of each asyncio connection class (`RedisStore.for_caller_thread`)."""
+_ASYNC_ONLY = frozenset({"retry", "parser_class", "redis_connect_func", "event_dispatcher"})
+"""Connection options that name asyncio objects: a blocking connection takes its own."""
 
 __all__ = [
     "Client",
@@ -218,6 +230,7 @@ class RedisStore:
         *,
         where: str = "redis",
         clock: Callable[[], float] = time.monotonic,
+        lane: BlockingLane | None = None,
     ) -> None:
         self.client = client
         self.where = where
@@ -237,13 +250,14 @@ class RedisStore:
         self._session_renew = client.register_script(_SCRIPTS["session_renew"])
         self._stream_append = client.register_script(_SCRIPTS["stream_append"])
         self._publish = "PUBLISH" if self.cluster is None else "SPUBLISH"
-        self.pipeline = (
+        self.pipeline: AutoPipeline | BlockingLane | None = lane or (
             AutoPipeline(client.connection_pool, timeout=config.socket_timeout)
             if isinstance(client, aredis.Redis) and config.auto_pipeline
             else None
         )
         """Scripts of concurrent calls leave in one write on one connection (see pipeline.py);
-        a cluster, or ``auto_pipeline=False``, runs each on a pooled connection."""
+        a cluster, or ``auto_pipeline=False``, runs each on a pooled connection; a blocking
+        caller's store (`for_caller_thread`) writes each on its blocking connection."""
         self._claim_lane: asyncio.Semaphore | None = None
         self._settle_lane: asyncio.Semaphore | None = None
         self._timeout = config.socket_timeout
@@ -881,6 +895,43 @@ class RedisStore:
         assert self.cluster is not None
         node = self.slot_primary(channel)
         return _subscriber_connection(node.connection_class, node.connection_kwargs)
+
+    def for_caller_thread(self) -> RedisStore | None:
+        """A store with this one's scripts and settings for one blocking caller's thread and
+        its own event loop (redis-py's asyncio connections belong to the loop that opened
+        them): its scripts go over a blocking connection of its own (`BlockingLane`), the
+        rarer reads over a small pool of its own. None where the connection cannot be copied:
+        a cluster, Sentinel, or a client or connection of another type."""
+        client = self.client
+        if type(client) is not aredis.Redis:
+            return None
+        pool = client.connection_pool
+        blocking = _BLOCKING_CONNECTIONS.get(pool.connection_class)
+        if type(pool) not in (aredis.ConnectionPool, aredis.BlockingConnectionPool) or (
+            blocking is None
+        ):
+            return None
+        kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _ASYNC_ONLY}
+        kwargs.update(
+            socket_timeout=self._config.socket_timeout,
+            socket_connect_timeout=self._config.connect_timeout,
+            retry=SyncRetry(NoBackoff(), 0),  # retried here, with tenacity
+        )
+        try:
+            blocking(**kwargs)  # refuses options it does not know, before any call needs it
+        except TypeError as exc:
+            log.debug("no blocking connection for %s: %s", self.where, exc)
+            return None
+        own = type(pool)(
+            connection_class=pool.connection_class, max_connections=2, **pool.connection_kwargs
+        )
+        return RedisStore(
+            aredis.Redis.from_pool(own),
+            self._config,
+            where=self.where,
+            clock=self.clock,
+            lane=BlockingLane(lambda: blocking(**kwargs)),
+        )
 
     async def aclose(self) -> None:
         if self.pipeline is not None:

@@ -1,0 +1,285 @@
+"""The blocking facade's calls from a thread's second call on: the claim and the completion run
+on an event loop of the thread's own, over a blocking connection of its own (no hand-off to the
+portal); leases are still renewed, and duplicates still wait, on the portal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from strands_dedup import (
+    LeaseLost,
+    Role,
+    StoreUnavailable,
+    SyncDeduplicator,
+    current_call,
+)
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+
+def warm(dedup: SyncDeduplicator) -> None:
+    """Two calls in this thread: the second one has the thread's own loop."""
+    for _ in range(2):
+        dedup.run(uuid.uuid4().hex, lambda: "warm")
+
+
+def clients(url: str) -> list[dict[str, Any]]:
+    """The connections of a Redis, without the one asking."""
+    admin = redis.Redis.from_url(url)
+    try:
+        me = admin.client_id()
+        return [c for c in admin.client_list() if int(c["id"]) != me]
+    finally:
+        admin.close()
+
+
+def eventually(check: Callable[[], bool], within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+@pytest.fixture
+def dedup(redis_url: str, namespace: str) -> Iterator[SyncDeduplicator]:
+    with SyncDeduplicator.from_url(redis_url, namespace=namespace, metrics=False) as d:
+        yield d
+
+
+def test_a_threads_calls_cross_no_thread_from_its_second_call_on(
+    dedup: SyncDeduplicator,
+) -> None:
+    dedup.run(uuid.uuid4().hex, lambda: 1)
+    assert dedup.caller_loops == 0  # a thread's first call goes through the portal
+    dedup.run(uuid.uuid4().hex, lambda: 2)
+    assert dedup.caller_loops == 1
+    handed: list[Any] = []
+    portal_call = dedup.portal.call
+
+    def counted(coro: Any) -> Any:
+        handed.append(coro)
+        return portal_call(coro)
+
+    dedup.portal.call = counted  # type: ignore[method-assign]
+    ran_in: list[threading.Thread] = []
+
+    def call() -> dict[str, int]:
+        ran_in.append(threading.current_thread())
+        return {"v": 3}
+
+    first = dedup.execute("t", call)
+    again = dedup.execute("t", call)
+    assert (first.role, first.value) == (Role.PRIMARY, {"v": 3})
+    assert (again.role, again.value, again.fence) == (Role.REPLAY, {"v": 3}, first.fence)
+    assert ran_in == [threading.current_thread()]
+    assert handed == []  # neither the claims nor the completion went to the portal
+    assert dedup.counters["claims"] >= 3 and dedup.counters["replays"] == 1
+
+
+def test_a_lease_claimed_in_a_callers_thread_is_renewed(redis_url: str, namespace: str) -> None:
+    options = {"namespace": namespace, "lease_ttl": 0.6, "metrics": False}
+    with (
+        SyncDeduplicator.from_url(redis_url, **options) as primary,
+        SyncDeduplicator.from_url(redis_url, **options) as other,
+    ):
+        warm(primary)
+        started = threading.Event()
+        runs = 0
+
+        def call() -> str:
+            nonlocal runs
+            runs += 1
+            started.set()
+            time.sleep(2.0)  # the call's own work: three lease TTLs
+            return "done"
+
+        result: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: result.update(dup=other.execute("t", call)))
+        outcome_box: dict[str, Any] = {}
+        primary_thread = threading.Thread(
+            target=lambda: (warm(primary), outcome_box.update(out=primary.execute("t", call)))
+        )
+        primary_thread.start()
+        assert started.wait(10)
+        worker.start()
+        primary_thread.join(20)
+        worker.join(20)
+        out = outcome_box["out"]
+        assert (out.role, out.value, out.fence) == (Role.PRIMARY, "done", out.fence)
+        assert primary.caller_loops >= 1
+        dup = result["dup"]
+        assert (dup.role, dup.value, dup.fence) == (Role.WAITER, "done", out.fence)
+        assert runs == 1
+
+
+def test_a_lost_lease_reaches_a_call_in_a_callers_thread(redis_url: str, namespace: str) -> None:
+    with SyncDeduplicator.from_url(
+        redis_url, namespace=namespace, lease_ttl=0.6, metrics=False
+    ) as dedup:
+        warm(dedup)
+        raw = redis.Redis.from_url(redis_url)
+        seen: list[bool] = []
+
+        def call() -> str:
+            context = current_call()
+            assert context is not None
+            lease_key = dedup.engine.keys.for_token("t", None).lease
+            raw.set(lease_key, b"somebody-else", px=5000)  # another owner took the token
+            seen.append(context.lost.wait(5))
+            return "late"
+
+        try:
+            with pytest.raises(LeaseLost):
+                dedup.run("t", call)
+        finally:
+            raw.delete(dedup.engine.keys.for_token("t", None).lease)
+            raw.close()
+        assert seen == [True]
+        assert dedup.counters["lease_lost"] >= 1
+
+
+def test_threads_that_end_give_their_connection_back(redis_server_factory: type) -> None:
+    server = redis_server_factory()
+    dedup = SyncDeduplicator.from_url(server.url, namespace="ns", metrics=False)
+    try:
+        dedup.run("first", lambda: 0)  # the portal's connections
+        before = len(clients(server.url))
+        for i in range(4):  # one after the other: each has a loop, then ends
+            thread = threading.Thread(
+                target=lambda i=i: [dedup.run(f"t{i}-{j}", lambda: j) for j in range(3)]
+            )
+            thread.start()
+            thread.join(20)
+        # the loops of ended threads are closed when the next one is made
+        assert dedup.caller_loops == 1
+        assert eventually(lambda: len(clients(server.url)) <= before + 1)
+    finally:
+        dedup.close()
+    assert eventually(lambda: clients(server.url) == [])
+
+
+def test_more_threads_than_max_connections_go_through_the_portal(
+    redis_url: str, namespace: str
+) -> None:
+    with SyncDeduplicator.from_url(
+        redis_url, namespace=namespace, max_connections=2, metrics=False
+    ) as dedup:
+        dedup.run(uuid.uuid4().hex, lambda: 0)
+        barrier = threading.Barrier(4)
+        results: dict[int, list[int]] = {}
+
+        def work(n: int) -> None:
+            barrier.wait(10)
+            results[n] = [dedup.run(f"{n}-{j}", lambda j=j: n * 10 + j) for j in range(5)]
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert results == {n: [n * 10 + j for j in range(5)] for n in range(4)}
+        assert dedup.caller_loops <= 2
+
+
+def test_a_thread_that_runs_an_event_loop_goes_through_the_portal(
+    dedup: SyncDeduplicator,
+) -> None:
+    async def inside() -> list[int]:
+        return [dedup.run(uuid.uuid4().hex, lambda i=i: i) for i in range(3)]
+
+    assert asyncio.run(inside()) == [0, 1, 2]
+    assert dedup.caller_loops == 0
+
+
+def test_the_embedded_store_goes_through_the_portal(namespace: str) -> None:
+    with SyncDeduplicator.from_url("memory://", namespace=namespace, metrics=False) as dedup:
+        assert [dedup.run(f"t{i}", lambda i=i: i) for i in range(3)] == [0, 1, 2]
+        assert dedup.caller_loops == 0
+
+
+def test_a_killed_connection_and_flushed_scripts_cost_a_retry(
+    redis_server_factory: type,
+) -> None:
+    server = redis_server_factory()
+    admin = redis.Redis.from_url(server.url)
+    try:
+        with SyncDeduplicator.from_url(server.url, namespace="ns", metrics=False) as dedup:
+            warm(dedup)
+            admin.client_kill_filter(_type="normal", skipme=True)
+            first = dedup.execute("a", lambda: "a")
+            assert (first.role, first.value) == (Role.PRIMARY, "a")
+            admin.script_flush()
+            second = dedup.execute("b", lambda: "b")
+            assert (second.role, second.value) == (Role.PRIMARY, "b")
+            assert dedup.execute("a", lambda: "never").role is Role.REPLAY
+            assert dedup.caller_loops == 1
+    finally:
+        admin.close()
+
+
+STALL = {
+    "namespace": "ns",
+    "lease_ttl": 30,
+    "socket_timeout": 0.3,
+    "connect_timeout": 0.3,
+    "retry_attempts": 2,
+    "retry_deadline": 0.5,
+    "metrics": False,
+}
+
+
+def test_a_lost_completion_reply_is_recovered_in_a_callers_thread(
+    redis_server_factory: type,
+) -> None:
+    server = redis_server_factory()
+    pid = server.proc.pid
+
+    def call() -> str:  # stops Redis as it returns; resumed 2 s later
+        os.kill(pid, signal.SIGSTOP)
+        threading.Timer(2.0, os.kill, (pid, signal.SIGCONT)).start()
+        return "value"
+
+    try:
+        with SyncDeduplicator.from_url(server.url, wait_timeout=20, **STALL) as dedup:
+            warm(dedup)
+            started = time.monotonic()
+            outcome = dedup.execute("tok", call)
+            assert time.monotonic() - started >= 1.5  # it did wait for Redis
+            assert (outcome.role, outcome.value) == (Role.PRIMARY, "value")
+            assert dedup.caller_loops == 1
+            again = dedup.execute("tok", lambda: "never")
+            assert (again.role, again.value, again.fence) == (Role.REPLAY, "value", outcome.fence)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_stalled_redis_fails_a_claim_in_time_and_the_next_one_works(
+    redis_server_factory: type,
+) -> None:
+    server = redis_server_factory()
+    pid = server.proc.pid
+    try:
+        with SyncDeduplicator.from_url(server.url, **STALL) as dedup:
+            warm(dedup)
+            os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                dedup.run("tok", lambda: "never")
+            assert time.monotonic() - started < 5
+            os.kill(pid, signal.SIGCONT)
+            assert dedup.run("tok2", lambda: "ok") == "ok"
+            assert dedup.caller_loops == 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
