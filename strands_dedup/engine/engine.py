@@ -24,7 +24,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
-    Iterator,
     Sequence,
 )
 from dataclasses import dataclass
@@ -221,12 +220,12 @@ class Engine:
         if entry == [0, 0]:
             del self._sessions[keys]
 
-    @contextlib.contextmanager
-    def span(self, keys: TokenKeys, *, current: bool = True) -> Iterator[Any]:
+    def span(
+        self, keys: TokenKeys, *, current: bool = True
+    ) -> contextlib.AbstractContextManager[Any]:
         """One call's span (none unless tracing is configured); ``current=False`` for a call
         that yields to its caller (a stream), whose span must not become the caller's."""
-        with self.observer.span(keys, current=current) as span:
-            yield span
+        return self.observer.span(keys, current=current)
 
     # -- claim ------------------------------------------------------------------------------------
 

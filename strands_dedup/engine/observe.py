@@ -183,6 +183,8 @@ class Observer:
         self._metrics = metrics
         self.tracer = _tracer()
         """The OpenTelemetry tracer spans come from (None without opentelemetry-api)."""
+        self._off: tuple[Any, float] = (None, 0.0)
+        """A tracer found off, and until when that verdict holds."""
         if metrics is not None:
             self._events = {name: c.labels(namespace) for name, c in metrics.events.items()}
 
@@ -262,28 +264,39 @@ class Observer:
 
     def active_tracer(self) -> Any:
         """The tracer, unless tracing is off: no opentelemetry-api, or no provider configured
-        (a no-op span still costs tens of microseconds per call)."""
+        (a no-op span still costs tens of microseconds per call). Tracing found off is looked
+        at again a second later (a provider installed after the first call is seen then)."""
         tracer = self.tracer
         if tracer is None:
             return None
+        now = time.monotonic()
+        off, until = self._off
+        if off is tracer and now < until:
+            return None
         from opentelemetry import trace
 
-        if isinstance(tracer, trace.NoOpTracer):
-            return None
-        if isinstance(tracer, trace.ProxyTracer) and isinstance(
-            trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+        if isinstance(tracer, trace.NoOpTracer) or (
+            isinstance(tracer, trace.ProxyTracer)
+            and isinstance(
+                trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+            )
         ):
+            self._off = (tracer, now + 1.0)
             return None
         return tracer
 
-    @contextlib.contextmanager
-    def span(self, keys: TokenKeys, *, current: bool = True) -> Iterator[Any]:
-        """An OpenTelemetry span around one call (none unless tracing is configured); the
+    def span(
+        self, keys: TokenKeys, *, current: bool = True
+    ) -> contextlib.AbstractContextManager[Any]:
+        """An OpenTelemetry span around one call (None unless tracing is configured); the
         current span of its context unless ``current=False``."""
         tracer = self.active_tracer()
         if tracer is None:
-            yield None
-            return
+            return _NO_SPAN
+        return self._span(tracer, keys, current)
+
+    @contextlib.contextmanager
+    def _span(self, tracer: Any, keys: TokenKeys, current: bool) -> Iterator[Any]:
         if not current:
             span = tracer.start_span("strands_dedup.call")
             try:
@@ -302,6 +315,10 @@ class Observer:
         with self._lock:
             self.changed = False
             return dict(self.counters)
+
+
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+"""What `Observer.span` gives when tracing is off (reusable: it holds nothing)."""
 
 
 def digest(keys: TokenKeys) -> str:

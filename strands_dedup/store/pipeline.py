@@ -62,12 +62,12 @@ def _hiredis_packer() -> Callable[[Sequence[Any]], bytes]:
         from hiredis import pack_command
     except ImportError:  # pragma: no cover - exercised by the CI pass without hiredis
         return _pack_python
-    plain = frozenset({bytes, str, int, float})
 
     def pack_c(args: Sequence[Any]) -> bytes:
-        if all(type(arg) in plain for arg in args):
+        try:  # str, bytes, int, float, memoryview: the same bytes as ours
             return cast(bytes, pack_command(tuple(args)))
-        return _pack_python(args)
+        except TypeError:  # what hiredis refuses (bool, None, ...): ours says what it is
+            return _pack_python(args)
 
     return pack_c
 
