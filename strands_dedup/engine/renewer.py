@@ -85,6 +85,11 @@ class Renewer:
         """How late the last renewal finished after it was due (seconds)."""
 
     @property
+    def running(self) -> bool:
+        """Whether the renewal task runs (it ends once nothing is held)."""
+        return self._task is not None and not self._task.done()
+
+    @property
     def held(self) -> int:
         return len(self._current())
 
