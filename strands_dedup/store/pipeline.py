@@ -232,6 +232,10 @@ class NodePool:
         return conn
 
     async def release(self, conn: Any) -> None:
+        # Disconnected first: the cluster client closes only the connections it knows are open
+        # (none while it is between slot maps), and the node hands it out again reconnected.
+        with contextlib.suppress(Exception):
+            await conn.disconnect(nowait=True)
         self.node.release(conn)
 
 
@@ -255,6 +259,8 @@ class NodePipelines:
         self._closed = False
         self.retired = 0
         """Pipelines closed because their node stopped being a primary."""
+        self.redirected = 0
+        """Commands answered MOVED or ASK (the store sends them through the client's routing)."""
 
     @property
     def pipelines(self) -> dict[str, AutoPipeline]:
@@ -275,19 +281,15 @@ class NodePipelines:
         """The pipeline of the primary serving ``key``'s slot (the slot map is read first when
         the client has none yet)."""
         cluster = self._cluster
+        await cluster.initialize()  # a no-op unless the client dropped its slot map (MOVED storm)
         manager = cluster.nodes_manager
         if manager.slots_cache is not self._checked:
             self.prune()
         slot = cluster.keyslot(key)
         try:
             node = manager.get_node_from_slot(slot)
-        except (KeyError, rex.SlotNotCoveredError):  # no slot map yet (or a partial one)
-            await cluster.initialize()
-            self.prune()
-            try:
-                node = manager.get_node_from_slot(slot)
-            except KeyError:
-                raise rex.SlotNotCoveredError(f"slot {slot} is not covered") from None
+        except KeyError:  # a partial slot map
+            raise rex.SlotNotCoveredError(f"slot {slot} is not covered") from None
         pipeline = self._pipelines.get(node.name)
         if pipeline is None or cast(NodePool, pipeline.pool).node is not node:
             if self._closed:

@@ -451,6 +451,7 @@ class RedisStore:
             except rex.NoScriptError:
                 return await pipeline.execute("EVAL", script.script, len(keys), *keys, *args)
         except rex.AskError:  # and MovedError; refused before the script ran
+            pipelines.redirected += 1
             async with asyncio.timeout(self._timeout):
                 reply = await script(keys=keys, args=args)
             pipelines.prune()
@@ -921,6 +922,10 @@ class RedisStore:
         if self.node_pipelines is not None:
             await self.node_pipelines.aclose()
         await self.client.aclose()
+        if self.cluster is not None:
+            # A cluster client closes nothing while it is between slot maps (after a MOVED
+            # storm or a lost node, until its next command): close every node's connections.
+            await self.cluster.nodes_manager.aclose()
 
 
 def _is_claimed(reply: Any) -> bool:
