@@ -586,3 +586,32 @@ async def test_scripts_survive_a_flush_of_every_primary_mid_stream(
         async with asyncio.timeout(30):
             answers = await asyncio.gather(*callers)
         assert answers == [[f"{t}-{r}" for r in range(10)] for t in tokens]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_the_pipeline_of_a_failed_primary_is_closed(
+    namespace: str, fresh_cluster: Callable[..., ClusterSetup]
+) -> None:
+    cluster = fresh_cluster()
+    shards = tokens_per_shard(cluster, namespace, 2)
+    doomed = next(iter(shards))
+    options = {"namespace": namespace, "retry_attempts": 20, "retry_deadline": 40}
+    async with Deduplicator.from_url(cluster.url, metrics=False, **options) as d:
+        pipelines = d.engine.store.node_pipelines
+        assert pipelines is not None
+        for group in shards.values():
+            for token in group:
+                assert (await d.execute(token, lambda token=token: token)).value == token
+        assert f"127.0.0.1:{doomed}" in pipelines.pipelines
+        node = cluster.node(doomed)
+        assert node.proc is not None
+        node.proc.kill()  # the primary dies: the cluster promotes its replica
+        node.proc.wait()
+        node.proc = None
+        token = shards[doomed][0]
+        # retried until the replica serves the slot; then the old primary's pipeline is gone
+        assert (await d.execute(token, lambda: token)).value == token  # replayed or run again
+        assert (await d.execute(f"{token}-new", lambda: 1)).value == 1
+        assert f"127.0.0.1:{doomed}" not in pipelines.pipelines
+        assert pipelines.retired >= 1
