@@ -18,17 +18,19 @@ def median_p99(values: list[float]) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def redis_for(url: str | None, progress: bool = False) -> Iterator[str]:
-    """``url`` when given, else a throwaway redis-server on a free port (stopped afterwards)."""
+def redis_for(url: str | None, progress: bool = False, cluster: bool = False) -> Iterator[str]:
+    """``url`` when given, else a throwaway redis-server on a free port (with ``cluster``: a
+    throwaway Redis Cluster of three primaries and three replicas), stopped afterwards."""
     if url:
         yield url
         return
     sys.path.insert(0, str(ROOT / "tests"))
-    from servers import RedisServer
+    from servers import ClusterSetup, RedisServer
 
-    server = RedisServer()
+    server: RedisServer | ClusterSetup = ClusterSetup() if cluster else RedisServer()
     if progress:
-        print(f"started redis-server on port {server.port}", file=sys.stderr, flush=True)
+        what = "a Redis Cluster" if cluster else "redis-server"
+        print(f"started {what} at {server.url}", file=sys.stderr, flush=True)
     try:
         yield server.url
     finally:

@@ -3,6 +3,11 @@
     python -m benchmarks                       # every scenario; a throwaway redis-server
     python -m benchmarks --quick               # small sizes (a smoke run)
     python -m benchmarks --scenarios fresh,replay,storm --redis-url redis://127.0.0.1:6379/0
+    python -m benchmarks --cluster --scenarios throughput --peers strands-dedup
+
+``--cluster`` runs strands-dedup alone on a throwaway Redis Cluster (three primaries, three
+replicas), for the fresh, replay and throughput scenarios (``--redis-url redis+cluster://...``
+for a cluster of your own).
 
 Writes ``benchmarks/results/latest.json``, ``latest.md`` (the tables) and PNG plots next to them.
 Scenarios (see the README's "Performance" for what each measures and what dominates it):
@@ -503,8 +508,16 @@ def variants(url: str, n: int) -> dict[str, Any]:
 # -- the run -----------------------------------------------------------------------------------
 
 
+CLUSTER_SCENARIOS = ("fresh", "replay", "throughput")
+
+
 def environment(url: str) -> dict[str, Any]:
-    info = redis.Redis.from_url(url).info("server")
+    scheme, _, rest = url.partition("://")
+    if scheme.endswith("+cluster"):  # the first node named
+        host, _, port = rest.split(",", 1)[0].split("/", 1)[0].rpartition(":")
+        info = redis.Redis(host=host, port=int(port), ssl=scheme == "rediss+cluster").info("server")
+    else:
+        info = redis.Redis.from_url(url).info("server")
     versions = {}
     for dist in (
         "strands-dedup",
@@ -638,6 +651,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peer names")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--redis-url", help="a real Redis (default: a throwaway redis-server)")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a throwaway Redis Cluster (3 primaries, 3 replicas); strands-dedup only, "
+        f"scenarios {', '.join(CLUSTER_SCENARIOS)}",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the results")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--latency-calls", type=int, help="timed calls per peer and mode")
@@ -661,6 +680,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.peers) - set(PEERS)
     if unknown:
         parser.error(f"unknown peer(s): {', '.join(sorted(unknown))}; known: {', '.join(PEERS)}")
+    if args.cluster:
+        if args.redis_url:
+            parser.error("--cluster starts its own cluster: leave out --redis-url")
+        if args.peers != ["strands-dedup"] or set(args.scenarios) - set(CLUSTER_SCENARIOS):
+            parser.error(
+                "--cluster needs --peers strands-dedup and --scenarios among "
+                + ",".join(CLUSTER_SCENARIOS)
+            )
     return args
 
 
@@ -674,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         elif kind == "hold":
             asyncio.run(hold_worker(*rest))
         return 0
-    with redis_for(args.redis_url, progress=True) as url:
+    with redis_for(args.redis_url, progress=True, cluster=args.cluster) as url:
         report = asyncio.run(run(args, url))
     from benchmarks.report import write_report
 

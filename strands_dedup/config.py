@@ -66,8 +66,8 @@ class DedupConfig(BaseModel):
     max_connections: int = Field(32, ge=2, le=10_000, description="Bound of the connection pool.")
     auto_pipeline: bool = Field(
         True,
-        description="Concurrent calls' scripts leave in one write on one connection (not on a "
-        "cluster).",
+        description="Concurrent calls' scripts leave in one write on one connection (on a "
+        "cluster, one per primary).",
     )
     pool_timeout: float = Field(20.0, gt=0, description="Longest wait for a free connection.")
     connect_timeout: float = Field(5.0, gt=0, description="Socket connect timeout.")

@@ -394,3 +394,224 @@ async def test_a_failover_of_the_tokens_primary_during_a_storm_loses_no_waiter(
     await storm_across(
         cluster.url, namespace, fail_over, min_replicas=min_replicas, replica_timeout=2
     )
+
+
+# -- auto-pipelining per primary ------------------------------------------------------------
+
+
+def tokens_in_slot(namespace: str, slot: int, count: int, prefix: str) -> list[str]:
+    """``count`` tokens (no scope) whose keys live in hash slot ``slot``."""
+    keys = KeySchema(namespace)
+    found: list[str] = []
+    i = 0
+    while len(found) < count:
+        token = f"{prefix}{i}"
+        i += 1
+        # the hash tag of a token without a scope is ":<token>"; checked on the real keys below
+        if redis.crc.key_slot(b"{:" + token.encode() + b"}") == slot:
+            assert redis.crc.key_slot(keys.for_token(token).lease) == slot
+            found.append(token)
+    return found
+
+
+class Storm:
+    """Callers that each run calls one after the other and check every answer in order;
+    ``going`` is set once ``after`` calls were answered."""
+
+    def __init__(self, after: int) -> None:
+        self.answered = 0
+        self.after = after
+        self.going = asyncio.Event()
+
+    def count(self) -> None:
+        self.answered += 1
+        if self.answered >= self.after:
+            self.going.set()
+
+
+@pytest.mark.timeout(60)
+async def test_concurrent_scripts_leave_in_batches_per_primary(
+    cluster_setup: ClusterSetup, namespace: str
+) -> None:
+    shards = tokens_per_shard(cluster_setup, namespace, 40)
+    async with Deduplicator.from_url(cluster_setup.url, namespace=namespace, metrics=False) as d:
+        pipelines = d.engine.store.node_pipelines
+        assert pipelines is not None and pipelines.pipelines == {}
+
+        async def caller(token: str) -> list[tuple[Role, str]]:
+            answers = []
+            for attempt in range(3):  # run, then two replays of the stored result
+                out = await d.execute(token, lambda attempt=attempt: f"{token}/{attempt}")
+                answers.append((out.role, out.value))
+            return answers
+
+        tokens = [t for group in shards.values() for t in group]
+        async with asyncio.timeout(30):
+            answers = await asyncio.gather(*(caller(t) for t in tokens))
+        for token, got in zip(tokens, answers, strict=True):
+            assert got == [(Role.PRIMARY, f"{token}/0")] + [(Role.REPLAY, f"{token}/0")] * 2
+        by_node = pipelines.pipelines
+        assert sorted(by_node) == sorted(f"127.0.0.1:{port}" for port in shards)  # one per primary
+        for pipeline in by_node.values():
+            # 40 tokens: a claim and a completion, then two claims that replay
+            assert pipeline.commands >= 160
+            assert pipeline.batches * 4 <= pipeline.commands, (pipeline.batches, pipeline.commands)
+        assert pipelines.redirected == 0 and pipelines.retired == 0
+    assert pipelines.pipelines == {}  # closing the store closed them
+
+
+@pytest.mark.timeout(90)
+async def test_a_slot_migrated_mid_storm_answers_every_caller(
+    namespace: str, fresh_cluster: Callable[..., ClusterSetup]
+) -> None:
+    cluster = fresh_cluster()
+    keys = KeySchema(namespace)
+    slot = redis.crc.key_slot(keys.for_token("anchor").lease)
+    found = tokens_in_slot(namespace, slot, 50, "s")
+    stored, fresh = found[:10], found[10:]
+    source = cluster.primary_port_for(keys.for_token("anchor").lease)
+    target = next(port for port in cluster.primaries() if port != source)
+    options = {"namespace": namespace, "retry_attempts": 20, "retry_deadline": 30, "metrics": False}
+    async with Deduplicator.from_url(cluster.url, **options) as d:
+        pipelines = d.engine.store.node_pipelines
+        assert pipelines is not None
+        for token in stored:
+            await d.execute(token, lambda token=token: f"v-{token}")
+        storm = Storm(after=200)
+        migrating, migrated = asyncio.Event(), asyncio.Event()
+
+        async def caller(c: int) -> None:
+            rounds = after = 0
+            while after < 5:  # on until five calls after the migration
+                if migrated.is_set():
+                    after += 1
+                if rounds % 3 == 0:
+                    token = stored[(c + rounds) % len(stored)]  # a replay in the slot
+                elif rounds % 3 == 1 and migrating.is_set() and fresh:
+                    token = fresh.pop()  # a new call in the slot
+                else:
+                    token = f"o-{c}-{rounds}"  # anywhere
+                out = await d.execute(token, lambda token=token: f"v-{token}")
+                assert out.value == f"v-{token}", (token, out)
+                storm.count()
+                rounds += 1
+
+        callers = [asyncio.create_task(caller(c)) for c in range(30)]
+        async with asyncio.timeout(20):
+            await storm.going.wait()
+        migrating.set()
+        await asyncio.to_thread(cluster.migrate_slot, slot, source, target)
+        migrated.set()
+        async with asyncio.timeout(60):  # nobody hangs; an error (MOVED, ASK) fails the test
+            await asyncio.gather(*callers)
+        assert len(fresh) < 40  # new calls ran in the slot while it moved
+        assert pipelines.redirected >= 1  # the stale slot map met MOVED (or ASK) ...
+        on_target = pipelines.pipelines[f"127.0.0.1:{target}"]
+        before = on_target.commands
+        assert (await d.execute(stored[0], lambda: "x")).value == f"v-{stored[0]}"
+        assert on_target.commands == before + 1  # ... and the slot's scripts now go to its target
+
+
+@pytest.mark.timeout(60)
+async def test_a_nodes_connections_killed_mid_storm_fail_that_nodes_batch_only(
+    cluster_setup: ClusterSetup, namespace: str
+) -> None:
+    shards = tokens_per_shard(cluster_setup, namespace, 20)
+    doomed = next(iter(shards))
+    options = {"namespace": namespace, "retry_attempts": 1, "metrics": False}
+    async with Deduplicator.from_url(cluster_setup.url, **options) as d:
+        storm = Storm(after=60)
+        results: dict[str, list[str | BaseException]] = {}
+
+        async def caller(token: str) -> None:
+            got = results.setdefault(token, [])
+            for r in range(8):
+                name = f"{token}-{r}" if r else token  # r > 0: anywhere in the cluster
+                try:
+                    got.append((await d.execute(name, lambda name=name: name)).value)
+                except StoreUnavailable as exc:
+                    got.append(exc)
+                storm.count()
+
+        tokens = [t for group in shards.values() for t in group]
+        callers = [asyncio.create_task(caller(t)) for t in tokens]
+        async with asyncio.timeout(20):
+            await storm.going.wait()
+        # every connection of ours to one primary, mid-storm (no retry: its callers fail)
+        killed = await asyncio.to_thread(node_command, doomed, "CLIENT", "KILL", "TYPE", "normal")
+        assert killed >= 1
+        async with asyncio.timeout(30):  # nobody hangs
+            await asyncio.gather(*callers)
+        for token, got in results.items():
+            for r, value in enumerate(got):
+                name = f"{token}-{r}" if r else token
+                assert value == name or isinstance(value, StoreUnavailable), (name, value)
+        # the first call of each token ran before the kill, on its own primary
+        assert all(got[0] == token for token, got in results.items())
+        # and the store answers on that primary again
+        assert (await d.execute(shards[doomed][0], lambda: "x")).value == shards[doomed][0]
+        assert (await d.execute(f"{shards[doomed][0]}-after", lambda: 1)).value == 1
+
+
+@pytest.mark.timeout(60)
+async def test_scripts_survive_a_flush_of_every_primary_mid_stream(
+    cluster_setup: ClusterSetup, namespace: str
+) -> None:
+    shards = tokens_per_shard(cluster_setup, namespace, 20)
+    tokens = [t for group in shards.values() for t in group]
+
+    def flush_all() -> None:
+        for port in shards:
+            node_command(port, "SCRIPT", "FLUSH")
+
+    async with Deduplicator.from_url(cluster_setup.url, namespace=namespace, metrics=False) as d:
+        assert (await d.execute("warm", lambda: 0)).value == 0
+        flush_all()  # every primary forgets every script: EVALSHA answers NOSCRIPT
+        outs = await asyncio.gather(*(d.execute(t, lambda t=t: t) for t in tokens))
+        assert [o.value for o in outs] == tokens
+
+        storm = Storm(after=100)
+
+        async def caller(token: str) -> list[str]:
+            got = []
+            for r in range(10):
+                got.append((await d.execute(f"{token}-{r}", lambda r=r: f"{token}-{r}")).value)
+                storm.count()
+            return got
+
+        callers = [asyncio.create_task(caller(t)) for t in tokens]
+        async with asyncio.timeout(20):
+            await storm.going.wait()
+        await asyncio.to_thread(flush_all)  # and again mid-storm
+        async with asyncio.timeout(30):
+            answers = await asyncio.gather(*callers)
+        assert answers == [[f"{t}-{r}" for r in range(10)] for t in tokens]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_the_pipeline_of_a_failed_primary_is_closed(
+    namespace: str, fresh_cluster: Callable[..., ClusterSetup]
+) -> None:
+    cluster = fresh_cluster()
+    shards = tokens_per_shard(cluster, namespace, 2)
+    doomed = next(iter(shards))
+    options = {"namespace": namespace, "retry_attempts": 20, "retry_deadline": 40}
+    async with Deduplicator.from_url(cluster.url, metrics=False, **options) as d:
+        pipelines = d.engine.store.node_pipelines
+        assert pipelines is not None
+        for group in shards.values():
+            for token in group:
+                assert (await d.execute(token, lambda token=token: token)).value == token
+        assert f"127.0.0.1:{doomed}" in pipelines.pipelines
+        node = cluster.node(doomed)
+        assert node.proc is not None
+        node.proc.kill()  # the primary dies: the cluster promotes its replica
+        node.proc.wait()
+        node.proc = None
+        token = shards[doomed][0]
+        # retried until the replica serves the slot; then the old primary's pipeline is gone
+        assert (await d.execute(token, lambda: token)).value == token  # replayed or run again
+        assert (await d.execute(f"{token}-new", lambda: 1)).value == 1
+        assert f"127.0.0.1:{doomed}" not in pipelines.pipelines
+        assert pipelines.retired >= 1

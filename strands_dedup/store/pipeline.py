@@ -18,6 +18,10 @@ caller only).
   connection from the pool (behind Sentinel: to the current primary).
 - The connection comes from the client's pool and is held for the pipeline's life, so it counts
   towards ``max_connections``.
+
+On a Redis Cluster, `NodePipelines` keeps one `AutoPipeline` per primary (made on first use,
+on a connection of that node): the scripts of concurrent calls whose keys live on one primary
+leave together. Routing by slot, redirections and failovers are the store's business.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import redis.exceptions as rex
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-__all__ = ["AutoPipeline", "BlockingLane", "pack"]
+__all__ = ["AutoPipeline", "BlockingLane", "NodePipelines", "NodePool", "pack"]
 
 _Pending = tuple[Sequence[Any], "asyncio.Future[Any]"]
 
@@ -82,7 +87,8 @@ class AutoPipeline:
     def __init__(self, pool: Any, *, timeout: float, max_batch: int = 256) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self._pool = pool
+        self.pool = pool
+        """Where the connection comes from."""
         self._timeout = timeout
         self._max_batch = max_batch
         self._queue: list[_Pending] = []
@@ -109,7 +115,9 @@ class AutoPipeline:
                 await self._send([(args, future)])
             finally:
                 self._alone = False
-                if self._queue and self._writer is None and not self._closed:
+                if self._closed:  # closed while this caller used the connection: it gives it back
+                    await self._release()
+                elif self._queue and self._writer is None:
                     self._writer = loop.create_task(self._drain())
             return future.result()
         self._queue.append((args, future))
@@ -166,7 +174,7 @@ class AutoPipeline:
 
     async def _connection(self) -> Any:
         if self._conn is None:
-            conn = await self._pool.get_connection()
+            conn = await self.pool.get_connection()
             # Each batch is bounded as a whole (`timeout`): no per-write timer (redis-py wraps
             # every write in asyncio.wait_for, a task each, when the connection has a timeout).
             conn.socket_timeout = None
@@ -179,7 +187,7 @@ class AutoPipeline:
             with contextlib.suppress(Exception):
                 await conn.disconnect(nowait=True)
             with contextlib.suppress(Exception):
-                await self._pool.release(conn)
+                await self.pool.release(conn)
 
     async def aclose(self) -> None:
         """Fail what is queued, stop the writer and give the connection back."""
@@ -193,10 +201,147 @@ class AutoPipeline:
             writer.cancel()
             with contextlib.suppress(BaseException):
                 await writer
+        if not self._alone:  # else the lone caller reading its reply gives the connection back
+            await self._release()
+
+    async def _release(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await self._pool.release(conn)
+                await self.pool.release(conn)
+
+
+class NodePool:
+    """The connections of one Redis Cluster node (`ClusterNode`) as the pool an `AutoPipeline`
+    takes its connection from."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self.node = node
+
+    async def get_connection(self) -> Any:
+        node = self.node
+        conn: Any = node.acquire_connection()
+        try:
+            await node.disconnect_if_needed(conn)  # stale after a topology change
+            await conn.connect()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            node.release(conn)
+            raise
+        return conn
+
+    async def release(self, conn: Any) -> None:
+        # Disconnected first: the cluster client closes only the connections it knows are open
+        # (none while it is between slot maps), and the node hands it out again reconnected.
+        with contextlib.suppress(Exception):
+            await conn.disconnect(nowait=True)
+        self.node.release(conn)
+
+
+class NodePipelines:
+    """One `AutoPipeline` per primary of a Redis Cluster, made when a key first routes to it.
+
+    `for_key` maps a key to its slot's primary with the client's slot map. A pipeline whose node
+    is no longer a primary the map knows (removed, or demoted by a failover) is closed once the
+    map changes: its callers get a connection error, which the store retries on the slot's new
+    primary.
+    """
+
+    def __init__(self, cluster: RedisCluster, *, timeout: float, max_batch: int = 256) -> None:
+        self._cluster = cluster
+        self._timeout = timeout
+        self._max_batch = max_batch
+        self._pipelines: dict[str, AutoPipeline] = {}
+        self._checked: object = None  # the slot map the pipelines were last checked against
+        self._closing: set[asyncio.Task[None]] = set()
+        self._refreshing: asyncio.Task[None] | None = None
+        self._closed = False
+        self.retired = 0
+        """Pipelines closed because their node stopped being a primary."""
+        self.redirected = 0
+        """Commands answered MOVED or ASK (the store sends them through the client's routing)."""
+
+    @property
+    def pipelines(self) -> dict[str, AutoPipeline]:
+        """The live pipelines by node name (``host:port``)."""
+        return dict(self._pipelines)
+
+    @property
+    def batches(self) -> int:
+        """Batches written by the live pipelines."""
+        return sum(pipeline.batches for pipeline in self._pipelines.values())
+
+    @property
+    def commands(self) -> int:
+        """Commands written by the live pipelines."""
+        return sum(pipeline.commands for pipeline in self._pipelines.values())
+
+    async def for_key(self, key: bytes) -> AutoPipeline:
+        """The pipeline of the primary serving ``key``'s slot (the slot map is read first when
+        the client has none yet)."""
+        cluster = self._cluster
+        await cluster.initialize()  # a no-op unless the client dropped its slot map (MOVED storm)
+        manager = cluster.nodes_manager
+        if manager.slots_cache is not self._checked:
+            self.prune()
+        slot = cluster.keyslot(key)
+        try:
+            node = manager.get_node_from_slot(slot)
+        except KeyError:  # a partial slot map
+            raise rex.SlotNotCoveredError(f"slot {slot} is not covered") from None
+        pipeline = self._pipelines.get(node.name)
+        if pipeline is None or cast(NodePool, pipeline.pool).node is not node:
+            if self._closed:
+                raise rex.ConnectionError("the pipelines are closed")
+            if pipeline is not None:  # the node left and came back: a new ClusterNode
+                self._retire(node.name)
+            pipeline = AutoPipeline(
+                NodePool(node), timeout=self._timeout, max_batch=self._max_batch
+            )
+            self._pipelines[node.name] = pipeline
+        return pipeline
+
+    def prune(self) -> None:
+        """Close the pipelines of nodes that are no longer primaries in the slot map."""
+        self._checked = self._cluster.nodes_manager.slots_cache
+        primaries = {node.name: node for node in self._cluster.get_primaries()}
+        for name, pipeline in list(self._pipelines.items()):
+            if primaries.get(name) is not cast(NodePool, pipeline.pool).node:
+                self._retire(name)
+
+    def _retire(self, name: str, *, node_left: bool = True) -> None:
+        pipeline = self._pipelines.pop(name)
+        self.retired += node_left
+        task = asyncio.ensure_future(pipeline.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def refresh(self, within: float) -> None:
+        """Read the slot map again (after a node failed), at most ``within`` seconds; one
+        refresh at a time, shared by every caller that asks meanwhile. Never raises."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(within):
+                await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._cluster.nodes_manager.initialize()
+            self.prune()
+
+    async def aclose(self) -> None:
+        """Close every pipeline (their queued callers get a connection error)."""
+        self._closed = True
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refreshing.cancel()
+            with contextlib.suppress(BaseException):
+                await self._refreshing
+        for name in list(self._pipelines):
+            self._retire(name, node_left=False)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 class BlockingLane:

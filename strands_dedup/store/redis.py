@@ -36,7 +36,7 @@ from ..config import DedupConfig
 from ..errors import StoreRefused, StoreUnavailable
 from ..keys import SessionKeys, TokenKeys
 from ..protocol import CLAIM_CLAIMED
-from .pipeline import AutoPipeline, BlockingLane
+from .pipeline import AutoPipeline, BlockingLane, NodePipelines
 
 _BLOCKING_CONNECTIONS: dict[type, type] = {
     aredis.Connection: redis.Connection,
@@ -256,8 +256,15 @@ class RedisStore:
             else None
         )
         """Scripts of concurrent calls leave in one write on one connection (see pipeline.py);
-        a cluster, or ``auto_pipeline=False``, runs each on a pooled connection; a blocking
-        caller's store (`for_caller_thread`) writes each on its blocking connection."""
+        with ``auto_pipeline=False`` each runs on a pooled connection; a blocking caller's
+        store (`for_caller_thread`) writes each on its blocking connection."""
+        self.node_pipelines = (
+            NodePipelines(self.cluster, timeout=config.socket_timeout)
+            if self.cluster is not None and config.auto_pipeline
+            else None
+        )
+        """Cluster: one auto-pipeline per primary; the scripts of concurrent calls whose keys
+        live on one primary leave in one write on one connection to it."""
         self._claim_lane: asyncio.Semaphore | None = None
         self._settle_lane: asyncio.Semaphore | None = None
         self._timeout = config.socket_timeout
@@ -309,7 +316,7 @@ class RedisStore:
         """Run a registered script like `_run` does. Through the auto-pipeline it needs no
         connection slot and no timeout of its own (the pipeline bounds each batch)."""
         op: Callable[[], Awaitable[Any]] = lambda: self._eval(script, keys, args)  # noqa: E731
-        if self.pipeline is None:
+        if self.pipeline is None and self.node_pipelines is None:
             return await self._run(op, priority=priority)
         return await self._attempt(op, bounded=False)
 
@@ -433,12 +440,39 @@ class RedisStore:
     async def _eval(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         """Run a registered script: EVALSHA through the auto-pipeline (EVAL, which also loads
         it, when Redis does not know it), or redis-py's own call."""
-        if self.pipeline is None:
+        pipeline = self.pipeline
+        if pipeline is None:
+            if self.node_pipelines is not None:
+                return await self._eval_on_node(self.node_pipelines, script, keys, args)
             return await script(keys=keys, args=args)
         try:
-            return await self.pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except rex.NoScriptError:
-            return await self.pipeline.execute("EVAL", script.script, len(keys), *keys, *args)
+            return await pipeline.execute("EVAL", script.script, len(keys), *keys, *args)
+
+    async def _eval_on_node(
+        self, pipelines: NodePipelines, script: Any, keys: Sequence[bytes], args: Sequence[Any]
+    ) -> Any:
+        """Cluster: run a script through the pipeline of its slot's primary (every script's keys
+        share one slot). A redirection (MOVED: the slot has a new primary; ASK: it is being
+        migrated) sends it through redis-py's routing, which follows the redirection and
+        updates the slot map; a connection that failed has the slot map read again before the
+        error goes to the retry."""
+        try:
+            pipeline = await pipelines.for_key(keys[0])
+            try:
+                return await pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            except rex.NoScriptError:
+                return await pipeline.execute("EVAL", script.script, len(keys), *keys, *args)
+        except rex.AskError:  # and MovedError; refused before the script ran
+            pipelines.redirected += 1
+            async with asyncio.timeout(self._timeout):
+                reply = await script(keys=keys, args=args)
+            pipelines.prune()
+            return reply
+        except (rex.ConnectionError, rex.TimeoutError):
+            await pipelines.refresh(self._config.connect_timeout)
+            raise
 
     def slot_primary(self, key: bytes) -> ClusterNode:
         """Cluster: the primary serving ``key``'s hash slot, as the client's slot map has it
@@ -936,7 +970,13 @@ class RedisStore:
     async def aclose(self) -> None:
         if self.pipeline is not None:
             await self.pipeline.aclose()
+        if self.node_pipelines is not None:
+            await self.node_pipelines.aclose()
         await self.client.aclose()
+        if self.cluster is not None:
+            # A cluster client closes nothing while it is between slot maps (after a MOVED
+            # storm or a lost node, until its next command): close every node's connections.
+            await self.cluster.nodes_manager.aclose()
 
 
 def _is_claimed(reply: Any) -> bool:
