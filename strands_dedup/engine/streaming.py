@@ -18,6 +18,7 @@ The engine, `stream_events`, yields `Chunk`, `StreamReset` and `Final` events; `
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -384,15 +385,25 @@ async def _lead(
     rtype: Any,
     best_effort: bool,
 ) -> AsyncIterator[Event]:
-    """Run the call as the primary in its own task; hand its chunks to the caller as they come."""
-    events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+    """Run the call as the primary in its own task; hand its chunks to the caller as they come.
+
+    The task hands over its own end (the `Final`, or what it raised) before it finishes, so the
+    caller wakes in the next loop iteration (no done callback, then a queue, in between).
+    """
+    events: collections.deque[Event | BaseException] = collections.deque()
+    waiter: asyncio.Future[None] | None = None
     appender = _Appender(engine, lease, best_effort)
+
+    def hand(event: Event | BaseException) -> None:
+        events.append(event)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def emit(data: bytes, original: Any = None) -> None:
         if not isinstance(data, bytes):
             raise TypeError(f"a stream chunk must be bytes, not {type(data).__name__}")
         appender.add(data)
-        events.put_nowait(Chunk(data, original))
+        hand(Chunk(data, original))
 
     async def call() -> Any:
         try:
@@ -403,20 +414,31 @@ async def _lead(
             raise
         return value
 
-    def done(task: asyncio.Task[Outcome[Any]]) -> None:
-        if task.cancelled():
-            events.put_nowait(asyncio.CancelledError())
-        elif task.exception() is not None:
-            events.put_nowait(task.exception())  # type: ignore[arg-type]
-        else:
-            events.put_nowait(Final(task.result()))
-
-    task = engine.spawn(engine.run_primary(lease, call, rtype))
-    task.add_done_callback(done)
-    while True:
-        event = await events.get()
-        if isinstance(event, BaseException):
-            raise event
-        yield event
-        if isinstance(event, Final):
+    async def primary() -> None:
+        try:
+            outcome = await engine.run_primary(lease, call, rtype)
+        except asyncio.CancelledError:
+            hand(asyncio.CancelledError())
+            raise
+        except Exception as exc:  # handed to the caller (who may have left): the task ends
+            hand(exc)
             return
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: the loop hears of it too
+            hand(exc)
+            raise
+        hand(Final(outcome))
+
+    engine.spawn(primary())
+    while True:
+        while events:
+            event = events.popleft()
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if isinstance(event, Final):
+                return
+        waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            waiter = None

@@ -63,6 +63,7 @@ from ..errors import (
     StoreUnavailable,
     WaitTimeout,
 )
+from ..keys import TokenKeys
 from ..protocol import LeaveClaimed, Outcome, Role, ShareOnly
 from .policy import (
     ANONYMOUS,
@@ -355,7 +356,6 @@ class IdempotencyMiddleware:
         self, scope: Scope, send: Send, key: bytes, tenant: bytes | None, body: bytes
     ) -> None:
         own = _Client(send)
-        label = key.decode("latin-1")
 
         async def produce(emit: Emit) -> StoredResponse:
             task = asyncio.current_task()
@@ -367,11 +367,11 @@ class IdempotencyMiddleware:
                 if task is not None:
                     self._tasks.discard(task)
 
-        follower = _Follower(send)
+        follower: _Follower | None = None  # made at the first chunk of a stream it follows
         outcome: Outcome[StoredResponse] | None = None
+        keys: TokenKeys | None = None
         try:
             keys = self.dedup.engine.keys.for_token(key, tenant)
-            label = f"{keys.token} (scope {keys.scope})"
             async for event in stream_events(
                 self.dedup.engine,
                 keys,
@@ -384,15 +384,18 @@ class IdempotencyMiddleware:
             ):
                 if isinstance(event, Chunk):
                     if event.original is not _OWN:
+                        if follower is None:
+                            follower = _Follower(send)
                         await follower.chunk(event)
                 elif isinstance(event, StreamReset):
-                    follower.reset()
+                    if follower is not None:
+                        follower.reset()
                 else:
                     outcome = event.outcome
         except Exception as exc:
             if own.started:
-                self._after_own(exc, own, label)
-            elif not follower.started:
+                self._after_own(exc, own, keys)
+            elif follower is None or not follower.started:
                 await self._send_error(send, exc)
             else:
                 raise  # part of a body went out: abort the connection; the client retries
@@ -405,7 +408,7 @@ class IdempotencyMiddleware:
                 await own({"type": "http.response.body", "body": b"", "more_body": False})
             return
         response = outcome.value
-        if follower.started:
+        if follower is not None and follower.started:
             await follower.finish(response.raw_body())
             return
         headers = replay_headers(response.raw_headers(), self.config.replay_set_cookie)
@@ -414,12 +417,13 @@ class IdempotencyMiddleware:
         await send_response(send, response.status, headers, response.raw_body())
 
     @staticmethod
-    def _after_own(exc: Exception, own: _Client, label: str) -> None:
+    def _after_own(exc: Exception, own: _Client, keys: TokenKeys | None) -> None:
         """The primary's response already went to its client: what is left is the store's part."""
         if not own.finished:
             raise exc  # the application failed part-way: abort; the client retries
         if isinstance(exc, ShareOnly | LeaveClaimed):
             return
+        label = "?" if keys is None else f"{keys.token} (scope {keys.scope})"
         log.warning("the response to key %s was sent but not stored: %r", label, exc)
 
     async def _send_error(self, send: Send, exc: Exception) -> None:
@@ -510,13 +514,15 @@ class IdempotencyMiddleware:
         """
         cfg = self.config
         delivered = False
-        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        never: asyncio.Future[None] | None = None  # made if the app asks for a second message
 
         async def receive() -> Message:
-            nonlocal delivered
+            nonlocal delivered, never
             if not delivered:
                 delivered = True
                 return {"type": "http.request", "body": body, "more_body": False}
+            if never is None:
+                never = asyncio.get_running_loop().create_future()
             await never  # the request task owns the real client; this call outlives it
             return {"type": "http.disconnect"}  # pragma: no cover
 
@@ -561,7 +567,8 @@ class IdempotencyMiddleware:
         try:
             await self.app({**scope, KEYED: True}, receive, capture)
         finally:
-            never.cancel()
+            if never is not None:
+                never.cancel()
         if size > cfg.max_stored_body:
             raise ShareOnly("the response body exceeded max_stored_body")
         response = StoredResponse.capture(status, headers, b"".join(chunks))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Literal
 from urllib.parse import quote, unquote_to_bytes, urlsplit
@@ -54,6 +55,8 @@ _DEFAULT_IDENTITY_KEY = b"strands-dedup identity v1"
 _IDENTITY_HEX = 24  # 96 bits of the digest name an identity in keys and displays
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # pchar and "/", without "%": a decoded "%" is sent as %25
 _QUERY_SAFE = "/?:@!$&'()*+,;=-._~%"  # the query passes as sent; only illegal bytes are encoded
+_PLAIN_SF_STRING = re.compile(rb'"([\x20\x21\x23-\x5b\x5d-\x7e]*)"')  # no escapes: most keys
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def default_retain(status: int) -> bool:
@@ -260,7 +263,8 @@ def parse_key(values: Sequence[bytes], max_length: int) -> bytes:
         raise invalid("send exactly one Idempotency-Key header")
     value = values[0].strip(b" \t")
     if value.startswith(b'"'):
-        key = _sf_string(value)
+        plain = _PLAIN_SF_STRING.fullmatch(value)
+        key = plain.group(1) if plain is not None else _sf_string(value)
         if key is None:
             raise invalid("the key is not one quoted string (a list, or a bad escape)")
     elif b"," in value:
@@ -269,7 +273,7 @@ def parse_key(values: Sequence[bytes], max_length: int) -> bytes:
         key = value
     if not key or len(key) > max_length:
         raise invalid(f"the key must be 1 to {max_length} bytes long")
-    if any(byte < 0x20 or byte == 0x7F for byte in key):
+    if _CONTROL.search(key) is not None:
         raise invalid("the key holds a control character")
     return key
 
