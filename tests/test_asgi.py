@@ -400,3 +400,100 @@ async def test_a_declared_length_over_the_limit_is_refused_unread(dedup: Dedupli
     sent.clear()
     await middleware(chunked, receive, send)  # type: ignore[arg-type]
     assert sent[0]["status"] == 413 and len(read) == 11  # refused once past the limit
+
+
+class Streamer:
+    """A raw ASGI app that streams b"a", then (once released) b"b" and b"c", without a length."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.release = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.runs += 1
+        await receive()
+        headers = [(b"content-type", b"text/plain")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await self.release.wait()
+        await send({"type": "http.response.body", "body": b"b", "more_body": True})
+        await send({"type": "http.response.body", "body": b"c", "more_body": False})
+        self.finished.set()
+
+
+class Recorder:
+    """An ASGI client: the messages it was sent; ``fail_after`` messages, its send raises."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.fail_after = fail_after
+        self.got_first_chunk = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        return {"type": "http.request", "body": b"q", "more_body": False}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.fail_after is not None and len(self.messages) >= self.fail_after:
+            raise OSError("the connection is gone")
+        self.messages.append(message)
+        if message.get("body") == b"a":
+            self.got_first_chunk.set()
+
+    @property
+    def status(self) -> int:
+        return int(self.messages[0]["status"])
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(self.messages[0]["headers"])
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages[1:])
+
+
+def keyed_scope(k: bytes) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/chat",
+        "headers": [(b"idempotency-key", k), (b"content-length", b"1")],
+    }
+
+
+async def test_a_client_leaving_mid_stream_cuts_neither_the_run_nor_its_followers(
+    dedup: Deduplicator,
+) -> None:
+    app = Streamer()
+    middleware = IdempotencyMiddleware(app, dedup=dedup)
+    gone, follower, retry = Recorder(), Recorder(), Recorder()
+    first = asyncio.create_task(middleware(keyed_scope(b"s1"), gone.receive, gone.send))
+    await gone.got_first_chunk.wait()
+    joined = asyncio.create_task(middleware(keyed_scope(b"s1"), follower.receive, follower.send))
+    await follower.got_first_chunk.wait()  # the follower has the live stream's start
+    first.cancel()  # the primary's client leaves (its server cancels its request)
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    app.release.set()
+    await joined
+    assert follower.status == 200 and follower.body == b"abc"
+    assert follower.headers[b"idempotent-replayed"] == b"true"
+    await app.finished.wait()
+    await middleware(keyed_scope(b"s1"), retry.receive, retry.send)
+    assert retry.body == b"abc" and retry.headers[b"idempotent-replayed"] == b"true"
+    assert gone.body.startswith(b"a") and app.runs == 1
+
+
+async def test_a_connection_lost_mid_response_does_not_cut_the_stored_result(
+    dedup: Deduplicator,
+) -> None:
+    app = Streamer()
+    app.release.set()
+    middleware = IdempotencyMiddleware(app, dedup=dedup)
+    gone, retry = Recorder(fail_after=2), Recorder()  # the head and b"a" go out, then it fails
+    await middleware(keyed_scope(b"s2"), gone.receive, gone.send)
+    assert gone.body == b"a"
+    await middleware(keyed_scope(b"s2"), retry.receive, retry.send)
+    assert retry.status == 200 and retry.body == b"abc" and app.runs == 1
+    assert retry.headers[b"idempotent-replayed"] == b"true"
