@@ -84,6 +84,13 @@ def display_form(raw: bytes) -> str:
     return text if len(text) <= _MAX_DISPLAY else text[: _MAX_DISPLAY - 3] + "..."
 
 
+def _json_string(text: str) -> str:
+    """``json.dumps(text)``, without its machinery for the usual printable ASCII text."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)
+
+
 def _encode(raw: bytes, plain: re.Pattern[bytes], kind: bytes) -> bytes:
     if len(raw) <= _MAX_PLAIN and plain.fullmatch(raw):
         return raw
@@ -177,7 +184,7 @@ class KeySchema:
             stream=tag + b"stream",
             token=token_text,
             scope=scope_text,
-            meta=f'"tok":{json.dumps(token_text)},"sc":{json.dumps(scope_text)}',
+            meta=f'"tok":{_json_string(token_text)},"sc":{_json_string(scope_text)}',
         )
 
     def for_session(self, name: str | bytes) -> SessionKeys:

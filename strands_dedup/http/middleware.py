@@ -116,7 +116,7 @@ class StoredResponse(BaseModel):
     def capture(
         cls, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes
     ) -> StoredResponse:
-        return cls(
+        return cls.model_construct(  # the fields are built right here: nothing to validate
             status=status,
             headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
             body=base64.b64encode(body).decode("ascii"),
@@ -338,19 +338,22 @@ class IdempotencyMiddleware:
         return combine_scope(tenant, identity)
 
     def _fingerprint(self, scope: Scope, body: bytes) -> str:
-        digest = hashlib.sha256()
-        for part in (
+        parts = [
             scope["method"].encode(),
             scope.get("raw_path") or scope["path"].encode(),
             scope.get("query_string", b""),
-            *(
-                b",".join(v for n, v in scope.get("headers", []) if n.lower() == name)
+        ]
+        if self._fingerprint_headers:
+            headers = scope.get("headers", [])
+            parts += (
+                b",".join(v for n, v in headers if n.lower() == name)
                 for name in self._fingerprint_headers
-            ),
-            body,
-        ):
-            digest.update(len(part).to_bytes(8, "big") + part)
-        return digest.hexdigest()
+            )
+        parts.append(body)
+        framed: list[bytes] = []
+        for part in parts:  # each part prefixed by its length: one digest over all of them
+            framed += (len(part).to_bytes(8, "big"), part)
+        return hashlib.sha256(b"".join(framed)).hexdigest()
 
     async def _deduplicated(
         self, scope: Scope, send: Send, key: bytes, tenant: bytes | None, body: bytes
