@@ -497,3 +497,18 @@ async def test_a_connection_lost_mid_response_does_not_cut_the_stored_result(
     await middleware(keyed_scope(b"s2"), retry.receive, retry.send)
     assert retry.status == 200 and retry.body == b"abc" and app.runs == 1
     assert retry.headers[b"idempotent-replayed"] == b"true"
+
+
+async def test_cancel_primaries_releases_the_keys_of_running_calls(dedup: Deduplicator) -> None:
+    app = Streamer()
+    middleware = IdempotencyMiddleware(app, dedup=dedup)
+    first, retry = Recorder(), Recorder()
+    running = asyncio.create_task(middleware(keyed_scope(b"s3"), first.receive, first.send))
+    await first.got_first_chunk.wait()
+    await middleware.cancel_primaries()
+    with pytest.raises(asyncio.CancelledError):
+        await running  # its request ends too: the response was cut
+    app.release.set()
+    await middleware(keyed_scope(b"s3"), retry.receive, retry.send)
+    assert retry.status == 200 and retry.body == b"abc" and app.runs == 2
+    assert b"idempotent-replayed" not in retry.headers
