@@ -392,7 +392,7 @@ async def _lead(
     """
     events: collections.deque[Event | BaseException] = collections.deque()
     waiter: asyncio.Future[None] | None = None
-    appender = _Appender(engine, lease, best_effort)
+    appender: _Appender | None = None  # made at the first chunk: many calls stream nothing
 
     def hand(event: Event | BaseException) -> None:
         events.append(event)
@@ -400,17 +400,22 @@ async def _lead(
             waiter.set_result(None)
 
     def emit(data: bytes, original: Any = None) -> None:
+        nonlocal appender
         if not isinstance(data, bytes):
             raise TypeError(f"a stream chunk must be bytes, not {type(data).__name__}")
+        if appender is None:
+            appender = _Appender(engine, lease, best_effort)
         appender.add(data)
         hand(Chunk(data, original))
 
     async def call() -> Any:
         try:
             value = await produce(emit)
-            await appender.finish()
+            if appender is not None:
+                await appender.finish()
         except BaseException:
-            await appender.abort()
+            if appender is not None:
+                await appender.abort()
             raise
         return value
 
