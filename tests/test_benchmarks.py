@@ -35,7 +35,10 @@ pytestmark = [
 ]
 
 
-def test_the_harness_reports_every_scenario_and_peer(redis_url: str, tmp_path: Path) -> None:
+def test_the_harness_reports_every_scenario_and_peer(
+    redis_server_factory: type, tmp_path: Path
+) -> None:
+    redis_url = redis_server_factory().url  # its own: the peers' keys go with it
     done = subprocess.run(
         [
             sys.executable,
