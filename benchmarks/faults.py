@@ -5,14 +5,14 @@
     python -m benchmarks.faults --cluster                # on a Redis Cluster (3 + 3 nodes)
 
 A seeded, bounded, self-stopping run on its own ``redis-server`` (AOF with ``appendfsync always``,
-so a restart loses nothing acknowledged): WORKERS processes (tests/faults/worker.py) call over a
-few shared tokens while the driver, every ``--interval`` seconds, picks one fault at random:
-SIGKILL a worker (a new one takes its place), SIGSTOP a worker for 1.5 lease TTLs then SIGCONT
-it, restart Redis, or ``CLIENT KILL`` every client connection. Then the faults stop, the workers
-are told to finish, and one lease TTL later the leases still held are counted. The history
-(tests/faults/history.py) is checked against DESIGN.md's guarantees; the summary says how many
-calls, executions, duplicates, takeovers and faults the run had, and every violation. Exit code 1
-when there is one.
+so a restart loses nothing acknowledged): WORKERS processes (tests/faults/worker.py; every other
+one calls from threads through the blocking facade) call over a few shared tokens while the
+driver, every ``--interval`` seconds, picks one fault at random: SIGKILL a worker (a new one takes
+its place), SIGSTOP a worker for 1.5 lease TTLs then SIGCONT it, restart Redis, or ``CLIENT KILL``
+every client connection. Then the faults stop, the workers are told to finish, and one lease TTL
+later the leases still held are counted. The history (tests/faults/history.py) is checked against
+DESIGN.md's guarantees; the summary says how many calls, executions, duplicates, takeovers and
+faults the run had, and every violation. Exit code 1 when there is one.
 
 With ``--cluster`` the run has a Redis Cluster of its own (three primaries, three replicas, AOF
 ``always``) and the workers use ``min_replicas=1``; "restart Redis" becomes ``failover``: SIGKILL
@@ -162,6 +162,7 @@ class Run:
                 "--wait-timeout",
                 str(self.args.wait_timeout),
                 *self.store.worker_options,
+                *(["--blocking"] if self.spawned % 2 == 0 else []),  # every other: threads
             ],
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT)},

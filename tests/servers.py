@@ -19,6 +19,19 @@ REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 
 
+STALL_OPTIONS: dict[str, Any] = {
+    "namespace": "ns",
+    "lease_ttl": 30,
+    "socket_timeout": 0.3,
+    "connect_timeout": 0.3,
+    "retry_attempts": 2,
+    "retry_deadline": 0.5,
+    "metrics": False,
+}
+"""Deduplicator options for a test that SIGSTOPs its own redis-server: short timeouts and
+retries, and a lease that outlasts the stall."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -10,20 +10,11 @@ import time
 from typing import Any
 
 import pytest
+from servers import STALL_OPTIONS
 
 from strands_dedup import Deduplicator, OutcomeUnknown, Role, StoreUnavailable
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
-
-STALL = {
-    "namespace": "ns",
-    "lease_ttl": 30,
-    "socket_timeout": 0.3,
-    "connect_timeout": 0.3,
-    "retry_attempts": 2,
-    "retry_deadline": 0.5,
-    "metrics": False,
-}
 
 
 def stalling(pid: int, resume_after: float) -> Any:
@@ -41,7 +32,7 @@ async def test_a_lost_completion_reply_is_recovered(redis_server_factory: type) 
     server = redis_server_factory()
     pid = server.proc.pid
     try:
-        async with Deduplicator.from_url(server.url, wait_timeout=20, **STALL) as dedup:
+        async with Deduplicator.from_url(server.url, wait_timeout=20, **STALL_OPTIONS) as dedup:
             started = time.monotonic()
             outcome = await dedup.execute("tok", stalling(pid, 2.0))
             assert time.monotonic() - started >= 1.5  # it did wait for Redis
@@ -58,7 +49,7 @@ async def test_an_outcome_that_cannot_be_known_is_outcome_unknown(
     server = redis_server_factory()
     pid = server.proc.pid
     try:
-        async with Deduplicator.from_url(server.url, wait_timeout=1, **STALL) as dedup:
+        async with Deduplicator.from_url(server.url, wait_timeout=1, **STALL_OPTIONS) as dedup:
             with pytest.raises(OutcomeUnknown, match="cannot be known") as info:
                 await dedup.execute("tok", stalling(pid, 4.0))
             assert isinstance(info.value, StoreUnavailable) and info.value.token == "tok"

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+from servers import STALL_OPTIONS
 
 from strands_dedup import (
     LeaseLost,
@@ -229,17 +230,6 @@ def test_a_killed_connection_and_flushed_scripts_cost_a_retry(
         admin.close()
 
 
-STALL = {
-    "namespace": "ns",
-    "lease_ttl": 30,
-    "socket_timeout": 0.3,
-    "connect_timeout": 0.3,
-    "retry_attempts": 2,
-    "retry_deadline": 0.5,
-    "metrics": False,
-}
-
-
 def test_a_lost_completion_reply_is_recovered_in_a_callers_thread(
     redis_server_factory: type,
 ) -> None:
@@ -252,7 +242,7 @@ def test_a_lost_completion_reply_is_recovered_in_a_callers_thread(
         return "value"
 
     try:
-        with SyncDeduplicator.from_url(server.url, wait_timeout=20, **STALL) as dedup:
+        with SyncDeduplicator.from_url(server.url, wait_timeout=20, **STALL_OPTIONS) as dedup:
             warm(dedup)
             started = time.monotonic()
             outcome = dedup.execute("tok", call)
@@ -271,7 +261,7 @@ def test_a_stalled_redis_fails_a_claim_in_time_and_the_next_one_works(
     server = redis_server_factory()
     pid = server.proc.pid
     try:
-        with SyncDeduplicator.from_url(server.url, **STALL) as dedup:
+        with SyncDeduplicator.from_url(server.url, **STALL_OPTIONS) as dedup:
             warm(dedup)
             os.kill(pid, signal.SIGSTOP)
             started = time.monotonic()
