@@ -267,7 +267,7 @@ class SyncDeduplicator:
             for orphan in [c for c in self._callers if c.orphaned]:
                 self._callers.remove(orphan)
                 orphan.close()
-            if len(self._callers) >= self.config.max_connections:
+            if self._closed or len(self._callers) >= self.config.max_connections:
                 return None
             store = engine.store.for_caller_thread()
             self._copyable = store is not None

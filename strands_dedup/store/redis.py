@@ -953,7 +953,7 @@ class RedisStore:
         )
         try:
             blocking(**kwargs)  # refuses options it does not know, before any call needs it
-        except TypeError as exc:
+        except Exception as exc:  # the asyncio connection's way is still there
             log.debug("no blocking connection for %s: %s", self.where, exc)
             return None
         own = type(pool)(
