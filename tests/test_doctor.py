@@ -188,8 +188,12 @@ def safe_server() -> Iterator[RedisServer]:
 @needs_server
 def test_a_well_configured_server_exits_0(safe_server: RedisServer) -> None:
     result = doctor(safe_server.url)
-    assert result.exit_code == 0, result.output
     found = findings(result)
+    # The round trip's p99 is this host's (one stalled PING of 100 makes it a warning): every
+    # other finding is the server's configuration, and decides the exit code here.
+    latency_ok = found["latency"]["level"] == "ok"
+    assert result.exit_code == (0 if latency_ok else 1), result.output
+    assert all(f["level"] in ("ok", "info") for name, f in found.items() if name != "latency")
     assert found["eviction"]["level"] == "ok"
     assert found["persistence"]["level"] == "ok"
     assert found["replication"]["level"] == "info"  # no replica: noted, not a warning
