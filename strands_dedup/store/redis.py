@@ -310,6 +310,18 @@ class RedisStore:
         finally:
             slots.release()
 
+    async def _pipelined(self, queue: Callable[[Any], object]) -> list[Any]:
+        """The replies of the commands ``queue`` puts on a redis-py pipeline (not a
+        transaction), sent in one round trip like `_run` sends one command."""
+        client = self.client
+
+        async def read() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                queue(pipe)
+                return list(await pipe.execute())
+
+        return await self._run(read)
+
     async def _script(
         self, script: Any, keys: Sequence[bytes], args: Sequence[Any], *, priority: bool = False
     ) -> Any:
@@ -706,16 +718,13 @@ class RedisStore:
 
     async def session_loads(self, sessions: Sequence[SessionKeys]) -> list[tuple[int, int]]:
         """(holders, waiting) of each session, as Redis counts them now."""
-        client = self.client
 
-        async def read() -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                for keys in sessions:
-                    pipe.zcard(keys.holders)
-                    pipe.zcard(keys.qexp)
-                return list(await pipe.execute())
+        def queue(pipe: Any) -> None:
+            for keys in sessions:
+                pipe.zcard(keys.holders)
+                pipe.zcard(keys.qexp)
 
-        counts = await self._run(read)
+        counts = await self._pipelined(queue)
         return [(int(counts[2 * i]), int(counts[2 * i + 1])) for i in range(len(sessions))]
 
     async def publish_stats(self, key: bytes, counts: dict[str, int] | None, ttl_ms: int) -> None:
@@ -730,16 +739,13 @@ class RedisStore:
 
     async def values_with_ttl(self, keys: Sequence[bytes]) -> list[tuple[bytes | None, int]]:
         """GET and PTTL of each key, in one round trip."""
-        client = self.client
 
-        async def read() -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.get(key)
-                    pipe.pttl(key)
-                return list(await pipe.execute())
+        def queue(pipe: Any) -> None:
+            for key in keys:
+                pipe.get(key)
+                pipe.pttl(key)
 
-        replies = await self._run(read)
+        replies = await self._pipelined(queue)
         return [(replies[2 * i], int(replies[2 * i + 1])) for i in range(len(keys))]
 
     async def session_states(
@@ -747,19 +753,16 @@ class RedisStore:
     ) -> tuple[float, list[tuple[list[Any], list[Any], dict[bytes, bytes], list[Any]]]]:
         """Redis' clock (ms) and, per session key prefix, its holders and waiters (with lease
         expiries), ticket metadata and state fields (fence, next, gap)."""
-        client = self.client
 
-        async def read() -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.time()
-                for base in bases:
-                    pipe.zrange(base + b"holders", 0, -1, withscores=True)
-                    pipe.zrange(base + b"qexp", 0, -1, withscores=True)
-                    pipe.hgetall(base + b"meta")
-                    pipe.hmget(base + b"state", "fence", "next", "gap")
-                return list(await pipe.execute())
+        def queue(pipe: Any) -> None:
+            pipe.time()
+            for base in bases:
+                pipe.zrange(base + b"holders", 0, -1, withscores=True)
+                pipe.zrange(base + b"qexp", 0, -1, withscores=True)
+                pipe.hgetall(base + b"meta")
+                pipe.hmget(base + b"state", "fence", "next", "gap")
 
-        replies = await self._run(read)
+        replies = await self._pipelined(queue)
         seconds, micros = replies[0]
         now_ms = int(seconds) * 1000 + int(micros) / 1000
         return now_ms, [
@@ -769,27 +772,12 @@ class RedisStore:
 
     async def memory_usage(self, keys: Sequence[bytes]) -> list[int | None]:
         """MEMORY USAGE of each key (None where it is gone)."""
-        client = self.client
-
-        async def read() -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.memory_usage(key)
-                return list(await pipe.execute())
-
-        return [None if s is None else int(s) for s in await self._run(read)]
+        sizes = await self._pipelined(lambda pipe: [pipe.memory_usage(key) for key in keys])
+        return [None if size is None else int(size) for size in sizes]
 
     async def hashes(self, keys: Sequence[bytes]) -> list[dict[bytes, bytes]]:
         """HGETALL of each key, in one round trip."""
-        client = self.client
-
-        async def read() -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hgetall(key)
-                return list(await pipe.execute())
-
-        return list(await self._run(read))
+        return await self._pipelined(lambda pipe: [pipe.hgetall(key) for key in keys])
 
     async def delete(self, key: bytes) -> bool:
         """Delete one key; False when it did not exist."""
