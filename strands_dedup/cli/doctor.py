@@ -25,7 +25,6 @@ __all__ = ["Finding", "Level", "diagnose", "exit_status", "read_facts", "to_json
 LATENCY_WARN_MS = 100.0
 """A p99 round trip above this is a warning: every claim and every completion is one."""
 SKEW_WARN_MS = 1000.0
-EVICTING = re.compile(r"^(allkeys|volatile)-")
 
 
 class Level(enum.StrEnum):

@@ -670,10 +670,6 @@ class Engine:
             fence=lease.fence,
         )
 
-    def lease_lost_error(self, lease: HeldLease, detail: str) -> LeaseLost:
-        """A `LeaseLost` for ``lease`` (counted)."""
-        return self._lost_error(lease, detail)
-
     def _envelope(self, lease: HeldLease, payload: bytes, exc: BaseException | None) -> bytes:
         """The primary's result (``exc`` None) or shared failure, as an envelope."""
         header = envelope_header(

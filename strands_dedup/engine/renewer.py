@@ -202,8 +202,6 @@ class Renewer:
                 self.last_renewal = time.monotonic()
                 self.lag = max(0.0, self.last_renewal - due)
             if isinstance(renewed[0], list):
-                with self._inbox_lock:
-                    self._take_inbox()  # a lease dropped meanwhile is no loss to report
                 for lease, ok in zip(leases, renewed[0], strict=True):
                     if (
                         ok is False
