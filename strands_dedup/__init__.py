@@ -30,6 +30,7 @@ from .errors import (
     SessionBusy,
     StoreRefused,
     StoreUnavailable,
+    UnkeyedRequest,
     WaitTimeout,
 )
 from .protocol import Outcome, Role
@@ -69,6 +70,7 @@ __all__ = [
     "StoreUnavailable",
     "StreamReset",
     "SyncDeduplicator",
+    "UnkeyedRequest",
     "WaitTimeout",
     "__version__",
     "current_call",

@@ -21,8 +21,11 @@ Every error the library raises on purpose derives from one root::
     ├── SerializationError    the result could not be serialized or deserialized
     ├── InvalidToken          the token or scope cannot be used (also a ValueError)
     ├── ReentrantCall         a call on the token of a primary that is running in this context
-    └── SessionBusy           a guarded session is taken (mode "throw"), its queue is full, or
-                              the wait in its queue passed queue_timeout (see ``reason``)
+    ├── SessionBusy           a guarded session is taken (mode "throw"), its queue is full, or
+    │                         the wait in its queue passed queue_timeout (see ``reason``)
+    └── UnkeyedRequest        an outgoing unsafe request could not be given an idempotency key
+                              (a streamed body over the bound; outside a call, when strict):
+                              nothing was sent
 
 Each error carries the display form of the token it is about (``token``) where there is one.
 """
@@ -47,6 +50,7 @@ __all__ = [
     "SessionBusy",
     "StoreRefused",
     "StoreUnavailable",
+    "UnkeyedRequest",
     "WaitTimeout",
 ]
 
@@ -194,3 +198,14 @@ class SessionBusy(DedupError):
         self.depth = depth
         """Callers waiting in the session's queue when it was refused."""
         self.retry_after = retry_after
+
+
+class UnkeyedRequest(DedupError):
+    """An outgoing unsafe request (``strands_dedup.http.outgoing``) that could not be given an
+    idempotency key was refused before any of it was sent: its streamed body is larger than the
+    bound, or it was made outside a primary call by a strict transport."""
+
+    def __init__(self, message: str, *, method: str, url: str) -> None:
+        super().__init__(message)
+        self.method = method
+        self.url = url

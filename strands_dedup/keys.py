@@ -113,6 +113,12 @@ class TokenKeys:
     meta: str
     """The token and scope as a JSON object fragment, for lease metadata."""
 
+    @property
+    def identity(self) -> bytes:
+        """``<namespace>:{<scope>:<token>}``: names the call alone, whatever its attempt (the
+        encoded forms, so a long token is not cut as its display form is)."""
+        return self.lease[: -len(b":lease")]
+
 
 @dataclass(frozen=True, slots=True)
 class SessionKeys:

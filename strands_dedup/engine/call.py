@@ -63,6 +63,9 @@ class CallContext:
     """Set when the lease is lost (the call should stop: its result will be refused). A
     ``threading.Event``, so it can be handed to code in other threads (a Strands agent's
     ``cancel_signal``)."""
+    identity: bytes = b""
+    """The call's name across attempts and replicas: ``<namespace>:{<scope>:<token>}`` as
+    Redis holds it (what outgoing requests derive their idempotency keys from)."""
 
 
 _CURRENT_CALL: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
@@ -89,7 +92,9 @@ def is_running(where: str, lease_key: bytes) -> bool:
 def primary_context(lease: HeldLease, where: str) -> Iterator[CallContext]:
     """Run a primary's call as `current_call()` (a nested call on its own token is refused)."""
     keys = lease.keys
-    context = lease.context = CallContext(keys.token, keys.scope, lease.fence, lease.role)
+    context = lease.context = CallContext(
+        keys.token, keys.scope, lease.fence, lease.role, identity=keys.identity
+    )
     call_token = _CURRENT_CALL.set(context)
     running_token = _RUNNING.set(_RUNNING.get() | {(where, keys.lease)})
     try:
