@@ -8,6 +8,7 @@ service behind the gateway, and its taker) is in test_effects.py.
 from __future__ import annotations
 
 import asyncio
+import io
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import httpx
 import pydantic
 import pytest
+import requests
+import requests.adapters
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -26,6 +29,7 @@ from strands_dedup.http import (
     OutgoingConfig,
     effect_key,
 )
+from strands_dedup.http.outgoing_requests import IdempotentAdapter
 
 pytestmark = pytest.mark.timeout(30)
 URL = "https://payments.example/v1/refunds"
@@ -342,3 +346,61 @@ def test_a_multipart_body_is_digested_without_its_boundary(
     assert effect_key(identity, "POST", "u", body_one) != effect_key(
         identity, "POST", "u", body_two
     )
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+class RecordingAdapter(requests.adapters.BaseAdapter):
+    """A requests adapter that records what it is given and answers 201."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[requests.PreparedRequest] = []
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
+        self.seen.append(request)
+        response = requests.Response()
+        response.status_code, response.raw, response.request = 201, io.BytesIO(b"{}"), request
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_requests_adapter_keys_like_the_httpx_transports(recorder: Recorder) -> None:
+    sent = RecordingAdapter()
+    session = requests.Session()
+    session.mount("https://", IdempotentAdapter(sent, max_body_bytes=10))
+    attempts = 0
+
+    def call() -> None:
+        nonlocal attempts
+        attempts += 1
+        session.post(URL, data=b"refund 7")
+        session.post(URL, data=iter([b"refund", " 7"]))  # streamed: read, then sent from memory
+        session.post(URL, data=io.BytesIO(b"refund 7"))
+        with pytest.raises(UnkeyedRequest):
+            session.post(URL, data=iter([b"refund 7", b" and 8"]))
+        session.get(URL)
+        with httpx.Client(transport=IdempotentTransport(httpx.MockTransport(recorder))) as client:
+            client.post(URL, content=b"refund 7")
+        if attempts == 1:
+            raise RuntimeError("the first attempt dies")
+
+    with SyncDeduplicator.from_url(f"memory://{uuid.uuid4().hex[:8]}", namespace="out") as dedup:
+        with pytest.raises(RuntimeError):
+            dedup.run("t1", call)
+        dedup.run("t1", call)
+    posts = [r for r in sent.seen if r.method == "POST"]
+    assert len(posts) == 6
+    assert {r.headers["Idempotency-Key"] for r in posts} == set(recorder.keys)
+    assert len(set(recorder.keys)) == 1  # every attempt, both libraries, any body form
+    assert [r.body for r in posts] == [b"refund 7"] * 6
+    assert int(posts[0].headers[FENCE_HEADER]) < int(posts[3].headers[FENCE_HEADER])
+    get = next(r for r in sent.seen if r.method == "GET")
+    assert "Idempotency-Key" not in get.headers and FENCE_HEADER not in get.headers
+    session.post(URL, data=b"outside")  # outside a call: as it is
+    assert "Idempotency-Key" not in sent.seen[-1].headers
+    with pytest.raises(TypeError, match="not both"):
+        IdempotentAdapter(config=OutgoingConfig(), strict=True)

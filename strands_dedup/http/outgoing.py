@@ -22,7 +22,9 @@ body, each in its own way, and pass the request on.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import MutableMapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -43,13 +45,14 @@ FENCE_HEADER = "Idempotency-Fence"
 """The header that carries the call's fence (a decimal integer that grows with every attempt)."""
 
 _KIND = b"strands-dedup outgoing request v1"
+Headers = MutableMapping[str, Any]
+"""A request's headers, case-insensitive (``httpx.Headers``, or ``requests``' own)."""
 
 
-def _shown(request: httpx.Request) -> str:
-    """The request's URL for an error: no credentials and no query (either may hold secrets)."""
-    url = request.url
-    port = f":{url.port}" if url.port is not None else ""
-    return f"{url.scheme}://{url.host}{port}{url.path}"
+def _shown(url: str) -> str:
+    """A URL for an error: no credentials and no query (either may hold secrets)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def _boundary(content_type: str | None) -> bytes | None:
@@ -111,56 +114,65 @@ class OutgoingConfig(BaseModel):
 
 
 class OutgoingRules:
-    """What the transports decide, with no I/O: which requests are stamped, and with what."""
+    """What the transports decide, with no I/O: which requests are stamped, and with what.
+
+    ``headers`` are the request's own (case-insensitive: ``httpx.Headers``, or the
+    ``CaseInsensitiveDict`` of ``requests``); they are changed in place.
+    """
 
     def __init__(self, config: OutgoingConfig) -> None:
         self.config = config
         self._methods = frozenset(config.methods)
 
-    def call_for(self, request: httpx.Request) -> CallContext | None:
-        """The call whose identity ``request`` takes, or None to send it as it is.
+    def call_for(self, method: str, url: str, headers: Headers) -> CallContext | None:
+        """The call whose identity the request takes, or None to send it as it is.
 
         Raises `UnkeyedRequest` for an unkeyed request of a stamped method outside a call when
         the rules are strict.
         """
-        if request.method not in self._methods:
+        if method.upper() not in self._methods:
             return None
         call = current_call()
-        if call is None and self.config.strict and self.config.header not in request.headers:
+        if call is None and self.config.strict and self.config.header not in headers:
             raise UnkeyedRequest(
-                f"{request.method} {_shown(request)} has no {self.config.header} and is made "
-                "outside a primary call (strict=True): give it a key, or make it inside the call",
-                method=request.method,
-                url=_shown(request),
+                f"{method} {_shown(url)} has no {self.config.header} and is made outside a "
+                "primary call (strict=True): give it a key, or make it inside the call",
+                method=method,
+                url=_shown(url),
             )
         return call
 
-    def needs_body(self, request: httpx.Request) -> bool:
-        """Whether the key is to be derived (the caller set none)."""
-        return self.config.header not in request.headers
+    def needs_body(self, headers: Headers) -> bool:
+        """Whether the key is to be derived (the caller set none), so the body is digested."""
+        return self.config.header not in headers
 
-    def too_large(self, request: httpx.Request, size: int) -> UnkeyedRequest:
-        limit = self.config.max_body_bytes
+    def too_large(self, method: str, url: str, size: int) -> UnkeyedRequest:
+        """The error for a streamed body over ``max_body_bytes`` (``size`` bytes read)."""
         return UnkeyedRequest(
-            f"{request.method} {_shown(request)}: its streamed body is over max_body_bytes "
-            f"({size} > {limit} bytes read) and cannot be digested into an idempotency key; "
-            f"nothing was sent. Send it with a {self.config.header} of its own, or raise the bound",
-            method=request.method,
-            url=_shown(request),
+            f"{method} {_shown(url)}: its streamed body is over max_body_bytes ({size} > "
+            f"{self.config.max_body_bytes} bytes read) and cannot be digested into an "
+            f"idempotency key; nothing was sent. Send it with a {self.config.header} of its "
+            "own, or raise the bound",
+            method=method,
+            url=_shown(url),
         )
 
-    def stamp(self, request: httpx.Request, call: CallContext, body: bytes | None) -> None:
+    def stamp(
+        self,
+        method: str,
+        url: str,
+        headers: Headers,
+        call: CallContext,
+        body: bytes | None,
+    ) -> None:
         """Add the derived key (when ``body`` is given) and the fence, unless already set."""
         if body is not None:
-            request.headers[self.config.header] = effect_key(
-                call.identity,
-                request.method,
-                str(request.url),
-                body,
-                request.headers.get("content-type"),
-            )
-        if self.config.fence_header not in request.headers:
-            request.headers[self.config.fence_header] = str(call.fence)
+            content_type = headers.get("content-type")
+            if isinstance(content_type, bytes):
+                content_type = content_type.decode("latin-1")
+            headers[self.config.header] = effect_key(call.identity, method, url, body, content_type)
+        if self.config.fence_header not in headers:
+            headers[self.config.fence_header] = str(call.fence)
 
 
 def _rules(config: OutgoingConfig | None, options: dict[str, Any]) -> OutgoingRules:
@@ -187,10 +199,11 @@ class IdempotentTransport(httpx.BaseTransport):
         self.transport = transport if transport is not None else httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        call = self.rules.call_for(request)
+        method, url, headers = request.method, str(request.url), request.headers
+        call = self.rules.call_for(method, url, headers)
         if call is not None:
-            body = self._body(request) if self.rules.needs_body(request) else None
-            self.rules.stamp(request, call, body)
+            body = self._body(request) if self.rules.needs_body(headers) else None
+            self.rules.stamp(method, url, headers, call, body)
         return self.transport.handle_request(request)
 
     def _body(self, request: httpx.Request) -> bytes:
@@ -203,7 +216,7 @@ class IdempotentTransport(httpx.BaseTransport):
         for part in request.stream:
             size += len(part)
             if size > limit:
-                raise self.rules.too_large(request, size)
+                raise self.rules.too_large(request.method, str(request.url), size)
             parts.append(part)
         request.stream = httpx.ByteStream(b"".join(parts))
         return request.read()
@@ -226,10 +239,11 @@ class IdempotentAsyncTransport(httpx.AsyncBaseTransport):
         self.transport = transport if transport is not None else httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        call = self.rules.call_for(request)
+        method, url, headers = request.method, str(request.url), request.headers
+        call = self.rules.call_for(method, url, headers)
         if call is not None:
-            body = await self._body(request) if self.rules.needs_body(request) else None
-            self.rules.stamp(request, call, body)
+            body = await self._body(request) if self.rules.needs_body(headers) else None
+            self.rules.stamp(method, url, headers, call, body)
         return await self.transport.handle_async_request(request)
 
     async def _body(self, request: httpx.Request) -> bytes:
@@ -242,7 +256,7 @@ class IdempotentAsyncTransport(httpx.AsyncBaseTransport):
         async for part in request.stream:
             size += len(part)
             if size > limit:
-                raise self.rules.too_large(request, size)
+                raise self.rules.too_large(request.method, str(request.url), size)
             parts.append(part)
         request.stream = httpx.ByteStream(b"".join(parts))
         return await request.aread()
