@@ -1,7 +1,9 @@
 """Shared fixtures.
 
 Real-Redis tests use, in order: ``STRANDS_DEDUP_TEST_REDIS_URL``; a Redis on 127.0.0.1:6379; a
-redis-server started from the PATH on a free port. When none is found they skip, unless
+redis-server started from the PATH on a free port. ``STRANDS_DEDUP_TEST_SERVER=/path/to/server``
+(e.g. a Valkey build) starts every test server, Sentinel and cluster node from that binary instead,
+and uses neither of the first two. When none is found they skip, unless
 ``STRANDS_DEDUP_REQUIRE_REDIS=1`` (set by .ci/run), which turns the skip into a failure.
 """
 
@@ -16,7 +18,15 @@ from typing import Any
 import pytest
 import redis
 from children import WORKER, Child
-from servers import REDIS_CLI, REDIS_SERVER, ClusterSetup, RedisServer, SentinelSetup, reachable
+from servers import (
+    REDIS_CLI,
+    REDIS_SERVER,
+    SERVER_OVERRIDE,
+    ClusterSetup,
+    RedisServer,
+    SentinelSetup,
+    reachable,
+)
 
 REQUIRE_REDIS = os.environ.get("STRANDS_DEDUP_REQUIRE_REDIS") == "1"
 
@@ -25,6 +35,14 @@ REQUIRE_REDIS = os.environ.get("STRANDS_DEDUP_REQUIRE_REDIS") == "1"
 def redis_url() -> Iterator[str]:
     """URL of a real Redis for this test session."""
     url = os.environ.get("STRANDS_DEDUP_TEST_REDIS_URL")
+    if SERVER_OVERRIDE:
+        # STRANDS_DEDUP_TEST_SERVER names the server binary under test: start it, use nothing else
+        server = RedisServer()
+        try:
+            yield server.url
+        finally:
+            server.close()
+        return
     if url:
         if not reachable(url):
             pytest.fail(f"STRANDS_DEDUP_TEST_REDIS_URL={url} is not reachable")

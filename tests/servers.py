@@ -15,7 +15,10 @@ from typing import Any
 import httpx
 import redis
 
-REDIS_SERVER = shutil.which("redis-server")
+SERVER_OVERRIDE = os.environ.get("STRANDS_DEDUP_TEST_SERVER") or None
+"""A server binary to test against instead of redis-server (e.g. a Valkey build): every test
+Redis, Sentinel and cluster node is then started from it, and the Redis on 6379 is not used."""
+REDIS_SERVER = SERVER_OVERRIDE or shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 
 

@@ -40,6 +40,8 @@ __all__ = ["main"]
 REDIS_URL_ENV = "STRANDS_DEDUP_REDIS_URL"
 IDENTITY_SECRET_ENV = "STRANDS_DEDUP_IDENTITY_SECRET"  # noqa: S105 - a variable name
 NAMESPACE_ENV = "STRANDS_DEDUP_NAMESPACE"
+HOST_ENV = "STRANDS_DEDUP_HOST"
+PORT_ENV = "STRANDS_DEDUP_PORT"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_NAMESPACE = "strands-dedup"
 
@@ -778,8 +780,21 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
     help=f"Redis shared by the replicas [env {REDIS_URL_ENV}]; memory:// serves one process.",
 )
 @click.option("--namespace", default=DEFAULT_NAMESPACE, show_default=True, help="Key prefix.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8787, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--host",
+    envvar=HOST_ENV,
+    default="127.0.0.1",
+    show_default=True,
+    help=f"Address to listen on [env {HOST_ENV}].",
+)
+@click.option(
+    "--port",
+    envvar=PORT_ENV,
+    default=8787,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help=f"[env {PORT_ENV}]",
+)
 @click.option(
     "--lease-ttl",
     default=DedupConfig.model_fields["lease_ttl"].default,
