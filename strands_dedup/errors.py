@@ -21,8 +21,10 @@ Every error the library raises on purpose derives from one root::
     ├── SerializationError    the result could not be serialized or deserialized
     ├── InvalidToken          the token or scope cannot be used (also a ValueError)
     ├── ReentrantCall         a call on the token of a primary that is running in this context
-    └── SessionBusy           a guarded session is taken (mode "throw"), its queue is full, or
-                              the wait in its queue passed queue_timeout (see ``reason``)
+    ├── SessionBusy           a guarded session is taken (mode "throw"), its queue is full, or
+    │                         the wait in its queue passed queue_timeout (see ``reason``)
+    └── ConversationError     a session's stored conversation does not parse, or a write would
+                              take it past its bounds (messages, bytes); nothing was written
 
 Each error carries the display form of the token it is about (``token``) where there is one.
 """
@@ -33,6 +35,7 @@ import enum
 
 __all__ = [
     "BusyReason",
+    "ConversationError",
     "DedupError",
     "DuplicateInFlight",
     "FingerprintMismatch",
@@ -194,3 +197,13 @@ class SessionBusy(DedupError):
         self.depth = depth
         """Callers waiting in the session's queue when it was refused."""
         self.retry_after = retry_after
+
+
+class ConversationError(DedupError):
+    """A session's stored conversation cannot be used: what is stored does not parse, or a write
+    would take it past its bounds. Nothing was written; what was stored is kept as it was."""
+
+    def __init__(self, message: str, *, session: str) -> None:
+        super().__init__(message)
+        self.session = session
+        """Display form of the session id."""
