@@ -6,6 +6,7 @@ SIGKILL for a crash, SIGSTOP for a zombie.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -279,3 +280,43 @@ def test_the_redis_repository_outside_turns(redis_url: str, namespace: str) -> N
             session_manager=RedisSessionManager("plain", dedup=dedup),
         )
         assert texts(fresh.messages) == [["user", "hello"], ["assistant", "plain"]]
+
+
+async def test_files_a_stale_write_is_never_read_and_a_cut_flush_is_finished(
+    tmp_path: Path, redis_url: str, namespace: str
+) -> None:
+    store = ("file", str(tmp_path))
+    await next_turn(redis_url, namespace, store, "s", "one")
+    agent_dir = tmp_path / "session_s" / "agents" / "agent_default"
+    stale = agent_dir / "agent.json"
+    data = json.loads(stale.read_text())
+    data["state"] = {"stale": True}  # a stale holder's late write of the agent
+    stale.write_text(json.dumps(data))
+    (agent_dir / "messages" / "message_1.json").unlink()  # the committer died mid-flush
+    seen = await next_turn(redis_url, namespace, store, "s", "two")
+    assert seen == [["user", "one"], ["assistant", "answer to one"], ["user", "two"]]
+    assert json.loads(stale.read_text())["state"] == {}  # written again from the commit record
+    assert sorted(p.name for p in (agent_dir / "messages").iterdir()) == [
+        f"message_{i}.json" for i in range(4)
+    ]
+
+
+async def test_a_factory_that_starts_building_a_session_manager(
+    redis_url: str, namespace: str
+) -> None:
+    async with Deduplicator.from_url(redis_url, namespace=namespace) as dedup:
+        built: list[Any] = []
+        calls = [0]
+
+        def factory(sid: str) -> Agent:
+            calls[0] += 1
+            manager = RedisSessionManager(sid, dedup=dedup) if built else None
+            built.append(manager)
+            return Agent(model=Model(None, 0.0), callback_handler=None, session_manager=manager)
+
+        agent = DedupAgent(dedup, factory, session_guard=SessionGuard(dedup))
+        await agent.invoke_async("one", session_id="s")  # loads nothing the next time
+        await agent.invoke_async("two", session_id="s")  # builds one: loaded, built again
+        assert calls[0] == 3 and len(built) == 2
+        seen = await next_turn(redis_url, namespace, ("redis", "-"), "s", "three")
+        assert seen == [["user", "two"], ["assistant", "answer to two"], ["user", "three"]]

@@ -45,7 +45,12 @@ from typing import TYPE_CHECKING, Any, cast
 from strands.session.repository_session_manager import RepositorySessionManager
 from strands.session.session_repository import SessionRepository
 from strands.types.exceptions import SessionException
-from strands.types.session import Session, SessionAgent, SessionMessage
+from strands.types.session import (
+    Session,
+    SessionAgent,
+    SessionMessage,
+    decode_bytes_values,
+)
 
 from ..engine.sync import Bridge
 from ..errors import ConversationError, LeaseLost
@@ -165,6 +170,21 @@ class _Snapshot:
         return snap
 
 
+def _message(data: _Dict) -> SessionMessage:
+    """``SessionMessage.from_dict`` without its per-key signature look-ups (what dominates the
+    load of a long history)."""
+    redact = data.get("redact_message")
+    message = SessionMessage(
+        message=decode_bytes_values(data["message"]),
+        message_id=data["message_id"],
+        redact_message=None if redact is None else decode_bytes_values(redact),
+    )
+    for stamp in ("created_at", "updated_at"):
+        if stamp in data:
+            setattr(message, stamp, data[stamp])
+    return message
+
+
 def _object(value: Any) -> _Dict:
     if not isinstance(value, dict):
         raise ValueError(f"a JSON object was expected, not {type(value).__name__}")
@@ -197,12 +217,17 @@ class Turn:
         self.snapshot = _Snapshot()
         self.repository: _StagingRepository | None = None
         self.manager: RepositorySessionManager | None = None
+        self.loaded = False
 
     async def load(self) -> None:
+        """Read the conversation hash (one round trip)."""
         raw = await self.engine.store.conversation_load(self.keys)
         self.snapshot = _Snapshot.parse(raw, self.name)
+        self.loaded = True
 
     def bind(self, repository: _StagingRepository, session_id: str) -> None:
+        if not self.loaded:
+            raise NotLoaded
         if session_id != self.session_id:
             raise ValueError(
                 f"the agent factory was called for session {self.session_id!r} but built a "
@@ -272,6 +297,11 @@ def _full(name: str, n: int, size: int, max_messages: int, max_bytes: int) -> Co
         f"({max_messages} messages, {max_bytes} bytes): nothing was written",
         session=name,
     )
+
+
+class NotLoaded(Exception):
+    """A session manager was built in a turn that did not load its conversation (the agent
+    factory built none last time): `DedupAgent` loads it and calls the factory again."""
 
 
 class _StagingRepository(SessionRepository):
@@ -369,7 +399,7 @@ class _StagingRepository(SessionRepository):
         data = self.messages.get(agent_id, {}).get(message_id) or self.base_message(
             agent_id, message_id
         )
-        return None if data is None else SessionMessage.from_dict(data)
+        return None if data is None else _message(data)
 
     def update_message(
         self, session_id: str, agent_id: str, session_message: SessionMessage, **kwargs: Any
@@ -394,7 +424,7 @@ class _StagingRepository(SessionRepository):
         ids = sorted(merged)
         if limit is not None:
             ids = ids[:limit]
-        return [SessionMessage.from_dict(merged[i]) for i in ids]
+        return [_message(merged[i]) for i in ids]
 
 
 class _CommittedRepository(_StagingRepository):
@@ -530,9 +560,9 @@ class _CommittedRepository(_StagingRepository):
                 for i, message in sorted(messages.items()):
                     check()
                     if i in seen:
-                        inner.update_message(sid, agent_id, SessionMessage.from_dict(message))
+                        inner.update_message(sid, agent_id, _message(message))
                     else:
-                        inner.create_message(sid, agent_id, SessionMessage.from_dict(message))
+                        inner.create_message(sid, agent_id, _message(message))
                 if stored is not None and not _same_agent(stored, agent):
                     check()
                     inner.update_agent(sid, SessionAgent.from_dict(agent))

@@ -54,6 +54,7 @@ from ..engine.sync import Bridge, SyncDeduplicator
 from ..protocol import Outcome
 from .conversation import (
     _TURN,
+    NotLoaded,
     RedisSessionManager,
     RedisSessionRepository,
     Turn,
@@ -240,6 +241,7 @@ class DedupAgent:
         self.dedup = dedup
         self.agent_factory = agent_factory
         self.session_guard = session_guard
+        self._loads = True
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -455,7 +457,8 @@ class DedupAgent:
                     session_id,
                     self.session_guard.config.idle_ttl,
                 )
-                await turn.load()
+                if self._loads:  # else: the factory built no session manager last time
+                    await turn.load()
             agent = await self._build(session_id, turn)
             result: AgentResult | None = None
             if emit is None:
@@ -476,11 +479,18 @@ class DedupAgent:
         refuse an agent whose session manager would write outside the turn's commit."""
         reset = _TURN.set(turn)
         try:
-            made = self.agent_factory(session_id)
-            agent: Agent = await made if inspect.isawaitable(made) else made
+            try:
+                made = self.agent_factory(session_id)
+                agent: Agent = await made if inspect.isawaitable(made) else made
+            except NotLoaded:
+                assert turn is not None
+                await turn.load()
+                made = self.agent_factory(session_id)
+                agent = await made if inspect.isawaitable(made) else made
         finally:
             _TURN.reset(reset)
         manager = getattr(agent, "_session_manager", None)  # Strands keeps it there
+        self._loads = manager is not None
         if manager is None:
             return agent
         if turn is None:
