@@ -158,12 +158,23 @@ async def bench_turns(url: str, turns: int) -> dict[str, Any]:
     from strands import Agent
     from strands.session.file_session_manager import FileSessionManager
 
+    from strands_dedup.agents.conversation import Turn
     from strands_dedup.agents.strands import DedupAgent, RedisSessionManager, committed_session
     from tests.fake_model import FakeModel
 
     namespace = f"bench-turn-{uuid.uuid4().hex[:8]}"
     side = redis.Redis.from_url(url)
     out: dict[str, Any] = {}
+    spent: dict[str, list[float]] = {"load": [], "commit": []}
+    for step in spent:  # time the two steps a turn adds, as the turns run
+        original = getattr(Turn, step)
+
+        async def timed(self: Any, original: Any = original, step: str = step) -> None:
+            started = time.perf_counter()
+            await original(self)
+            spent[step].append(time.perf_counter() - started)
+
+        setattr(Turn, step, timed)
     with tempfile.TemporaryDirectory() as where:
         async with Deduplicator.from_url(url, namespace=namespace, metrics=False) as dedup:
             model = FakeModel("ok")
@@ -185,6 +196,8 @@ async def bench_turns(url: str, turns: int) -> dict[str, Any]:
                 sid = f"turn-{uuid.uuid4().hex[:6]}"
                 await agent.invoke_async("warm up", session_id=sid)
                 before = _commands(side)
+                for values in spent.values():
+                    values.clear()
                 times = []
                 for i in range(turns):
                     started = time.perf_counter()
@@ -194,6 +207,11 @@ async def bench_turns(url: str, turns: int) -> dict[str, Any]:
                 sent = {k: (after.get(k, 0) - before.get(k, 0)) / turns for k in after}
                 out[label] = {
                     **summarize(times),
+                    **{
+                        f"{step}_median_us": median_p99(v)[0] * 1e6
+                        for step, v in spent.items()
+                        if v
+                    },
                     "commands_per_turn": {k: round(v, 2) for k, v in sent.items() if v >= 0.5},
                 }
     side.close()
@@ -224,9 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:34} median {row['median_us']:9.1f} us   p99 {row['p99_us']:9.1f} us")
     print("\nturn:")
     for name, row in result["turns"].items():
+        steps = {
+            k: round(v) for k, v in row.items() if k.endswith("_median_us") and k != "median_us"
+        }
         print(
             f"  {name:40} median {row['median_us']:8.1f} us  p99 {row['p99_us']:8.1f} us  "
-            f"{row['commands_per_turn']}"
+            f"{steps} {row['commands_per_turn']}"
         )
     return 0
 
