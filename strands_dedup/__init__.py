@@ -16,6 +16,7 @@ from .engine.streaming import StreamReset
 from .engine.sync import SyncDeduplicator
 from .errors import (
     BusyReason,
+    ConversationError,
     DedupError,
     DuplicateInFlight,
     FingerprintMismatch,
@@ -41,6 +42,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __all__ = [
     "BusyReason",
     "CallContext",
+    "ConversationError",
     "DedupConfig",
     "DedupError",
     "Deduplicator",

@@ -23,9 +23,11 @@ Every error the library raises on purpose derives from one root::
     ├── ReentrantCall         a call on the token of a primary that is running in this context
     ├── SessionBusy           a guarded session is taken (mode "throw"), its queue is full, or
     │                         the wait in its queue passed queue_timeout (see ``reason``)
-    └── UnkeyedRequest        an outgoing unsafe request could not be given an idempotency key
-                              (a streamed body over the bound; outside a call, when strict):
-                              nothing was sent
+    ├── UnkeyedRequest        an outgoing unsafe request could not be given an idempotency key
+    │                         (a streamed body over the bound; outside a call, when strict):
+    │                         nothing was sent
+    └── ConversationError     a session's stored conversation does not parse, or a write would
+                              take it past its bounds (messages, bytes); nothing was written
 
 Each error carries the display form of the token it is about (``token``) where there is one.
 """
@@ -36,6 +38,7 @@ import enum
 
 __all__ = [
     "BusyReason",
+    "ConversationError",
     "DedupError",
     "DuplicateInFlight",
     "FingerprintMismatch",
@@ -209,3 +212,13 @@ class UnkeyedRequest(DedupError):
         super().__init__(message)
         self.method = method
         self.url = url
+
+
+class ConversationError(DedupError):
+    """A session's stored conversation cannot be used: what is stored does not parse, or a write
+    would take it past its bounds. Nothing was written; what was stored is kept as it was."""
+
+    def __init__(self, message: str, *, session: str) -> None:
+        super().__init__(message)
+        self.session = session
+        """Display form of the session id."""

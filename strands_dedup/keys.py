@@ -18,6 +18,7 @@ token's tag), or of the fleet-wide total, ``{!total}``::
     <namespace>:{<session>}:meta      ticket -> caller metadata           (hash)
     <namespace>:{<session>}:state     counters, next sequence number, grants (hash)
     <namespace>:{<session>}:schan     pub/sub channel announcing admissions
+    <namespace>:{<session>}:conv      its conversation: commit record, Strands items (hash)
 
 A token or scope that is not short plain text is replaced by a digest (``#`` + 32 hex digits), so
 no user input can break the hash tag (``{``/``}``), act as a SCAN glob (``* ? [ ]``) or make two
@@ -133,6 +134,12 @@ class SessionKeys:
     channel: bytes
     name: str
     """Display form of the session name ("(fleet total)" for the total)."""
+
+    @property
+    def conversation(self) -> bytes:
+        """The session's conversation hash: its commit record and, with `RedisSessionManager`,
+        its Strands session, agents and messages."""
+        return self.holders[: -len(b"holders")] + b"conv"
 
     @property
     def all(self) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:

@@ -52,14 +52,25 @@ from ..engine.session import SessionGuard
 from ..engine.streaming import Chunk, Emit, StreamReset, stream_events
 from ..engine.sync import Bridge, SyncDeduplicator
 from ..protocol import Outcome
+from .conversation import (
+    _TURN,
+    NotLoaded,
+    RedisSessionManager,
+    RedisSessionRepository,
+    Turn,
+    committed_session,
+)
 from .tokens import message_token
 from .tools import idempotent_tool
 
 __all__ = [
     "STREAMED_KEYS",
     "DedupAgent",
+    "RedisSessionManager",
+    "RedisSessionRepository",
     "ReplayedMetrics",
     "StoredAgentResult",
+    "committed_session",
     "idempotent_tool",
     "message_token",
 ]
@@ -230,6 +241,7 @@ class DedupAgent:
         self.dedup = dedup
         self.agent_factory = agent_factory
         self.session_guard = session_guard
+        self._loads = True
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -434,17 +446,65 @@ class DedupAgent:
             else contextlib.nullcontext()
         )
         async with hold_cm as hold:
+            turn: Turn | None = None
             if hold is not None:
                 hold.lost.add_callback(cancel.set)
-            made = self.agent_factory(session_id)
-            agent: Agent = await made if inspect.isawaitable(made) else made
-            if emit is None:
-                return await agent.invoke_async(prompt, cancel_signal=cancel, **options)
+                assert self.session_guard is not None
+                turn = Turn(
+                    self._core.engine,
+                    self._core.engine.keys.for_session(session_id),
+                    hold,
+                    session_id,
+                    self.session_guard.config.idle_ttl,
+                )
+                if self._loads:  # else: the factory built no session manager last time
+                    await turn.load()
+            agent = await self._build(session_id, turn)
             result: AgentResult | None = None
-            async for event in agent.stream_async(prompt, cancel_signal=cancel, **options):
-                emit(event)
-                if isinstance(event, dict) and isinstance(event.get("result"), AgentResult):
-                    result = event["result"]
-            if result is None:
-                raise RuntimeError("the agent's stream ended without a result event")
+            if emit is None:
+                result = await agent.invoke_async(prompt, cancel_signal=cancel, **options)
+            else:
+                async for event in agent.stream_async(prompt, cancel_signal=cancel, **options):
+                    emit(event)
+                    if isinstance(event, dict) and isinstance(event.get("result"), AgentResult):
+                        result = event["result"]
+                if result is None:
+                    raise RuntimeError("the agent's stream ended without a result event")
+            if turn is not None:
+                await turn.commit()
             return result
+
+    async def _build(self, session_id: str, turn: Turn | None) -> Agent:
+        """Call the agent factory (inside the turn, for the session manager it builds), and
+        refuse an agent whose session manager would write outside the turn's commit."""
+        reset = _TURN.set(turn)
+        try:
+            try:
+                made = self.agent_factory(session_id)
+                agent: Agent = await made if inspect.isawaitable(made) else made
+            except NotLoaded:
+                assert turn is not None
+                await turn.load()
+                made = self.agent_factory(session_id)
+                agent = await made if inspect.isawaitable(made) else made
+        finally:
+            _TURN.reset(reset)
+        manager = getattr(agent, "_session_manager", None)  # Strands keeps it there
+        self._loads = manager is not None
+        if manager is None:
+            return agent
+        if turn is None:
+            raise ValueError(
+                f"the agent for session {session_id!r} has a session manager "
+                f"({type(manager).__name__}): its turns commit once only under a hold; give "
+                "the DedupAgent a session_guard"
+            )
+        if turn.manager is not manager:
+            raise ValueError(
+                f"the agent for session {session_id!r} has a session manager "
+                f"({type(manager).__name__}) whose writes would not wait for the turn to "
+                "commit (a crashed or stale attempt would corrupt the history): build it with "
+                "session_manager=committed_session(...) around a RepositorySessionManager, or "
+                "use RedisSessionManager"
+            )
+        return agent

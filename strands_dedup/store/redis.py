@@ -87,6 +87,7 @@ _SCRIPTS = {
         "session",
         "session_renew",
         "stream_append",
+        "conversation",
     )
 }
 
@@ -249,6 +250,7 @@ class RedisStore:
         self._session = client.register_script(_SCRIPTS["session"])
         self._session_renew = client.register_script(_SCRIPTS["session_renew"])
         self._stream_append = client.register_script(_SCRIPTS["stream_append"])
+        self._conversation = client.register_script(_SCRIPTS["conversation"])
         self._publish = "PUBLISH" if self.cluster is None else "SPUBLISH"
         self.pipeline: AutoPipeline | BlockingLane | None = lane or (
             AutoPipeline(client.connection_pool, timeout=config.socket_timeout)
@@ -715,6 +717,34 @@ class RedisStore:
         args: list[bytes | str | int] = ["release", ticket, "", "queue", 1, 0]
         args += [self._config.lease_ttl_ms, "", "", 0, ""]
         await self.session(keys, args, idle_ttl_ms, priority=True)
+
+    # -- conversations (conversation.lua) -----------------------------------------------------
+
+    async def conversation_load(self, keys: SessionKeys) -> dict[bytes, bytes]:
+        """Every field of a session's conversation hash (one HGETALL)."""
+        reply: Any = await self._run(lambda: self.client.hgetall(keys.conversation))
+        return cast(dict[bytes, bytes], reply or {})
+
+    async def conversation_write(
+        self,
+        keys: SessionKeys,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        ticket: str,
+        fence: int,
+        turn: int,
+        idle_ttl_ms: int,
+        max_messages: int,
+        max_bytes: int,
+    ) -> list[Any]:
+        """Run conversation.lua: set ``items`` (a turn's commit when ``ticket`` is a holder's,
+        fenced; else a write outside any turn); see its header for the reply."""
+        args: list[Any] = [ticket, fence, turn, idle_ttl_ms, max_messages, max_bytes]
+        for field, value in items:
+            args += (field, value)
+        names = (keys.conversation, keys.holders, keys.state)
+        reply: list[Any] = await self._script(self._conversation, names, args, priority=True)
+        return reply
 
     async def session_loads(self, sessions: Sequence[SessionKeys]) -> list[tuple[int, int]]:
         """(holders, waiting) of each session, as Redis counts them now."""
