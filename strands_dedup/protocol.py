@@ -355,6 +355,9 @@ class Grant:
     """Sequence numbers given up on (inclusive range) to admit this holder after a gap."""
     late: bool
     """The holder's sequence number had already been passed (it arrived after a skip)."""
+    conversation: dict[bytes, bytes] | None = None
+    """The session's conversation hash as read right after the admission, when the admission
+    came in the script's reply (None when it came as a message: read it then)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +400,12 @@ def parse_session_reply(reply: list[Any]) -> SessionReply:
     """Turn the session script's acquire reply into a typed value."""
     kind = _text(reply[0])
     if kind == "H":
-        return parse_grant(_text(reply[1]), _text(reply[2]))
+        grant = parse_grant(_text(reply[1]), _text(reply[2]))
+        if len(reply) > 3:
+            flat = [v if isinstance(v, bytes) else str(v).encode() for v in reply[3] or ()]
+            conversation = dict(zip(flat[0::2], flat[1::2], strict=True))
+            grant = Grant(grant.ticket, grant.fence, grant.skipped, grant.late, conversation)
+        return grant
     if kind == "Q":
         return Queued(_text(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]))
     if kind == "B":

@@ -220,8 +220,11 @@ class Turn:
         self.loaded = False
 
     async def load(self) -> None:
-        """Read the conversation hash (one round trip)."""
-        raw = await self.engine.store.conversation_load(self.keys)
+        """The conversation hash: as the admission read it (no round trip), else one HGETALL
+        (after a wait in the session's queue, where the grant came as a message)."""
+        raw = self.hold._conversation
+        if raw is None:
+            raw = await self.engine.store.conversation_load(self.keys)
         self.snapshot = _Snapshot.parse(raw, self.name)
         self.loaded = True
 

@@ -130,6 +130,8 @@ class SessionHold:
     """Set when the hold's lease is lost; another caller may be admitted. A ``threading.Event``
     so that code in other threads (a Strands agent's ``cancel_signal``) can watch it."""
     _tickets: list[HeldTicket] = field(default_factory=list, repr=False)
+    _conversation: dict[bytes, bytes] | None = field(default=None, repr=False)
+    """The session's conversation hash as the admission read it (None: not read with it)."""
 
 
 def _lease_lost(hold: SessionHold) -> Any:
@@ -293,6 +295,7 @@ class SessionGuard:
             grant.late,
             time.monotonic() - started,
             _tickets=tickets,
+            _conversation=grant.conversation,
         )
         for held in tickets:
             held.on_lost = _lease_lost(hold)

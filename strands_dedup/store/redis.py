@@ -618,7 +618,8 @@ class RedisStore:
     ) -> list[Any]:
         """Run session.lua with ``args`` as its ARGV[1..11] (see its header)."""
         full = [*args, keys.channel, self._publish, idle_ttl_ms]
-        reply: list[Any] = await self._script(self._session, keys.all, full, priority=priority)
+        names = (*keys.all, keys.conversation)
+        reply: list[Any] = await self._script(self._session, names, full, priority=priority)
         return reply
 
     async def renew_tickets(

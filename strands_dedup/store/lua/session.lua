@@ -9,6 +9,9 @@ KEYS[4]  qexp     ZSET  every waiting ticket -> lease expiry (ms)
 KEYS[5]  meta     HASH  ticket -> caller metadata (JSON)
 KEYS[6]  state    HASH  arr (arrival counter), fence, next (next expected sequence number),
                         gap (ms when the wait for a missing number began), g:<ticket> (grant)
+KEYS[7]  conv     HASH  the session's conversation (conversation.lua): read, never written here,
+                        and returned with an admission, so a turn starts without a round trip
+                        of its own to load it
 ARGV[1]  op: "acquire" or "release"
 ARGV[2]  ticket ("" for a new caller)
 ARGV[3]  owner id, for a new ticket
@@ -22,7 +25,9 @@ A grant is "fence|skip_from|skip_to|late": the session fence given to the holder
 sequence numbers skipped to admit it (-1|-1 when none), and 1 when its number was already passed.
 Every admission publishes "G<ticket>|<grant>" on the channel.
 Returns
-  acquire: {'H', ticket, grant}                 the caller holds the session
+  acquire: {'H', ticket, grant, conv}           the caller holds the session; conv is HGETALL
+                                                of KEYS[7] (flat field/value list) read after the
+                                                admission
            {'Q', ticket, position, depth, wake}  queued; re-ask within `wake` ms at the latest
            {'B', holders, depth, retry_ms}      mode "throw" and the session is taken
            {'O', holders, depth}                the queue is full
@@ -121,6 +126,10 @@ local function new_ticket()
   return tk, arrival
 end
 
+local function admitted(tk, g)
+  return {'H', tk, g, redis.call('HGETALL', KEYS[7])}
+end
+
 local function earliest(key)
   local first_entry = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   if #first_entry > 0 then wake = math.min(wake, tonumber(first_entry[2]) - now) end
@@ -139,7 +148,7 @@ end
 
 prune()
 if ticket ~= '' and redis.call('ZSCORE', holders, ticket) then
-  return {'H', ticket, redis.call('HGET', state, 'g:' .. ticket) or '0|-1|-1|0'}
+  return admitted(ticket, redis.call('HGET', state, 'g:' .. ticket) or '0|-1|-1|0')
 end
 if ticket == '' or not redis.call('ZSCORE', qexp, ticket) then
   -- a new caller, or a waiter whose entry expired (it joins again, at the tail)
@@ -151,7 +160,7 @@ if ticket == '' or not redis.call('ZSCORE', qexp, ticket) then
       redis.call('ZADD', holders, now + ttl, ticket)
       local g = grant(ticket, nil, -1, -1, 0)
       touch()
-      return {'H', ticket, g}
+      return admitted(ticket, g)
     end
     earliest(holders)
     return {'B', held, depth, math.max(wake, 1)}
@@ -173,7 +182,7 @@ else
 end
 admit()
 if redis.call('ZSCORE', holders, ticket) then
-  return {'H', ticket, redis.call('HGET', state, 'g:' .. ticket)}
+  return admitted(ticket, redis.call('HGET', state, 'g:' .. ticket))
 end
 earliest(holders)
 earliest(qexp)
