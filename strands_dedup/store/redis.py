@@ -647,9 +647,11 @@ class RedisStore:
         fence: int,
         items: Sequence[tuple[bytes, bytes]],
         ttl_ms: int,
+        seq: int,
     ) -> bool:
-        """Run stream_append.lua: append (kind, data) items if the lease is still ours."""
-        args: list[bytes | str | int] = [owner, fence, ttl_ms, keys.channel, self._publish]
+        """Run stream_append.lua: append (kind, data) items if the lease is still ours; ``seq``
+        numbers the first item within the attempt (an item already appended is skipped)."""
+        args: list[bytes | str | int] = [owner, fence, ttl_ms, keys.channel, self._publish, seq]
         for kind, data in items:
             args += (kind, data)
         names = (keys.lease, keys.fence, keys.stream)
