@@ -78,20 +78,15 @@ EXPECTED = [{"i": i} for i in range(CHUNKS)]
 
 
 async def follow_and_finish(dedup: Deduplicator, token: str, produce: Gated) -> list[Any]:
-    """Start a follower while the primary is held, release the primary, return what the
-    follower got."""
+    """Start a follower while the primary is held; once it has relayed the stream's first chunk
+    (it follows the live attempt), release the primary; return what the follower got."""
     other = Gated(CHUNKS)
-    waiting = dedup.engine.subscriber.waiters
-    follower = asyncio.create_task(collect(dedup.stream(token, other)))
-    await until(lambda: _true(dedup.engine.subscriber.waiters > waiting), "the follower")
+    stream = dedup.stream(token, other)
+    got = [await asyncio.wait_for(anext(stream), 10)]
     produce.go.set()
-    got = await asyncio.wait_for(follower, 20)
+    got += await asyncio.wait_for(collect(stream), 20)
     assert other.runs == 0
     return got
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # -- a repeated append ---------------------------------------------------------------------------
