@@ -10,8 +10,9 @@ Wire formats (all bytes):
   (released without a result: re-read, and one waiter takes over); ``A<fence>`` (a streaming
   primary appended chunks, published by ``stream_append.lua``); on a session's channel
   ``G<ticket>|<grant>`` (an admission, published by ``session.lua``).
-- stream entries (``stream_append.lua``): fields ``k`` (kind: `STREAM_BEGIN`, `STREAM_CHUNK`,
-  `STREAM_END`), ``f`` (fence), ``d`` (data).
+- stream entries (``stream_append.lua``): id ``<fence>-<n>`` (item n of the attempt, from 0),
+  fields ``k`` (kind: `STREAM_BEGIN`, `STREAM_CHUNK`, `STREAM_END`), ``f`` (fence), ``d`` (data);
+  an end marker's data is ``<chunks>:<sha256 hex>`` (`StreamTally`).
 - lease metadata: JSON ``{"fp", "tok", "sc", "t", "h", "p"}``; session ticket metadata: JSON
   ``{"s", "h", "p", "t", "q"}`` (`encode_lease_meta`, `encode_session_meta`, `decode_meta`).
 
@@ -22,6 +23,7 @@ follower, session queue) is the engine's one loop driven by it.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import socket
@@ -40,6 +42,7 @@ __all__ = [
     "STREAM_BEGIN",
     "STREAM_CHUNK",
     "STREAM_END",
+    "StreamTally",
     "Busy",
     "Claimed",
     "ClaimReply",
@@ -96,6 +99,35 @@ CLAIM_BUSY = b"L"
 STREAM_BEGIN = b"b"
 STREAM_CHUNK = b"c"
 STREAM_END = b"e"
+
+
+class StreamTally:
+    """The count and digest of an attempt's chunks, as its primary appended them and as a
+    follower relayed them: SHA-256 over each chunk's length (8 bytes, big-endian) and bytes."""
+
+    __slots__ = ("_hash", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._hash = hashlib.sha256()
+
+    def add(self, data: bytes) -> None:
+        self.count += 1
+        self._hash.update(len(data).to_bytes(8, "big"))
+        self._hash.update(data)
+
+    def end_marker(self) -> bytes:
+        """The data of the attempt's end marker."""
+        return b"%d:%s" % (self.count, self._hash.hexdigest().encode())
+
+    def matches(self, marker: bytes) -> bool | None:
+        """Whether these chunks are the ones an end marker's data counts; None when it counts
+        nothing (an end marker without a tally)."""
+        count, sep, digest = marker.partition(b":")
+        if not sep:
+            return None
+        return count == b"%d" % self.count and digest == self._hash.hexdigest().encode()
+
 
 _HOST = socket.gethostname()
 _HOST_JSON = json.dumps(_HOST)

@@ -338,11 +338,14 @@ class Inspector:
         Returns the lease that was released, or None if nothing held it.
         """
         keys = self._keys.for_token(token, scope)
-        before = await self.lease(token, scope)  # for the count of processes told
-        value = await self._store.force_release(keys)
+        before = await self.lease(token, scope)  # whose lease, and the processes told
+        if before is None:
+            return None
+        # that owner's lease only: a retry of the release after a waiter took over finds it gone
+        value = await self._store.force_release(keys, before.owner)
         if value is None:
             return None
-        listeners = before.listeners if before is not None else 0
+        listeners = before.listeners
         return _lease_view(keys.lease, value, 0, listeners, time.time() * 1000)
 
     async def forget(self, token: str | bytes, scope: str | bytes | None = None) -> bool:

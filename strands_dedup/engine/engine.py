@@ -826,10 +826,11 @@ class Engine:
             )
 
     async def append(
-        self, lease: HeldLease, items: Sequence[tuple[bytes, bytes]], ttl_ms: int
+        self, lease: HeldLease, items: Sequence[tuple[bytes, bytes]], ttl_ms: int, seq: int
     ) -> bool:
-        """Append a streaming primary's (kind, data) items, fenced; False: the lease is lost."""
-        return await self.store.append(lease.keys, lease.owner, lease.fence, items, ttl_ms)
+        """Append a streaming primary's (kind, data) items, fenced, the first of them numbered
+        ``seq`` within the attempt (safe to repeat); False: the lease is lost."""
+        return await self.store.append(lease.keys, lease.owner, lease.fence, items, ttl_ms, seq)
 
     # -- lifecycle and health -----------------------------------------------------------------
 

@@ -2,10 +2,20 @@
 
 The primary's chunks are appended to a Redis Stream in the token's slot (``...:stream``) by a
 fenced script, in batches: while one append is in flight the next chunks gather, so the primary
-never waits a round trip per chunk. Each append publishes ``A<fence>`` on the token's channel;
-followers (duplicates, on this process's shared subscriber) read the new entries with ``XRANGE``.
-The call's final value is stored as usual (a completed stream's retry replays it from there), and
-the stream key expires soon after the end marker.
+never waits a round trip per chunk. Every item of an attempt has its number (the entry id is
+``<fence>-<n>``), so an append sent again after a lost reply adds nothing when its first copy
+ran too. Each append publishes ``A<fence>`` on the token's channel; followers (duplicates, on this
+process's shared subscriber) read the new entries with ``XRANGE``. The call's final value is
+stored as usual (a completed stream's retry replays it from there), and the stream key expires
+soon after the end marker.
+
+The end marker carries the count and digest of the attempt's chunks (`StreamTally`). A follower
+checks the chunks it relayed against it before it hands over the `Final`: a stream that does not
+add up gives it a `StreamReset`, then the stored value from the start (the HTTP middleware aborts
+the response instead). A follower that reaches the value without having read the end marker
+reads the rest of the attempt first; when there is no end marker (a best-effort stream that
+stopped), a best-effort surface checks what it relayed against the stored value itself, others
+get a `StreamReset`.
 
 Every attempt begins with a ``b`` marker carrying its fence. A follower that has seen chunks of
 an attempt whose primary died receives a `StreamReset` when the next attempt begins (or when it
@@ -38,6 +48,7 @@ from ..protocol import (
     Outcome,
     Replay,
     Role,
+    StreamTally,
     WakeUp,
     wait_budget,
 )
@@ -87,6 +98,8 @@ class _Appender:
         self._engine = engine
         self._lease = lease
         self._pending: list[tuple[bytes, bytes]] = [(STREAM_BEGIN, b"")]
+        self._seq = 0  # number of the next batch's first item within the attempt
+        self._tally = StreamTally()
         self._flusher: asyncio.Task[None] | None = None
         self._ttl_ms = cfg.fence_ttl_ms
         self._end_ttl_ms = 2 * cfg.lease_ttl_ms + 10_000
@@ -124,6 +137,7 @@ class _Appender:
                 self._stop(too_large)
                 return
             raise too_large
+        self._tally.add(data)
         self._pending.append((STREAM_CHUNK, data))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -131,8 +145,9 @@ class _Appender:
     async def _flush(self) -> None:
         while self._pending and not self.lost:
             batch, self._pending = self._pending, []
+            seq, self._seq = self._seq, self._seq + len(batch)
             try:
-                ok = await self._engine.append(self._lease, batch, self._ttl_ms)
+                ok = await self._engine.append(self._lease, batch, self._ttl_ms, seq)
             except Exception as exc:  # the producer hears of it at its next chunk or the end
                 self.error = exc
                 return
@@ -161,8 +176,9 @@ class _Appender:
         if self.chunks == 0 and self._flusher is None:
             return  # nothing was streamed: followers just wait for the stored value
         if not self.lost:
-            batch, self._pending = [*self._pending, (STREAM_END, b"")], []
-            ok = await self._engine.append(self._lease, batch, self._end_ttl_ms)
+            batch = [*self._pending, (STREAM_END, self._tally.end_marker())]
+            self._pending = []
+            ok = await self._engine.append(self._lease, batch, self._end_ttl_ms, self._seq)
             self.lost = not ok
         if self.lost:
             raise self._lost()
@@ -203,15 +219,19 @@ class _Follower:
         fingerprint: str | None,
         rtype: Any,
         timeout: float,
+        best_effort: bool = False,
     ) -> None:
         self.engine, self.keys, self.owner, self.meta = engine, keys, owner, meta
         self.fingerprint, self.rtype, self.timeout = fingerprint, rtype, timeout
+        self.best_effort = best_effort
         self.started = time.monotonic()
         self.deadline = self.started + timeout
         self.claims = 0
         self.attempt: int | None = None  # fence of the attempt whose chunks this caller follows
         self.live: int | None = None  # fence of the lease the last claim found
         self.received = 0  # chunks of that attempt handed to the caller
+        self.tally = StreamTally()  # of the chunks of that attempt relayed to the caller
+        self.ended = False  # that attempt's end marker was read (and checked)
         self.cursor: bytes | None = None  # last stream entry read
         self.first_read = True
 
@@ -219,11 +239,20 @@ class _Follower:
         self.claims += 1
         return await self.engine.claim(self.keys, self.owner, self.meta)
 
-    def final(self, outcome: Outcome[Any]) -> Done[list[Event | _Lead]]:
+    async def final(self, outcome: Outcome[Any]) -> Done[list[Event | _Lead]]:
         self.engine.observer.received(
             self.keys, outcome.role, outcome.fence, time.monotonic() - self.started
         )
         events: list[Event | _Lead] = []
+        if self.received and outcome.fence == self.attempt and not self.ended:
+            # The value came before the end marker was read (a missed wake-up): read the rest
+            # of the attempt, up to its end marker, to check what was relayed.
+            try:
+                events += await self.entries()
+            except StoreUnavailable as exc:
+                log.debug("could not read the rest of the stream to check it: %s", exc)
+            if self.received and not self.ended and not self.best_effort:
+                self._reset(outcome.fence, "its end marker is missing", events)
         if self.received and outcome.fence != self.attempt:
             events.append(StreamReset(outcome.fence))  # it completed in an attempt we missed
         events.append(Final(outcome))
@@ -232,7 +261,7 @@ class _Follower:
     async def verdict(self, reply: Replay | Claimed | Busy) -> Done[list[Event | _Lead]] | Busy:
         if isinstance(reply, Replay):
             role = Role.REPLAY if self.claims == 1 and self.attempt is None else Role.WAITER
-            return self.final(
+            return await self.final(
                 self.engine.outcome_of(
                     reply.envelope, role, self.keys, self.fingerprint, self.rtype
                 )
@@ -258,7 +287,7 @@ class _Follower:
         if event is WakeUp.APPENDED:
             return Listen(listening.until, await self.entries())
         if isinstance(event, Envelope):
-            return self.final(
+            return await self.final(
                 self.engine.outcome_from(
                     event, Role.WAITER, self.keys, self.fingerprint, self.rtype
                 )
@@ -294,12 +323,38 @@ class _Follower:
                     if self.attempt is not None and fence != self.attempt and self.received:
                         events.append(StreamReset(fence))
                         self.received = 0
+                    if fence != self.attempt:
+                        self.tally, self.ended = StreamTally(), False
                     self.attempt = fence
-                elif kind == STREAM_CHUNK and fence == self.attempt:
+                elif fence != self.attempt or self.ended:
+                    continue
+                elif kind == STREAM_CHUNK:
+                    data = fields.get(b"d", b"")
                     self.received += 1
-                    events.append(Chunk(fields.get(b"d", b"")))
+                    self.tally.add(data)
+                    events.append(Chunk(data))
+                elif kind == STREAM_END:
+                    self.ended = True
+                    if self.tally.matches(fields.get(b"d", b"")) is False:
+                        self._reset(fence, "it does not match its end marker", events)
             if len(entries) < _READ_BATCH:
                 return events
+
+    def _reset(self, fence: int, why: str, events: list[Any]) -> None:
+        """What this caller relayed of attempt ``fence`` cannot be vouched for: it gets a
+        `StreamReset`, then the stored value from the start (no more chunks of the attempt)."""
+        self.ended = True
+        if not self.received:
+            return  # nothing relayed: the stored value will be handed over whole anyway
+        log.warning(
+            "the stream of token %r (fence %d) is reset for a follower: %s (%d chunks relayed)",
+            self.keys.token,
+            fence,
+            why,
+            self.received,
+        )
+        events.append(StreamReset(fence))
+        self.received = 0
 
 
 async def stream_events(
@@ -332,6 +387,7 @@ async def stream_events(
         fingerprint,
         rtype,
         timeout,
+        best_effort,
     )
     observer = engine.observer
     with engine.span(keys, current=False) as span:

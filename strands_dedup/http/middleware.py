@@ -219,12 +219,14 @@ class _Client:
 
 
 class _Follower:
-    """Sends a followed stream to one client: the head chunk, then body chunks as they come."""
+    """Sends a followed stream to one client: the head chunk, then body chunks as they come,
+    and ends it only if what it sent is the start of the stored body."""
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.started = False
         self.sent = 0  # body bytes sent
+        self._digest = hashlib.sha256()  # of the body bytes sent
         self._head_seen = False
 
     async def chunk(self, chunk: Chunk) -> None:
@@ -241,6 +243,7 @@ class _Follower:
             self.started = True
             return
         self.sent += len(chunk.data)
+        self._digest.update(chunk.data)
         await self._send({"type": "http.response.body", "body": chunk.data, "more_body": True})
 
     def reset(self) -> None:
@@ -250,7 +253,15 @@ class _Follower:
         self._head_seen = False
 
     async def finish(self, body: bytes) -> None:
-        """End with the part of the stored body the stream did not bring."""
+        """End with the part of the stored body the stream did not bring; `_StreamBroken` (the
+        connection is aborted, never ended cleanly) when what was sent is not its start."""
+        if self.sent > len(body) or hashlib.sha256(body[: self.sent]).digest() != (
+            self._digest.digest()
+        ):
+            raise _StreamBroken(
+                f"the {self.sent} body bytes relayed are not the start of the stored body "
+                f"({len(body)} bytes)"
+            )
         rest = body[self.sent :]
         await self._send({"type": "http.response.body", "body": rest, "more_body": False})
 

@@ -650,9 +650,11 @@ class RedisStore:
         fence: int,
         items: Sequence[tuple[bytes, bytes]],
         ttl_ms: int,
+        seq: int,
     ) -> bool:
-        """Run stream_append.lua: append (kind, data) items if the lease is still ours."""
-        args: list[bytes | str | int] = [owner, fence, ttl_ms, keys.channel, self._publish]
+        """Run stream_append.lua: append (kind, data) items if the lease is still ours; ``seq``
+        numbers the first item within the attempt (an item already appended is skipped)."""
+        args: list[bytes | str | int] = [owner, fence, ttl_ms, keys.channel, self._publish, seq]
         for kind, data in items:
             args += (kind, data)
         names = (keys.lease, keys.fence, keys.stream)
@@ -673,10 +675,11 @@ class RedisStore:
         value = await self._run(lambda: self.client.get(keys.result))
         return value if value is None or isinstance(value, bytes) else str(value).encode()
 
-    async def force_release(self, keys: TokenKeys) -> bytes | None:
-        """Delete the lease whoever holds it and wake its waiters; the lease value, or None."""
+    async def force_release(self, keys: TokenKeys, owner: str = "") -> bytes | None:
+        """Delete the lease (``owner``'s, or whoever's when empty) and wake its waiters; the
+        lease value, or None. With an owner it is safe to repeat."""
         names = (keys.lease, keys.fence)
-        args = (keys.channel, self._publish, self._fence_ttl)
+        args = (keys.channel, self._publish, self._fence_ttl, owner)
         reply = await self._script(self._release, names, args, priority=True)
         return reply[1] if reply[0] else None
 

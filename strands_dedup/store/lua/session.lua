@@ -8,7 +8,8 @@ KEYS[3]  seqq     ZSET  sequenced waiting ticket -> its sequence number
 KEYS[4]  qexp     ZSET  every waiting ticket -> lease expiry (ms)
 KEYS[5]  meta     HASH  ticket -> caller metadata (JSON)
 KEYS[6]  state    HASH  arr (arrival counter), fence, next (next expected sequence number),
-                        gap (ms when the wait for a missing number began), g:<ticket> (grant)
+                        gap (ms when the wait for a missing number began), g:<ticket> (grant),
+                        o:<owner> (the ticket last given to that owner id)
 KEYS[7]  conv     HASH  the session's conversation (conversation.lua): read, never written here,
                         and returned with an admission, so a turn starts without a round trip
                         of its own to load it
@@ -24,6 +25,9 @@ ARGV[13] publish command                ARGV[14] idle TTL of the session's keys 
 A grant is "fence|skip_from|skip_to|late": the session fence given to the holder, the range of
 sequence numbers skipped to admit it (-1|-1 when none), and 1 when its number was already passed.
 Every admission publishes "G<ticket>|<grant>" on the channel.
+An acquire that would give its owner a new ticket while the ticket last given to that owner still
+holds or waits answers for that ticket instead: a repeated acquire (a retried command whose first
+copy also ran) makes no second ticket.
 Returns
   acquire: {'H', ticket, grant, conv}           the caller holds the session; conv is HGETALL
                                                 of KEYS[7] (flat field/value list) read after the
@@ -44,6 +48,10 @@ local wake = ttl
 local function forget(tk)
   redis.call('HDEL', meta, tk)
   redis.call('HDEL', state, 'g:' .. tk)
+  local owner_field = 'o:' .. string.sub(tk, 16)
+  if redis.call('HGET', state, owner_field) == tk then
+    redis.call('HDEL', state, owner_field)
+  end
 end
 
 local function prune()
@@ -123,6 +131,7 @@ local function new_ticket()
   local arrival = redis.call('HINCRBY', state, 'arr', 1)
   local tk = string.format('%014d', arrival) .. '.' .. ARGV[3]
   redis.call('HSET', meta, tk, ARGV[8])
+  redis.call('HSET', state, 'o:' .. ARGV[3], tk)
   return tk, arrival
 end
 
@@ -147,6 +156,12 @@ if op == 'release' then
 end
 
 prune()
+if ticket == '' or not (redis.call('ZSCORE', holders, ticket) or redis.call('ZSCORE', qexp, ticket)) then
+  local given = redis.call('HGET', state, 'o:' .. ARGV[3])
+  if given and (redis.call('ZSCORE', holders, given) or redis.call('ZSCORE', qexp, given)) then
+    ticket = given  -- this owner's ticket, given by a first copy of this same acquire
+  end
+end
 if ticket ~= '' and redis.call('ZSCORE', holders, ticket) then
   return admitted(ticket, redis.call('HGET', state, 'g:' .. ticket) or '0|-1|-1|0')
 end

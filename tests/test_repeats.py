@@ -1,0 +1,129 @@
+"""Every script is safe to run twice: a retried command whose first copy also ran (Redis resumed
+after a stall) changes nothing more. Stream appends: tests/test_stream_exactly_once.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from strands_dedup import Deduplicator, Role, SessionBusy, SessionGuard
+from strands_dedup.cli import Inspector
+from strands_dedup.store.redis import RedisStore
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def run_twice(store: Any, name: str) -> None:
+    """Make ``store.<name>`` run each command twice, as a retry whose first copy also ran."""
+    once = getattr(store, name)
+
+    async def twice(*args: Any, **kwargs: Any) -> Any:
+        await once(*args, **kwargs)
+        return await once(*args, **kwargs)
+
+    setattr(store, name, twice)
+
+
+async def test_a_session_join_run_twice_admits_its_caller_once(
+    backend_url: str, namespace: str
+) -> None:
+    async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as dedup:
+        run_twice(dedup.engine.store, "session_acquire")
+        guard = SessionGuard(dedup, mode="throw")
+        async with guard.hold("s"):  # its own first copy does not hold the session against it
+            pass
+        async with guard.hold("s"):  # and left nothing behind that holds it
+            pass
+
+
+async def test_a_queued_join_run_twice_takes_one_place(backend_url: str, namespace: str) -> None:
+    async with (
+        Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as first,
+        Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as second,
+    ):
+        run_twice(second.engine.store, "session_acquire")
+        holding, leave = asyncio.Event(), asyncio.Event()
+
+        async def hold() -> None:
+            async with SessionGuard(first, mode="queue").hold("s"):
+                holding.set()
+                await leave.wait()
+
+        holder = asyncio.create_task(hold())
+        await asyncio.wait_for(holding.wait(), 5)
+        queued = SessionGuard(second, mode="queue", queue_timeout=10)
+        entered = asyncio.Event()
+
+        async def wait_turn() -> None:
+            async with queued.hold("s"):
+                entered.set()
+
+        waiter = asyncio.create_task(wait_turn())
+        while second.engine.subscriber.waiters == 0:  # it is in the queue
+            await asyncio.sleep(0.005)
+        leave.set()
+        await holder
+        # the next in line is the caller itself, not a copy of its ticket nobody renews (which
+        # would hold its turn for a lease TTL, 5 s)
+        await asyncio.wait_for(entered.wait(), 2)
+        await waiter
+
+
+async def test_a_release_run_again_after_a_takeover_leaves_the_new_lease(
+    backend_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as a,
+        Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as b,
+        Inspector.from_url(backend_url, namespace=namespace) as inspector,
+    ):
+        stuck, done = asyncio.Event(), asyncio.Event()
+
+        async def hangs() -> str:
+            await stuck.wait()
+            return "first"
+
+        async def takes_over() -> str:
+            await done.wait()
+            return "second"
+
+        primary = asyncio.create_task(a.execute("tok", hangs))
+        while a.engine.renewer.held == 0:
+            await asyncio.sleep(0.005)
+        waiter = asyncio.create_task(b.execute("tok", takes_over))
+        while b.engine.subscriber.waiters == 0:
+            await asyncio.sleep(0.005)
+        once = RedisStore.force_release
+
+        async def again_after_the_takeover(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
+            value = await once(self, *args, **kwargs)
+            while b.engine.renewer.held == 0:  # the waiter took over
+                await asyncio.sleep(0.005)
+            await once(self, *args, **kwargs)  # the retried copy, late
+            return value
+
+        monkeypatch.setattr(RedisStore, "force_release", again_after_the_takeover)
+        released = await inspector.release("tok")
+        assert released is not None and released.fence > 0
+        lease = await inspector.lease("tok")
+        assert lease is not None and lease.fence > released.fence  # the takeover's, still held
+        done.set()
+        outcome = await asyncio.wait_for(waiter, 10)
+        assert (outcome.role, outcome.value) == (Role.TAKEOVER, "second")
+        stuck.set()
+        with pytest.raises(Exception, match="lease"):  # the released primary is fenced off
+            await primary
+
+
+async def test_a_throw_mode_join_is_still_refused_while_another_holds(
+    backend_url: str, namespace: str
+) -> None:
+    async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as dedup:
+        run_twice(dedup.engine.store, "session_acquire")
+        guard = SessionGuard(dedup, mode="throw")
+        async with guard.hold("s"):
+            with pytest.raises(SessionBusy):
+                async with guard.hold("s"):
+                    pytest.fail("admitted twice")
