@@ -378,6 +378,42 @@ async def test_the_middleware_refuses_a_stored_body_the_store_cannot_hold() -> N
         await dedup.aclose()
 
 
+async def test_a_response_the_store_cannot_hold_is_not_retained_rather_than_failed() -> None:
+    """A body within max_stored_body whose headers take it over the store's bound: the waiting
+    duplicate gets 409 not-retained, not a 502 as if the primary had failed."""
+    limit = 64 * 1024
+    size = storable_body(limit)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        started.set()
+        await release.wait()
+        headers = [(b"content-length", str(size).encode()), (b"x-pad", b"p" * 16384)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"b" * size})
+
+    url = f"memory://{uuid.uuid4().hex[:8]}"
+    async with Deduplicator.from_url(url, max_result_bytes=limit) as dedup:
+        middleware = IdempotencyMiddleware(app, dedup=dedup)
+        assert middleware.config.max_stored_body == size
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+            key = {"Idempotency-Key": "too-large"}
+            primary = asyncio.create_task(http.post("/x", headers=key))
+            await asyncio.wait_for(started.wait(), 5)
+            duplicate = asyncio.create_task(http.post("/x", headers=key))
+            deadline = time.monotonic() + 5
+            while dedup.engine.subscriber.waiters < 1:
+                assert time.monotonic() < deadline, "the duplicate never waited"
+                await asyncio.sleep(0.005)
+            release.set()
+            first, second = await primary, await duplicate
+    assert first.status_code == 200 and len(first.content) == size
+    assert second.status_code == 409, second.text
+    assert second.json()["type"].endswith("/not-retained")
+
+
 # --- what clients and operators read ------------------------------------------------------------
 
 

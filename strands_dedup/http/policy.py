@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import re
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -480,10 +481,11 @@ def storable_body(max_result_bytes: int) -> int:
 
 
 def stored_size_bound(body_size: int, headers: Iterable[tuple[bytes, bytes]]) -> int:
-    """An upper bound of a stored response's JSON size (a header byte takes at most six: a
-    control character escaped as ``\\u00XX``)."""
-    head = sum(6 * (len(n) + len(v)) + 7 for n, v in headers)
-    return 4 * -(-body_size // 3) + head + 64
+    """A stored response's JSON size (`StoredResponse`: headers as latin-1 text, the body in
+    base64), within a few bytes above, without encoding the body."""
+    text = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers]
+    head = len(json.dumps(text, ensure_ascii=False, separators=(",", ":")).encode())
+    return 4 * -(-body_size // 3) + head + 48
 
 
 def without_addresses(text: str, *known: str) -> str:
