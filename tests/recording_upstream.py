@@ -1,7 +1,8 @@
 """An upstream for the gateway's security tests: ``python tests/recording_upstream.py PORT``.
 
 Everything under ``/api/`` is what the gateway may reach; ``/seen`` (outside the base path, read
-by the tests directly) lists every request that arrived: raw path, Host header, identity headers.
+by the tests directly) lists every request that arrived: raw path, Host header, identity headers,
+and every header as received.
 
 - ``/api/echo``: counts runs per Idempotency-Key, answers with a ``Set-Cookie`` and a JSON body.
 - ``/api/upload``: reads the body, answers its length and SHA-256.
@@ -63,6 +64,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             "authorization": headers.get("authorization"),
             "forwarded_for": headers.get("x-forwarded-for"),
             "body_length": len(body),
+            "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]],
         }
     )
     path = raw_path.decode("latin-1")

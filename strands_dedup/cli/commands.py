@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
@@ -39,6 +41,7 @@ __all__ = ["main"]
 
 REDIS_URL_ENV = "STRANDS_DEDUP_REDIS_URL"
 IDENTITY_SECRET_ENV = "STRANDS_DEDUP_IDENTITY_SECRET"  # noqa: S105 - a variable name
+IDENTITY_SECRET_FILE_ENV = "STRANDS_DEDUP_IDENTITY_SECRET_FILE"  # noqa: S105 - a variable name
 NAMESPACE_ENV = "STRANDS_DEDUP_NAMESPACE"
 HOST_ENV = "STRANDS_DEDUP_HOST"
 PORT_ENV = "STRANDS_DEDUP_PORT"
@@ -745,8 +748,9 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 
     Checks the server version and the features used, maxmemory-policy (nothing may be
     evicted), persistence, replicas, cluster state, round-trip latency, clock skew and the ACL
-    permissions the scripts need. Exits 0 when all is well, 1 on a warning or a failure, 3 when
-    Redis cannot be reached.
+    permissions the scripts need; and whether this environment gives a gateway an identity
+    secret (STRANDS_DEDUP_IDENTITY_SECRET or _FILE). Exits 0 when all is well, 1 on a warning
+    or a failure, 3 when Redis cannot be reached.
     """
     from . import doctor as checks
 
@@ -755,7 +759,7 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
         facts = asyncio.run(checks.read_facts(url, namespace))
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError) as exc:
         raise Unreachable(f"cannot reach Redis at {describe_url(url)}: {exc}") from None
-    findings = checks.diagnose(facts)
+    findings = [*checks.diagnose(facts), checks.check_identity_secret(os.environ)]
     if as_json:
         _echo_json(checks.to_json(facts, findings))
     else:
@@ -821,7 +825,16 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
     envvar=IDENTITY_SECRET_ENV,
     default=None,
     metavar="SECRET",
-    help=f"HMAC key of the credentials' digest [env {IDENTITY_SECRET_ENV}].",
+    help=f"HMAC key of the credentials' digest [env {IDENTITY_SECRET_ENV}]; on the command "
+    "line it is visible to every local user, prefer the file or the variable.",
+)
+@click.option(
+    "--identity-secret-file",
+    envvar=IDENTITY_SECRET_FILE_ENV,
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help=f"A file holding the HMAC key (its surrounding whitespace ignored) "
+    f"[env {IDENTITY_SECRET_FILE_ENV}].",
 )
 @click.option(
     "--share-keys-across-identities",
@@ -849,6 +862,27 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 )
 @click.option("--upstream-timeout", default=None, type=click.FloatRange(0.1), help="Default 60 s.")
 @click.option(
+    "--trusted-proxies",
+    default=None,
+    metavar="ADDRS",
+    help="Comma-separated addresses or networks of the proxies in front of the gateway: only "
+    "their X-Forwarded-For/-Proto are believed (default: none, the connection's own).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="warning",
+    show_default=True,
+    help="Least level logged to stderr (the library's and the server's).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or one JSON object a line.",
+)
+@click.option(
     "--shutdown-timeout",
     default=None,
     type=click.FloatRange(1),
@@ -871,8 +905,24 @@ def gateway(
     from the same caller get the first response. GET /healthz, /readyz and /metrics are the
     gateway's own. See the README's Security section for what is scoped and bounded how.
     """
-    from ..http.gateway import GatewayConfig, parse_size, run_gateway
+    from ..http.gateway import (
+        GatewayConfig,
+        configure_logging,
+        parse_size,
+        parse_trusted_proxies,
+        run_gateway,
+    )
+    from ..http.policy import storable_body
 
+    log_level, log_format = options.pop("log_level"), options.pop("log_format")
+    trusted: list[str] = []
+    if options["trusted_proxies"] is not None:
+        try:
+            trusted = parse_trusted_proxies(options["trusted_proxies"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--trusted-proxies") from None
+    del options["trusted_proxies"]
+    notes = _identity_secret(options)
     for name in ("max_body", "max_stored_body"):
         if options[name] is not None:
             try:
@@ -889,6 +939,17 @@ def gateway(
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise click.UsageError(errors) from None
+    bound = DedupConfig.model_fields["max_result_bytes"].default
+    if config.max_stored_body > storable_body(bound):
+        raise click.BadParameter(
+            f"{config.max_stored_body} bytes is more than the store can hold: at most "
+            f"{storable_body(bound)} (a response is stored as base64 in JSON, with its headers, "
+            f"within the {bound}-byte result bound)",
+            param_hint="--max-stored-body",
+        )
+    configure_logging(log_level, log_format)
+    for note in notes:
+        logging.getLogger("strands_dedup.cli").warning("%s", note)
     run_gateway(
         config,
         redis_url=redis_url,
@@ -897,4 +958,34 @@ def gateway(
         namespace=validate_namespace(namespace),
         lease_ttl=lease_ttl,
         result_ttl=result_ttl,
+        log_level=log_level,
+        log_format=None,
+        trusted_proxies=trusted,
     )
+
+
+def _identity_secret(options: dict[str, Any]) -> list[str]:
+    """Read ``--identity-secret-file`` into ``identity_secret``; what to warn the operator of."""
+    path = options.pop("identity_secret_file")
+    source = click.get_current_context().get_parameter_source("identity_secret")
+    if path is not None:
+        if options["identity_secret"] is not None:
+            raise click.UsageError("give --identity-secret-file or --identity-secret, not both")
+        try:
+            with open(path, encoding="utf-8") as file:
+                secret = file.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(
+                f"cannot read {path}: {exc}", param_hint="--identity-secret-file"
+            ) from None
+        if not secret:
+            raise click.BadParameter(f"{path} is empty", param_hint="--identity-secret-file")
+        options["identity_secret"] = secret
+    elif options["identity_secret"] == "":
+        raise click.BadParameter("the identity secret is empty", param_hint="--identity-secret")
+    elif options["identity_secret"] is not None and source == ParameterSource.COMMANDLINE:
+        return [
+            "the identity secret was given on the command line, where every local user can read "
+            f"it (ps); use --identity-secret-file or {IDENTITY_SECRET_ENV}"
+        ]
+    return []

@@ -15,16 +15,27 @@ from __future__ import annotations
 import enum
 import re
 import statistics
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..store.facts import Facts, read_facts
 
-__all__ = ["Finding", "Level", "diagnose", "exit_status", "read_facts", "to_json"]
+__all__ = [
+    "Finding",
+    "Level",
+    "check_identity_secret",
+    "diagnose",
+    "exit_status",
+    "read_facts",
+    "to_json",
+]
 
 LATENCY_WARN_MS = 100.0
 """A p99 round trip above this is a warning: every claim and every completion is one."""
 SKEW_WARN_MS = 1000.0
+SECRET_ENV = "STRANDS_DEDUP_IDENTITY_SECRET"  # noqa: S105 - a variable name
+SECRET_FILE_ENV = "STRANDS_DEDUP_IDENTITY_SECRET_FILE"  # noqa: S105 - a variable name
 
 
 class Level(enum.StrEnum):
@@ -327,6 +338,47 @@ def check_acl(facts: Facts) -> Finding:
         Level.OK,
         f"user {facts.acl_user!r} may run every command the library and its scripts send",
         None,
+        data,
+    )
+
+
+def check_identity_secret(environ: Mapping[str, str]) -> Finding:
+    """The HTTP surfaces' identity secret, as this environment gives it to a gateway: without
+    one, credentials are digested with a public key (a finding of the environment, not of
+    Redis: ``info`` when missing, as an application may name its own in code)."""
+    inline, path = environ.get(SECRET_ENV), environ.get(SECRET_FILE_ENV)
+    data: dict[str, Any] = {"variable": SECRET_ENV if inline else None, "file": path}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as file:
+                readable = bool(file.read().strip())
+        except (OSError, UnicodeDecodeError):
+            readable = False
+        if not readable:
+            return Finding(
+                "identity",
+                Level.WARN,
+                f"{SECRET_FILE_ENV} names {path}, which cannot be read or is empty: a gateway "
+                "started here refuses to start",
+                f"put the secret in {path}, readable by the gateway's user",
+                data,
+            )
+    if inline or path:
+        return Finding(
+            "identity",
+            Level.OK,
+            "an identity secret is configured: credentials are digested with a key of yours",
+            None,
+            data,
+        )
+    return Finding(
+        "identity",
+        Level.INFO,
+        f"no identity secret in this environment ({SECRET_ENV}, {SECRET_FILE_ENV}): a gateway "
+        "started here digests callers' credentials with a public key, so whoever reads Redis "
+        "can test guesses of short credentials against the keys' scopes",
+        f"set {SECRET_FILE_ENV} (or the gateway's --identity-secret-file) to a file holding a "
+        "long random secret, the same on every replica",
         data,
     )
 

@@ -6,8 +6,12 @@ without touching its code, and runs as many replicas as needed against one Redis
 - ``GET /healthz``: the process is alive. ``GET /readyz``: Redis reachable (JSON with in-flight
   and waiting counts; 503 when not). ``GET /metrics``: Prometheus metrics, when
   prometheus-client is installed. Everything else goes through the middleware to the upstream.
-- One pooled `httpx.AsyncClient` with timeouts calls the upstream. An unreachable upstream is a
-  502, a timeout a 504, both ``application/problem+json`` and never retained.
+- One pooled `httpx.AsyncClient` with timeouts calls the upstream. It keeps no cookies (its jar
+  cannot store one) and sends a request's own headers only, without hop-by-hop, ``Host`` or
+  forwarding headers, plus ``X-Forwarded-For``/``-Proto`` of its own and the body's framing:
+  nothing of one client reaches another's request. ``CONNECT`` and ``TRACE`` are refused (405).
+  An unreachable upstream is a 502, a timeout a 504, both ``application/problem+json`` and
+  never retained.
 - On SIGTERM uvicorn stops accepting connections and lets requests in flight finish for up to
   ``shutdown_timeout`` seconds; primaries still running then are cancelled, which releases their
   tokens, so a duplicate waiting on another replica takes over at once.
@@ -16,8 +20,13 @@ without touching its code, and runs as many replicas as needed against one Redis
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
+import ipaddress
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+import logging
+import logging.config
+import time
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -27,6 +36,9 @@ from .middleware import KEYED, IdempotencyMiddleware, problem, read_body, reject
 from .policy import (
     GatewayConfig,
     Rejected,
+    check_method,
+    is_forwarding_header,
+    public_health,
     relay_headers,
     retry_after,
     split_upstream,
@@ -34,26 +46,28 @@ from .policy import (
     upstream_target,
 )
 
-__all__ = ["Gateway", "GatewayConfig", "UpstreamBroken", "parse_size", "run_gateway"]
+__all__ = [
+    "Gateway",
+    "GatewayConfig",
+    "UpstreamBroken",
+    "configure_logging",
+    "parse_size",
+    "parse_trusted_proxies",
+    "run_gateway",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_TARGET = "strands_dedup.upstream_target"  # scope key: the checked upstream path and query
-_NOT_FORWARDED = frozenset(
-    {
-        b"host",
-        b"content-length",
-        b"forwarded",
-        b"x-forwarded-for",
-        b"x-forwarded-host",
-        b"x-forwarded-proto",
-        b"x-forwarded-port",
-        b"x-real-ip",
-    }
+log = logging.getLogger("strands_dedup.http")
+UNKEYED_DIGEST_WARNING = (
+    "no identity secret is configured: credentials are digested with a public key "
+    "(set --identity-secret-file or STRANDS_DEDUP_IDENTITY_SECRET)"
 )
+_TARGET = "strands_dedup.upstream_target"  # scope key: the checked upstream path and query
+_NOT_FORWARDED = frozenset({b"host", b"content-length"})  # and `is_forwarding_header`
 _UNITS = {
     "": 1,
     "b": 1,
@@ -153,7 +167,9 @@ class Gateway:
         await self.dedup.engine.observer.timed(self.middleware, scope, receive, send)
 
     def _target(self, scope: Scope) -> str:
-        """The upstream path and query for this request; `Rejected` (400) if it is not safe."""
+        """The upstream path and query for this request; `Rejected` (400) if it is not safe,
+        (405) for a method never proxied."""
+        check_method(scope.get("method", ""))
         raw_path = scope.get("raw_path") or scope.get("path", "").encode("latin-1")
         return upstream_target(raw_path, scope.get("query_string", b""), self._base)
 
@@ -163,7 +179,15 @@ class Gateway:
         elif path == "/readyz":
             health = await self.dedup.health()
             status = 200 if health.store_reachable and health.store_writable else 503
-            payload = {"status": "ready" if status == 200 else "unready", **health.to_json()}
+            if status != 200:
+                log.warning("/readyz: unready: %s", health.error)
+            payload = {
+                "status": "ready" if status == 200 else "unready",
+                **public_health(health.to_json(), self.dedup.engine.store.where),
+                "identity_secret": self.config.identity_secret is not None,
+            }
+            if self.config.identity_secret is None:
+                payload["warnings"].append(UNKEYED_DIGEST_WARNING)
             await _json(send, status, payload, b"application/json")
         else:
             try:
@@ -206,13 +230,17 @@ class Gateway:
         import httpx
 
         timeout = self.config.upstream_timeout
-        self._client = httpx.AsyncClient(
+        client = httpx.AsyncClient(
             base_url=self._origin,
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             limits=httpx.Limits(max_connections=self.config.max_upstream_connections),
             follow_redirects=False,
             trust_env=False,
+            cookies=_NoCookies(),  # httpx.Cookies(jar) would copy it into a plain jar
         )
+        for name in list(client.headers):  # httpx's defaults: Accept, Accept-Encoding, ...
+            del client.headers[name]
+        self._client = client
 
     async def stop(self) -> None:
         """Release what is still running (waiters elsewhere take over), then close."""
@@ -299,19 +327,105 @@ class UpstreamBroken(Exception):
     """The upstream's response ended early: the client's connection is aborted, not ended."""
 
 
+class _NoCookies(http.cookiejar.CookieJar):
+    """The upstream client's cookie jar: it stores nothing, so no client's cookie can ride on
+    another's request (a jar cleared per request would still share them between concurrent
+    requests)."""
+
+    def __init__(self) -> None:
+        super().__init__(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        return None
+
+    def set_cookie_if_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> None:
+        return None
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+
 def _forwarded(scope: Scope) -> list[tuple[bytes, bytes]]:
     """The request's headers as sent upstream: no hop-by-hop, Host or forwarding headers of the
-    client's (the gateway sets its own), so nothing in them can choose where the request goes."""
-    headers = [
-        (n, v)
-        for n, v in strip_hop_by_hop(scope.get("headers", []))
-        if n.lower() not in _NOT_FORWARDED
-    ]
+    client's (the gateway sets its own), so nothing in them can choose where the request goes,
+    whom it comes from or what it stands for."""
+    headers = []
+    for name, value in strip_hop_by_hop(scope.get("headers", [])):
+        lower = name.lower()
+        if lower not in _NOT_FORWARDED and not is_forwarding_header(lower):
+            headers.append((name, value))
     client_addr = scope.get("client")
     if client_addr:
         headers.append((b"x-forwarded-for", str(client_addr[0]).encode()))
     headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
     return headers
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC, ISO 8601), level, logger, message[, exception]."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_logging(level: str = "warning", fmt: str = "text") -> None:
+    """Send the library's and uvicorn's log records at ``level`` and above to stderr, as text
+    lines or JSON objects (``fmt``)."""
+    if level not in LOG_LEVELS or fmt not in LOG_FORMATS:
+        raise ValueError(f"log level one of {LOG_LEVELS} and format one of {LOG_FORMATS}")
+    logger = {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {
+                "text": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+                "json": {"()": _JsonFormatter},
+            },
+            "handlers": {
+                "stderr": {
+                    "class": "logging.StreamHandler",
+                    "stream": "ext://sys.stderr",
+                    "formatter": fmt,
+                }
+            },
+            "loggers": {"strands_dedup": logger, "uvicorn": logger},
+        }
+    )
+
+
+def parse_trusted_proxies(text: str) -> list[str]:
+    """``"10.0.0.1, 10.1.0.0/16"`` -> the addresses and networks whose ``X-Forwarded-For`` and
+    ``X-Forwarded-Proto`` are believed; a `ValueError` for anything else (``*`` included)."""
+    found = []
+    for item in (part.strip() for part in text.split(",")):
+        try:
+            found.append(
+                str(
+                    ipaddress.ip_network(item, strict=False)
+                    if "/" in item
+                    else ipaddress.ip_address(item)
+                )
+            )
+        except ValueError:
+            raise ValueError(
+                f"not an IP address or network: {item!r} (name the proxies in front of the "
+                "gateway, e.g. 10.0.0.5,10.1.0.0/16)"
+            ) from None
+    return found
 
 
 def run_gateway(
@@ -324,10 +438,19 @@ def run_gateway(
     lease_ttl: float,
     result_ttl: float,
     log_level: str = "warning",
+    log_format: str | None = "text",
+    trusted_proxies: Sequence[str] = (),
 ) -> None:
-    """Serve a `Gateway` with uvicorn until SIGTERM/SIGINT (blocking)."""
+    """Serve a `Gateway` with uvicorn until SIGTERM/SIGINT (blocking).
+
+    Logs go to stderr (`configure_logging`; ``log_format=None`` leaves logging as it is). The
+    client's address and scheme come from the connection, or from ``X-Forwarded-For`` and
+    ``X-Forwarded-Proto`` when the connection comes from one of ``trusted_proxies``.
+    """
     import uvicorn
 
+    if log_format is not None:
+        configure_logging(log_level, log_format)
     dedup = Deduplicator.from_url(
         redis_url, namespace=namespace, lease_ttl=lease_ttl, result_ttl=result_ttl
     )
@@ -339,6 +462,9 @@ def run_gateway(
         lifespan="on",
         timeout_graceful_shutdown=int(max(1, config.shutdown_timeout)),
         log_level=log_level,
+        log_config=None,
         server_header=False,
+        proxy_headers=bool(trusted_proxies),
+        forwarded_allow_ips=list(trusted_proxies) or None,
     )
     asyncio.run(uvicorn.Server(server).serve())

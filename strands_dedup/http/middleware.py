@@ -12,8 +12,8 @@
   returns. Requests without credentials share one anonymous scope. A tenant (``scope_header=`` or
   ``scope=``) combines with it. ``share_keys_across_identities=True`` drops the identity (and
   logs a warning). Credentials are never stored, logged or shown: only their digest.
-- The fingerprint covers method, path, query string, body and ``fingerprint_headers``: the same
-  key with another request is 422.
+- The fingerprint covers method, path, query string, ``Content-Type``, body and
+  ``fingerprint_headers``: the same key with another request is 422.
 - The primary's own client gets the application's response as the application sends it, whole,
   whatever happens to the store meanwhile. A concurrent duplicate waits for the primary and gets
   its response (``on_duplicate="wait"``), or 409 with ``Retry-After`` from the lease's remaining
@@ -34,7 +34,11 @@
   ``https://strands-dedup.dev/problems/``: ``key-missing``, ``key-invalid`` and ``bad-length``
   (400), ``body-too-large`` (413), ``key-reused`` (422), ``in-progress`` and ``wait-timeout``
   (409, with Retry-After), ``not-retained`` (409), ``primary-failed`` (502, naming the failure's
-  class only), ``store-unavailable`` (503, with the store's message).
+  class only), ``store-unavailable`` (503, with Redis' refusal when it refused; where Redis is
+  goes to the log only).
+- ``max_stored_body`` above what the deduplicator's ``max_result_bytes`` can hold (the body in
+  base64, in JSON, with its headers) is a `ValueError` naming the ceiling; left at its default,
+  it is lowered to the ceiling. A warning is logged at start when no ``identity_secret`` is set.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import base64
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Literal
 
@@ -60,6 +65,7 @@ from ..errors import (
     LeaseLost,
     NotStored,
     PrimaryFailed,
+    StoreRefused,
     StoreUnavailable,
     WaitTimeout,
 )
@@ -78,7 +84,10 @@ from .policy import (
     parse_key,
     replay_headers,
     retry_after,
+    storable_body,
+    stored_size_bound,
     strip_hop_by_hop,
+    without_addresses,
 )
 
 __all__ = [
@@ -266,6 +275,49 @@ class _Follower:
         await self._send({"type": "http.response.body", "body": rest, "more_body": False})
 
 
+def store_detail(exc: StoreUnavailable) -> str:
+    """What a client is told of a store failure: Redis' own refusal, never where Redis is."""
+    if isinstance(exc, StoreRefused):
+        return f"Redis refused the command: {without_addresses(exc.server_message)}"
+    return "Redis could not be reached or did not answer in time; retry"
+
+
+def _storable(config: HttpConfig, dedup: Deduplicator) -> HttpConfig:
+    """``config`` with a ``max_stored_body`` the store can hold: a default above it is lowered
+    to it, a value given above it is a `ValueError` naming it."""
+    ceiling = storable_body(dedup.config.max_result_bytes)
+    if config.max_stored_body <= ceiling:
+        return config
+    if "max_stored_body" in config.model_fields_set:
+        raise ValueError(
+            f"max_stored_body {config.max_stored_body} is more than the store can hold: at most "
+            f"{ceiling} bytes (a body is stored as base64 in JSON, with its headers, under the "
+            f"deduplicator's max_result_bytes {dedup.config.max_result_bytes})"
+        )
+    return config.model_copy(update={"max_stored_body": ceiling})
+
+
+class _Throttled:
+    """A logger's warnings, at most one a ``period``; those left out are counted in the next."""
+
+    def __init__(self, logger: logging.Logger, period: float = 1.0) -> None:
+        self._log = logger
+        self._period = period
+        self._next = 0.0
+        self._left_out = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._left_out += 1
+            return
+        self._next = now + self._period
+        if self._left_out:
+            message += f" ({self._left_out} more left out)"
+            self._left_out = 0
+        self._log.warning(message, *args)
+
+
 class _StreamBroken(Exception):
     """A streamed response's attempt died after part of it was sent: end it; the client retries."""
 
@@ -285,7 +337,7 @@ class IdempotencyMiddleware:
             raise TypeError("give config= or keyword options, not both")
         self.app = app
         self.dedup = dedup
-        self.config = config if config is not None else HttpConfig(**options)
+        self.config = _storable(config if config is not None else HttpConfig(**options), dedup)
         cfg = self.config
         self._methods = frozenset(cfg.methods)
         self._header = cfg.header_name
@@ -302,6 +354,14 @@ class IdempotencyMiddleware:
                 "share_keys_across_identities is on: any client that sends another's "
                 "Idempotency-Key gets that client's response"
             )
+        elif cfg.identity_secret is None:
+            log.warning(
+                "no identity secret is configured: callers' credentials are digested with a "
+                "public key, so whoever reads Redis (or the CLI's output) can test guesses of "
+                "short credentials against the scopes; set identity_secret (the gateway: "
+                "--identity-secret-file or STRANDS_DEDUP_IDENTITY_SECRET)"
+            )
+        self._store_log = _Throttled(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self._methods:
@@ -354,12 +414,17 @@ class IdempotencyMiddleware:
             scope.get("raw_path") or scope["path"].encode(),
             scope.get("query_string", b""),
         ]
+        headers = scope.get("headers", [])
         if self._fingerprint_headers:
-            headers = scope.get("headers", [])
             parts += (
                 b",".join(v for n, v in headers if n.lower() == name)
                 for name in self._fingerprint_headers
             )
+        # The body's media type: the same bytes as JSON and as a form are two requests (a request
+        # without one keeps the digest of releases that did not fingerprint it).
+        content_type = [v for n, v in headers if n.lower() == b"content-type"]
+        if content_type:
+            parts.append(b",".join(content_type))
         parts.append(body)
         framed: list[bytes] = []
         for part in parts:  # each part prefixed by its length: one digest over all of them
@@ -471,12 +536,13 @@ class IdempotencyMiddleware:
                 [(b"retry-after", b"1")],
             )
         elif isinstance(exc, StoreUnavailable):
+            self._store_log.warning("answered 503 store-unavailable: %s", exc)
             await problem(
                 send,
                 503,
                 "store-unavailable",
                 "Deduplication store unavailable",
-                str(exc) or type(exc).__name__,
+                store_detail(exc),
                 [(b"retry-after", b"1")],
             )
         elif isinstance(exc, InvalidToken):
@@ -585,6 +651,8 @@ class IdempotencyMiddleware:
                 never.cancel()
         if size > cfg.max_stored_body:
             raise ShareOnly("the response body exceeded max_stored_body")
+        if stored_size_bound(size, headers) > self.dedup.config.max_result_bytes:
+            raise ShareOnly("the response (its headers) exceeded what the store holds")
         response = StoredResponse.capture(status, headers, b"".join(chunks))
         if not cfg.retain(status):
             shared = response.model_dump_json().encode()

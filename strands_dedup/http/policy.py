@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import re
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -19,19 +20,28 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 __all__ = [
     "ANONYMOUS",
+    "CREDENTIAL_HEADERS",
+    "REFUSED_METHODS",
+    "STORED_HEAD_BYTES",
     "GatewayConfig",
     "HttpConfig",
     "Rejected",
+    "check_method",
     "declared_length",
     "default_retain",
     "identity_of",
+    "is_forwarding_header",
     "parse_key",
+    "public_health",
     "relay_headers",
     "replay_headers",
     "retry_after",
     "split_upstream",
+    "storable_body",
+    "stored_size_bound",
     "strip_hop_by_hop",
     "upstream_target",
+    "without_addresses",
 ]
 
 MiB = 1024 * 1024
@@ -51,12 +61,50 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+"""Headers that carry a credential whatever ``identity_headers`` says: never a scope header."""
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+"""Methods the gateway never proxies (a tunnel; an echo of the request, credentials included)."""
+ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+_FORWARDING = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-original-host",
+        b"x-original-uri",
+        b"x-original-method",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-host",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-proxyuser-ip",
+    }
+)
+STORED_HEAD_BYTES = 64 * 1024
+"""What a stored response's status and headers may take in its JSON, kept free of the body's
+share of ``max_result_bytes`` (`storable_body`)."""
 _DEFAULT_IDENTITY_KEY = b"strands-dedup identity v1"
 _IDENTITY_HEX = 24  # 96 bits of the digest name an identity in keys and displays
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # pchar and "/", without "%": a decoded "%" is sent as %25
 _QUERY_SAFE = "/?:@!$&'()*+,;=-._~%"  # the query passes as sent; only illegal bytes are encoded
 _PLAIN_SF_STRING = re.compile(rb'"([\x20\x21\x23-\x5b\x5d-\x7e]*)"')  # no escapes: most keys
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_ADDRESS = re.compile(
+    r"\b[a-z][a-z0-9+.-]*://\S+"  # a URL
+    r"|\[[0-9a-f:.]+\](?::\d+)?"  # [IPv6]:port
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"  # IPv4:port
+    r"|\b(?:[0-9a-f]{0,4}:){2,7}[0-9a-f]{0,4}\b"  # IPv6
+    r"|\b[\w.-]+:\d{2,5}\b",  # host:port
+    re.IGNORECASE,
+)
 
 
 def default_retain(status: int) -> bool:
@@ -145,11 +193,15 @@ class HttpConfig(BaseModel):
     def _combinations(self) -> HttpConfig:
         if self.scope_header is not None and self.scope is not None:
             raise ValueError("give scope_header= or scope=, not both")
-        if self.scope_header is not None and self.scope_header.lower() in self.identity_headers:
-            raise ValueError(
-                f"scope_header {self.scope_header!r} is a credential header: it is already part "
-                "of the identity scope (and would be stored in clear); name a tenant header"
-            )
+        if self.scope_header is not None:
+            name = self.scope_header.strip().lower()
+            if name in self.identity_headers or name in CREDENTIAL_HEADERS:
+                raise ValueError(
+                    f"scope_header {self.scope_header!r} is a credential header (the identity "
+                    f"headers {', '.join(self.identity_headers) or '(none)'}, and always "
+                    f"{', '.join(sorted(CREDENTIAL_HEADERS))}): a scope is stored and shown in "
+                    "clear; name a tenant header"
+                )
         return self
 
     @property
@@ -399,3 +451,63 @@ def retry_after(seconds: float, cap: int) -> bytes:
     if not math.isfinite(seconds):
         return str(cap).encode()
     return str(min(cap, max(1, math.ceil(seconds)))).encode()
+
+
+def check_method(method: str) -> None:
+    """`Rejected` (405, with ``Allow``) for a method the gateway never proxies."""
+    if method.upper() in REFUSED_METHODS:
+        raise Rejected(
+            405,
+            "method-not-allowed",
+            "Method not allowed",
+            f"the gateway does not proxy {method.upper()} requests",
+            [(b"allow", ALLOWED_METHODS)],
+        )
+
+
+def is_forwarding_header(name: bytes) -> bool:
+    """A header that tells a server where a request came from, how, or what it stands for
+    (``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``, ``X-Original-URL``,
+    ``X-HTTP-Method-Override``, ...): never taken from a client (``name`` lower-case)."""
+    return name.startswith(b"x-forwarded-") or name in _FORWARDING
+
+
+def storable_body(max_result_bytes: int) -> int:
+    """The largest response body a store bounded by ``max_result_bytes`` can hold: its base64
+    in JSON, with `STORED_HEAD_BYTES` (an eighth of a smaller bound) kept for the status and
+    headers. 16 MiB -> 12,533,760 bytes."""
+    head = min(STORED_HEAD_BYTES, max_result_bytes // 8)
+    return max(1, (max_result_bytes - head) // 4 * 3)
+
+
+def stored_size_bound(body_size: int, headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """A stored response's JSON size (`StoredResponse`: headers as latin-1 text, the body in
+    base64), within a few bytes above, without encoding the body."""
+    text = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers]
+    head = len(json.dumps(text, ensure_ascii=False, separators=(",", ":")).encode())
+    return 4 * -(-body_size // 3) + head + 48
+
+
+def without_addresses(text: str, *known: str) -> str:
+    """``text`` with the ``known`` names of a server, and anything that looks like a URL, an IP
+    address or a ``host:port``, replaced: what clients may read of a store's message."""
+    for name in known:
+        if name:
+            text = text.replace(f"Redis at {name}", "Redis").replace(name, "<redis>")
+    return _ADDRESS.sub("<address>", text)
+
+
+def public_health(health: dict[str, Any], where: str) -> dict[str, Any]:
+    """A deduplicator's health (`Health.to_json`) as clients of ``/readyz`` may read it: the
+    store's error and warnings without its address (``where``, and what looks like one)."""
+    public = dict(health)
+    error = public.get("error")
+    if error:
+        kind = str(error).split(":", 1)[0]
+        public["error"] = (
+            f"{kind}: Redis unreachable"
+            if not public.get("store_reachable")
+            else without_addresses(str(error), where)
+        )
+    public["warnings"] = [without_addresses(str(w), where) for w in public.get("warnings", [])]
+    return public
