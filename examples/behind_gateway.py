@@ -27,11 +27,11 @@ import asyncio
 import os
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
 app = FastAPI(title="an agent service that knows nothing of idempotency")
-runs: list[dict[str, Any]] = []
+app.state.runs = []
 
 
 class Invocation(BaseModel):
@@ -39,8 +39,9 @@ class Invocation(BaseModel):
 
 
 @app.post("/invoke")
-async def invoke(invocation: Invocation) -> dict[str, Any]:
+async def invoke(invocation: Invocation, request: Request) -> dict[str, Any]:
     """Run the agent: slow, costly, and with effects that must not happen twice."""
+    runs = request.app.state.runs
     run = {"run": len(runs) + 1, "prompt": invocation.prompt, "pid": os.getpid()}
     runs.append(run)
     await asyncio.sleep(float(os.environ.get("AGENT_WORK", "1")))
@@ -48,6 +49,7 @@ async def invoke(invocation: Invocation) -> dict[str, Any]:
 
 
 @app.get("/runs")
-async def list_runs() -> list[dict[str, Any]]:
+async def list_runs(request: Request) -> list[dict[str, Any]]:
     """Every run so far, in order."""
+    runs: list[dict[str, Any]] = request.app.state.runs
     return runs
