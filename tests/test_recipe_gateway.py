@@ -4,12 +4,11 @@ processes on a real Redis; a client's retry through the other replica runs the a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from recipes import served, uvicorn
+from recipes import Server, served, served_together, uvicorn
 
 from strands_dedup.http.demo import gateway_command
 
@@ -24,12 +23,12 @@ def service() -> Iterator[str]:
 
 @pytest.fixture
 def gateways(service: str, redis_url: str, namespace: str) -> Iterator[list[str]]:
-    with contextlib.ExitStack() as stack:
-        urls = []
-        for _ in range(2):
-            command = gateway_command(service, redis_url, namespace, 0)
-            command[command.index("--port") + 1] = "{port}"
-            urls.append(stack.enter_context(served(command, "/readyz")))
+    servers = []
+    for _ in range(2):
+        command = gateway_command(service, redis_url, namespace, 0)
+        command[command.index("--port") + 1] = "{port}"
+        servers.append(Server(command, "/readyz"))
+    with served_together(*servers) as urls:
         yield urls
 
 

@@ -4,7 +4,6 @@ both at once, then delivered again, takes effect once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from recipes import served, uvicorn
+from recipes import Server, served_together, uvicorn
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 SECRET = "test-secret"
@@ -33,9 +32,9 @@ def replicas(redis_url: str, namespace: str, outbox: Path) -> Iterator[list[str]
         "WEBHOOK_OUTBOX": str(outbox),
         "WEBHOOK_WORK": "0.5",
     }
-    with contextlib.ExitStack() as stack:
-        command = uvicorn("examples.webhook_consumer:app")
-        yield [stack.enter_context(served(command, "/docs", **env)) for _ in range(2)]
+    command = uvicorn("examples.webhook_consumer:app")
+    with served_together(*(Server(command, "/docs", env) for _ in range(2))) as urls:
+        yield urls
 
 
 def delivery(event: dict[str, object], secret: str = SECRET) -> tuple[bytes, dict[str, str]]:
