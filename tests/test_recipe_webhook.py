@@ -30,7 +30,7 @@ def replicas(redis_url: str, namespace: str, outbox: Path) -> Iterator[list[str]
         "STRANDS_DEDUP_NAMESPACE": namespace,
         "WEBHOOK_SECRET": SECRET,
         "WEBHOOK_OUTBOX": str(outbox),
-        "WEBHOOK_WORK": "0.5",
+        "WEBHOOK_WORK": "1",  # long enough that the two deliveries overlap
     }
     command = uvicorn("examples.webhook_consumer:app")
     with served_together(*(Server(command, "/docs", env) for _ in range(2))) as urls:
