@@ -35,11 +35,12 @@ when the turn commits, once, under the session's hold:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from strands.session.repository_session_manager import RepositorySessionManager
@@ -52,6 +53,7 @@ from strands.types.session import (
     decode_bytes_values,
 )
 
+from ..engine.session import admitted_conversation, holder_ticket
 from ..engine.sync import Bridge
 from ..errors import ConversationError, LeaseLost
 from ..keys import SessionKeys
@@ -222,7 +224,7 @@ class Turn:
     async def load(self) -> None:
         """The conversation hash: as the admission read it (no round trip), else one HGETALL
         (after a wait in the session's queue, where the grant came as a message)."""
-        raw = self.hold._conversation
+        raw = admitted_conversation(self.hold)
         if raw is None:
             raw = await self.engine.store.conversation_load(self.keys)
         self.snapshot = _Snapshot.parse(raw, self.name)
@@ -258,7 +260,7 @@ class Turn:
         reply = await self.engine.store.conversation_write(
             self.keys,
             items,
-            ticket=self.hold._tickets[0].ticket,
+            ticket=holder_ticket(self.hold),
             fence=fence,
             turn=self.snapshot.turn,
             idle_ttl_ms=repo.idle_ttl_ms or self.idle_ttl_ms,
@@ -292,6 +294,16 @@ class Turn:
 def current_turn() -> Turn | None:
     """The turn a `DedupAgent` is building an agent for (inside its agent factory), or None."""
     return _TURN.get()
+
+
+@contextlib.contextmanager
+def building_for(turn: Turn | None) -> Iterator[None]:
+    """Within the block, session managers built by the agent factory bind to ``turn``."""
+    reset = _TURN.set(turn)
+    try:
+        yield
+    finally:
+        _TURN.reset(reset)
 
 
 def _full(name: str, n: int, size: int, max_messages: int, max_bytes: int) -> ConversationError:

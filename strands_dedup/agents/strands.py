@@ -53,11 +53,11 @@ from ..engine.streaming import Chunk, Emit, StreamReset, stream_events
 from ..engine.sync import Bridge, SyncDeduplicator
 from ..protocol import Outcome
 from .conversation import (
-    _TURN,
     NotLoaded,
     RedisSessionManager,
     RedisSessionRepository,
     Turn,
+    building_for,
     committed_session,
 )
 from .tokens import message_token
@@ -474,21 +474,28 @@ class DedupAgent:
                 await turn.commit()
             return result
 
+    async def _call_factory(self, session_id: str) -> Agent:
+        """The factory's Agent. A plain (not ``async def``) factory runs in a worker thread:
+        session managers read their store while the Agent is built (files, S3), and doing that
+        on the event loop would stall the renewals of this call's and this session's leases."""
+        factory: Callable[[str], Any] = self.agent_factory
+        if inspect.iscoroutinefunction(factory):
+            made = factory(session_id)
+        else:
+            made = await asyncio.to_thread(factory, session_id)
+        agent: Agent = await made if inspect.isawaitable(made) else made
+        return agent
+
     async def _build(self, session_id: str, turn: Turn | None) -> Agent:
         """Call the agent factory (inside the turn, for the session manager it builds), and
         refuse an agent whose session manager would write outside the turn's commit."""
-        reset = _TURN.set(turn)
-        try:
+        with building_for(turn):
             try:
-                made = self.agent_factory(session_id)
-                agent: Agent = await made if inspect.isawaitable(made) else made
+                agent = await self._call_factory(session_id)
             except NotLoaded:
                 assert turn is not None
                 await turn.load()
-                made = self.agent_factory(session_id)
-                agent = await made if inspect.isawaitable(made) else made
-        finally:
-            _TURN.reset(reset)
+                agent = await self._call_factory(session_id)
         manager = getattr(agent, "_session_manager", None)  # Strands keeps it there
         self._loads = manager is not None
         if manager is None:

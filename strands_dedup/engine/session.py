@@ -134,6 +134,17 @@ class SessionHold:
     """The session's conversation hash as the admission read it (None: not read with it)."""
 
 
+def holder_ticket(hold: SessionHold) -> str:
+    """The ticket a hold holds its session with (what fenced writes under it name)."""
+    return hold._tickets[0].ticket
+
+
+def admitted_conversation(hold: SessionHold) -> dict[bytes, bytes] | None:
+    """The session's conversation hash as the admission read it, or None when the admission
+    came as a message (after a wait in the queue) and did not read it."""
+    return hold._conversation
+
+
 def _lease_lost(hold: SessionHold) -> Any:
     def lost(ticket: HeldTicket) -> None:
         log.warning(
