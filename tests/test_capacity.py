@@ -26,6 +26,7 @@ from servers import free_port, process
 from test_security import status_of
 
 from strands_dedup import Deduplicator
+from strands_dedup.http import IdempotencyMiddleware
 from strands_dedup.http.demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
@@ -328,3 +329,44 @@ def test_the_budget_script_is_safe_to_repeat(redis_url: str, space: str) -> None
             await dedup.aclose()
 
     asyncio.run(run())
+
+
+async def test_the_middleware_spends_budget_on_new_keys_only(
+    backend_url: str, namespace: str
+) -> None:
+    import asyncio
+
+    runs = 0
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal runs
+        runs += 1
+        await release.wait()
+        body = str(runs).encode()
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async with Deduplicator.from_url(backend_url, namespace=namespace) as dedup:
+        middleware = IdempotencyMiddleware(app, dedup=dedup, max_new_keys=2)
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+
+            def post(key: str, who: str = "erin") -> Any:
+                headers = {"Idempotency-Key": key, "Authorization": who}
+                return http.post("/", headers=headers)
+
+            first = asyncio.create_task(post("a"))
+            while runs < 1:
+                await asyncio.sleep(0.005)  # polled, with the test's timeout as its deadline
+            duplicates = [asyncio.create_task(post("a")) for _ in range(3)]
+            while dedup.engine.subscriber.waiters < 3:
+                await asyncio.sleep(0.005)
+            release.set()
+            answers = await asyncio.gather(first, *duplicates, post("a"), post("b"))
+            assert [a.status_code for a in answers] == [200] * 6 and runs == 2
+            refused = await post("c")
+            assert refused.status_code == 429 and refused.json()["type"].endswith("/key-budget")
+            assert (await post("a")).headers["idempotent-replayed"] == "true"
+            assert (await post("c", who="frank")).status_code == 200

@@ -6,11 +6,12 @@ retained responses, plus `KEY_COST` per new key for the keys a claim leaves), ac
 the counters live in Redis (budget.lua), in the identity's own hash slot.
 
 So that a replay costs no round trip and a new key rarely one, each process reserves new keys
-for an identity in blocks (1, 2, 4, ... up to 1/50 of the limit), spends them locally before the
-claim, and gives back, locally, the ones a replay or a duplicate did not use. Stored bytes are
+for an identity in blocks (1, 2, 4, ... up to 1/50 of the limit), checks before the claim that
+one is left, and spends it once the claim made a new key (a replay or a duplicate spends
+nothing). Stored bytes are
 counted locally and reported with the next reservation, or at once past 1/64 of the byte
 budget. The fleet can therefore pass a limit by at most one block (or one report) per process,
-plus the responses in flight. A reservation that ended with its window is void.
+plus the requests in flight. A reservation that ended with its window is void.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Refusal:
                 "key-budget",
                 "Too many new keys",
                 f"this caller used its {self.limit} new Idempotency-Keys per {window:g}s; "
-                "replays of stored responses are still served",
+                "keys already stored or running are still answered",
                 [(b"retry-after", seconds)],
             )
         return Rejected(
@@ -77,7 +78,7 @@ class Refusal:
             "byte-budget",
             "Too much stored",
             f"this caller's stored responses reached {self.limit} bytes; "
-            "replays of stored responses are still served",
+            "keys already stored or running are still answered",
             [(b"retry-after", seconds)],
         )
 
@@ -132,29 +133,29 @@ class Budgets:
         return entry
 
     def _local(self, entry: _Entry) -> Refusal | bool:
-        """Decided without Redis: a refusal, True (a key spent) or False (reserve first)."""
+        """Decided without Redis: a refusal, True (room for a new key) or False (reserve)."""
         now = time.monotonic()
         if self.max_bytes and entry.full_until > now:
             return Refusal("bytes", entry.full_until - now, self.max_bytes)
-        if not self.max_keys:
+        if not self.max_keys or (entry.keys > 0 and entry.until > now):
             return True
         if entry.refused_until > now:
             return Refusal("keys", entry.refused_until - now, self.max_keys)
-        if entry.keys > 0 and entry.until > now:
-            entry.keys -= 1
-            return True
         return False
 
     async def admit(self, identity: str) -> Refusal | None:
-        """Take one new key for ``identity``: None, or the `Refusal` (no key was taken).
+        """Whether ``identity`` may claim a new key: None, or the `Refusal`. Nothing is spent
+        here (a replay or a duplicate spends nothing): `spend` does, once the key is claimed.
         `StoreUnavailable` when Redis cannot be asked."""
         entry = self._entry(identity)
         decided = self._local(entry)
         while decided is False:
-            async with entry.lock:  # one reservation at a time; the others then spend from it
+            async with entry.lock:  # one reservation at a time; the others then use it
                 decided = self._local(entry)
                 if decided is False:
-                    await self._reserve(identity, entry, entry.block)
+                    if entry.until <= time.monotonic():
+                        entry.keys = min(entry.keys, 0)  # what is left of a past window is void
+                    await self._reserve(identity, entry, entry.block - entry.keys)
                     decided = self._local(entry)
                     if decided is False:  # granted nothing: the window is full
                         decided = Refusal(
@@ -162,11 +163,11 @@ class Budgets:
                         )
         return decided if isinstance(decided, Refusal) else None
 
-    def give_back(self, identity: str) -> None:
-        """A key `admit` took was not used (a replay, a duplicate, a refused request)."""
-        entry = self._entries.get(identity)
-        if entry is not None and self.max_keys and entry.until > time.monotonic():
-            entry.keys += 1
+    def spend(self, identity: str) -> None:
+        """``identity`` claimed a new key. Admissions in flight together may spend more than
+        was reserved: the next reservation takes that debt first."""
+        if self.max_keys:
+            self._entry(identity).keys -= 1
 
     def charge(self, identity: str, size: int) -> None:
         """``size`` bytes were stored for ``identity`` (reported later, or now if many)."""
@@ -204,8 +205,8 @@ class Budgets:
         now = time.monotonic()
         if wanted:
             entry.until = now + key_ms / 1000
-            entry.keys = granted
-            if granted:
+            entry.keys += granted
+            if entry.keys > 0:
                 entry.block = min(2 * entry.block, self._max_block)
             else:
                 entry.refused_until = entry.until

@@ -403,18 +403,16 @@ class IdempotencyMiddleware:
         own = _Client(send)
         budgets = self._budgets
         identity = ""
-        spent = False  # a new key of the caller's budget was taken for this request
-        produced = False
-        over: Rejected | None = None  # over budget: only a stored response may be served
+        over: Rejected | None = None  # over budget: only a stored or running key is answered
 
         async def produce(emit: Emit) -> StoredResponse:
-            nonlocal produced
-            produced = True
-            if over is not None:  # the stored response went away meanwhile: still refused
+            if over is not None:  # the key ended meanwhile: a new key is refused
                 self.dedup.engine.observer.refused(over.kind)
                 refused = StoredResponse.capture(over.status, over.headers, b"")
                 await reject(own, over)
                 raise ShareOnly(over.detail, refused.model_dump_json().encode())
+            if budgets is not None:
+                budgets.spend(identity)
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.add(task)
@@ -439,10 +437,12 @@ class IdempotencyMiddleware:
             if budgets is not None:
                 identity = self._identity(scope)
                 refusal = await budgets.admit(identity)
-                spent = refusal is None
                 if refusal is not None:
+                    # Not a new key if it has a stored response (a replay) or runs now (a
+                    # duplicate): those are served; only a new key is refused.
                     over = refusal.rejected(budgets.window)
-                    if await self.dedup.engine.store.get_result(keys) is None:
+                    found = await self.dedup.engine.store.values_with_ttl([keys.result, keys.lease])
+                    if all(value is None for value, _ in found):
                         self.dedup.engine.observer.refused(over.kind)
                         await reject(send, over)
                         return
@@ -474,9 +474,6 @@ class IdempotencyMiddleware:
             else:
                 raise  # part of a body went out: abort the connection; the client retries
             return
-        finally:
-            if spent and not produced and budgets is not None:
-                budgets.give_back(identity)  # a replay or a duplicate: no new key was used
         if outcome is None:  # pragma: no cover - the stream always ends with its value
             raise RuntimeError("the stream ended without a value")
         scope.setdefault("state", {})[ROLE_STATE] = outcome.role.value  # for request metrics
