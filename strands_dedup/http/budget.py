@@ -86,7 +86,16 @@ class Refusal:
 class _Entry:
     """One identity's budget as this process sees it."""
 
-    __slots__ = ("block", "full_until", "keys", "lock", "pending", "refused_until", "until")
+    __slots__ = (
+        "block",
+        "full_until",
+        "keys",
+        "lock",
+        "pending",
+        "refused_until",
+        "reporting",
+        "until",
+    )
 
     def __init__(self) -> None:
         self.keys = 0
@@ -100,6 +109,7 @@ class _Entry:
         self.block = 1
         self.pending = 0
         """Bytes stored and not reported yet."""
+        self.reporting = False
         self.lock = asyncio.Lock()
 
 
@@ -175,14 +185,18 @@ class Budgets:
             return
         entry = self._entry(identity)
         entry.pending += size
-        if entry.pending >= self._report_every:
+        if entry.pending >= self._report_every and not entry.reporting:
+            entry.reporting = True  # one report at a time: the next one takes what came since
             task = asyncio.get_running_loop().create_task(self._report(identity, entry))
             self._reports.add(task)
             task.add_done_callback(self._reports.discard)
 
     async def _report(self, identity: str, entry: _Entry) -> None:
-        with contextlib.suppress(DedupError):  # the bytes stay pending for the next one
-            await self._reserve(identity, entry, 0)
+        try:
+            with contextlib.suppress(DedupError):  # the bytes stay pending for the next one
+                await self._reserve(identity, entry, 0)
+        finally:
+            entry.reporting = False
 
     async def _reserve(self, identity: str, entry: _Entry, wanted: int) -> None:
         added, entry.pending = entry.pending, 0

@@ -238,7 +238,7 @@ class Gateway:
                 receive,
                 scope.get("headers", []),
                 self.config.max_request_body,
-                self.config.body_timeout,
+                None if scope.get(KEYED) else self.config.body_timeout,  # keyed: read already
             )
         except Rejected as rejected:
             if rejected.status == 408:
