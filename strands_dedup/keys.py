@@ -8,6 +8,13 @@ All keys of one token share one Redis Cluster hash slot::
     <namespace>:{<scope>:<token>}:chan      pub/sub channel that wakes waiting duplicates
     <namespace>:{<scope>:<token>}:stream    a streamed call's chunks, for followers (Redis Stream)
 
+the keys of one identity's budget (HTTP surfaces; the tag starts with ``!``, which no encoded
+session name holds)::
+
+    <namespace>:{!budget|<identity>}:keys     new keys reserved in the current window (string)
+    <namespace>:{!budget|<identity>}:bytes    bytes stored, per time bucket (hash)
+    <namespace>:{!budget|<identity>}:op:<id>  one reservation's grant, so a retry repeats it
+
 and all keys of one guarded session (`SessionGuard`; the tag holds no ``:``, so it never meets a
 token's tag), or of the fleet-wide total, ``{!total}``::
 
@@ -223,6 +230,13 @@ class KeySchema:
             channel=base + b"schan",
             name=name,
         )
+
+    def for_budget(self, identity: str, op: str) -> tuple[bytes, bytes, bytes]:
+        """The keys of one identity's budget (key counter, byte buckets) and of one operation
+        on it (its marker), in the order budget.lua takes them."""
+        raw = _as_bytes(identity, "identity")
+        base = self._prefix + b"!budget|" + _encode(raw, _PLAIN_SCOPE, b"identity") + b"}:"
+        return base + b"keys", base + b"bytes", base + b"op:" + op.encode("ascii")
 
     def session_pattern(self, part: str) -> bytes:
         """A SCAN MATCH pattern for one part of every session's keys."""

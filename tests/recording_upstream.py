@@ -9,6 +9,7 @@ and every header as received.
 - ``/api/big?size=N[&chunked=1]``: N bytes of a known pattern, with or without Content-Length.
 - ``/api/slow?size=N&parts=K&pause=S[&chunked=1]``: N bytes in K parts, S seconds apart.
 - ``/api/sleep?seconds=S``: answers after S seconds.
+- ``/api/flood?size=N``: N bytes of the pattern, chunked, made as they are sent (any size).
 """
 
 from __future__ import annotations
@@ -109,6 +110,15 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 }
             )
             await asyncio.sleep(pause)  # the pace of a slow upstream, not a synchronization
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    elif path == "/api/flood":
+        block = pattern(64 * 1024)
+        left = int(query.get("size", "0"))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while left > 0:
+            part = block[: min(left, len(block))]
+            left -= len(part)
+            await send({"type": "http.response.body", "body": part, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     elif path == "/api/sleep":
         await asyncio.sleep(float(query.get("seconds", "1")))  # an upstream slower than allowed

@@ -889,6 +889,43 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
     help="On SIGTERM, how long requests in flight may finish before their tokens are released "
     "(default 30 s).",
 )
+@click.option(
+    "--max-upstream-connections",
+    default=None,
+    type=click.IntRange(1),
+    help="Pooled connections to the upstream (default 100).",
+)
+@click.option(
+    "--send-timeout",
+    default=None,
+    type=click.FloatRange(0.1),
+    help="Seconds a client may take no response bytes before it is cut off (default 10 s).",
+)
+@click.option(
+    "--body-timeout",
+    default=None,
+    type=click.FloatRange(0.1),
+    help="Seconds a request body may take to arrive; then 408 (default 30 s).",
+)
+@click.option(
+    "--max-new-keys",
+    default=None,
+    type=click.IntRange(0),
+    help="New Idempotency-Keys per identity per --new-keys-window, fleet-wide; then 429 "
+    "(default 6000; 0: no limit).",
+)
+@click.option(
+    "--new-keys-window",
+    default=None,
+    type=click.FloatRange(1),
+    help="The window of --max-new-keys, seconds (default 60).",
+)
+@click.option(
+    "--max-stored-bytes",
+    default=None,
+    help="Bytes of responses one identity may keep stored, fleet-wide; then 429 "
+    "(default 64MiB; 0: no limit).",
+)
 def gateway(
     upstream: str,
     redis_url: str,
@@ -930,6 +967,11 @@ def gateway(
             except ValueError as exc:
                 hint = "--" + name.replace("_", "-")
                 raise click.BadParameter(str(exc), param_hint=hint) from None
+    if options["max_stored_bytes"] not in (None, "0"):
+        try:
+            options["max_stored_bytes"] = parse_size(options["max_stored_bytes"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-stored-bytes") from None
     options["max_request_body"] = options.pop("max_body")
     if not options["identity_headers"]:
         del options["identity_headers"]

@@ -6,8 +6,9 @@
   process stops), where ``strands-dedup watch`` and ``stats`` sum them across the fleet.
 - Prometheus metrics, when ``prometheus-client`` is installed (the ``http`` and ``metrics``
   extras): the same counters, histograms of call and wait duration, gauges of in-flight calls and
-  local waiters and, for HTTP surfaces, a histogram of request duration by role and status class.
-  Labels are bounded: the namespace, the role and the status class, never a token.
+  local waiters and, for HTTP surfaces, a histogram of request duration by role and status class
+  and a counter of requests refused to protect shared capacity, by reason.
+  Labels are bounded: the namespace, the role, the status class and the reason, never a token.
 - Logs go to the ``strands_dedup`` logger (silent unless the application configures logging),
   each outcome at DEBUG with ``extra`` fields: ``token_digest``, ``role``, ``fence``, ``duration``.
 - OpenTelemetry spans, when ``opentelemetry-api`` is installed: one span per call, with its role
@@ -140,6 +141,13 @@ class PrometheusMetrics:
             buckets=_DURATION_BUCKETS,
             registry=registry,
         )
+        self.http_refusals = Counter(
+            f"{prefix}_http_refusals",
+            "HTTP requests refused or cut off to protect shared capacity, by reason: "
+            "key-budget, byte-budget (429), body-timeout (408), send-timeout (connection cut)",
+            ["namespace", "reason"],
+            registry=registry,
+        )
         self.in_flight = Gauge(
             f"{prefix}_in_flight",
             "Calls running as primary in this process",
@@ -200,6 +208,11 @@ class Observer:
             self.changed = True
         if self._metrics is not None:
             self._events[event].inc()
+
+    def refused(self, reason: str) -> None:
+        """An HTTP surface refused a request or cut a client off (``reason``: a bounded name)."""
+        if self._metrics is not None:
+            self._metrics.http_refusals.labels(self.namespace, reason).inc()
 
     def claimed(self, role: Role) -> None:
         """A claim took the token (as primary, or as a takeover)."""

@@ -20,11 +20,15 @@ without touching its code, and runs as many replicas as needed against one Redis
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import http.cookiejar
 import ipaddress
 import json
 import logging
 import logging.config
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
@@ -258,8 +262,15 @@ class Gateway:
         try:
             # the target the gateway checked, or (proxy mounted on its own) checked here
             target = scope.get(_TARGET) or self._target(scope)
-            body = await read_body(receive, scope.get("headers", []), self.config.max_request_body)
+            body = await read_body(
+                receive,
+                scope.get("headers", []),
+                self.config.max_request_body,
+                None if scope.get(KEYED) else self.config.body_timeout,  # keyed: read already
+            )
         except Rejected as rejected:
+            if rejected.status == 408:
+                self.dedup.engine.observer.refused("body-timeout")
             await reject(send, rejected)
             return
         if body is None:
@@ -304,6 +315,10 @@ class Gateway:
                 f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
             )
             return
+        # A keyed primary's response is read to its end whatever its client does (it is stored
+        # for the retry); any other stops when its client is gone (left, or cut off for not
+        # reading), which closes the upstream connection instead of draining it.
+        gone = None if scope.get(KEYED) else asyncio.ensure_future(receive())
         try:
             await send(
                 {
@@ -313,6 +328,8 @@ class Gateway:
                 }
             )
             async for chunk in response.aiter_raw():
+                if gone is not None and gone.done():
+                    return
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -320,6 +337,8 @@ class Gateway:
             # The upstream broke off its response: never end it as if it were whole.
             raise UpstreamBroken(f"the upstream's response broke off: {exc!r}") from exc
         finally:
+            if gone is not None:
+                gone.cancel()
             await response.aclose()
 
 
@@ -428,6 +447,66 @@ def parse_trusted_proxies(text: str) -> list[str]:
     return found
 
 
+def send_timeout_protocol(seconds: float, on_cut: Callable[[], None] | None = None) -> type[Any]:
+    """uvicorn's HTTP/1.1 protocol (h11), cutting off a client that takes no response bytes for
+    ``seconds``: its connection is aborted, so whatever relays to it stops waiting.
+
+    The transport pauses the writer once its buffer passes the high-water mark (the socket
+    accepts nothing more: the client stopped reading) and resumes it once the buffer drains; a
+    pause that lasts ``seconds`` aborts the connection. A slow client that keeps reading is
+    never cut off: each drain starts the count again.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class SendTimeoutProtocol(H11Protocol):
+        _stalled: asyncio.TimerHandle | None = None
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stalled is None:
+                self._stalled = asyncio.get_running_loop().call_later(seconds, self._cut_off)
+
+        def resume_writing(self) -> None:
+            self._forget()
+            super().resume_writing()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._forget()
+            super().connection_lost(exc)
+
+        def _forget(self) -> None:
+            if self._stalled is not None:
+                self._stalled.cancel()
+                self._stalled = None
+
+        def _cut_off(self) -> None:
+            self._stalled = None
+            if on_cut is not None:
+                on_cut()
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a reset: what the kernel still buffers for it is dropped too
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()  # connection_lost follows: the app's sends return at once
+
+    return SendTimeoutProtocol
+
+
+def _large_buffers_apart(threshold: int = 1024 * 1024) -> None:
+    """glibc: give every allocation over ``threshold`` a mapping of its own, so that a large
+    request body, once dropped (answered, refused, timed out), goes back to the system.
+
+    glibc does so from 128 KiB by default, but raises that threshold to the size of each such
+    block it frees (up to 32 MiB): after the first large body, the next ones would be carved
+    from the heap, where a few live objects keep the freed pages resident. Elsewhere: no-op.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, threshold)  # M_MMAP_THRESHOLD; fixing it turns the raising off
+
+
 def run_gateway(
     config: GatewayConfig,
     *,
@@ -451,6 +530,7 @@ def run_gateway(
 
     if log_format is not None:
         configure_logging(log_level, log_format)
+    _large_buffers_apart()
     dedup = Deduplicator.from_url(
         redis_url, namespace=namespace, lease_ttl=lease_ttl, result_ttl=result_ttl
     )
@@ -466,5 +546,8 @@ def run_gateway(
         server_header=False,
         proxy_headers=bool(trusted_proxies),
         forwarded_allow_ips=list(trusted_proxies) or None,
+        http=send_timeout_protocol(
+            config.send_timeout, lambda: dedup.engine.observer.refused("send-timeout")
+        ),
     )
     asyncio.run(uvicorn.Server(server).serve())

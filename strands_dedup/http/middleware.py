@@ -71,10 +71,12 @@ from ..errors import (
 )
 from ..keys import TokenKeys
 from ..protocol import LeaveClaimed, Outcome, Role, ShareOnly
+from .budget import KEY_COST, Budgets, stored_size
 from .policy import (
     ANONYMOUS,
     HttpConfig,
     Rejected,
+    body_timed_out,
     body_too_large,
     combine_scope,
     declared_length,
@@ -169,30 +171,52 @@ async def reject(send: Send, rejected: Rejected) -> None:
 
 
 async def read_body(
-    receive: Receive, headers: Iterable[tuple[bytes, bytes]], limit: int
+    receive: Receive,
+    headers: Iterable[tuple[bytes, bytes]],
+    limit: int,
+    timeout: float | None = None,
 ) -> bytes | None:
     """The request body, at most ``limit`` bytes; None if the client left before sending it.
 
     A declared length over the limit is refused before anything is read; a chunked body is
-    counted as it arrives and refused as soon as it passes the limit (`Rejected`, 413).
+    counted as it arrives and refused as soon as it passes the limit (`Rejected`, 413). A body
+    that has not all arrived ``timeout`` seconds after the first read is refused (408), and what
+    was buffered of it is dropped.
     """
     declared = declared_length(headers)
     if declared is not None and declared > limit:
         raise body_too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
+    if timeout is None:
+        return await _read_body(receive, limit)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_body(receive, limit)
+    except TimeoutError:
+        raise body_timed_out(timeout) from None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        return None
+    chunk = message.get("body", b"")
+    if len(chunk) > limit:
+        raise body_too_large(limit)
+    if not message.get("more_body", False):
+        return bytes(chunk)
+    # One growing buffer rather than a list of chunks: once large, it is one block of its
+    # own, handed back to the system as a whole when dropped.
+    buffer = bytearray(chunk)
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
         chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
+        if len(buffer) + len(chunk) > limit:
             raise body_too_large(limit)
-        if chunk:
-            chunks.append(chunk)
+        buffer += chunk
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return bytes(buffer)
 
 
 def is_streamed(headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -349,6 +373,11 @@ class IdempotencyMiddleware:
             "raise" if cfg.on_duplicate == "reject" else "wait"
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._budgets = (
+            Budgets(dedup.engine.store, dedup.engine.keys, cfg, dedup.config.result_ttl_ms)
+            if cfg.max_new_keys or cfg.max_stored_bytes
+            else None
+        )
         if cfg.share_keys_across_identities:
             log.warning(
                 "share_keys_across_identities is on: any client that sends another's "
@@ -381,13 +410,26 @@ class IdempotencyMiddleware:
                     f"{scope['method']} requests need an Idempotency-Key header",
                 )
             key = parse_key(values, self.config.max_key_length)
-            body = await read_body(receive, headers, self.config.max_request_body)
+            body = await read_body(
+                receive, headers, self.config.max_request_body, self.config.body_timeout
+            )
         except Rejected as rejected:
+            if rejected.status == 408:
+                self.dedup.engine.observer.refused("body-timeout")
             await reject(send, rejected)
             return
         if body is None:
             return  # the client left before sending its body
         await self._deduplicated(scope, send, key, self.scope_of(scope), body)
+
+    def _identity(self, scope: Scope) -> str:
+        """The caller's identity alone: whose budget a request spends (even when keys are
+        shared across identities)."""
+        cfg = self.config
+        if cfg.identity is not None:
+            named = cfg.identity(scope)
+            return named_identity(named, self._secret) if named else ANONYMOUS
+        return identity_of(scope.get("headers", []), self._identity_names, self._secret)
 
     def scope_of(self, scope: Scope) -> bytes | None:
         """The token scope of a request: its tenant and its caller's identity digest."""
@@ -435,22 +477,51 @@ class IdempotencyMiddleware:
         self, scope: Scope, send: Send, key: bytes, tenant: bytes | None, body: bytes
     ) -> None:
         own = _Client(send)
+        budgets = self._budgets
+        identity = ""
+        over: Rejected | None = None  # over budget: only a stored or running key is answered
 
         async def produce(emit: Emit) -> StoredResponse:
+            if over is not None:  # the key ended meanwhile: a new key is refused
+                self.dedup.engine.observer.refused(over.kind)
+                refused = StoredResponse.capture(over.status, over.headers, b"")
+                await reject(own, over)
+                raise ShareOnly(over.detail, refused.model_dump_json().encode())
+            if budgets is not None:
+                budgets.spend(identity)
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.add(task)
+            stored = 0
             try:
-                return await self._run_app(scope, body, emit, own)
+                response = await self._run_app(scope, body, emit, own)
+                stored = stored_size(
+                    len(response.body) + sum(len(n) + len(v) + 8 for n, v in response.headers)
+                )
+                return response
             finally:
                 if task is not None:
                     self._tasks.discard(task)
+                if budgets is not None:
+                    budgets.charge(identity, KEY_COST + stored)
 
         follower: _Follower | None = None  # made at the first chunk of a stream it follows
         outcome: Outcome[StoredResponse] | None = None
         keys: TokenKeys | None = None
         try:
             keys = self.dedup.engine.keys.for_token(key, tenant)
+            if budgets is not None:
+                identity = self._identity(scope)
+                refusal = await budgets.admit(identity)
+                if refusal is not None:
+                    # Not a new key if it has a stored response (a replay) or runs now (a
+                    # duplicate): those are served; only a new key is refused.
+                    over = refusal.rejected(budgets.window)
+                    found = await self.dedup.engine.store.values_with_ttl([keys.result, keys.lease])
+                    if all(value is None for value, _ in found):
+                        self.dedup.engine.observer.refused(over.kind)
+                        await reject(send, over)
+                        return
             async for event in stream_events(
                 self.dedup.engine,
                 keys,

@@ -175,6 +175,16 @@ class HttpConfig(BaseModel):
     max_stored_body: int = Field(MiB, gt=0, description="Largest response body retained.")
     max_key_length: int = Field(255, gt=0, le=4096, description="Longest Idempotency-Key.")
     max_retry_after: int = Field(60, ge=1, description="Cap of a 409's Retry-After, seconds.")
+    body_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request body may take to arrive (then 408)."
+    )
+    max_new_keys: int = Field(
+        6000, ge=0, description="New keys per identity per new_keys_window (0: no limit)."
+    )
+    new_keys_window: float = Field(60.0, gt=0, description="The new-key window, seconds.")
+    max_stored_bytes: int = Field(
+        64 * MiB, ge=0, description="Bytes one identity may keep stored (0: no limit)."
+    )
 
     @field_validator("methods")
     @classmethod
@@ -226,6 +236,9 @@ class GatewayConfig(HttpConfig):
     upstream_timeout: float = Field(60.0, gt=0, description="Longest wait for the upstream.")
     max_upstream_connections: int = Field(100, gt=0, description="Pooled upstream connections.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Grace for requests on SIGTERM.")
+    send_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client may accept no response bytes (then cut off)."
+    )
 
     @field_validator("upstream")
     @classmethod
@@ -364,6 +377,17 @@ def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
 def body_too_large(limit: int) -> Rejected:
     return Rejected(
         413, "body-too-large", "Request body too large", f"the body exceeds {limit} bytes"
+    )
+
+
+def body_timed_out(seconds: float) -> Rejected:
+    """408: the body did not arrive in time (the connection is closed after the answer)."""
+    return Rejected(
+        408,
+        "body-timeout",
+        "Request body timeout",
+        f"the request body did not arrive within {seconds:g}s",
+        [(b"connection", b"close")],
     )
 
 

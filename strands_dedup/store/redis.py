@@ -88,6 +88,7 @@ _SCRIPTS = {
         "session_renew",
         "stream_append",
         "conversation",
+        "budget",
     )
 }
 
@@ -251,6 +252,7 @@ class RedisStore:
         self._session_renew = client.register_script(_SCRIPTS["session_renew"])
         self._stream_append = client.register_script(_SCRIPTS["stream_append"])
         self._conversation = client.register_script(_SCRIPTS["conversation"])
+        self._budget = client.register_script(_SCRIPTS["budget"])
         self._publish = "PUBLISH" if self.cluster is None else "SPUBLISH"
         self.pipeline: AutoPipeline | BlockingLane | None = lane or (
             AutoPipeline(client.connection_pool, timeout=config.socket_timeout)
@@ -670,6 +672,12 @@ class RedisStore:
             lambda: self.client.xrange(keys.stream, min=start, max=b"+", count=count)
         )
         return cast(list[tuple[bytes, dict[bytes, bytes]]], reply or [])
+
+    async def budget(self, keys: Sequence[bytes], args: Sequence[int]) -> tuple[int, int, int, int]:
+        """Run budget.lua (``keys`` from `KeySchema.for_budget`); see its header for the reply."""
+        reply = await self._script(self._budget, keys, args)
+        granted, key_ms, stored, byte_ms = (int(x) for x in reply)
+        return granted, key_ms, stored, byte_ms
 
     async def get_result(self, keys: TokenKeys) -> bytes | None:
         value = await self._run(lambda: self.client.get(keys.result))
