@@ -390,9 +390,11 @@ async def test_a_response_the_store_cannot_hold_is_not_retained_rather_than_fail
     limit = 64 * 1024
     size = storable_body(limit)
     started, release = asyncio.Event(), asyncio.Event()
+    runs = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await receive()
+        runs.append(1)
         started.set()
         await release.wait()
         headers = [(b"content-length", str(size).encode()), (b"x-pad", b"p" * 16384)]
@@ -416,8 +418,14 @@ async def test_a_response_the_store_cannot_hold_is_not_retained_rather_than_fail
             release.set()
             first, second = await primary, await duplicate
     assert first.status_code == 200 and len(first.content) == size
-    assert second.status_code == 409, second.text
-    assert second.json()["type"].endswith("/not-retained")
+    if second.status_code == 200:
+        # the duplicate's re-read, after it subscribed, came once the first had ended: nothing
+        # was retained, so it ran the request itself (as any later retry does)
+        assert len(runs) == 2 and len(second.content) == size
+    else:
+        assert second.status_code == 409, second.text  # never a 502 as if the first had failed
+        assert second.json()["type"].endswith("/not-retained")
+        assert len(runs) == 1
 
 
 # --- what clients and operators read ------------------------------------------------------------

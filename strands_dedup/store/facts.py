@@ -38,6 +38,7 @@ DRYRUN_ARGS: dict[str, tuple[str, ...]] = {
     "HSET": ("K", "f", "v"),
     "HSTRLEN": ("K", "f"),
     "INCR": ("K",),
+    "INCRBY": ("K", "1"),
     "PEXPIRE": ("K", "1000"),
     "PTTL": ("K",),
     "SET": ("K", "v", "NX", "PX", "1000"),
