@@ -320,3 +320,47 @@ async def test_a_factory_that_starts_building_a_session_manager(
         assert calls[0] == 3 and len(built) == 2
         seen = await next_turn(redis_url, namespace, ("redis", "-"), "s", "three")
         assert seen == [["user", "two"], ["assistant", "answer to two"], ["user", "three"]]
+
+
+async def test_redis_session_turns_on_every_backend(
+    backend_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """memory://, Redis and a Redis Cluster (the session's keys in one slot): each turn starts
+    from the last committed one, and an uncontended turn's history comes with its admission (no
+    read of its own)."""
+    async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as dedup:
+        model = Model("fine", 0.0)
+        seen: list[Any] = []
+        original = model._events
+
+        def spy(messages: Any) -> Any:
+            seen.append(texts(messages))
+            return original(messages)
+
+        model._events = spy  # type: ignore[method-assign]
+        loads: list[Any] = []
+        load = dedup.engine.store.conversation_load
+
+        async def counted(keys: Any) -> Any:
+            loads.append(keys)
+            return await load(keys)
+
+        monkeypatch.setattr(dedup.engine.store, "conversation_load", counted)
+        agent = DedupAgent(
+            dedup,
+            lambda sid: Agent(
+                model=model,
+                callback_handler=None,
+                session_manager=RedisSessionManager(sid, dedup=dedup),
+            ),
+            session_guard=SessionGuard(dedup),
+        )
+        await agent.invoke_async("one", session_id="chat/1", idempotency_token="t1")
+        await agent.invoke_async("two", session_id="chat/1", idempotency_token="t2")
+        again = await agent.invoke_async("two", session_id="chat/1", idempotency_token="t2")
+    assert seen == [
+        [["user", "one"]],
+        [["user", "one"], ["assistant", "fine"], ["user", "two"]],
+    ]  # the replayed token ran no third turn
+    assert str(again).strip() == "fine"
+    assert loads == []
