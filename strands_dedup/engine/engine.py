@@ -73,7 +73,6 @@ from ..protocol import (
     envelope_header,
     fence_of,
     fingerprints_conflict,
-    parse_claim_reply,
     wait_budget,
 )
 from ..serialization import Serializer
@@ -324,7 +323,7 @@ class Engine:
 
     async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
         """One claim (claim.lua): a replay, the lease, or who holds it."""
-        return parse_claim_reply(await self.store.claim(keys, owner, meta))
+        return await self.store.claim(keys, owner, meta)
 
     async def first_claim(
         self,

@@ -14,8 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from importlib import resources
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio as aredis
@@ -35,7 +34,16 @@ from tenacity import (
 from ..config import DedupConfig
 from ..errors import StoreRefused, StoreUnavailable
 from ..keys import SessionKeys, TokenKeys
-from ..protocol import CLAIM_CLAIMED
+from ..protocol import Claimed, ClaimReply, SessionReply
+from .commands import (
+    Call,
+    Commands,
+    ConversationReply,
+    HeldLeaseRef,
+    HeldTicketRef,
+    Settled,
+    claim_again,
+)
 from .pipeline import AutoPipeline, BlockingLane, NodePipelines
 
 _BLOCKING_CONNECTIONS: dict[type, type] = {
@@ -66,44 +74,6 @@ K = TypeVar("K")
 
 Client = aredis.Redis | aredis.RedisCluster
 """A single Redis (direct or behind Sentinel) or a Redis Cluster."""
-
-
-def _lua(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
-
-
-def _with_fence(name: str) -> str:
-    """A script that hands out fences, with fence.lua's ``next_fence`` in front of it."""
-    return _lua("fence") + "\n" + _lua(name)
-
-
-_SCRIPTS = {
-    name: _with_fence(name) if name in ("claim", "release") else _lua(name)
-    for name in (
-        "claim",
-        "settle",
-        "renew",
-        "release",
-        "session",
-        "session_renew",
-        "stream_append",
-        "conversation",
-    )
-}
-
-
-class HeldLeaseRef(NamedTuple):
-    """What the renew script needs to know about one held lease."""
-
-    keys: TokenKeys
-    value: bytes
-
-
-class HeldTicketRef(NamedTuple):
-    """What the session renew script needs to know about one held or waiting ticket."""
-
-    keys: SessionKeys
-    ticket: str
 
 
 def _is_auth_error(exc: BaseException) -> bool:
@@ -243,15 +213,8 @@ class RedisStore:
         """The client when it is a Redis Cluster: scripts then touch one slot each and
         notifications use sharded pub/sub (SPUBLISH, SSUBSCRIBE)."""
         self._config = config
-        self._claim = client.register_script(_SCRIPTS["claim"])
-        self._settle = client.register_script(_SCRIPTS["settle"])
-        self._renew = client.register_script(_SCRIPTS["renew"])
-        self._release = client.register_script(_SCRIPTS["release"])
-        self._session = client.register_script(_SCRIPTS["session"])
-        self._session_renew = client.register_script(_SCRIPTS["session_renew"])
-        self._stream_append = client.register_script(_SCRIPTS["stream_append"])
-        self._conversation = client.register_script(_SCRIPTS["conversation"])
-        self._publish = "PUBLISH" if self.cluster is None else "SPUBLISH"
+        self.commands = Commands(config, cluster=self.cluster is not None)
+        """Each script's keys, arguments and reply parser (no I/O; the blocking shell's too)."""
         self.pipeline: AutoPipeline | BlockingLane | None = lane or (
             AutoPipeline(client.connection_pool, timeout=config.socket_timeout)
             if isinstance(client, aredis.Redis) and config.auto_pipeline
@@ -270,9 +233,6 @@ class RedisStore:
         self._claim_lane: asyncio.Semaphore | None = None
         self._settle_lane: asyncio.Semaphore | None = None
         self._timeout = config.socket_timeout
-        self._lease_ttl = str(config.lease_ttl_ms).encode()
-        self._result_ttl = str(config.result_ttl_ms).encode()
-        self._fence_ttl = str(config.fence_ttl_ms).encode()
         self._renew_after = config.effective_renew_interval
 
     # -- error handling ---------------------------------------------------------------------
@@ -324,16 +284,6 @@ class RedisStore:
 
         return await self._run(read)
 
-    async def _script(
-        self, script: Any, keys: Sequence[bytes], args: Sequence[Any], *, priority: bool = False
-    ) -> Any:
-        """Run a registered script like `_run` does. Through the auto-pipeline it needs no
-        connection slot and no timeout of its own (the pipeline bounds each batch)."""
-        op: Callable[[], Awaitable[Any]] = lambda: self._eval(script, keys, args)  # noqa: E731
-        if self.pipeline is None and self.node_pipelines is None:
-            return await self._run(op, priority=priority)
-        return await self._attempt(op, bounded=False)
-
     async def _attempt(self, op: Callable[[], Awaitable[R]], *, bounded: bool) -> R:
         """Run ``op`` once (within ``socket_timeout`` when ``bounded``); retry a transient
         error; a driver error becomes the library's own."""
@@ -378,23 +328,31 @@ class RedisStore:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    # -- operations -------------------------------------------------------------------------
+    # -- scripts ------------------------------------------------------------------------------
 
-    async def _replicated(
-        self, script: Any, keys: Sequence[bytes], args: Sequence[Any], timeout: float
-    ) -> Any:
-        """Run ``script``, then ``WAIT`` for ``min_replicas`` on the same connection (one round
+    async def run(self, call: Call[R], *, priority: bool = False) -> R:
+        """Run one script call (`commands`) and parse its reply. Through the auto-pipeline it
+        needs no connection slot and no timeout of its own (the pipeline bounds each batch);
+        else like `_run`. ``priority``: a completion or renewal (see `_run`)."""
+        op: Callable[[], Awaitable[Any]] = lambda: self._eval(call)  # noqa: E731
+        if self.pipeline is None and self.node_pipelines is None:
+            reply = await self._run(op, priority=priority)
+        else:
+            reply = await self._attempt(op, bounded=False)
+        return call.parse(reply)
+
+    async def _replicated(self, call: Call[R], timeout: float, *, priority: bool = False) -> R:
+        """Run ``call``, then ``WAIT`` for ``min_replicas`` on the same connection (one round
         trip). Fewer acknowledgements within ``timeout`` are logged, not raised: WAIT narrows
         the window in which a failover can lose a write; it cannot close it."""
         wanted = self._config.min_replicas
         wait = ("WAIT", wanted, max(1, int(timeout * 1000)))
-        if self.cluster is not None:
-            reply, acked = await self._on_slot_primary(script, keys, args, wait)
-        else:
-            async with self.client.pipeline(transaction=False) as pipe:
-                await script(keys=keys, args=args, client=pipe)
-                pipe.execute_command(*wait)
-                reply, acked = await pipe.execute()
+        send = (
+            functools.partial(self._then_on_slot_primary, call.keys[0], wait)
+            if self.cluster is not None
+            else functools.partial(self._then, wait)
+        )
+        reply, acked = await self._run(lambda: run_script(send, call), priority=priority)
         if int(acked) < wanted:
             log.warning(
                 "only %s of %d replicas acknowledged a write within %gs",
@@ -402,44 +360,45 @@ class RedisStore:
                 wanted,
                 timeout,
             )
-        return reply
+        return call.parse(reply)
 
-    async def _on_slot_primary(
-        self, script: Any, keys: Sequence[bytes], args: Sequence[Any], then: tuple[Any, ...]
+    async def _then(self, then: tuple[Any, ...], *command: Any) -> tuple[Any, Any]:
+        """``command``, then ``then``, on one pooled connection (one round trip): both replies;
+        an error reply to ``command`` is raised."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.execute_command(*command)
+            pipe.execute_command(*then)
+            first, second = await pipe.execute(raise_on_error=False)
+        for reply in (first, second):
+            if isinstance(reply, Exception):
+                raise reply
+        return first, second
+
+    async def _then_on_slot_primary(
+        self, key: bytes, then: tuple[Any, ...], *command: Any
     ) -> tuple[Any, Any]:
-        """Cluster: EVALSHA then ``then`` on one connection to the primary of the keys' slot
-        (WAIT counts the replicas that acknowledged this connection's writes)."""
+        """Cluster: `_then` on one connection to the primary of ``key``'s slot (WAIT counts the
+        replicas that acknowledged this connection's writes)."""
         assert self.cluster is not None
         await self.cluster.initialize()  # a no-op once the slot map is known
-        node = self.slot_primary(keys[0])
+        node = self.slot_primary(key)
         conn = node.acquire_connection()
         broken = True
         try:
-            for attempt in range(2):
-                broken = True
-                evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
-                await conn.send_packed_command(conn.pack_commands([evalsha, then]))
-                replies: list[Any] = []
-                for _ in range(2):
-                    try:
-                        replies.append(await conn.read_response())
-                    except rex.ResponseError as exc:
-                        replies.append(exc)
-                broken = False
-                first = replies[0]
-                if isinstance(first, rex.NoScriptError) and attempt == 0:
-                    broken = True
-                    await conn.send_command("SCRIPT", "LOAD", script.script)
-                    await conn.read_response()
-                    broken = False
-                    continue
-                for reply in replies:
-                    if isinstance(reply, rex.AskError):  # MOVED: the slot has a new primary
-                        await self.cluster.nodes_manager.initialize()
-                    if isinstance(reply, Exception):
-                        raise reply
-                return replies[0], replies[1]
-            raise AssertionError("unreachable")  # pragma: no cover
+            await conn.send_packed_command(conn.pack_commands([command, then]))
+            replies: list[Any] = []
+            for _ in range(2):
+                try:
+                    replies.append(await conn.read_response())
+                except rex.ResponseError as exc:
+                    replies.append(exc)
+            broken = False
+            for reply in replies:
+                if isinstance(reply, rex.AskError):  # MOVED: the slot has a new primary
+                    await self.cluster.nodes_manager.initialize()
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies[0], replies[1]
         except (rex.ConnectionError, rex.TimeoutError, OSError):
             # the node may be gone: read the slot map again before the retry
             with contextlib.suppress(Exception):
@@ -451,37 +410,30 @@ class RedisStore:
                 await conn.disconnect(nowait=True)
             node.release(conn)
 
-    async def _eval(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        """Run a registered script: EVALSHA through the auto-pipeline (EVAL, which also loads
-        it, when Redis does not know it), or redis-py's own call."""
+    async def _eval(self, call: Call[Any]) -> Any:
+        """Send a script call once: through the auto-pipeline, the cluster's node pipelines, or
+        a pooled connection (`run_script` handles NOSCRIPT)."""
         pipeline = self.pipeline
-        if pipeline is None:
-            if self.node_pipelines is not None:
-                return await self._eval_on_node(self.node_pipelines, script, keys, args)
-            return await script(keys=keys, args=args)
-        try:
-            return await pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        except rex.NoScriptError:
-            return await pipeline.execute("EVAL", script.script, len(keys), *keys, *args)
+        if pipeline is not None:
+            return await run_script(pipeline.execute, call)
+        if self.node_pipelines is not None:
+            return await self._eval_on_node(self.node_pipelines, call)
+        return await run_script(self.client.execute_command, call)
 
-    async def _eval_on_node(
-        self, pipelines: NodePipelines, script: Any, keys: Sequence[bytes], args: Sequence[Any]
-    ) -> Any:
+    async def _eval_on_node(self, pipelines: NodePipelines, call: Call[Any]) -> Any:
         """Cluster: run a script through the pipeline of its slot's primary (every script's keys
         share one slot). A redirection (MOVED: the slot has a new primary; ASK: it is being
         migrated) sends it through redis-py's routing, which follows the redirection and
         updates the slot map; a connection that failed has the slot map read again before the
         error goes to the retry."""
+        assert self.cluster is not None
         try:
-            pipeline = await pipelines.for_key(keys[0])
-            try:
-                return await pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-            except rex.NoScriptError:
-                return await pipeline.execute("EVAL", script.script, len(keys), *keys, *args)
+            pipeline = await pipelines.for_key(call.keys[0])
+            return await run_script(pipeline.execute, call)
         except rex.AskError:  # and MovedError; refused before the script ran
             pipelines.redirected += 1
             async with asyncio.timeout(self._timeout):
-                reply = await script(keys=keys, args=args)
+                reply = await run_script(self.cluster.execute_command, call)
             pipelines.prune()
             return reply
         except (rex.ConnectionError, rex.TimeoutError):
@@ -504,50 +456,30 @@ class RedisStore:
             groups.setdefault(self.cluster.keyslot(key(item)), []).append(i)
         return list(groups.values())
 
-    async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> list[Any]:
-        """Run claim.lua; see its header for the reply."""
-        args = (owner, self._lease_ttl, meta, self._fence_ttl)
-        names = (keys.lease, keys.fence, keys.result)
+    # -- operations -------------------------------------------------------------------------
+
+    async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
+        """Run claim.lua: a replay, the lease, or who holds it."""
+        call = self.commands.claim(keys, owner, meta)
         started = self.clock()
         if self._config.min_replicas:
             # the lease runs while WAIT waits: a quarter of it at most
             wait = min(self._config.replica_timeout, self._config.lease_ttl / 4)
-            reply: list[Any] = await self._run(
-                lambda: self._replicated(self._claim, names, args, wait)
-            )
+            reply = await self._replicated(call, wait)
         else:
-            reply = await self._script(self._claim, names, args)
-        if _is_claimed(reply) and self.clock() - started > self._renew_after:
-            # The claim took a renewal period or more (retries, a slow WAIT): part of the lease
-            # is gone, and the renewer would only extend it one period from now. Claim again
-            # with the same owner: it extends the lease if it is still ours, or reports who
-            # took the token after it ran out.
-            reply = await self._script(self._claim, names, args)
+            reply = await self.run(call)
+        if isinstance(reply, Claimed) and claim_again(started, self.clock(), self._renew_after):
+            reply = await self.run(call)
         return reply
 
     async def settle(
         self, keys: TokenKeys, owner: str, fence: int, stored: bytes, message: bytes
-    ) -> tuple[bool, str]:
+    ) -> Settled:
         """Run settle.lua: store ``stored`` (unless empty), drop the lease, publish ``message``."""
-        args = (
-            owner,
-            str(fence),
-            stored,
-            self._result_ttl,
-            keys.channel,
-            message,
-            self._publish,
-        )
-        names = (keys.lease, keys.fence, keys.result)
+        call = self.commands.settle(keys, owner, fence, stored, message)
         if self._config.min_replicas:
-            wait = self._config.replica_timeout
-            reply = await self._run(
-                lambda: self._replicated(self._settle, names, args, wait), priority=True
-            )
-        else:
-            reply = await self._script(self._settle, names, args, priority=True)
-        reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        return bool(reply[0]), reason
+            return await self._replicated(call, self._config.replica_timeout, priority=True)
+        return await self.run(call, priority=True)
 
     async def _per_slot(
         self,
@@ -600,27 +532,7 @@ class RedisStore:
         return await self._per_slot(leases, lambda ref: ref.keys.lease, self._renew_slot, within)
 
     async def _renew_slot(self, leases: list[HeldLeaseRef]) -> list[bool]:
-        keys: list[bytes] = []
-        args: list[bytes] = [self._lease_ttl, self._fence_ttl]
-        for ref in leases:
-            keys += (ref.keys.lease, ref.keys.fence, ref.keys.result)
-            args.append(ref.value)
-        reply = await self._script(self._renew, keys, args, priority=True)
-        return [bool(x) for x in reply]
-
-    async def session(
-        self,
-        keys: SessionKeys,
-        args: Sequence[bytes | str | int],
-        idle_ttl_ms: int,
-        *,
-        priority: bool = False,
-    ) -> list[Any]:
-        """Run session.lua with ``args`` as its ARGV[1..11] (see its header)."""
-        full = [*args, keys.channel, self._publish, idle_ttl_ms]
-        names = (*keys.all, keys.conversation)
-        reply: list[Any] = await self._script(self._session, names, full, priority=priority)
-        return reply
+        return await self.run(self.commands.renew(leases), priority=True)
 
     async def renew_tickets(
         self, tickets: Sequence[HeldTicketRef], within: float | None = None
@@ -635,13 +547,7 @@ class RedisStore:
         )
 
     async def _renew_tickets_slot(self, tickets: list[HeldTicketRef]) -> list[bool]:
-        keys: list[bytes] = []
-        args: list[bytes | str] = [self._lease_ttl]
-        for ref in tickets:
-            keys += (ref.keys.holders, ref.keys.qexp)
-            args.append(ref.ticket)
-        reply = await self._script(self._session_renew, keys, args, priority=True)
-        return [bool(x) for x in reply]
+        return await self.run(self.commands.session_renew(tickets), priority=True)
 
     async def append(
         self,
@@ -654,12 +560,8 @@ class RedisStore:
     ) -> bool:
         """Run stream_append.lua: append (kind, data) items if the lease is still ours; ``seq``
         numbers the first item within the attempt (an item already appended is skipped)."""
-        args: list[bytes | str | int] = [owner, fence, ttl_ms, keys.channel, self._publish, seq]
-        for kind, data in items:
-            args += (kind, data)
-        names = (keys.lease, keys.fence, keys.stream)
-        reply = await self._script(self._stream_append, names, args, priority=True)
-        return bool(reply)
+        call = self.commands.stream_append(keys, owner, fence, items, ttl_ms, seq)
+        return await self.run(call, priority=True)
 
     async def read_stream(
         self, keys: TokenKeys, after: bytes | None, count: int
@@ -678,12 +580,9 @@ class RedisStore:
     async def force_release(self, keys: TokenKeys, owner: str = "") -> bytes | None:
         """Delete the lease (``owner``'s, or whoever's when empty) and wake its waiters; the
         lease value, or None. With an owner it is safe to repeat."""
-        names = (keys.lease, keys.fence)
-        args = (keys.channel, self._publish, self._fence_ttl, owner)
-        reply = await self._script(self._release, names, args, priority=True)
-        return reply[1] if reply[0] else None
+        return await self.run(self.commands.release(keys, owner), priority=True)
 
-    # -- session admission (session.lua's ARGV is assembled here) ------------------------------
+    # -- session admission (session.lua) ----------------------------------------------------------
 
     async def session_acquire(
         self,
@@ -699,28 +598,29 @@ class RedisStore:
         gap_ms: int,
         first_seq: int | None,
         idle_ttl_ms: int,
-    ) -> list[Any]:
+    ) -> SessionReply:
         """Join (or ask again with ``ticket``) a session's holders or queue; see session.lua."""
-        args: list[bytes | str | int] = [
-            "acquire",
-            ticket,
-            owner,
-            mode,
-            limit,
-            max_queue,
-            self._config.lease_ttl_ms,
-            meta,
-            "" if seq is None else seq,
-            gap_ms,
-            "" if first_seq is None else first_seq,
-        ]
-        return await self.session(keys, args, idle_ttl_ms)
+        call = self.commands.session_acquire(
+            keys,
+            ticket=ticket,
+            owner=owner,
+            mode=mode,
+            limit=limit,
+            max_queue=max_queue,
+            meta=meta,
+            seq=seq,
+            gap_ms=gap_ms,
+            first_seq=first_seq,
+            idle_ttl_ms=idle_ttl_ms,
+        )
+        return await self.run(call)
 
-    async def session_release(self, keys: SessionKeys, ticket: str, idle_ttl_ms: int) -> None:
-        """Give a session place up (holder or waiter); the script admits the next in line."""
-        args: list[bytes | str | int] = ["release", ticket, "", "queue", 1, 0]
-        args += [self._config.lease_ttl_ms, "", "", 0, ""]
-        await self.session(keys, args, idle_ttl_ms, priority=True)
+    async def session_release(self, keys: SessionKeys, ticket: str, idle_ttl_ms: int) -> bool:
+        """Give a session place up (holder or waiter); the script admits the next in line.
+        True when the ticket held or waited."""
+        return await self.run(
+            self.commands.session_release(keys, ticket, idle_ttl_ms), priority=True
+        )
 
     # -- conversations (conversation.lua) -----------------------------------------------------
 
@@ -740,15 +640,20 @@ class RedisStore:
         idle_ttl_ms: int,
         max_messages: int,
         max_bytes: int,
-    ) -> list[Any]:
+    ) -> ConversationReply:
         """Run conversation.lua: set ``items`` (a turn's commit when ``ticket`` is a holder's,
-        fenced; else a write outside any turn); see its header for the reply."""
-        args: list[Any] = [ticket, fence, turn, idle_ttl_ms, max_messages, max_bytes]
-        for field, value in items:
-            args += (field, value)
-        names = (keys.conversation, keys.holders, keys.state)
-        reply: list[Any] = await self._script(self._conversation, names, args, priority=True)
-        return reply
+        fenced; else a write outside any turn)."""
+        call = self.commands.conversation(
+            keys,
+            items,
+            ticket=ticket,
+            fence=fence,
+            turn=turn,
+            idle_ttl_ms=idle_ttl_ms,
+            max_messages=max_messages,
+            max_bytes=max_bytes,
+        )
+        return await self.run(call, priority=True)
 
     async def session_loads(self, sessions: Sequence[SessionKeys]) -> list[tuple[int, int]]:
         """(holders, waiting) of each session, as Redis counts them now."""
@@ -1001,8 +906,13 @@ class RedisStore:
             await self.cluster.nodes_manager.aclose()
 
 
-def _is_claimed(reply: Any) -> bool:
-    return isinstance(reply, list) and bool(reply) and reply[0] in (CLAIM_CLAIMED, "C")
+async def run_script(send: Callable[..., Awaitable[Any]], call: Call[Any]) -> Any:
+    """Send ``call`` with ``send`` (any way of sending one command): EVALSHA, and EVAL when
+    Redis does not know the script (a restart, SCRIPT FLUSH, a failover), which caches it."""
+    try:
+        return await send(*call.evalsha())
+    except rex.NoScriptError:
+        return await send(*call.eval())
 
 
 def _bytes(value: Any) -> bytes:
