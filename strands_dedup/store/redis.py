@@ -1,9 +1,7 @@
-"""`RedisStore`: the protocol's round trips, each one Lua script (or one plain command).
-
-Driver errors become the library's own: connection errors and timeouts -> retried with tenacity
-while the operation is safe to repeat (every script recognises a repeated call by its owner id),
-then `StoreUnavailable`; a refusal (credentials, NOPERM, OOM, BUSY, NOSCRIPT after a reload; and
-READONLY once retries did not reach a primary) -> `StoreRefused`, carrying the server's message.
+"""`RedisStore`: the protocol's round trips on an asyncio client, each one Lua script (or one
+plain command): the asyncio shell. What each script sends and how its reply reads is in
+``commands.py``; what a driver error means (retried, then `StoreUnavailable`, or `StoreRefused`
+with the server's message) is ``failures.py``'s table.
 """
 
 from __future__ import annotations
@@ -22,14 +20,7 @@ import redis.exceptions as rex
 from redis.asyncio.cluster import ClusterNode
 from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-    wait_random,
-)
+from tenacity import AsyncRetrying
 
 from ..config import DedupConfig
 from ..errors import StoreRefused, StoreUnavailable
@@ -44,6 +35,7 @@ from .commands import (
     Settled,
     claim_again,
 )
+from .failures import describe_error, is_driver_error, is_transient, retry_policy, store_error
 from .pipeline import AutoPipeline, BlockingLane, NodePipelines
 
 _BLOCKING_CONNECTIONS: dict[type, type] = {
@@ -74,48 +66,6 @@ K = TypeVar("K")
 
 Client = aredis.Redis | aredis.RedisCluster
 """A single Redis (direct or behind Sentinel) or a Redis Cluster."""
-
-
-def _is_auth_error(exc: BaseException) -> bool:
-    if isinstance(exc, (rex.AuthenticationError, rex.AuthenticationWrongNumberOfArgsError)):
-        return True
-    if isinstance(exc, rex.NoPermissionError):
-        return True
-    text = str(exc)
-    return isinstance(exc, rex.ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))
-
-
-def describe_error(exc: BaseException) -> str:
-    """An exception's message, or its class name when it has none (``TimeoutError()``); a
-    Redis error with the code redis-py took off its message put back (``OOM ...``)."""
-    text = str(exc).strip()
-    code = getattr(exc, "status_code", None)
-    if isinstance(code, str) and code and not text.startswith(code):
-        text = f"{code} {text}"
-    return text or type(exc).__name__
-
-
-def _is_refusal(exc: BaseException) -> bool:
-    if _is_auth_error(exc) or isinstance(exc, rex.ReadOnlyError):
-        return True
-    return isinstance(exc, rex.ResponseError) and not is_transient(exc)
-
-
-def store_error(exc: BaseException, where: str) -> StoreUnavailable:
-    """The library's error for a driver error from the Redis at ``where``: `StoreRefused` when
-    Redis refused (its message kept), else `StoreUnavailable`."""
-    cause = describe_error(exc)
-    error: StoreUnavailable
-    if _is_auth_error(exc) and not isinstance(exc, rex.NoPermissionError):
-        message = f"Redis at {where} refused the credentials: {cause}"
-        error = StoreRefused(message, server_message=cause)
-    elif _is_refusal(exc):
-        message = f"Redis at {where} refused the command: {cause}"
-        error = StoreRefused(message, server_message=cause)
-    else:
-        error = StoreUnavailable(f"Redis at {where} is unavailable: {cause}")
-    error.__cause__ = exc
-    return error
 
 
 EVICTING_PREFIXES = ("allkeys-", "volatile-")
@@ -167,28 +117,6 @@ def _policies(reply: Any) -> list[str]:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: the connection failed or timed out, or the server is not ready."""
-    if _is_auth_error(exc):
-        return False
-    if isinstance(exc, rex.RedisClusterException) and exc.__cause__ is not None:
-        return is_transient(exc.__cause__)  # "Redis Cluster cannot be connected": no node answered
-    return isinstance(
-        exc,
-        (
-            rex.ConnectionError,
-            rex.TimeoutError,
-            rex.BusyLoadingError,
-            rex.ReadOnlyError,
-            rex.TryAgainError,
-            rex.ClusterDownError,
-            rex.AskError,  # and MovedError: a slot moved while we talked to a node directly
-            rex.SlotNotCoveredError,
-            OSError,
-        ),
-    )
 
 
 class RedisStore:
@@ -310,20 +238,14 @@ class RedisStore:
     async def _retry(self, op: Callable[[], Awaitable[R]], first: Exception) -> R:
         if self._config.retry_attempts <= 1:
             raise store_error(first, self.where) from first
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._config.retry_attempts - 1)
-            | stop_after_delay(self._config.retry_deadline),
-            wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
-            retry=retry_if_exception(is_transient),
-            reraise=True,
-        )
+        retrying = AsyncRetrying(**retry_policy(self._config))
         try:
             async for attempt in retrying:
                 with attempt:
                     async with asyncio.timeout(self._timeout):
                         return await op()
         except Exception as exc:
-            if is_transient(exc) or isinstance(exc, rex.RedisError):
+            if is_driver_error(exc):
                 raise store_error(exc, self.where) from exc
             raise
         raise AssertionError("unreachable")  # pragma: no cover
@@ -735,13 +657,8 @@ class RedisStore:
                 f"Redis at {self.where} is unavailable: no reply within {timeout:g}s "
                 "(connect_timeout); is it a Redis server?"
             ) from None
-        except rex.InvalidResponse as exc:
-            raise StoreUnavailable(
-                f"Redis at {self.where} is unavailable: what answers there is not Redis "
-                f"({describe_error(exc)})"
-            ) from exc
         except Exception as exc:
-            if isinstance(exc, (rex.RedisError, OSError)) or is_transient(exc):
+            if is_driver_error(exc):
                 raise store_error(exc, self.where) from exc
             raise
 
@@ -779,7 +696,7 @@ class RedisStore:
         try:
             await self.client.set(key, b"1", px=10_000)
         except Exception as exc:
-            if isinstance(exc, (rex.RedisError, OSError)) or is_transient(exc):
+            if is_driver_error(exc):
                 raise store_error(exc, self.where) from exc
             raise
 
