@@ -14,12 +14,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
-import redis
 import redis.asyncio as aredis
 import redis.exceptions as rex
 from redis.asyncio.cluster import ClusterNode
-from redis.backoff import NoBackoff
-from redis.retry import Retry as SyncRetry
 from tenacity import AsyncRetrying
 
 from ..config import DedupConfig
@@ -36,16 +33,7 @@ from .commands import (
     claim_again,
 )
 from .failures import describe_error, is_driver_error, is_transient, retry_policy, store_error
-from .pipeline import AutoPipeline, BlockingLane, NodePipelines
-
-_BLOCKING_CONNECTIONS: dict[type, type] = {
-    aredis.Connection: redis.Connection,
-    aredis.SSLConnection: redis.SSLConnection,
-    aredis.UnixDomainSocketConnection: redis.UnixDomainSocketConnection,
-}
-"""The blocking twin of each asyncio connection class (`RedisStore.for_caller_thread`)."""
-_ASYNC_ONLY = frozenset({"retry", "parser_class", "redis_connect_func", "event_dispatcher"})
-"""Connection options that name asyncio objects: a blocking connection takes its own."""
+from .pipeline import AutoPipeline, NodePipelines
 
 __all__ = [
     "Client",
@@ -129,7 +117,6 @@ class RedisStore:
         *,
         where: str = "redis",
         clock: Callable[[], float] = time.monotonic,
-        lane: BlockingLane | None = None,
     ) -> None:
         self.client = client
         self.where = where
@@ -143,14 +130,13 @@ class RedisStore:
         self._config = config
         self.commands = Commands(config, cluster=self.cluster is not None)
         """Each script's keys, arguments and reply parser (no I/O; the blocking shell's too)."""
-        self.pipeline: AutoPipeline | BlockingLane | None = lane or (
+        self.pipeline: AutoPipeline | None = (
             AutoPipeline(client.connection_pool, timeout=config.socket_timeout)
             if isinstance(client, aredis.Redis) and config.auto_pipeline
             else None
         )
         """Scripts of concurrent calls leave in one write on one connection (see pipeline.py);
-        with ``auto_pipeline=False`` each runs on a pooled connection; a blocking caller's
-        store (`for_caller_thread`) writes each on its blocking connection."""
+        with ``auto_pipeline=False`` each runs on a pooled connection."""
         self.node_pipelines = (
             NodePipelines(self.cluster, timeout=config.socket_timeout)
             if self.cluster is not None and config.auto_pipeline
@@ -773,43 +759,6 @@ class RedisStore:
         assert self.cluster is not None
         node = self.slot_primary(channel)
         return _subscriber_connection(node.connection_class, node.connection_kwargs)
-
-    def for_caller_thread(self) -> RedisStore | None:
-        """A store with this one's scripts and settings for one blocking caller's thread and
-        its own event loop (redis-py's asyncio connections belong to the loop that opened
-        them): its scripts go over a blocking connection of its own (`BlockingLane`), the
-        rarer reads over a small pool of its own. None where the connection cannot be copied:
-        a cluster, Sentinel, or a client or connection of another type."""
-        client = self.client
-        if type(client) is not aredis.Redis:
-            return None
-        pool = client.connection_pool
-        blocking = _BLOCKING_CONNECTIONS.get(pool.connection_class)
-        if type(pool) not in (aredis.ConnectionPool, aredis.BlockingConnectionPool) or (
-            blocking is None
-        ):
-            return None
-        kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _ASYNC_ONLY}
-        kwargs.update(
-            socket_timeout=self._config.socket_timeout,
-            socket_connect_timeout=self._config.connect_timeout,
-            retry=SyncRetry(NoBackoff(), 0),  # retried here, with tenacity
-        )
-        try:
-            blocking(**kwargs)  # refuses options it does not know, before any call needs it
-        except Exception as exc:  # the asyncio connection's way is still there
-            log.debug("no blocking connection for %s: %s", self.where, exc)
-            return None
-        own = type(pool)(
-            connection_class=pool.connection_class, max_connections=2, **pool.connection_kwargs
-        )
-        return RedisStore(
-            aredis.Redis.from_pool(own),
-            self._config,
-            where=self.where,
-            clock=self.clock,
-            lane=BlockingLane(lambda: blocking(**kwargs)),
-        )
 
     async def aclose(self) -> None:
         if self.pipeline is not None:
