@@ -76,9 +76,7 @@ __all__ = [
     "envelope_header",
     "fence_of",
     "fingerprints_conflict",
-    "parse_claim_reply",
     "parse_grant",
-    "parse_session_reply",
     "wait_budget",
 ]
 
@@ -267,18 +265,6 @@ def encode_lease(owner: str, fence: int, meta: bytes) -> bytes:
     return f"{owner}|{fence}|".encode() + meta
 
 
-def parse_claim_reply(reply: list[Any]) -> ClaimReply:
-    """Turn the claim script's reply into a `Replay`, `Claimed` or `Busy`."""
-    kind = reply[0]
-    if kind == CLAIM_REPLAY:
-        return Replay(reply[1])
-    if kind == CLAIM_CLAIMED:
-        return Claimed(int(reply[1]))
-    if kind == CLAIM_BUSY:
-        return Busy(decode_lease(reply[1], int(reply[2])))
-    raise ValueError(f"unexpected claim reply {reply!r}")
-
-
 def encode_stored_message(fence: int) -> bytes:
     return MSG_STORED + str(fence).encode()
 
@@ -417,34 +403,11 @@ class QueueFull:
 SessionReply = Grant | Queued | Taken | QueueFull
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def parse_grant(ticket: str, grant: str) -> Grant:
     fence, skip_from, skip_to, late = grant.split("|")
     first, last = int(skip_from), int(skip_to)
     skipped = (first, last) if first >= 0 and last >= first else None
     return Grant(ticket, int(fence), skipped, late == "1")
-
-
-def parse_session_reply(reply: list[Any]) -> SessionReply:
-    """Turn the session script's acquire reply into a typed value."""
-    kind = _text(reply[0])
-    if kind == "H":
-        grant = parse_grant(_text(reply[1]), _text(reply[2]))
-        if len(reply) > 3:
-            flat = [v if isinstance(v, bytes) else str(v).encode() for v in reply[3] or ()]
-            conversation = dict(zip(flat[0::2], flat[1::2], strict=True))
-            grant = Grant(grant.ticket, grant.fence, grant.skipped, grant.late, conversation)
-        return grant
-    if kind == "Q":
-        return Queued(_text(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]))
-    if kind == "B":
-        return Taken(int(reply[1]), int(reply[2]), int(reply[3]))
-    if kind == "O":
-        return QueueFull(int(reply[1]), int(reply[2]))
-    raise ValueError(f"unexpected session reply {reply!r}")
 
 
 def fingerprints_conflict(ours: str | None, theirs: str | None) -> bool:

@@ -16,6 +16,7 @@ import redis
 from servers import RedisServer, free_port
 
 from strands_dedup import Deduplicator, Role, StoreUnavailable
+from strands_dedup.protocol import Claimed
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(30)]
 
@@ -191,7 +192,7 @@ async def test_a_claim_that_returns_late_is_checked_before_the_call_runs(
                     keys, other.engine.new_owner(), other.engine.lease_meta(keys, None)
                 )
                 fences.append(int(reply[1]))
-                assert taken[0] == b"C" and int(taken[1]) == fences[0] + 1
+                assert isinstance(taken, Claimed) and taken.fence == fences[0] + 1
                 clock["skew"] += 1.0
             return reply
 

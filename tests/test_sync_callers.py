@@ -1,6 +1,6 @@
-"""The blocking facade's calls from a thread's second call on: the claim and the completion run
-on an event loop of the thread's own, over a blocking connection of its own (no hand-off to the
-portal); leases are still renewed, and duplicates still wait, on the portal."""
+"""The blocking facade's calls: the claim and the completion run in the caller's thread over the
+blocking shell (no hand-off to the portal, no event loop of the thread's own); leases are still
+renewed, and duplicates still wait, on the portal."""
 
 from __future__ import annotations
 
@@ -29,9 +29,21 @@ pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
 
 def warm(dedup: SyncDeduplicator) -> None:
-    """Two calls in this thread: the second one has the thread's own loop."""
-    for _ in range(2):
-        dedup.run(uuid.uuid4().hex, lambda: "warm")
+    """A first call: the core is bound to the portal and has read the store."""
+    dedup.run(uuid.uuid4().hex, lambda: "warm")
+
+
+def counting_portal(dedup: SyncDeduplicator) -> list[Any]:
+    """What is handed to the portal from now on."""
+    handed: list[Any] = []
+    portal_call = dedup.portal.call
+
+    def counted(coro: Any) -> Any:
+        handed.append(coro)
+        return portal_call(coro)
+
+    dedup.portal.call = counted  # type: ignore[method-assign]
+    return handed
 
 
 def clients(url: str) -> list[dict[str, Any]]:
@@ -59,21 +71,9 @@ def dedup(redis_url: str, namespace: str) -> Iterator[SyncDeduplicator]:
         yield d
 
 
-def test_a_threads_calls_cross_no_thread_from_its_second_call_on(
-    dedup: SyncDeduplicator,
-) -> None:
-    dedup.run(uuid.uuid4().hex, lambda: 1)
-    assert dedup.caller_loops == 0  # a thread's first call goes through the portal
-    dedup.run(uuid.uuid4().hex, lambda: 2)
-    assert dedup.caller_loops == 1
-    handed: list[Any] = []
-    portal_call = dedup.portal.call
-
-    def counted(coro: Any) -> Any:
-        handed.append(coro)
-        return portal_call(coro)
-
-    dedup.portal.call = counted  # type: ignore[method-assign]
+def test_a_call_crosses_no_thread(dedup: SyncDeduplicator) -> None:
+    warm(dedup)
+    handed = counting_portal(dedup)
     ran_in: list[threading.Thread] = []
 
     def call() -> dict[str, int]:
@@ -85,7 +85,12 @@ def test_a_threads_calls_cross_no_thread_from_its_second_call_on(
     assert (first.role, first.value) == (Role.PRIMARY, {"v": 3})
     assert (again.role, again.value, again.fence) == (Role.REPLAY, {"v": 3}, first.fence)
     assert ran_in == [threading.current_thread()]
-    assert handed == []  # neither the claims nor the completion went to the portal
+    other: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: other.update(out=dedup.execute("t2", lambda: 4)))
+    thread.start()
+    thread.join(20)
+    assert (other["out"].role, other["out"].value) == (Role.PRIMARY, 4)  # a thread's first call
+    assert handed == []  # neither the claims nor the completions went to the portal
     assert dedup.counters["claims"] >= 3 and dedup.counters["replays"] == 1
 
 
@@ -119,7 +124,6 @@ def test_a_lease_claimed_in_a_callers_thread_is_renewed(redis_url: str, namespac
         worker.join(20)
         out = outcome_box["out"]
         assert (out.role, out.value) == (Role.PRIMARY, "done")
-        assert primary.caller_loops == 2  # this thread's and the primary's thread's
         dup = result["dup"]
         assert (dup.role, dup.value, dup.fence) == (Role.WAITER, "done", out.fence)
         assert runs == 1
@@ -151,27 +155,25 @@ def test_a_lost_lease_reaches_a_call_in_a_callers_thread(redis_url: str, namespa
         assert dedup.counters["lease_lost"] >= 1
 
 
-def test_threads_that_end_give_their_connection_back(redis_server_factory: type) -> None:
+def test_threads_that_end_leave_no_connection_behind(redis_server_factory: type) -> None:
     server = redis_server_factory()
     dedup = SyncDeduplicator.from_url(server.url, namespace="ns", metrics=False)
     try:
-        dedup.run("first", lambda: 0)  # the portal's connections
+        dedup.run("first", lambda: 0)  # the portal's connections and the blocking pool's
         before = len(clients(server.url))
-        for i in range(4):  # one after the other: each has a loop, then ends
+        for i in range(4):  # one after the other: the pool's connection is used again
             thread = threading.Thread(
                 target=lambda i=i: [dedup.run(f"t{i}-{j}", lambda: j) for j in range(3)]
             )
             thread.start()
             thread.join(20)
-        # the loops of ended threads are closed when the next one is made
-        assert dedup.caller_loops == 1
-        assert eventually(lambda: len(clients(server.url)) <= before + 1)
+        assert len(clients(server.url)) <= before
     finally:
         dedup.close()
     assert eventually(lambda: clients(server.url) == [])
 
 
-def test_more_threads_than_max_connections_go_through_the_portal(
+def test_more_threads_than_max_connections_wait_for_one(
     redis_url: str, namespace: str
 ) -> None:
     with SyncDeduplicator.from_url(
@@ -191,23 +193,32 @@ def test_more_threads_than_max_connections_go_through_the_portal(
         for thread in threads:
             thread.join(20)
         assert results == {n: [n * 10 + j for j in range(5)] for n in range(4)}
-        assert dedup.caller_loops <= 2
 
 
-def test_a_thread_that_runs_an_event_loop_goes_through_the_portal(
+def test_a_thread_that_runs_an_event_loop_calls_in_its_thread(
     dedup: SyncDeduplicator,
 ) -> None:
+    warm(dedup)
+    handed = counting_portal(dedup)
+
     async def inside() -> list[int]:
         return [dedup.run(uuid.uuid4().hex, lambda i=i: i) for i in range(3)]
 
     assert asyncio.run(inside()) == [0, 1, 2]
-    assert dedup.caller_loops == 0
+    assert handed == []
 
 
-def test_the_embedded_store_goes_through_the_portal(namespace: str) -> None:
+def test_the_embedded_store_calls_in_the_callers_thread(namespace: str) -> None:
     with SyncDeduplicator.from_url("memory://", namespace=namespace, metrics=False) as dedup:
+        warm(dedup)
+        handed = counting_portal(dedup)
         assert [dedup.run(f"t{i}", lambda i=i: i) for i in range(3)] == [0, 1, 2]
-        assert dedup.caller_loops == 0
+        assert dedup.run("t1", lambda: "never") == 1  # replayed from the shared embedded server
+        assert handed == []
+        core_sees = asyncio.run_coroutine_threadsafe(
+            dedup.core.run("t2", lambda: "never"), dedup.portal.loop
+        ).result(10)
+        assert core_sees == 2  # the asyncio client reads what the blocking one wrote
 
 
 def test_a_killed_connection_and_flushed_scripts_cost_a_retry(
@@ -225,7 +236,6 @@ def test_a_killed_connection_and_flushed_scripts_cost_a_retry(
             second = dedup.execute("b", lambda: "b")
             assert (second.role, second.value) == (Role.PRIMARY, "b")
             assert dedup.execute("a", lambda: "never").role is Role.REPLAY
-            assert dedup.caller_loops == 1
     finally:
         admin.close()
 
@@ -248,7 +258,6 @@ def test_a_lost_completion_reply_is_recovered_in_a_callers_thread(
             outcome = dedup.execute("tok", call)
             assert time.monotonic() - started >= 1.5  # it did wait for Redis
             assert (outcome.role, outcome.value) == (Role.PRIMARY, "value")
-            assert dedup.caller_loops == 1
             again = dedup.execute("tok", lambda: "never")
             assert (again.role, again.value, again.fence) == (Role.REPLAY, "value", outcome.fence)
     finally:
@@ -270,6 +279,5 @@ def test_a_stalled_redis_fails_a_claim_in_time_and_the_next_one_works(
             assert time.monotonic() - started < 5
             os.kill(pid, signal.SIGCONT)
             assert dedup.run("tok2", lambda: "ok") == "ok"
-            assert dedup.caller_loops == 1
     finally:
         os.kill(pid, signal.SIGCONT)

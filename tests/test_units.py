@@ -17,9 +17,6 @@ from strands_dedup import (
 )
 from strands_dedup.keys import MAX_TOKEN_BYTES, KeySchema, validate_namespace
 from strands_dedup.protocol import (
-    Busy,
-    Claimed,
-    Replay,
     WakeUp,
     decode_envelope,
     decode_message,
@@ -28,7 +25,6 @@ from strands_dedup.protocol import (
     encode_stored_message,
     encode_value_message,
     fingerprints_conflict,
-    parse_claim_reply,
     wait_budget,
 )
 
@@ -151,17 +147,6 @@ def test_messages_decode_to_wakeups() -> None:
     assert decode_message(b"Vnot an envelope") is WakeUp.MALFORMED
     with pytest.raises(ValueError):
         decode_envelope(b"SD2|x|{}\n")
-
-
-def test_claim_replies() -> None:
-    assert parse_claim_reply([b"R", b"env"]) == Replay(b"env")
-    assert parse_claim_reply([b"C", 3]) == Claimed(3)
-    busy = parse_claim_reply([b"L", b'ab12|4|{"fp":"f1","h":"host","p":9}', 1500])
-    assert isinstance(busy, Busy)
-    assert (busy.lease.owner, busy.lease.fence, busy.lease.pttl_ms) == ("ab12", 4, 1500)
-    assert busy.lease.fingerprint == "f1" and busy.lease.meta["p"] == 9
-    with pytest.raises(ValueError):
-        parse_claim_reply([b"?"])
 
 
 def test_fingerprint_conflict_needs_both_sides() -> None:

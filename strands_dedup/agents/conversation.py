@@ -57,6 +57,7 @@ from ..engine.session import admitted_conversation, holder_ticket
 from ..engine.sync import Bridge
 from ..errors import ConversationError, LeaseLost
 from ..keys import SessionKeys
+from ..store.commands import CommitLost, TooFull, TurnMoved
 
 if TYPE_CHECKING:
     from ..engine.deduplicator import Deduplicator
@@ -267,17 +268,16 @@ class Turn:
             max_messages=max_messages,
             max_bytes=max_bytes,
         )
-        status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        if status == "LOST":
+        if isinstance(reply, CommitLost):
             raise self._lost("it no longer held the session when the turn was to commit")
-        if status == "TURN":
+        if isinstance(reply, TurnMoved):
             raise self._lost(
-                f"another holder committed turn {int(reply[1])} since this one loaded turn "
+                f"another holder committed turn {reply.turn} since this one loaded turn "
                 f"{self.snapshot.turn} (more than one holder at once: max_concurrent > 1?)"
             )
-        if status == "FULL":
-            raise _full(self.name, int(reply[1]), int(reply[2]), max_messages, max_bytes)
-        lease = int(reply[2]) / 1000
+        if isinstance(reply, TooFull):
+            raise _full(self.name, reply.messages, reply.bytes, max_messages, max_bytes)
+        lease = reply.lease_ms / 1000
         if isinstance(repo, _CommittedRepository):
             deadline = started + lease * _FLUSH_SHARE
             await asyncio.to_thread(repo.flush, deadline, self.hold)
@@ -741,10 +741,9 @@ class RedisSessionRepository(_StagingRepository):
                 max_bytes=max_bytes,
             )
         )
-        status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        if status == "FULL":
+        if isinstance(reply, TooFull):
             self._clear()
-            raise _full(self.name, int(reply[1]), int(reply[2]), max_messages, max_bytes)
+            raise _full(self.name, reply.messages, reply.bytes, max_messages, max_bytes)
         snap = self.snapshot
         for field, value in items:
             if field.startswith("m:") and not self._stored(field):

@@ -31,6 +31,7 @@ __all__ = [
     "Deduplicator",
     "Token",
     "call_identity",
+    "client_name",
     "normalize_fingerprint",
     "return_type_of",
 ]
@@ -145,7 +146,7 @@ class Deduplicator:
             )
         owns_client = client is None
         if client is None:
-            client = client_from_url("memory://", self.config, client_name=_client_name())
+            client = client_from_url("memory://", self.config, client_name=client_name())
         self.engine = Engine(
             client,
             self.config,
@@ -174,7 +175,7 @@ class Deduplicator:
         """
         self = cls.__new__(cls)
         self.config = DedupConfig(**options)
-        client = client_from_url(url, self.config, client_name=_client_name())
+        client = client_from_url(url, self.config, client_name=client_name())
         self.engine = Engine(
             client,
             self.config,
@@ -373,5 +374,5 @@ class Deduplicator:
         return await self.engine.health()
 
 
-def _client_name() -> str:
+def client_name() -> str:
     return f"strands-dedup:{_HOST}:{os.getpid()}"

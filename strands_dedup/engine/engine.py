@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import inspect
 import itertools
 import logging
@@ -73,11 +72,11 @@ from ..protocol import (
     envelope_header,
     fence_of,
     fingerprints_conflict,
-    parse_claim_reply,
     wait_budget,
 )
 from ..serialization import Serializer
 from ..store import Client, RedisStore, ShardedSubscriber, Subscriber, Watch
+from ..store.commands import Settled
 from ..store.redis import describe_error, eviction_warning, warn_evicting
 from .call import is_running, primary_context
 from .observe import Health, Observer, PrometheusMetrics, SessionLoad
@@ -139,6 +138,12 @@ class WaitHooks(Protocol[T]):
         ...
 
 
+def retry_read_back(exc: BaseException) -> bool:
+    """Errors after which a lost completion's read-back is tried again (Redis not answering;
+    a refusal is final)."""
+    return isinstance(exc, StoreUnavailable) and not isinstance(exc, StoreRefused)
+
+
 class Engine:
     """The protocol of one deduplicator on one event loop (see the module docstring)."""
 
@@ -187,8 +192,6 @@ class Engine:
         """Reads Redis' eviction policy once, at the first call (`_check_store`)."""
         self._background: set[asyncio.Task[Any]] = set()
         """Streaming primaries whose callers may have stopped listening."""
-        self._home: asyncio.AbstractEventLoop | None = None
-        """Set on a view made by `over`: the engine's own loop, where its leases are renewed."""
 
     @property
     def where(self) -> str:
@@ -279,9 +282,9 @@ class Engine:
             )
 
     @property
-    def warm(self) -> bool:
-        """Ready for calls from another loop (`over`): bound to its loop, publishing its
-        counters, the store's policy read and accepted."""
+    def is_ready(self) -> bool:
+        """Ready for calls from another thread (the blocking shell's): bound to its loop,
+        publishing its counters, the store's policy read and accepted."""
         check = self._store_check
         return (
             self.loop is not None
@@ -292,39 +295,24 @@ class Engine:
             and check.exception() is None
         )
 
-    def over(self, store: RedisStore) -> Engine:
-        """This engine with its claims and completions sent through ``store``: a connection made
-        for another event loop (a blocking caller's thread, see `SyncDeduplicator`).
-
-        Only `first_claim`, `complete`, `fail` and `release` may run on that loop. Everything
-        else stays on this engine's loop: leases are renewed there (handed over with
-        `Renewer.add_from_thread`), duplicates wait there (`wait_duplicate`). The counters, the
-        serializer and the owner ids are this engine's.
-        """
-        if self.loop is None:
-            raise RuntimeError("the engine has no loop yet (not warm)")
-        view = copy.copy(self)
-        view.store = store
-        view._home = self.loop
-        return view
-
-    def _keep(self, lease: HeldLease) -> None:
+    def _keep(self, lease: HeldLease, *, from_thread: bool) -> None:
         """Have the renewer renew ``lease`` (on the engine's own loop)."""
-        if self._home is None:
+        if not from_thread:
             self.renewer.add(lease)
         else:
-            self.renewer.add_from_thread(lease, self._home)
+            assert self.loop is not None
+            self.renewer.add_from_thread(lease, self.loop)
 
-    def _drop(self, lease: HeldLease) -> None:
-        """Stop renewing ``lease``."""
-        if self._home is None:
+    def drop(self, lease: HeldLease, *, from_thread: bool = False) -> None:
+        """Stop renewing ``lease`` (``from_thread``: called outside the engine's loop)."""
+        if not from_thread:
             self.renewer.discard(lease)
         else:
             self.renewer.discard_from_thread(lease)
 
     async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
         """One claim (claim.lua): a replay, the lease, or who holds it."""
-        return parse_claim_reply(await self.store.claim(keys, owner, meta))
+        return await self.store.claim(keys, owner, meta)
 
     async def first_claim(
         self,
@@ -338,20 +326,48 @@ class Engine:
         `Duplicate` to wait as (`wait_duplicate`); `DuplicateInFlight` when told not to wait."""
         owner = self.new_owner()
         meta = self.lease_meta(keys, fingerprint)
-        first: Outcome[Any] | HeldLease
         try:
             reply = await self.claim(keys, owner, meta)
+        except StoreUnavailable as exc:
+            self.count_error(exc)
+            raise
+        return self.after_first_claim(
+            reply, keys, owner, meta, fingerprint, rtype, on_duplicate, started
+        )
+
+    def after_first_claim(
+        self,
+        reply: ClaimReply,
+        keys: TokenKeys,
+        owner: str,
+        meta: bytes,
+        fingerprint: str | None,
+        rtype: Any,
+        on_duplicate: str | None,
+        started: float,
+        *,
+        from_thread: bool = False,
+    ) -> Outcome[Any] | HeldLease | Duplicate:
+        """What a call's first claim means (both shells): a stored result is replayed, a won
+        lease is renewed from now on (``from_thread``: claimed outside the engine's loop), a
+        lease held by another caller is waited for (`Duplicate`) unless told not to wait
+        (`DuplicateInFlight`) or the request differs (`FingerprintMismatch`)."""
+        first: Outcome[Any] | HeldLease
+        try:
             if isinstance(reply, Replay):
                 first = self.outcome_of(reply.envelope, Role.REPLAY, keys, fingerprint, rtype)
             elif isinstance(reply, Claimed):
-                first = self.hold(keys, owner, reply.fence, meta, Role.PRIMARY, fingerprint)
+                first = self.hold(
+                    keys, owner, reply.fence, meta, Role.PRIMARY, fingerprint,
+                    from_thread=from_thread,
+                )  # fmt: skip
             else:
                 self.check_lease(reply.lease, keys, fingerprint)
                 if (on_duplicate or self.config.on_duplicate) == "raise":
                     raise self.in_flight(keys, reply.lease)
                 return Duplicate(keys, owner, meta, fingerprint, rtype, reply, started)
-        except (FingerprintMismatch, StoreUnavailable) as exc:
-            self._count_error(exc)
+        except FingerprintMismatch as exc:
+            self.count_error(exc)
             raise
         self._count_first(keys, first, started)
         return first
@@ -378,12 +394,13 @@ class Engine:
                 keys.channel, hooks.deadline, hooks, watch=watch, listening=listening
             )
         except (FingerprintMismatch, StoreUnavailable) as exc:
-            self._count_error(exc)
+            self.count_error(exc)
             raise
         self._count_first(keys, first, duplicate.started)
         return first
 
-    def _count_error(self, exc: Exception) -> None:
+    def count_error(self, exc: Exception) -> None:
+        """Count a failed call: a reused token, or a store error."""
         self.observer.count(
             "fingerprint_mismatch" if isinstance(exc, FingerprintMismatch) else "store_errors"
         )
@@ -404,10 +421,12 @@ class Engine:
         meta: bytes,
         role: Role,
         fingerprint: str | None,
+        *,
+        from_thread: bool = False,
     ) -> HeldLease:
         """A lease just claimed, renewed from now on until it is completed, failed or released."""
         lease = HeldLease(keys, owner, fence, encode_lease(owner, fence, meta), role, fingerprint)
-        self._keep(lease)
+        self._keep(lease, from_thread=from_thread)
         return lease
 
     @staticmethod
@@ -639,8 +658,8 @@ class Engine:
             lease.task = None
             if lease.cancelling and task is not None:
                 task.uncancel()
-                self._drop(lease)
-                raise self._lost_error(lease, "the call was cancelled") from None
+                self.drop(lease)
+                raise self.lost_error(lease, "the call was cancelled") from None
             await asyncio.shield(self.fail(lease, None))
             raise
         except BaseException as exc:
@@ -662,7 +681,7 @@ class Engine:
             lease.cancelling = True
             lease.task.cancel("strands-dedup: lease lost")
 
-    def _lost_error(self, lease: HeldLease, detail: str) -> LeaseLost:
+    def lost_error(self, lease: HeldLease, detail: str) -> LeaseLost:
         self.observer.count("lease_lost")
         return LeaseLost(
             f"lease on token {lease.keys.token!r} (fence {lease.fence}) was lost: {detail}",
@@ -686,114 +705,42 @@ class Engine:
         )
         return encode_envelope(lease.owner, header, payload)
 
-    async def complete(self, lease: HeldLease, value: T, rtype: Any) -> Outcome[T]:
-        """Serialize and store the result, fenced; wake the waiters."""
+    # -- settling: what to send (both shells), then sending it (this shell) ----------------------
+
+    def completion(self, lease: HeldLease, value: Any, rtype: Any) -> tuple[bytes, bytes]:
+        """The envelope to store and the message to publish for ``value``. `SerializationError`
+        or `ResultTooLarge` when it cannot be stored: the caller fails the lease with it."""
         try:
             payload = self.serializer.dumps(value, rtype)
+        except SerializationError as exc:
+            exc.token = lease.keys.token
+            raise
         except Exception as exc:
-            error = (
-                exc
-                if isinstance(exc, SerializationError)
-                else SerializationError(f"result could not be serialized: {exc}")
-            )
-            error.token = lease.keys.token
-            await self.fail(lease, error)
-            raise error from (exc if error is not exc else None)
+            raise SerializationError(
+                f"result could not be serialized: {exc}", token=lease.keys.token
+            ) from exc
         limit = self.config.max_result_bytes
         if len(payload) > limit:
-            too_large = ResultTooLarge(
+            raise ResultTooLarge(
                 f"result for token {lease.keys.token!r} is {len(payload)} bytes; "
                 f"max_result_bytes is {limit}",
                 token=lease.keys.token,
                 size=len(payload),
                 limit=limit,
             )
-            await self.fail(lease, too_large)
-            raise too_large
         envelope = self._envelope(lease, payload, None)
         message = (
             encode_value_message(envelope)
             if len(envelope) <= self.config.inline_result_bytes
             else encode_stored_message(lease.fence)
         )
+        return envelope, message
+
+    def failure(self, lease: HeldLease, exc: BaseException | None) -> tuple[bytes, bytes] | None:
+        """What a primary that did not produce a result sends: (stored, message), or None when
+        nothing may be written (left claimed, or the lease is lost). ``exc`` None (or not an
+        ``Exception``): cancelled or interrupted, the token is released."""
         lease.ending = True
-        try:
-            ok, reason = await self.store.settle(
-                lease.keys, lease.owner, lease.fence, envelope, message
-            )
-        except StoreRefused:
-            self.observer.count("store_errors")
-            raise
-        except StoreUnavailable as lost:
-            self.observer.count("store_errors")
-            ok, reason = await self._settle_again(lease, envelope, message, lost)
-        finally:
-            self._drop(lease)
-        if not ok:
-            raise self._lost_error(lease, f"its completion was refused ({reason})")
-        self.observer.outcome(lease.keys, lease.role, lease.fence, time.monotonic() - lease.started)
-        return Outcome(value, lease.role, lease.fence)
-
-    async def _settle_again(
-        self, lease: HeldLease, envelope: bytes, message: bytes, lost: StoreUnavailable
-    ) -> tuple[bool, str]:
-        """The completion was sent but its reply was lost (Redis stalled or the connection
-        broke): within the wait budget, once Redis answers, read the token. A stored result
-        with this primary's fence is ours; no result: send the completion again (it is fenced,
-        so it is refused if the token was claimed since). `OutcomeUnknown` if Redis does not
-        answer in time."""
-        keys = lease.keys
-        log.warning(
-            "the completion of token %r (fence %d) got no reply (%s): reading the token again",
-            keys.token,
-            lease.fence,
-            lost,
-        )
-        retrying = AsyncRetrying(
-            wait=wait_exponential(multiplier=0.05, max=1.0),
-            retry=retry_if_exception(
-                lambda exc: isinstance(exc, StoreUnavailable) and not isinstance(exc, StoreRefused)
-            ),
-            reraise=True,
-        )
-        try:
-            async with asyncio.timeout(self.config.wait_timeout):
-                async for attempt in retrying:
-                    with attempt:
-                        stored = await self.store.get_result(keys)
-                        if stored is None:
-                            return await self.store.settle(
-                                keys, lease.owner, lease.fence, envelope, message
-                            )
-                        fence = fence_of(stored)
-                        if fence == lease.fence:
-                            return True, "ok"
-                        return False, f"a result of fence {fence} is stored"
-        except StoreRefused:
-            raise
-        except (StoreUnavailable, TimeoutError) as exc:
-            raise OutcomeUnknown(
-                f"the completion of token {keys.token!r} (fence {lease.fence}) was sent, but "
-                f"Redis at {self.store.where} did not answer within "
-                f"{self.config.wait_timeout:g}s (wait_timeout): whether the result is stored "
-                "cannot be known",
-                token=keys.token,
-                fence=lease.fence,
-            ) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def release(self, lease: HeldLease) -> None:
-        """Give the token up without a result: one waiter takes over."""
-        await self.fail(lease, None)
-
-    async def fail(self, lease: HeldLease, exc: BaseException | None) -> None:
-        """The primary did not produce a result: share its failure, or release the token.
-
-        ``exc`` is None (or not an ``Exception``) when the call was cancelled or interrupted:
-        the token is released and one waiter takes over.
-        """
-        lease.ending = True
-        self._drop(lease)
         if isinstance(exc, LeaveClaimed):
             log.warning(
                 "token %r stays claimed until its lease expires (within %gs): %s",
@@ -801,11 +748,11 @@ class Engine:
                 self.config.lease_ttl,
                 exc,
             )
-            return
+            return None
         if isinstance(exc, Exception) and not isinstance(exc, ShareOnly):
             self.observer.count("failures")
         if lease.lost:
-            return  # somebody else holds the token now; nothing of ours may be written
+            return None  # somebody else holds the token now; nothing of ours may be written
         release = not isinstance(exc, Exception) or self.config.on_primary_error == "retry"
         stored = b""
         if isinstance(exc, ShareOnly):  # handed to the waiters of the moment, never stored
@@ -816,14 +763,122 @@ class Engine:
             envelope = self._envelope(lease, b"", exc)
             stored = envelope if self.config.cache_errors else b""
             message = encode_value_message(envelope)
+        return stored, message
+
+    @staticmethod
+    def not_released(lease: HeldLease, error: DedupError) -> None:
+        """A failure's settle that did not get through: the lease frees itself."""
+        log.warning(
+            "could not release token %r (it frees itself within lease_ttl): %s",
+            lease.keys.token,
+            error,
+        )
+
+    def settled(self, lease: HeldLease, value: T, accepted: Settled) -> Outcome[T]:
+        """The primary's `Outcome` once its completion was answered; `LeaseLost` if refused."""
+        if not accepted.ok:
+            raise self.lost_error(lease, f"its completion was refused ({accepted.reason})")
+        self.observer.outcome(lease.keys, lease.role, lease.fence, time.monotonic() - lease.started)
+        return Outcome(value, lease.role, lease.fence)
+
+    def reply_lost(self, lease: HeldLease, lost: StoreUnavailable) -> None:
+        """A completion sent without a reply: counted and logged; the shell reads the token."""
+        self.observer.count("store_errors")
+        log.warning(
+            "the completion of token %r (fence %d) got no reply (%s): reading the token again",
+            lease.keys.token,
+            lease.fence,
+            lost,
+        )
+
+    @staticmethod
+    def read_back(lease: HeldLease, stored: bytes | None) -> Settled | None:
+        """What the token read after a lost completion reply says: a stored result with this
+        primary's fence is its own; another fence's is not; no result: None, send the
+        completion again (it is fenced, so it is refused if the token was claimed since)."""
+        if stored is None:
+            return None
+        fence = fence_of(stored)
+        if fence == lease.fence:
+            return Settled(True, "ok")
+        return Settled(False, f"a result of fence {fence} is stored")
+
+    def outcome_unknown(self, lease: HeldLease, exc: BaseException) -> OutcomeUnknown:
+        """The completion was sent but Redis did not answer within ``wait_timeout``."""
+        error = OutcomeUnknown(
+            f"the completion of token {lease.keys.token!r} (fence {lease.fence}) was sent, but "
+            f"Redis at {self.store.where} did not answer within "
+            f"{self.config.wait_timeout:g}s (wait_timeout): whether the result is stored "
+            "cannot be known",
+            token=lease.keys.token,
+            fence=lease.fence,
+        )
+        error.__cause__ = exc
+        return error
+
+    async def complete(self, lease: HeldLease, value: T, rtype: Any) -> Outcome[T]:
+        """Serialize and store the result, fenced; wake the waiters."""
         try:
-            await self.store.settle(lease.keys, lease.owner, lease.fence, stored, message)
+            envelope, message = self.completion(lease, value, rtype)
         except DedupError as error:
-            log.warning(
-                "could not release token %r (it frees itself within lease_ttl): %s",
-                lease.keys.token,
-                error,
+            await self.fail(lease, error)
+            raise
+        lease.ending = True
+        try:
+            accepted = await self.store.settle(
+                lease.keys, lease.owner, lease.fence, envelope, message
             )
+        except StoreRefused:
+            self.observer.count("store_errors")
+            raise
+        except StoreUnavailable as lost:
+            self.reply_lost(lease, lost)
+            accepted = await self._settle_again(lease, envelope, message)
+        finally:
+            self.drop(lease)
+        return self.settled(lease, value, accepted)
+
+    async def _settle_again(self, lease: HeldLease, envelope: bytes, message: bytes) -> Settled:
+        """The completion was sent but its reply was lost (Redis stalled or the connection
+        broke): within the wait budget, once Redis answers, read the token (`read_back`).
+        `OutcomeUnknown` if Redis does not answer in time."""
+        keys = lease.keys
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            retry=retry_if_exception(retry_read_back),
+            reraise=True,
+        )
+        try:
+            async with asyncio.timeout(self.config.wait_timeout):
+                async for attempt in retrying:
+                    with attempt:
+                        verdict = self.read_back(lease, await self.store.get_result(keys))
+                        if verdict is not None:
+                            return verdict
+                        return await self.store.settle(
+                            keys, lease.owner, lease.fence, envelope, message
+                        )
+        except StoreRefused:
+            raise
+        except (StoreUnavailable, TimeoutError) as exc:
+            raise self.outcome_unknown(lease, exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def release(self, lease: HeldLease) -> None:
+        """Give the token up without a result: one waiter takes over."""
+        await self.fail(lease, None)
+
+    async def fail(self, lease: HeldLease, exc: BaseException | None) -> None:
+        """The primary did not produce a result: share its failure, or release the token
+        (`failure` says what to send)."""
+        self.drop(lease)
+        sent = self.failure(lease, exc)
+        if sent is None:
+            return
+        try:
+            await self.store.settle(lease.keys, lease.owner, lease.fence, *sent)
+        except DedupError as error:
+            self.not_released(lease, error)
 
     async def append(
         self, lease: HeldLease, items: Sequence[tuple[bytes, bytes]], ttl_ms: int, seq: int

@@ -46,7 +46,6 @@ from ..protocol import (
     SessionReply,
     Taken,
     encode_session_meta,
-    parse_session_reply,
 )
 from .call import LostSignal
 from .engine import Done, Listen
@@ -352,7 +351,7 @@ class SessionGuard:
         seq: int | None,
     ) -> SessionReply:
         """Join the session (``ticket`` ""), or ask again where ``ticket`` stands."""
-        reply = await self.engine.store.session_acquire(
+        return await self.engine.store.session_acquire(
             keys,
             ticket=ticket,
             owner=owner,
@@ -365,7 +364,6 @@ class SessionGuard:
             first_seq=self.config.first_seq,
             idle_ttl_ms=self._idle_ms,
         )
-        return parse_session_reply(reply)
 
     async def _enter(
         self,

@@ -1,43 +1,49 @@
-"""`SyncDeduplicator`: the blocking facade over the asyncio core.
+"""`SyncDeduplicator`: the blocking facade, a thin shell over the same protocol.
 
-The core runs on one private event loop in a daemon thread (the *portal*), which owns the
-facade's renewer and subscriber: leases are renewed there and duplicates wait there (a waiting
-duplicate blocks only its own thread). The claim and the completion of a call are the engine's
-own coroutines, run where they cost least: on an event loop of the calling thread's own (a
-`_CallerLoop`, over a connection of its own) from the thread's second call on, so a call crosses
-no thread; else (the first call of a thread, a cluster or Sentinel, a thread running an event
-loop, more threads than ``max_connections``) handed to the portal.
+A call claims and settles in the caller's thread through the blocking shell (`BlockingStore`:
+a blocking redis-py client sending the same script calls as the asyncio shell), with no event
+loop of its own; what a claim's reply means and what a completion or failure sends are the
+engine's decisions, shared with the asyncio facade. A private event loop in a daemon thread
+(the *portal*) runs only what needs one: the shared subscriber that duplicates wait on (a
+waiting duplicate blocks only its own thread), and the renewer (leases are handed to it
+thread-safely).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
+import redis
 import redis.asyncio as aredis
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from ..config import DedupConfig
-from ..errors import DedupError
-from ..protocol import Outcome
+from ..errors import DedupError, StoreRefused, StoreUnavailable
+from ..keys import TokenKeys
+from ..protocol import ClaimReply, Outcome
 from ..serialization import Serializer
+from ..store import RedisStore
+from ..store.blocking import BlockingStore
+from ..store.commands import Settled
+from ..store.connect import blocking_client_from_url, describe_url
 from .call import primary_context
 from .deduplicator import (
     UNSET,
     Deduplicator,
     Token,
     call_identity,
+    client_name,
     normalize_fingerprint,
     return_type_of,
 )
-from .engine import Duplicate, Engine
+from .engine import Duplicate, Engine, retry_read_back
 from .observe import Health, PrometheusMetrics
 from .renewer import HeldLease
 
@@ -75,50 +81,51 @@ class _Portal:
             self.loop.close()
 
 
-class _CallerLoop:
-    """An event loop of one calling thread's own, where that thread's claims and completions
-    run (the engine's coroutines, over a connection of the thread's own): a call then crosses no
-    thread. Its thread holds ``lock`` while the loop runs; closing takes it."""
+class _Settler(Protocol):
+    """What the facade sends from the caller's thread: a claim, a settle, a result read."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        """A view of the core's engine (`Engine.over`) whose store is this loop's."""
-        self.loop = asyncio.new_event_loop()
-        self.thread = weakref.ref(threading.current_thread())
-        self.lock = threading.Lock()
+    def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply: ...
 
-    @property
-    def orphaned(self) -> bool:
-        """Its thread has ended."""
-        thread = self.thread()
-        return thread is None or not thread.is_alive()
+    def settle(
+        self, keys: TokenKeys, owner: str, fence: int, stored: bytes, message: bytes
+    ) -> Settled: ...
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        with self.lock:
-            if self.loop.is_closed():
-                coro.close()
-                raise DedupError("the deduplicator is closed")
-            task = self.loop.create_task(coro)
-            try:
-                return self.loop.run_until_complete(task)
-            except BaseException:
-                if not task.done():  # interrupted (KeyboardInterrupt): let the task unwind
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        self.loop.run_until_complete(task)
-                raise
+    def get_result(self, keys: TokenKeys) -> bytes | None: ...
+
+    def close(self) -> None: ...
+
+
+class _ThroughPortal:
+    """The asyncio shell's claim and settle run on the portal: for a facade handed an asyncio
+    client (it has no blocking twin to build), and for a cluster that waits for replicas."""
+
+    def __init__(self, store: RedisStore, portal: _Portal) -> None:
+        self._store = store
+        self._portal = portal
+
+    def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
+        return self._portal.call(self._store.claim(keys, owner, meta))
+
+    def settle(
+        self, keys: TokenKeys, owner: str, fence: int, stored: bytes, message: bytes
+    ) -> Settled:
+        return self._portal.call(self._store.settle(keys, owner, fence, stored, message))
+
+    def get_result(self, keys: TokenKeys) -> bytes | None:
+        return self._portal.call(self._store.get_result(keys))
 
     def close(self) -> None:
-        """Close its connection and the loop (from a thread that runs no event loop)."""
-        with self.lock:
-            if self.loop.is_closed():
-                return
-            try:
-                self.loop.run_until_complete(self.engine.store.aclose())
-            except Exception as exc:  # closing must not fail: the socket goes with the loop
-                log.debug("closing a caller loop's connection failed: %s", exc)
-            finally:
-                self.loop.close()
+        pass  # the core closes its store
+
+
+def _blocking_store(url: str, config: DedupConfig) -> BlockingStore | None:
+    """The blocking shell for ``url`` (None: a cluster that waits for replicas, whose WAIT
+    must follow the write on the same node connection: the asyncio shell does that)."""
+    client, on_close = blocking_client_from_url(url, config, client_name=client_name())
+    if isinstance(client, redis.RedisCluster) and config.min_replicas:
+        client.close()
+        return None
+    return BlockingStore(client, config, where=describe_url(url), on_close=on_close)
 
 
 class SyncDeduplicator:
@@ -140,30 +147,22 @@ class SyncDeduplicator:
         core = Deduplicator(
             client, config=config, serializer=serializer, metrics=metrics, **options
         )
-        self._setup(core)
+        self._setup(core, _blocking_store("memory://", core.config) if client is None else None)
 
-    def _setup(self, core: Deduplicator) -> None:
+    def _setup(self, core: Deduplicator, blocking: BlockingStore | None) -> None:
         self.core = core
-        """The asyncio deduplicator this facade drives on its portal loop."""
+        """The asyncio deduplicator whose subscriber and renewer run on the portal loop."""
         self.portal = _Portal()
-        """The event loop (in a daemon thread) the core runs on."""
+        """The event loop (in a daemon thread) the core's background work runs on."""
         self._closed = False
-        self._local = threading.local()
-        self._callers: list[_CallerLoop] = []
-        self._callers_lock = threading.Lock()
-        self._copyable: bool | None = None
-        """Whether the core's store can be copied for a caller's loop (None: not tried yet)."""
+        self._store: _Settler = (
+            blocking if blocking is not None else _ThroughPortal(core.engine.store, self.portal)
+        )
 
     @property
     def engine(self) -> Engine:
         """The core's engine (introspection only)."""
         return self.core.engine
-
-    @property
-    def caller_loops(self) -> int:
-        """Threads whose calls claim and complete on a loop and connection of their own."""
-        with self._callers_lock:
-            return len(self._callers)
 
     @classmethod
     def from_url(
@@ -176,7 +175,8 @@ class SyncDeduplicator:
     ) -> SyncDeduplicator:
         """See `Deduplicator.from_url`."""
         self = cls.__new__(cls)
-        self._setup(Deduplicator.from_url(url, serializer=serializer, metrics=metrics, **options))
+        core = Deduplicator.from_url(url, serializer=serializer, metrics=metrics, **options)
+        self._setup(core, _blocking_store(url, core.config))
         return self
 
     @property
@@ -201,81 +201,113 @@ class SyncDeduplicator:
         keys = engine.keys.for_token(token, scope)
         rtype = return_type_of(call) if returns is UNSET else returns
         fp = normalize_fingerprint(fingerprint)
-        caller = self._caller_loop()
+        engine.check_call(keys)  # in this thread's context (and closed or not)
+        if not engine.is_ready:  # the first call: bind the core to the portal, read the store
+            self.portal.call(engine.ready())
         with engine.span(keys) as span:
-            if caller is None:
-                first = self.portal.call(engine.begin(keys, fp, rtype, wait_timeout, on_duplicate))
-            else:
-                engine.check_call(keys)  # in this thread's context (and closed or not)
-                claimed = caller.run(
-                    caller.engine.first_claim(keys, fp, rtype, on_duplicate, time.monotonic())
-                )
-                first = (
-                    self.portal.call(engine.wait_duplicate(claimed, wait_timeout))
-                    if isinstance(claimed, Duplicate)
-                    else claimed
-                )
-            outcome = (
-                first
-                if isinstance(first, Outcome)
-                else self._run_primary(first, call, rtype, caller)
-            )
+            first = self._first(keys, fp, rtype, wait_timeout, on_duplicate)
+            outcome = first if isinstance(first, Outcome) else self._run_primary(first, call, rtype)
             if span is not None:
                 span.set_attribute("strands_dedup.role", outcome.role.value)
                 span.set_attribute("strands_dedup.fence", outcome.fence)
             return outcome
 
-    def _run_primary(
-        self, lease: HeldLease, call: Callable[[], T], rtype: Any, caller: _CallerLoop | None
-    ) -> Outcome[T]:
-        engine, run = (
-            (self.core.engine, self.portal.call) if caller is None else (caller.engine, caller.run)
-        )
+    def _first(
+        self,
+        keys: TokenKeys,
+        fingerprint: str | None,
+        rtype: Any,
+        wait_timeout: float | None,
+        on_duplicate: str | None,
+    ) -> Outcome[Any] | HeldLease:
+        """Claim in this thread; a duplicate waits on the portal (the shared subscriber)."""
+        engine = self.core.engine
+        started = time.monotonic()
+        owner = engine.new_owner()
+        meta = engine.lease_meta(keys, fingerprint)
         try:
-            with primary_context(lease, engine.where):
+            reply = self._store.claim(keys, owner, meta)
+        except StoreUnavailable as exc:
+            engine.count_error(exc)
+            raise
+        first = engine.after_first_claim(
+            reply, keys, owner, meta, fingerprint, rtype, on_duplicate, started, from_thread=True
+        )
+        if isinstance(first, Duplicate):
+            return self.portal.call(engine.wait_duplicate(first, wait_timeout))
+        return first
+
+    def _run_primary(self, lease: HeldLease, call: Callable[[], T], rtype: Any) -> Outcome[T]:
+        try:
+            with primary_context(lease, self.core.engine.where):
                 value = call()
         except BaseException as exc:
-            run(engine.fail(lease, exc))
+            self._fail(lease, exc)
             raise
         if inspect.isawaitable(value):
             if inspect.iscoroutine(value):
                 value.close()
             error = TypeError("SyncDeduplicator got an awaitable; use Deduplicator for async calls")
-            run(engine.fail(lease, error))
+            self._fail(lease, error)
             raise error
-        return run(engine.complete(lease, value, rtype))
+        return self._complete(lease, value, rtype)
 
-    def _caller_loop(self) -> _CallerLoop | None:
-        """This thread's own loop for claims and completions, or None: use the portal."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            return None  # a thread that runs an event loop cannot run another one
-        local = self._local
-        mine: _CallerLoop | None = getattr(local, "caller", None)
-        if mine is not None:
-            return None if mine.loop.is_closed() else mine
-        # A thread's first call goes through the portal: a thread made for one call (a thread
-        # per request) costs no loop and no connection.
-        local.calls = calls = getattr(local, "calls", 0) + 1
+    def _fail(self, lease: HeldLease, exc: BaseException | None) -> None:
+        """`Engine.fail`, sent from this thread."""
         engine = self.core.engine
-        if calls < 2 or self._copyable is False or self._closed or not engine.warm:
-            return None
-        with self._callers_lock:
-            for orphan in [c for c in self._callers if c.orphaned]:
-                self._callers.remove(orphan)
-                orphan.close()
-            if self._closed or len(self._callers) >= self.config.max_connections:
-                return None
-            store = engine.store.for_caller_thread()
-            self._copyable = store is not None
-            if store is None:
-                return None
-            mine = local.caller = _CallerLoop(engine.over(store))
-            self._callers.append(mine)
-        return mine
+        engine.drop(lease, from_thread=True)
+        sent = engine.failure(lease, exc)
+        if sent is None:
+            return
+        try:
+            self._store.settle(lease.keys, lease.owner, lease.fence, *sent)
+        except DedupError as error:
+            engine.not_released(lease, error)
+
+    def _complete(self, lease: HeldLease, value: T, rtype: Any) -> Outcome[T]:
+        """`Engine.complete`, sent from this thread."""
+        engine = self.core.engine
+        try:
+            envelope, message = engine.completion(lease, value, rtype)
+        except DedupError as error:
+            self._fail(lease, error)
+            raise
+        lease.ending = True
+        try:
+            accepted = self._store.settle(lease.keys, lease.owner, lease.fence, envelope, message)
+        except StoreRefused:
+            engine.observer.count("store_errors")
+            raise
+        except StoreUnavailable as lost:
+            engine.reply_lost(lease, lost)
+            accepted = self._settle_again(lease, envelope, message)
+        finally:
+            engine.drop(lease, from_thread=True)
+        return engine.settled(lease, value, accepted)
+
+    def _settle_again(self, lease: HeldLease, envelope: bytes, message: bytes) -> Settled:
+        """`Engine`'s read-back after a lost completion reply, from this thread."""
+        engine = self.core.engine
+        retrying = Retrying(
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            retry=retry_if_exception(retry_read_back),
+            stop=stop_after_delay(engine.config.wait_timeout),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    verdict = engine.read_back(lease, self._store.get_result(lease.keys))
+                    if verdict is not None:
+                        return verdict
+                    return self._store.settle(
+                        lease.keys, lease.owner, lease.fence, envelope, message
+                    )
+        except StoreRefused:
+            raise
+        except StoreUnavailable as exc:
+            raise engine.outcome_unknown(lease, exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def run(
         self,
@@ -335,21 +367,14 @@ class SyncDeduplicator:
         return self.portal.call(self.core.health())
 
     def close(self) -> None:
-        """Close the core on its loop and stop the portal thread."""
+        """Close the blocking connections, the core on its loop, and stop the portal thread."""
         if self._closed:
             return
         self._closed = True
-        with self._callers_lock:
-            callers, self._callers = self._callers, []
-        if callers:  # in a thread of its own: this one may be running an event loop
-
-            def close_callers() -> None:
-                for caller in callers:
-                    caller.close()
-
-            closer = threading.Thread(target=close_callers, name="strands-dedup-close")
-            closer.start()
-            closer.join()
+        try:
+            self._store.close()
+        except Exception as exc:  # closing must not fail
+            log.debug("closing the blocking connections failed: %s", exc)
         try:
             self.portal.call(self.core.aclose())
         finally:

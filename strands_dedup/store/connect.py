@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
+import redis
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.retry import Retry as BlockingRetry
 
 from ..config import DedupConfig
 
-__all__ = ["SentinelClient", "client_from_url", "describe_url"]
+__all__ = ["SentinelClient", "blocking_client_from_url", "client_from_url", "describe_url"]
 
 SCHEMES = ("redis", "rediss", "unix", "memory", "redis+sentinel", "redis+cluster", "rediss+cluster")
 
@@ -186,3 +189,79 @@ class SentinelClient(aredis.Redis):
         if sentinel is not None:
             for node in sentinel.sentinels:
                 await node.aclose()
+
+
+def blocking_client_from_url(
+    url: str, config: DedupConfig, *, client_name: str
+) -> tuple[redis.Redis | redis.RedisCluster, Callable[[], None] | None]:
+    """The blocking twin of `client_from_url` (the blocking shell's), and what closes what it
+    opened besides the client (a Sentinel's connections), if anything. Its connections time out
+    after ``socket_timeout``: a blocking call has no other bound. ``memory://`` shares the
+    embedded server of the asyncio client with the same URL."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    options: dict[str, Any] = {
+        "max_connections": config.max_connections,
+        "socket_connect_timeout": config.connect_timeout,
+        "socket_timeout": config.socket_timeout,
+        "client_name": client_name,
+        "protocol": 2,
+        "retry": BlockingRetry(NoBackoff(), 0),
+    }
+    if scheme == "memory":
+        import fakeredis
+
+        name = url.split("://", 1)[1].strip("/") or "default"
+        fake = fakeredis.FakeRedis(
+            host=f"strands-dedup-memory/{name}",
+            port=0,
+            client_name=client_name,
+            max_connections=config.max_connections,
+            protocol=2,
+        )
+        return fake, None
+    if scheme == "redis+sentinel":
+        from redis.sentinel import Sentinel
+
+        parts = _multi_host(url, "Sentinel")
+        service, _, db = parts.path.partition("/")
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            parts.addresses,
+            socket_connect_timeout=config.connect_timeout,
+            socket_timeout=config.connect_timeout,
+        )
+        client = sentinel.master_for(  # type: ignore[no-untyped-call]
+            service,
+            username=parts.username,
+            password=parts.password,
+            db=int(db or 0),
+            **options,
+        )
+
+        def close_sentinels() -> None:
+            for node in sentinel.sentinels:
+                node.close()
+
+        return client, close_sentinels
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        from redis.cluster import ClusterNode
+
+        parts = _multi_host(url, "cluster node")
+        options.pop("max_connections")
+        cluster = redis.RedisCluster(
+            startup_nodes=[
+                ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                for host, port in parts.addresses
+            ],
+            username=parts.username,
+            password=parts.password,
+            ssl=scheme == "rediss+cluster",
+            max_connections=config.max_connections,
+            **options,
+        )
+        return cluster, None
+    if scheme == "unix":
+        options.pop("socket_connect_timeout")
+    # Threads beyond max_connections wait for a connection (up to pool_timeout), as the
+    # asyncio shell's callers queue for one.
+    pool = redis.BlockingConnectionPool.from_url(url, timeout=config.pool_timeout, **options)
+    return redis.Redis.from_pool(pool), None

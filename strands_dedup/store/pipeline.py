@@ -35,7 +35,7 @@ from typing import Any, cast
 import redis.exceptions as rex
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-__all__ = ["AutoPipeline", "BlockingLane", "NodePipelines", "NodePool", "pack"]
+__all__ = ["AutoPipeline", "NodePipelines", "NodePool", "pack"]
 
 _Pending = tuple[Sequence[Any], "asyncio.Future[Any]"]
 
@@ -342,50 +342,3 @@ class NodePipelines:
             self._retire(name, node_left=False)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-
-
-class BlockingLane:
-    """Commands written and read on a blocking connection, for a store that only one thread's
-    own event loop uses (a blocking caller's, see `RedisStore.for_caller_thread`).
-
-    Nothing else runs on that loop, so waiting for a reply in the socket costs it nothing, and
-    saves the selector's turns. Each command is bounded by the connection's socket timeout; a
-    connection that fails, times out or is interrupted is closed (the next command opens
-    another); an error reply goes to its caller and leaves the connection as it is.
-    """
-
-    def __init__(self, connect: Callable[[], Any]) -> None:
-        self._connect = connect
-        self._conn: Any = None
-        self._closed = False
-        self.batches = 0
-        """Commands written so far (each its own write, for the same counters as a pipeline)."""
-        self.commands = 0
-
-    async def execute(self, *args: Any) -> Any:
-        """Send one command and read its reply (or its error)."""
-        if self._closed:
-            raise rex.ConnectionError("the connection is closed")
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = self._connect()
-        try:
-            conn.send_packed_command([pack(args)], check_health=False)
-            self.batches += 1
-            self.commands += 1
-            return conn.read_response()
-        except rex.ResponseError:
-            raise
-        except BaseException:
-            self._drop()
-            raise
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.disconnect()
-
-    async def aclose(self) -> None:
-        self._closed = True
-        self._drop()

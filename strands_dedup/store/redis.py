@@ -1,9 +1,7 @@
-"""`RedisStore`: the protocol's round trips, each one Lua script (or one plain command).
-
-Driver errors become the library's own: connection errors and timeouts -> retried with tenacity
-while the operation is safe to repeat (every script recognises a repeated call by its owner id),
-then `StoreUnavailable`; a refusal (credentials, NOPERM, OOM, BUSY, NOSCRIPT after a reload; and
-READONLY once retries did not reach a primary) -> `StoreRefused`, carrying the server's message.
+"""`RedisStore`: the protocol's round trips on an asyncio client, each one Lua script (or one
+plain command): the asyncio shell. What each script sends and how its reply reads is in
+``commands.py``; what a driver error means (retried, then `StoreUnavailable`, or `StoreRefused`
+with the server's message) is ``failures.py``'s table.
 """
 
 from __future__ import annotations
@@ -14,38 +12,29 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from importlib import resources
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, TypeVar, cast
 
-import redis
 import redis.asyncio as aredis
 import redis.exceptions as rex
 from redis.asyncio.cluster import ClusterNode
-from redis.backoff import NoBackoff
-from redis.retry import Retry as SyncRetry
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-    wait_random,
-)
+from tenacity import AsyncRetrying
 
 from ..config import DedupConfig
 from ..errors import StoreRefused, StoreUnavailable
 from ..keys import SessionKeys, TokenKeys
-from ..protocol import CLAIM_CLAIMED
-from .pipeline import AutoPipeline, BlockingLane, NodePipelines
-
-_BLOCKING_CONNECTIONS: dict[type, type] = {
-    aredis.Connection: redis.Connection,
-    aredis.SSLConnection: redis.SSLConnection,
-    aredis.UnixDomainSocketConnection: redis.UnixDomainSocketConnection,
-}
-"""The blocking twin of each asyncio connection class (`RedisStore.for_caller_thread`)."""
-_ASYNC_ONLY = frozenset({"retry", "parser_class", "redis_connect_func", "event_dispatcher"})
-"""Connection options that name asyncio objects: a blocking connection takes its own."""
+from ..protocol import Claimed, ClaimReply, SessionReply
+from .commands import (
+    BudgetReply,
+    Call,
+    Commands,
+    ConversationReply,
+    HeldLeaseRef,
+    HeldTicketRef,
+    Settled,
+    claim_again,
+)
+from .failures import describe_error, is_driver_error, is_transient, retry_policy, store_error
+from .pipeline import AutoPipeline, NodePipelines
 
 __all__ = [
     "Client",
@@ -66,87 +55,6 @@ K = TypeVar("K")
 
 Client = aredis.Redis | aredis.RedisCluster
 """A single Redis (direct or behind Sentinel) or a Redis Cluster."""
-
-
-def _lua(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
-
-
-def _with_fence(name: str) -> str:
-    """A script that hands out fences, with fence.lua's ``next_fence`` in front of it."""
-    return _lua("fence") + "\n" + _lua(name)
-
-
-_SCRIPTS = {
-    name: _with_fence(name) if name in ("claim", "release") else _lua(name)
-    for name in (
-        "claim",
-        "settle",
-        "renew",
-        "release",
-        "session",
-        "session_renew",
-        "stream_append",
-        "conversation",
-        "budget",
-    )
-}
-
-
-class HeldLeaseRef(NamedTuple):
-    """What the renew script needs to know about one held lease."""
-
-    keys: TokenKeys
-    value: bytes
-
-
-class HeldTicketRef(NamedTuple):
-    """What the session renew script needs to know about one held or waiting ticket."""
-
-    keys: SessionKeys
-    ticket: str
-
-
-def _is_auth_error(exc: BaseException) -> bool:
-    if isinstance(exc, (rex.AuthenticationError, rex.AuthenticationWrongNumberOfArgsError)):
-        return True
-    if isinstance(exc, rex.NoPermissionError):
-        return True
-    text = str(exc)
-    return isinstance(exc, rex.ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))
-
-
-def describe_error(exc: BaseException) -> str:
-    """An exception's message, or its class name when it has none (``TimeoutError()``); a
-    Redis error with the code redis-py took off its message put back (``OOM ...``)."""
-    text = str(exc).strip()
-    code = getattr(exc, "status_code", None)
-    if isinstance(code, str) and code and not text.startswith(code):
-        text = f"{code} {text}"
-    return text or type(exc).__name__
-
-
-def _is_refusal(exc: BaseException) -> bool:
-    if _is_auth_error(exc) or isinstance(exc, rex.ReadOnlyError):
-        return True
-    return isinstance(exc, rex.ResponseError) and not is_transient(exc)
-
-
-def store_error(exc: BaseException, where: str) -> StoreUnavailable:
-    """The library's error for a driver error from the Redis at ``where``: `StoreRefused` when
-    Redis refused (its message kept), else `StoreUnavailable`."""
-    cause = describe_error(exc)
-    error: StoreUnavailable
-    if _is_auth_error(exc) and not isinstance(exc, rex.NoPermissionError):
-        message = f"Redis at {where} refused the credentials: {cause}"
-        error = StoreRefused(message, server_message=cause)
-    elif _is_refusal(exc):
-        message = f"Redis at {where} refused the command: {cause}"
-        error = StoreRefused(message, server_message=cause)
-    else:
-        error = StoreUnavailable(f"Redis at {where} is unavailable: {cause}")
-    error.__cause__ = exc
-    return error
 
 
 EVICTING_PREFIXES = ("allkeys-", "volatile-")
@@ -200,28 +108,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: the connection failed or timed out, or the server is not ready."""
-    if _is_auth_error(exc):
-        return False
-    if isinstance(exc, rex.RedisClusterException) and exc.__cause__ is not None:
-        return is_transient(exc.__cause__)  # "Redis Cluster cannot be connected": no node answered
-    return isinstance(
-        exc,
-        (
-            rex.ConnectionError,
-            rex.TimeoutError,
-            rex.BusyLoadingError,
-            rex.ReadOnlyError,
-            rex.TryAgainError,
-            rex.ClusterDownError,
-            rex.AskError,  # and MovedError: a slot moved while we talked to a node directly
-            rex.SlotNotCoveredError,
-            OSError,
-        ),
-    )
-
-
 class RedisStore:
     """The protocol's operations on one Redis (scripts registered once, run with EVALSHA)."""
 
@@ -232,7 +118,6 @@ class RedisStore:
         *,
         where: str = "redis",
         clock: Callable[[], float] = time.monotonic,
-        lane: BlockingLane | None = None,
     ) -> None:
         self.client = client
         self.where = where
@@ -244,24 +129,15 @@ class RedisStore:
         """The client when it is a Redis Cluster: scripts then touch one slot each and
         notifications use sharded pub/sub (SPUBLISH, SSUBSCRIBE)."""
         self._config = config
-        self._claim = client.register_script(_SCRIPTS["claim"])
-        self._settle = client.register_script(_SCRIPTS["settle"])
-        self._renew = client.register_script(_SCRIPTS["renew"])
-        self._release = client.register_script(_SCRIPTS["release"])
-        self._session = client.register_script(_SCRIPTS["session"])
-        self._session_renew = client.register_script(_SCRIPTS["session_renew"])
-        self._stream_append = client.register_script(_SCRIPTS["stream_append"])
-        self._conversation = client.register_script(_SCRIPTS["conversation"])
-        self._budget = client.register_script(_SCRIPTS["budget"])
-        self._publish = "PUBLISH" if self.cluster is None else "SPUBLISH"
-        self.pipeline: AutoPipeline | BlockingLane | None = lane or (
+        self.commands = Commands(config, cluster=self.cluster is not None)
+        """Each script's keys, arguments and reply parser (no I/O; the blocking shell's too)."""
+        self.pipeline: AutoPipeline | None = (
             AutoPipeline(client.connection_pool, timeout=config.socket_timeout)
             if isinstance(client, aredis.Redis) and config.auto_pipeline
             else None
         )
         """Scripts of concurrent calls leave in one write on one connection (see pipeline.py);
-        with ``auto_pipeline=False`` each runs on a pooled connection; a blocking caller's
-        store (`for_caller_thread`) writes each on its blocking connection."""
+        with ``auto_pipeline=False`` each runs on a pooled connection."""
         self.node_pipelines = (
             NodePipelines(self.cluster, timeout=config.socket_timeout)
             if self.cluster is not None and config.auto_pipeline
@@ -272,9 +148,6 @@ class RedisStore:
         self._claim_lane: asyncio.Semaphore | None = None
         self._settle_lane: asyncio.Semaphore | None = None
         self._timeout = config.socket_timeout
-        self._lease_ttl = str(config.lease_ttl_ms).encode()
-        self._result_ttl = str(config.result_ttl_ms).encode()
-        self._fence_ttl = str(config.fence_ttl_ms).encode()
         self._renew_after = config.effective_renew_interval
 
     # -- error handling ---------------------------------------------------------------------
@@ -326,16 +199,6 @@ class RedisStore:
 
         return await self._run(read)
 
-    async def _script(
-        self, script: Any, keys: Sequence[bytes], args: Sequence[Any], *, priority: bool = False
-    ) -> Any:
-        """Run a registered script like `_run` does. Through the auto-pipeline it needs no
-        connection slot and no timeout of its own (the pipeline bounds each batch)."""
-        op: Callable[[], Awaitable[Any]] = lambda: self._eval(script, keys, args)  # noqa: E731
-        if self.pipeline is None and self.node_pipelines is None:
-            return await self._run(op, priority=priority)
-        return await self._attempt(op, bounded=False)
-
     async def _attempt(self, op: Callable[[], Awaitable[R]], *, bounded: bool) -> R:
         """Run ``op`` once (within ``socket_timeout`` when ``bounded``); retry a transient
         error; a driver error becomes the library's own."""
@@ -362,41 +225,43 @@ class RedisStore:
     async def _retry(self, op: Callable[[], Awaitable[R]], first: Exception) -> R:
         if self._config.retry_attempts <= 1:
             raise store_error(first, self.where) from first
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._config.retry_attempts - 1)
-            | stop_after_delay(self._config.retry_deadline),
-            wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
-            retry=retry_if_exception(is_transient),
-            reraise=True,
-        )
+        retrying = AsyncRetrying(**retry_policy(self._config))
         try:
             async for attempt in retrying:
                 with attempt:
                     async with asyncio.timeout(self._timeout):
                         return await op()
         except Exception as exc:
-            if is_transient(exc) or isinstance(exc, rex.RedisError):
+            if is_driver_error(exc):
                 raise store_error(exc, self.where) from exc
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    # -- operations -------------------------------------------------------------------------
+    # -- scripts ------------------------------------------------------------------------------
 
-    async def _replicated(
-        self, script: Any, keys: Sequence[bytes], args: Sequence[Any], timeout: float
-    ) -> Any:
-        """Run ``script``, then ``WAIT`` for ``min_replicas`` on the same connection (one round
+    async def run(self, call: Call[R], *, priority: bool = False) -> R:
+        """Run one script call (`commands`) and parse its reply. Through the auto-pipeline it
+        needs no connection slot and no timeout of its own (the pipeline bounds each batch);
+        else like `_run`. ``priority``: a completion or renewal (see `_run`)."""
+        op: Callable[[], Awaitable[Any]] = lambda: self._eval(call)  # noqa: E731
+        if self.pipeline is None and self.node_pipelines is None:
+            reply = await self._run(op, priority=priority)
+        else:
+            reply = await self._attempt(op, bounded=False)
+        return call.parse(reply)
+
+    async def _replicated(self, call: Call[R], timeout: float, *, priority: bool = False) -> R:
+        """Run ``call``, then ``WAIT`` for ``min_replicas`` on the same connection (one round
         trip). Fewer acknowledgements within ``timeout`` are logged, not raised: WAIT narrows
         the window in which a failover can lose a write; it cannot close it."""
         wanted = self._config.min_replicas
         wait = ("WAIT", wanted, max(1, int(timeout * 1000)))
-        if self.cluster is not None:
-            reply, acked = await self._on_slot_primary(script, keys, args, wait)
-        else:
-            async with self.client.pipeline(transaction=False) as pipe:
-                await script(keys=keys, args=args, client=pipe)
-                pipe.execute_command(*wait)
-                reply, acked = await pipe.execute()
+        send = (
+            functools.partial(self._then_on_slot_primary, call.keys[0], wait)
+            if self.cluster is not None
+            else functools.partial(self._then, wait)
+        )
+        reply, acked = await self._run(lambda: run_script(send, call), priority=priority)
         if int(acked) < wanted:
             log.warning(
                 "only %s of %d replicas acknowledged a write within %gs",
@@ -404,44 +269,45 @@ class RedisStore:
                 wanted,
                 timeout,
             )
-        return reply
+        return call.parse(reply)
 
-    async def _on_slot_primary(
-        self, script: Any, keys: Sequence[bytes], args: Sequence[Any], then: tuple[Any, ...]
+    async def _then(self, then: tuple[Any, ...], *command: Any) -> tuple[Any, Any]:
+        """``command``, then ``then``, on one pooled connection (one round trip): both replies;
+        an error reply to ``command`` is raised."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.execute_command(*command)
+            pipe.execute_command(*then)
+            first, second = await pipe.execute(raise_on_error=False)
+        for reply in (first, second):
+            if isinstance(reply, Exception):
+                raise reply
+        return first, second
+
+    async def _then_on_slot_primary(
+        self, key: bytes, then: tuple[Any, ...], *command: Any
     ) -> tuple[Any, Any]:
-        """Cluster: EVALSHA then ``then`` on one connection to the primary of the keys' slot
-        (WAIT counts the replicas that acknowledged this connection's writes)."""
+        """Cluster: `_then` on one connection to the primary of ``key``'s slot (WAIT counts the
+        replicas that acknowledged this connection's writes)."""
         assert self.cluster is not None
         await self.cluster.initialize()  # a no-op once the slot map is known
-        node = self.slot_primary(keys[0])
+        node = self.slot_primary(key)
         conn = node.acquire_connection()
         broken = True
         try:
-            for attempt in range(2):
-                broken = True
-                evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
-                await conn.send_packed_command(conn.pack_commands([evalsha, then]))
-                replies: list[Any] = []
-                for _ in range(2):
-                    try:
-                        replies.append(await conn.read_response())
-                    except rex.ResponseError as exc:
-                        replies.append(exc)
-                broken = False
-                first = replies[0]
-                if isinstance(first, rex.NoScriptError) and attempt == 0:
-                    broken = True
-                    await conn.send_command("SCRIPT", "LOAD", script.script)
-                    await conn.read_response()
-                    broken = False
-                    continue
-                for reply in replies:
-                    if isinstance(reply, rex.AskError):  # MOVED: the slot has a new primary
-                        await self.cluster.nodes_manager.initialize()
-                    if isinstance(reply, Exception):
-                        raise reply
-                return replies[0], replies[1]
-            raise AssertionError("unreachable")  # pragma: no cover
+            await conn.send_packed_command(conn.pack_commands([command, then]))
+            replies: list[Any] = []
+            for _ in range(2):
+                try:
+                    replies.append(await conn.read_response())
+                except rex.ResponseError as exc:
+                    replies.append(exc)
+            broken = False
+            for reply in replies:
+                if isinstance(reply, rex.AskError):  # MOVED: the slot has a new primary
+                    await self.cluster.nodes_manager.initialize()
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies[0], replies[1]
         except (rex.ConnectionError, rex.TimeoutError, OSError):
             # the node may be gone: read the slot map again before the retry
             with contextlib.suppress(Exception):
@@ -453,37 +319,30 @@ class RedisStore:
                 await conn.disconnect(nowait=True)
             node.release(conn)
 
-    async def _eval(self, script: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        """Run a registered script: EVALSHA through the auto-pipeline (EVAL, which also loads
-        it, when Redis does not know it), or redis-py's own call."""
+    async def _eval(self, call: Call[Any]) -> Any:
+        """Send a script call once: through the auto-pipeline, the cluster's node pipelines, or
+        a pooled connection (`run_script` handles NOSCRIPT)."""
         pipeline = self.pipeline
-        if pipeline is None:
-            if self.node_pipelines is not None:
-                return await self._eval_on_node(self.node_pipelines, script, keys, args)
-            return await script(keys=keys, args=args)
-        try:
-            return await pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        except rex.NoScriptError:
-            return await pipeline.execute("EVAL", script.script, len(keys), *keys, *args)
+        if pipeline is not None:
+            return await run_script(pipeline.execute, call)
+        if self.node_pipelines is not None:
+            return await self._eval_on_node(self.node_pipelines, call)
+        return await run_script(self.client.execute_command, call)
 
-    async def _eval_on_node(
-        self, pipelines: NodePipelines, script: Any, keys: Sequence[bytes], args: Sequence[Any]
-    ) -> Any:
+    async def _eval_on_node(self, pipelines: NodePipelines, call: Call[Any]) -> Any:
         """Cluster: run a script through the pipeline of its slot's primary (every script's keys
         share one slot). A redirection (MOVED: the slot has a new primary; ASK: it is being
         migrated) sends it through redis-py's routing, which follows the redirection and
         updates the slot map; a connection that failed has the slot map read again before the
         error goes to the retry."""
+        assert self.cluster is not None
         try:
-            pipeline = await pipelines.for_key(keys[0])
-            try:
-                return await pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-            except rex.NoScriptError:
-                return await pipeline.execute("EVAL", script.script, len(keys), *keys, *args)
+            pipeline = await pipelines.for_key(call.keys[0])
+            return await run_script(pipeline.execute, call)
         except rex.AskError:  # and MovedError; refused before the script ran
             pipelines.redirected += 1
             async with asyncio.timeout(self._timeout):
-                reply = await script(keys=keys, args=args)
+                reply = await run_script(self.cluster.execute_command, call)
             pipelines.prune()
             return reply
         except (rex.ConnectionError, rex.TimeoutError):
@@ -506,50 +365,30 @@ class RedisStore:
             groups.setdefault(self.cluster.keyslot(key(item)), []).append(i)
         return list(groups.values())
 
-    async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> list[Any]:
-        """Run claim.lua; see its header for the reply."""
-        args = (owner, self._lease_ttl, meta, self._fence_ttl)
-        names = (keys.lease, keys.fence, keys.result)
+    # -- operations -------------------------------------------------------------------------
+
+    async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
+        """Run claim.lua: a replay, the lease, or who holds it."""
+        call = self.commands.claim(keys, owner, meta)
         started = self.clock()
         if self._config.min_replicas:
             # the lease runs while WAIT waits: a quarter of it at most
             wait = min(self._config.replica_timeout, self._config.lease_ttl / 4)
-            reply: list[Any] = await self._run(
-                lambda: self._replicated(self._claim, names, args, wait)
-            )
+            reply = await self._replicated(call, wait)
         else:
-            reply = await self._script(self._claim, names, args)
-        if _is_claimed(reply) and self.clock() - started > self._renew_after:
-            # The claim took a renewal period or more (retries, a slow WAIT): part of the lease
-            # is gone, and the renewer would only extend it one period from now. Claim again
-            # with the same owner: it extends the lease if it is still ours, or reports who
-            # took the token after it ran out.
-            reply = await self._script(self._claim, names, args)
+            reply = await self.run(call)
+        if isinstance(reply, Claimed) and claim_again(started, self.clock(), self._renew_after):
+            reply = await self.run(call)
         return reply
 
     async def settle(
         self, keys: TokenKeys, owner: str, fence: int, stored: bytes, message: bytes
-    ) -> tuple[bool, str]:
+    ) -> Settled:
         """Run settle.lua: store ``stored`` (unless empty), drop the lease, publish ``message``."""
-        args = (
-            owner,
-            str(fence),
-            stored,
-            self._result_ttl,
-            keys.channel,
-            message,
-            self._publish,
-        )
-        names = (keys.lease, keys.fence, keys.result)
+        call = self.commands.settle(keys, owner, fence, stored, message)
         if self._config.min_replicas:
-            wait = self._config.replica_timeout
-            reply = await self._run(
-                lambda: self._replicated(self._settle, names, args, wait), priority=True
-            )
-        else:
-            reply = await self._script(self._settle, names, args, priority=True)
-        reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        return bool(reply[0]), reason
+            return await self._replicated(call, self._config.replica_timeout, priority=True)
+        return await self.run(call, priority=True)
 
     async def _per_slot(
         self,
@@ -602,27 +441,7 @@ class RedisStore:
         return await self._per_slot(leases, lambda ref: ref.keys.lease, self._renew_slot, within)
 
     async def _renew_slot(self, leases: list[HeldLeaseRef]) -> list[bool]:
-        keys: list[bytes] = []
-        args: list[bytes] = [self._lease_ttl, self._fence_ttl]
-        for ref in leases:
-            keys += (ref.keys.lease, ref.keys.fence, ref.keys.result)
-            args.append(ref.value)
-        reply = await self._script(self._renew, keys, args, priority=True)
-        return [bool(x) for x in reply]
-
-    async def session(
-        self,
-        keys: SessionKeys,
-        args: Sequence[bytes | str | int],
-        idle_ttl_ms: int,
-        *,
-        priority: bool = False,
-    ) -> list[Any]:
-        """Run session.lua with ``args`` as its ARGV[1..11] (see its header)."""
-        full = [*args, keys.channel, self._publish, idle_ttl_ms]
-        names = (*keys.all, keys.conversation)
-        reply: list[Any] = await self._script(self._session, names, full, priority=priority)
-        return reply
+        return await self.run(self.commands.renew(leases), priority=True)
 
     async def renew_tickets(
         self, tickets: Sequence[HeldTicketRef], within: float | None = None
@@ -637,13 +456,7 @@ class RedisStore:
         )
 
     async def _renew_tickets_slot(self, tickets: list[HeldTicketRef]) -> list[bool]:
-        keys: list[bytes] = []
-        args: list[bytes | str] = [self._lease_ttl]
-        for ref in tickets:
-            keys += (ref.keys.holders, ref.keys.qexp)
-            args.append(ref.ticket)
-        reply = await self._script(self._session_renew, keys, args, priority=True)
-        return [bool(x) for x in reply]
+        return await self.run(self.commands.session_renew(tickets), priority=True)
 
     async def append(
         self,
@@ -656,12 +469,8 @@ class RedisStore:
     ) -> bool:
         """Run stream_append.lua: append (kind, data) items if the lease is still ours; ``seq``
         numbers the first item within the attempt (an item already appended is skipped)."""
-        args: list[bytes | str | int] = [owner, fence, ttl_ms, keys.channel, self._publish, seq]
-        for kind, data in items:
-            args += (kind, data)
-        names = (keys.lease, keys.fence, keys.stream)
-        reply = await self._script(self._stream_append, names, args, priority=True)
-        return bool(reply)
+        call = self.commands.stream_append(keys, owner, fence, items, ttl_ms, seq)
+        return await self.run(call, priority=True)
 
     async def read_stream(
         self, keys: TokenKeys, after: bytes | None, count: int
@@ -673,11 +482,9 @@ class RedisStore:
         )
         return cast(list[tuple[bytes, dict[bytes, bytes]]], reply or [])
 
-    async def budget(self, keys: Sequence[bytes], args: Sequence[int]) -> tuple[int, int, int, int]:
+    async def budget(self, keys: Sequence[bytes], args: Sequence[int]) -> BudgetReply:
         """Run budget.lua (``keys`` from `KeySchema.for_budget`); see its header for the reply."""
-        reply = await self._script(self._budget, keys, args)
-        granted, key_ms, stored, byte_ms = (int(x) for x in reply)
-        return granted, key_ms, stored, byte_ms
+        return await self.run(self.commands.budget(keys, args))
 
     async def get_result(self, keys: TokenKeys) -> bytes | None:
         value = await self._run(lambda: self.client.get(keys.result))
@@ -686,12 +493,9 @@ class RedisStore:
     async def force_release(self, keys: TokenKeys, owner: str = "") -> bytes | None:
         """Delete the lease (``owner``'s, or whoever's when empty) and wake its waiters; the
         lease value, or None. With an owner it is safe to repeat."""
-        names = (keys.lease, keys.fence)
-        args = (keys.channel, self._publish, self._fence_ttl, owner)
-        reply = await self._script(self._release, names, args, priority=True)
-        return reply[1] if reply[0] else None
+        return await self.run(self.commands.release(keys, owner), priority=True)
 
-    # -- session admission (session.lua's ARGV is assembled here) ------------------------------
+    # -- session admission (session.lua) ----------------------------------------------------------
 
     async def session_acquire(
         self,
@@ -707,28 +511,29 @@ class RedisStore:
         gap_ms: int,
         first_seq: int | None,
         idle_ttl_ms: int,
-    ) -> list[Any]:
+    ) -> SessionReply:
         """Join (or ask again with ``ticket``) a session's holders or queue; see session.lua."""
-        args: list[bytes | str | int] = [
-            "acquire",
-            ticket,
-            owner,
-            mode,
-            limit,
-            max_queue,
-            self._config.lease_ttl_ms,
-            meta,
-            "" if seq is None else seq,
-            gap_ms,
-            "" if first_seq is None else first_seq,
-        ]
-        return await self.session(keys, args, idle_ttl_ms)
+        call = self.commands.session_acquire(
+            keys,
+            ticket=ticket,
+            owner=owner,
+            mode=mode,
+            limit=limit,
+            max_queue=max_queue,
+            meta=meta,
+            seq=seq,
+            gap_ms=gap_ms,
+            first_seq=first_seq,
+            idle_ttl_ms=idle_ttl_ms,
+        )
+        return await self.run(call)
 
-    async def session_release(self, keys: SessionKeys, ticket: str, idle_ttl_ms: int) -> None:
-        """Give a session place up (holder or waiter); the script admits the next in line."""
-        args: list[bytes | str | int] = ["release", ticket, "", "queue", 1, 0]
-        args += [self._config.lease_ttl_ms, "", "", 0, ""]
-        await self.session(keys, args, idle_ttl_ms, priority=True)
+    async def session_release(self, keys: SessionKeys, ticket: str, idle_ttl_ms: int) -> bool:
+        """Give a session place up (holder or waiter); the script admits the next in line.
+        True when the ticket held or waited."""
+        return await self.run(
+            self.commands.session_release(keys, ticket, idle_ttl_ms), priority=True
+        )
 
     # -- conversations (conversation.lua) -----------------------------------------------------
 
@@ -748,15 +553,20 @@ class RedisStore:
         idle_ttl_ms: int,
         max_messages: int,
         max_bytes: int,
-    ) -> list[Any]:
+    ) -> ConversationReply:
         """Run conversation.lua: set ``items`` (a turn's commit when ``ticket`` is a holder's,
-        fenced; else a write outside any turn); see its header for the reply."""
-        args: list[Any] = [ticket, fence, turn, idle_ttl_ms, max_messages, max_bytes]
-        for field, value in items:
-            args += (field, value)
-        names = (keys.conversation, keys.holders, keys.state)
-        reply: list[Any] = await self._script(self._conversation, names, args, priority=True)
-        return reply
+        fenced; else a write outside any turn)."""
+        call = self.commands.conversation(
+            keys,
+            items,
+            ticket=ticket,
+            fence=fence,
+            turn=turn,
+            idle_ttl_ms=idle_ttl_ms,
+            max_messages=max_messages,
+            max_bytes=max_bytes,
+        )
+        return await self.run(call, priority=True)
 
     async def session_loads(self, sessions: Sequence[SessionKeys]) -> list[tuple[int, int]]:
         """(holders, waiting) of each session, as Redis counts them now."""
@@ -838,13 +648,8 @@ class RedisStore:
                 f"Redis at {self.where} is unavailable: no reply within {timeout:g}s "
                 "(connect_timeout); is it a Redis server?"
             ) from None
-        except rex.InvalidResponse as exc:
-            raise StoreUnavailable(
-                f"Redis at {self.where} is unavailable: what answers there is not Redis "
-                f"({describe_error(exc)})"
-            ) from exc
         except Exception as exc:
-            if isinstance(exc, (rex.RedisError, OSError)) or is_transient(exc):
+            if is_driver_error(exc):
                 raise store_error(exc, self.where) from exc
             raise
 
@@ -882,7 +687,7 @@ class RedisStore:
         try:
             await self.client.set(key, b"1", px=10_000)
         except Exception as exc:
-            if isinstance(exc, (rex.RedisError, OSError)) or is_transient(exc):
+            if is_driver_error(exc):
                 raise store_error(exc, self.where) from exc
             raise
 
@@ -960,43 +765,6 @@ class RedisStore:
         node = self.slot_primary(channel)
         return _subscriber_connection(node.connection_class, node.connection_kwargs)
 
-    def for_caller_thread(self) -> RedisStore | None:
-        """A store with this one's scripts and settings for one blocking caller's thread and
-        its own event loop (redis-py's asyncio connections belong to the loop that opened
-        them): its scripts go over a blocking connection of its own (`BlockingLane`), the
-        rarer reads over a small pool of its own. None where the connection cannot be copied:
-        a cluster, Sentinel, or a client or connection of another type."""
-        client = self.client
-        if type(client) is not aredis.Redis:
-            return None
-        pool = client.connection_pool
-        blocking = _BLOCKING_CONNECTIONS.get(pool.connection_class)
-        if type(pool) not in (aredis.ConnectionPool, aredis.BlockingConnectionPool) or (
-            blocking is None
-        ):
-            return None
-        kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _ASYNC_ONLY}
-        kwargs.update(
-            socket_timeout=self._config.socket_timeout,
-            socket_connect_timeout=self._config.connect_timeout,
-            retry=SyncRetry(NoBackoff(), 0),  # retried here, with tenacity
-        )
-        try:
-            blocking(**kwargs)  # refuses options it does not know, before any call needs it
-        except Exception as exc:  # the asyncio connection's way is still there
-            log.debug("no blocking connection for %s: %s", self.where, exc)
-            return None
-        own = type(pool)(
-            connection_class=pool.connection_class, max_connections=2, **pool.connection_kwargs
-        )
-        return RedisStore(
-            aredis.Redis.from_pool(own),
-            self._config,
-            where=self.where,
-            clock=self.clock,
-            lane=BlockingLane(lambda: blocking(**kwargs)),
-        )
-
     async def aclose(self) -> None:
         if self.pipeline is not None:
             await self.pipeline.aclose()
@@ -1009,8 +777,13 @@ class RedisStore:
             await self.cluster.nodes_manager.aclose()
 
 
-def _is_claimed(reply: Any) -> bool:
-    return isinstance(reply, list) and bool(reply) and reply[0] in (CLAIM_CLAIMED, "C")
+async def run_script(send: Callable[..., Awaitable[Any]], call: Call[Any]) -> Any:
+    """Send ``call`` with ``send`` (any way of sending one command): EVALSHA, and EVAL when
+    Redis does not know the script (a restart, SCRIPT FLUSH, a failover), which caches it."""
+    try:
+        return await send(*call.evalsha())
+    except rex.NoScriptError:
+        return await send(*call.eval())
 
 
 def _bytes(value: Any) -> bytes:
