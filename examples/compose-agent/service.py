@@ -3,7 +3,8 @@
 Each replica wraps its agent in `DedupAgent`: a request sent with the same ``Idempotency-Key``
 to any replica runs the model once and every copy gets its reply; the turns of one session run
 one at a time across the replicas (a queue-mode `SessionGuard`), each starting from the history
-the previous turn committed. The history is Strands' ``FileSessionManager`` in ``AGENT_SESSIONS``,
+the previous turn committed (a crashed or stale attempt's writes never reach it). The history is
+Strands' ``FileSessionManager`` (wrapped in `committed_session`) in ``AGENT_SESSIONS``,
 a directory every replica shares (a volume in compose; S3 or another shared store elsewhere).
 
 The model is an offline stand-in (no network): it answers with the number of messages it was
@@ -55,7 +56,7 @@ from strands_dedup import (
     SessionGuard,
     WaitTimeout,
 )
-from strands_dedup.agents.strands import DedupAgent
+from strands_dedup.agents.strands import DedupAgent, committed_session
 
 REPLICA = os.environ.get("REPLICA") or f"{socket.gethostname()}:{os.getpid()}"
 SESSIONS = os.environ.get("AGENT_SESSIONS") or os.path.join(tempfile.gettempdir(), "agent-sessions")
@@ -95,8 +96,9 @@ class OfflineModel(Model):
 
 
 def make_agent(session_id: str) -> Agent:
-    # Built inside the session's hold: the session manager loads the committed history now.
-    sessions = FileSessionManager(session_id=session_id, storage_dir=SESSIONS)
+    # Built inside the session's hold: the session manager loads the committed history now;
+    # committed_session stages the turn's writes until the turn commits, once.
+    sessions = committed_session(FileSessionManager(session_id=session_id, storage_dir=SESSIONS))
     return Agent(model=OfflineModel(), session_manager=sessions, callback_handler=None)
 
 
