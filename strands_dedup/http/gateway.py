@@ -238,7 +238,6 @@ class Gateway:
         await self.middleware.cancel_primaries()
         if self._client is not None:
             await self._client.aclose()
-            self._client = None
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Forward one request to the upstream and stream its response back."""
