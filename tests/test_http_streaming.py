@@ -111,7 +111,9 @@ async def test_middleware_streams_live_to_duplicates(backend_url: str, namespace
 @pytest.mark.redis
 async def test_gateway_streams_live_to_duplicates(redis_url: str, namespace: str) -> None:
     agent = SseAgent()
-    async with serve(agent.app()) as upstream:
-        dedup = Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=2)
-        async with serve(Gateway(upstream, dedup)) as gateway:
-            await check_live_replay(gateway + "/chat", agent)
+    async with (
+        serve(agent.app()) as upstream,
+        Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=2) as dedup,
+        serve(Gateway(upstream, dedup=dedup)) as gateway,
+    ):
+        await check_live_replay(gateway + "/chat", agent)

@@ -116,3 +116,33 @@ def test_every_module_imports_on_its_own() -> None:
         if info.name == "strands_dedup.cli.__main__" or info.name in sys.modules:
             continue
         importlib.import_module(info.name)
+
+
+SURFACES = ("http", "agents")
+
+
+def _engine_reaches(tree: ast.AST) -> list[int]:
+    """Lines where a module reads an ``engine`` attribute or imports the engine module itself."""
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if (isinstance(node, ast.Attribute) and node.attr == "engine")
+        or (isinstance(node, ast.ImportFrom) and (node.module or "").endswith("engine.engine"))
+    ]
+
+
+def test_the_surfaces_use_the_deduplicators_public_api_only() -> None:
+    """HTTP and agents reach the protocol through `Deduplicator`, never through its engine."""
+    reaches = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for surface in SURFACES
+        for path in sorted((ROOT / "strands_dedup" / surface).rglob("*.py"))
+        for line in _engine_reaches(ast.parse(path.read_text(), str(path)))
+    ]
+    assert reaches == []
+
+
+def test_the_engine_checker_sees_a_reach() -> None:
+    assert _engine_reaches(ast.parse("def f(dedup):\n    return dedup.engine.store\n")) == [2]
+    assert _engine_reaches(ast.parse("from ..engine.engine import Engine\n")) == [1]
+    assert _engine_reaches(ast.parse("from ..engine.deduplicator import Deduplicator\n")) == []

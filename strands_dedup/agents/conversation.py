@@ -61,7 +61,6 @@ from ..store.commands import CommitLost, TooFull, TurnMoved
 
 if TYPE_CHECKING:
     from ..engine.deduplicator import Deduplicator
-    from ..engine.engine import Engine
     from ..engine.session import SessionHold
     from ..engine.sync import SyncDeduplicator
 
@@ -212,9 +211,14 @@ class Turn:
     session's hold; a session manager built by the agent factory binds to it."""
 
     def __init__(
-        self, engine: Engine, keys: SessionKeys, hold: SessionHold, session_id: str, idle_ttl: float
+        self,
+        dedup: Deduplicator,
+        keys: SessionKeys,
+        hold: SessionHold,
+        session_id: str,
+        idle_ttl: float,
     ) -> None:
-        self.engine, self.keys, self.hold, self.session_id = engine, keys, hold, session_id
+        self.dedup, self.keys, self.hold, self.session_id = dedup, keys, hold, session_id
         self.name = keys.name
         self.idle_ttl_ms = int(idle_ttl * 1000)
         self.snapshot = _Snapshot()
@@ -227,7 +231,7 @@ class Turn:
         (after a wait in the session's queue, where the grant came as a message)."""
         raw = admitted_conversation(self.hold)
         if raw is None:
-            raw = await self.engine.store.conversation_load(self.keys)
+            raw = await self.dedup.load_conversation(self.keys)
         self.snapshot = _Snapshot.parse(raw, self.name)
         self.loaded = True
 
@@ -258,7 +262,7 @@ class Turn:
             raise self._lost("its lease was lost before the turn committed")
         items, max_messages, max_bytes = repo.commit_items()
         started = time.monotonic()
-        reply = await self.engine.store.conversation_write(
+        reply = await self.dedup.write_conversation(
             self.keys,
             items,
             ticket=holder_ticket(self.hold),
@@ -657,13 +661,13 @@ class RedisSessionRepository(_StagingRepository):
         if not idle_ttl > 0:
             raise ValueError(f"idle_ttl must be positive, not {idle_ttl!r}")
         self._bridge = Bridge(dedup, "RedisSessionRepository")
-        self.engine = self._bridge.engine
-        self.keys = self.engine.keys.for_session(session_id)
+        self.dedup = self._bridge.core
+        self.keys = self.dedup.session_keys(session_id)
         super().__init__(session_id, self.keys.name, max_messages, max_bytes)
         self.idle_ttl_ms = int(idle_ttl * 1000)
         self.turn = _TURN.get()
         if self.turn is not None:
-            if self.turn.engine is not self.engine:
+            if self.turn.dedup is not self.dedup:
                 raise ValueError(
                     "RedisSessionManager must be built over the DedupAgent's deduplicator"
                 )
@@ -685,7 +689,7 @@ class RedisSessionRepository(_StagingRepository):
     @property
     def snapshot(self) -> _Snapshot:
         if self._snapshot is None:
-            raw = self._block(self.engine.store.conversation_load(self.keys))
+            raw = self._block(self.dedup.load_conversation(self.keys))
             self._snapshot = _Snapshot.parse(raw, self.name)
         return self._snapshot
 
@@ -730,7 +734,7 @@ class RedisSessionRepository(_StagingRepository):
             return
         items, max_messages, max_bytes = self.commit_items()
         reply = self._block(
-            self.engine.store.conversation_write(
+            self.dedup.write_conversation(
                 self.keys,
                 items,
                 ticket="",

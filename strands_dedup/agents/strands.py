@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..engine.call import current_call
 from ..engine.deduplicator import Deduplicator
 from ..engine.session import SessionGuard
-from ..engine.streaming import Chunk, Emit, StreamReset, stream_events
+from ..engine.streaming import Chunk, Emit, StreamReset
 from ..engine.sync import Bridge, SyncDeduplicator
 from ..protocol import Outcome
 from .conversation import (
@@ -236,7 +236,10 @@ class DedupAgent:
         self._core = self._bridge.core
         if not callable(agent_factory):
             raise TypeError("agent_factory must be callable: session_id -> Agent")
-        if session_guard is not None and session_guard.engine is not self._core.engine:
+        if (
+            session_guard is not None
+            and Bridge(session_guard.dedup, "SessionGuard").core is not self._core
+        ):
             raise ValueError("session_guard must be built over the same deduplicator")
         self.dedup = dedup
         self.agent_factory = agent_factory
@@ -331,7 +334,7 @@ class DedupAgent:
         if token is None:
             await self._run_agent(prompt, session_id, seq, options, deliver)
             return
-        keys = self._core.engine.keys.for_token(token, session_id)
+        keys = self._core.token_keys(token, session_id)
         ran: list[AgentResult] = []
 
         async def produce(emit: Emit) -> StoredAgentResult:
@@ -349,8 +352,7 @@ class DedupAgent:
 
         received = 0
         model = options.get("structured_output_model")
-        async for item in stream_events(
-            self._core.engine,
+        async for item in self._core.stream_events(
             keys,
             produce,
             rtype=StoredAgentResult,
@@ -451,8 +453,8 @@ class DedupAgent:
                 hold.lost.add_callback(cancel.set)
                 assert self.session_guard is not None
                 turn = Turn(
-                    self._core.engine,
-                    self._core.engine.keys.for_session(session_id),
+                    self._core,
+                    self._core.session_keys(session_id),
                     hold,
                     session_id,
                     self.session_guard.config.idle_ttl,

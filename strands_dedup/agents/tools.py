@@ -119,7 +119,7 @@ def idempotent_tool(
             token, scope = identity(args, kwargs)
             if isinstance(dedup, SyncDeduplicator):
                 return dedup.run(token, lambda: func(*args, **kwargs), scope=scope, returns=returns)
-            loop = dedup.engine.loop
+            loop = dedup.loop
             if loop is None or not loop.is_running() or _in_loop_thread(loop):
                 raise RuntimeError(
                     f"tool {tool_name} is blocking and wraps an asyncio Deduplicator: call it "

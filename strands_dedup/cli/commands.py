@@ -992,14 +992,19 @@ def gateway(
     configure_logging(log_level, log_format)
     for note in notes:
         logging.getLogger("strands_dedup.cli").warning("%s", note)
+    try:
+        dedup_config = DedupConfig.model_validate(
+            {"namespace": namespace, "lease_ttl": lease_ttl, "result_ttl": result_ttl}
+        )
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise click.UsageError(errors) from None
     run_gateway(
         config,
+        dedup_config,
         redis_url=redis_url,
         host=host,
         port=port,
-        namespace=validate_namespace(namespace),
-        lease_ttl=lease_ttl,
-        result_ttl=result_ttl,
         log_level=log_level,
         log_format=None,
         trusted_proxies=trusted,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -10,7 +11,7 @@ import json
 import os
 import socket
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar, cast, get_type_hints
 
 import pydantic_core
@@ -18,13 +19,15 @@ import redis.asyncio as aredis
 
 from ..config import DedupConfig
 from ..errors import SerializationError
+from ..keys import SessionKeys, TokenKeys
 from ..protocol import Outcome
 from ..serialization import JsonSerializer, Serializer
 from ..store import Client, client_from_url
+from ..store.commands import BudgetReply, ConversationReply
 from ..store.connect import describe_url
 from .engine import Engine
 from .observe import Health, PrometheusMetrics
-from .streaming import Chunk, Final, stream_events
+from .streaming import Chunk, Emit, Event, Final, stream_events
 
 __all__ = [
     "UNSET",
@@ -372,6 +375,115 @@ class Deduplicator:
         """Store reachable (one PING, bounded) and accepting writes (one small SET), subscriber
         connected, local load, renewal lag, Redis' eviction policy."""
         return await self.engine.health()
+
+    # -- for the surfaces built on it (HTTP middleware and gateway, agents) ----------------------
+
+    @property
+    def where(self) -> str:
+        """Where the store is (``memory://``, a host and port, ...): for logs, never for clients."""
+        return self.engine.where
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop this deduplicator belongs to: None until its first call binds it."""
+        return self.engine.loop
+
+    def token_keys(self, token: Token, scope: Token | None = None) -> TokenKeys:
+        """The Redis keys of ``token`` within ``scope`` (validated: `InvalidToken`)."""
+        return self.engine.keys.for_token(token, scope)
+
+    def session_keys(self, session: str) -> SessionKeys:
+        """The Redis keys of a guarded session and its conversation (validated)."""
+        return self.engine.keys.for_session(session)
+
+    async def in_use(self, keys: TokenKeys) -> bool:
+        """Whether the token has a stored result or a live lease (one round trip)."""
+        found = await self.engine.store.values_with_ttl([keys.result, keys.lease])
+        return any(value is not None for value, _ in found)
+
+    def stream_events(
+        self,
+        keys: TokenKeys,
+        produce: Callable[[Emit], Awaitable[Any]],
+        *,
+        rtype: Any,
+        fingerprint: str | None,
+        wait_timeout: float | None = None,
+        on_duplicate: Literal["wait", "raise"] | None = None,
+        best_effort: bool = False,
+    ) -> AsyncIterator[Event]:
+        """The events of a streamed call (`stream`'s machinery, for surfaces that relay bytes).
+
+        ``produce(emit)`` runs once for the token across every process; ``emit(data, original)``
+        hands a chunk (JSON bytes, and what the primary's own caller gets) to the followers. The
+        primary's caller gets `Chunk` events with their originals, a follower gets them from
+        Redis, a follower whose primary died gets `StreamReset`; everyone ends with `Final`.
+        ``best_effort=True``: a stream the followers cannot get (too large, appends failing)
+        stops reaching them instead of failing the call; they get the stored value.
+        """
+        return stream_events(
+            self.engine,
+            keys,
+            produce,
+            rtype=rtype,
+            fingerprint=fingerprint,
+            wait_timeout=wait_timeout,
+            on_duplicate=on_duplicate,
+            best_effort=best_effort,
+        )
+
+    def count_refusal(self, reason: str) -> None:
+        """Count a request an HTTP surface refused or a client it cut off (``reason``: a short,
+        bounded name such as ``body-timeout``; the ``http_refusals`` metric)."""
+        self.engine.observer.refused(reason)
+
+    async def observe_request(
+        self,
+        app: Callable[[Any, Any, Any], Awaitable[None]],
+        scope: Any,
+        receive: Any,
+        send: Any,
+    ) -> None:
+        """Serve one ASGI HTTP request through ``app``, observing its duration by role and
+        status class (the ``request_seconds`` metric)."""
+        await self.engine.observer.timed(app, scope, receive, send)
+
+    async def reserve_budget(
+        self, identity: str, operation: str, args: Sequence[int]
+    ) -> BudgetReply:
+        """One round trip of budget.lua on ``identity``'s fleet-wide counters (``operation``:
+        a random id that lets a retried copy be recognised); see the script's header."""
+        keys = self.engine.keys.for_budget(identity, operation)
+        return await self.engine.store.budget(keys, args)
+
+    async def load_conversation(self, keys: SessionKeys) -> dict[bytes, bytes]:
+        """Every field of a session's conversation hash (one HGETALL)."""
+        return await self.engine.store.conversation_load(keys)
+
+    async def write_conversation(
+        self,
+        keys: SessionKeys,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        ticket: str,
+        fence: int,
+        turn: int,
+        idle_ttl_ms: int,
+        max_messages: int,
+        max_bytes: int,
+    ) -> ConversationReply:
+        """Write ``items`` into a session's conversation (conversation.lua): a turn's commit,
+        fenced, when ``ticket`` is a holder's; else a write outside any turn."""
+        return await self.engine.store.conversation_write(
+            keys,
+            items,
+            ticket=ticket,
+            fence=fence,
+            turn=turn,
+            idle_ttl_ms=idle_ttl_ms,
+            max_messages=max_messages,
+            max_bytes=max_bytes,
+        )
 
 
 def client_name() -> str:

@@ -3,8 +3,8 @@ the ``httpx`` transports that key a call's outgoing requests (`IdempotentTranspo
 `IdempotentAsyncTransport`).
 
 The middleware and the gateway take their options as one validated model (`HttpConfig`,
-`GatewayConfig`) and run each keyed request through the deduplicator's engine, so they are
-counted and traced like library calls. Needs the ``http`` extra for the gateway and the
+`GatewayConfig`) and run each keyed request through the deduplicator's public API, so they
+are counted and traced like library calls. Needs the ``http`` extra for the gateway and the
 transports (uvicorn, httpx).
 """
 

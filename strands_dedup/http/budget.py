@@ -26,9 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from ..engine.deduplicator import Deduplicator
 from ..errors import DedupError
-from ..keys import KeySchema
-from ..store.redis import RedisStore
 from .policy import HttpConfig, Rejected
 
 __all__ = ["KEY_COST", "Budgets", "Refusal", "stored_size"]
@@ -116,11 +115,9 @@ class _Entry:
 class Budgets:
     """The budgets of one middleware's callers (see the module docstring)."""
 
-    def __init__(
-        self, store: RedisStore, schema: KeySchema, config: HttpConfig, result_ttl_ms: int
-    ) -> None:
-        self._store = store
-        self._schema = schema
+    def __init__(self, dedup: Deduplicator, config: HttpConfig) -> None:
+        self._dedup = dedup
+        result_ttl_ms = dedup.config.result_ttl_ms
         self.max_keys = config.max_new_keys
         self.window = config.new_keys_window
         self.max_bytes = config.max_stored_bytes
@@ -200,7 +197,6 @@ class Budgets:
 
     async def _reserve(self, identity: str, entry: _Entry, wanted: int) -> None:
         added, entry.pending = entry.pending, 0
-        keys = self._schema.for_budget(identity, os.urandom(8).hex())
         args = (
             wanted,
             self.max_keys or wanted,
@@ -212,7 +208,8 @@ class Budgets:
             _OP_TTL_MS,
         )
         try:
-            granted, key_ms, stored, byte_ms = await self._store.budget(keys, args)
+            reply = await self._dedup.reserve_budget(identity, os.urandom(8).hex(), args)
+            granted, key_ms, stored, byte_ms = reply
         except BaseException:
             entry.pending += added
             raise

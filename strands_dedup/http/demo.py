@@ -153,12 +153,15 @@ async def _gateways(
     if replicas == 1:
         port = free_port()
         dedup = Deduplicator.from_url(redis_url, namespace=namespace, metrics=False)
-        server, task = await _serve(Gateway(upstream, dedup), port)
         try:
-            yield [f"http://127.0.0.1:{port}"]
+            server, task = await _serve(Gateway(upstream, dedup=dedup), port)
+            try:
+                yield [f"http://127.0.0.1:{port}"]
+            finally:
+                server.should_exit = True
+                await task
         finally:
-            server.should_exit = True
-            await task
+            await dedup.aclose()
         return
     ports = [free_port() for _ in range(replicas)]
     procs = [

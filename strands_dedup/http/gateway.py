@@ -30,13 +30,15 @@ import logging.config
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
+from ..config import DedupConfig
 from ..engine.deduplicator import Deduplicator
 from ..protocol import LeaveClaimed
-from .middleware import KEYED, IdempotencyMiddleware, problem, read_body, reject
+from .asgi import Receive, Scope, Send, problem, read_body, reject, send_json
+from .middleware import KEYED, IdempotencyMiddleware
 from .policy import (
     GatewayConfig,
     Rejected,
@@ -59,11 +61,6 @@ __all__ = [
     "parse_trusted_proxies",
     "run_gateway",
 ]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("strands_dedup.http")
 UNKEYED_DIGEST_WARNING = (
@@ -100,39 +97,28 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-async def _json(send: Send, status: int, payload: Any, content_type: bytes) -> None:
-    body = json.dumps(payload).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 class Gateway:
     """The gateway's ASGI app: its own endpoints, then the middleware, then the proxy.
 
     Options: `GatewayConfig` (or its fields as keywords). The upstream's scheme, host, port and
     base path come from ``upstream`` only; a request contributes a normalized path below the
     base and its query (`upstream_target`), and every other target is a 400.
+
+    ``dedup`` stays its creator's: the gateway's shutdown (`stop`) does not close it.
     """
 
     def __init__(
         self,
         upstream: str | None = None,
-        dedup: Deduplicator | None = None,
         *,
+        dedup: Deduplicator,
         config: GatewayConfig | None = None,
         **options: Any,
     ) -> None:
-        if dedup is None:
-            raise TypeError("Gateway needs a Deduplicator (dedup=)")
+        if not isinstance(dedup, Deduplicator):
+            raise TypeError(
+                f"Gateway needs an asyncio Deduplicator (dedup=), not {type(dedup).__name__}"
+            )
         if config is None:
             if upstream is None:
                 raise TypeError("Gateway needs an upstream URL (or config=)")
@@ -168,7 +154,7 @@ class Gateway:
         scope["raw_path"] = path.encode("ascii")  # the fingerprint sees the normalized path
         scope["path"] = unquote(path)
         scope[_TARGET] = target
-        await self.dedup.engine.observer.timed(self.middleware, scope, receive, send)
+        await self.dedup.observe_request(self.middleware, scope, receive, send)
 
     def _target(self, scope: Scope) -> str:
         """The upstream path and query for this request; `Rejected` (400) if it is not safe,
@@ -179,7 +165,7 @@ class Gateway:
 
     async def _own(self, path: str, send: Send) -> None:
         if path == "/healthz":
-            await _json(send, 200, {"status": "alive"}, b"application/json")
+            await send_json(send, 200, {"status": "alive"})
         elif path == "/readyz":
             health = await self.dedup.health()
             status = 200 if health.store_reachable and health.store_writable else 503
@@ -187,12 +173,12 @@ class Gateway:
                 log.warning("/readyz: unready: %s", health.error)
             payload = {
                 "status": "ready" if status == 200 else "unready",
-                **public_health(health.to_json(), self.dedup.engine.store.where),
+                **public_health(health.to_json(), self.dedup.where),
                 "identity_secret": self.config.identity_secret is not None,
             }
             if self.config.identity_secret is None:
                 payload["warnings"].append(UNKEYED_DIGEST_WARNING)
-            await _json(send, status, payload, b"application/json")
+            await send_json(send, status, payload)
         else:
             try:
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -247,11 +233,11 @@ class Gateway:
         self._client = client
 
     async def stop(self) -> None:
-        """Release what is still running (waiters elsewhere take over), then close."""
+        """Release what is still running (waiters elsewhere take over), then close the upstream
+        client. The deduplicator is left open: whoever made it closes it."""
         await self.middleware.cancel_primaries()
         if self._client is not None:
             await self._client.aclose()
-        await self.dedup.aclose()
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Forward one request to the upstream and stream its response back."""
@@ -270,7 +256,7 @@ class Gateway:
             )
         except Rejected as rejected:
             if rejected.status == 408:
-                self.dedup.engine.observer.refused("body-timeout")
+                self.dedup.count_refusal("body-timeout")
             await reject(send, rejected)
             return
         if body is None:
@@ -509,30 +495,32 @@ def _large_buffers_apart(threshold: int = 1024 * 1024) -> None:
 
 def run_gateway(
     config: GatewayConfig,
+    dedup_config: DedupConfig | None = None,
     *,
-    redis_url: str,
-    host: str,
-    port: int,
-    namespace: str,
-    lease_ttl: float,
-    result_ttl: float,
+    redis_url: str = "memory://",
+    host: str = "127.0.0.1",
+    port: int = 8787,
     log_level: str = "warning",
     log_format: str | None = "text",
     trusted_proxies: Sequence[str] = (),
 ) -> None:
     """Serve a `Gateway` with uvicorn until SIGTERM/SIGINT (blocking).
 
-    Logs go to stderr (`configure_logging`; ``log_format=None`` leaves logging as it is). The
-    client's address and scheme come from the connection, or from ``X-Forwarded-For`` and
-    ``X-Forwarded-Proto`` when the connection comes from one of ``trusted_proxies``.
+    ``config`` is the gateway's options; ``dedup_config`` those of the `Deduplicator` it makes
+    on ``redis_url`` (namespace, TTLs, ...; default `DedupConfig()`) and closes when the server
+    has stopped. Logs go to stderr (`configure_logging`; ``log_format=None`` leaves logging as
+    it is). The client's address and scheme come from the connection, or from
+    ``X-Forwarded-For`` and ``X-Forwarded-Proto`` when the connection comes from one of
+    ``trusted_proxies``.
     """
     import uvicorn
 
     if log_format is not None:
         configure_logging(log_level, log_format)
     _large_buffers_apart()
+    given = dedup_config if dedup_config is not None else DedupConfig.model_validate({})
     dedup = Deduplicator.from_url(
-        redis_url, namespace=namespace, lease_ttl=lease_ttl, result_ttl=result_ttl
+        redis_url, **{name: getattr(given, name) for name in given.model_fields_set}
     )
     app = Gateway(dedup=dedup, config=config)
     server = uvicorn.Config(
@@ -547,7 +535,14 @@ def run_gateway(
         proxy_headers=bool(trusted_proxies),
         forwarded_allow_ips=list(trusted_proxies) or None,
         http=send_timeout_protocol(
-            config.send_timeout, lambda: dedup.engine.observer.refused("send-timeout")
+            config.send_timeout, lambda: dedup.count_refusal("send-timeout")
         ),
     )
-    asyncio.run(uvicorn.Server(server).serve())
+
+    async def serve() -> None:
+        try:
+            await uvicorn.Server(server).serve()
+        finally:
+            await dedup.aclose()
+
+    asyncio.run(serve())

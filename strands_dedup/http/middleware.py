@@ -49,47 +49,34 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from ..engine.deduplicator import Deduplicator
 from ..engine.observe import ROLE_STATE
-from ..engine.streaming import Chunk, Emit, StreamReset, stream_events
-from ..errors import (
-    DedupError,
-    DuplicateInFlight,
-    FingerprintMismatch,
-    InvalidToken,
-    LeaseLost,
-    NotStored,
-    PrimaryFailed,
-    StoreRefused,
-    StoreUnavailable,
-    WaitTimeout,
-)
+from ..engine.streaming import Chunk, Emit, StreamReset
+from ..errors import DedupError, NotStored, StoreUnavailable
 from ..keys import TokenKeys
 from ..protocol import LeaveClaimed, Outcome, Role, ShareOnly
+from .asgi import ASGIApp, Message, Receive, Scope, Send, problem, read_body, reject, send_response
 from .budget import KEY_COST, Budgets, stored_size
 from .policy import (
     ANONYMOUS,
     HttpConfig,
     Rejected,
-    body_timed_out,
-    body_too_large,
+    StreamBroken,
     combine_scope,
-    declared_length,
     default_retain,
     identity_of,
     named_identity,
     parse_key,
+    problem_for,
     replay_headers,
-    retry_after,
     storable_body,
     stored_size_bound,
     strip_hop_by_hop,
-    without_addresses,
 )
 
 __all__ = [
@@ -103,14 +90,7 @@ __all__ = [
     "strip_hop_by_hop",
 ]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
 log = logging.getLogger("strands_dedup.http")
-PROBLEM_BASE = "https://strands-dedup.dev/problems/"
 _OWN = object()  # marks the chunks the primary's own client already has
 KEYED = "strands_dedup.keyed"
 """Key of the ASGI scope the application sees: true when the request is a keyed primary."""
@@ -138,85 +118,6 @@ class StoredResponse(BaseModel):
 
     def raw_body(self) -> bytes:
         return base64.b64decode(self.body)
-
-
-async def send_response(
-    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
-) -> None:
-    headers = [*headers, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def problem(
-    send: Send,
-    status: int,
-    kind: str,
-    title: str,
-    detail: str,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    """Send an ``application/problem+json`` error with a stable ``type``."""
-    payload = {"type": PROBLEM_BASE + kind, "title": title, "status": status, "detail": detail}
-    body = json.dumps(payload).encode()
-    await send_response(
-        send, status, [(b"content-type", b"application/problem+json"), *(headers or [])], body
-    )
-
-
-async def reject(send: Send, rejected: Rejected) -> None:
-    await problem(
-        send, rejected.status, rejected.kind, rejected.title, rejected.detail, rejected.headers
-    )
-
-
-async def read_body(
-    receive: Receive,
-    headers: Iterable[tuple[bytes, bytes]],
-    limit: int,
-    timeout: float | None = None,
-) -> bytes | None:
-    """The request body, at most ``limit`` bytes; None if the client left before sending it.
-
-    A declared length over the limit is refused before anything is read; a chunked body is
-    counted as it arrives and refused as soon as it passes the limit (`Rejected`, 413). A body
-    that has not all arrived ``timeout`` seconds after the first read is refused (408), and what
-    was buffered of it is dropped.
-    """
-    declared = declared_length(headers)
-    if declared is not None and declared > limit:
-        raise body_too_large(limit)
-    if timeout is None:
-        return await _read_body(receive, limit)
-    try:
-        async with asyncio.timeout(timeout):
-            return await _read_body(receive, limit)
-    except TimeoutError:
-        raise body_timed_out(timeout) from None
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        return None
-    chunk = message.get("body", b"")
-    if len(chunk) > limit:
-        raise body_too_large(limit)
-    if not message.get("more_body", False):
-        return bytes(chunk)
-    # One growing buffer rather than a list of chunks: once large, it is one block of its
-    # own, handed back to the system as a whole when dropped.
-    buffer = bytearray(chunk)
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        if len(buffer) + len(chunk) > limit:
-            raise body_too_large(limit)
-        buffer += chunk
-        if not message.get("more_body", False):
-            return bytes(buffer)
 
 
 def is_streamed(headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -282,28 +183,21 @@ class _Follower:
     def reset(self) -> None:
         if self.started:
             # Part of a dead attempt's body went out: the response cannot be taken back.
-            raise _StreamBroken("the stream's primary died; retry the request")
+            raise StreamBroken("the stream's primary died; retry the request")
         self._head_seen = False
 
     async def finish(self, body: bytes) -> None:
-        """End with the part of the stored body the stream did not bring; `_StreamBroken` (the
+        """End with the part of the stored body the stream did not bring; `StreamBroken` (the
         connection is aborted, never ended cleanly) when what was sent is not its start."""
         if self.sent > len(body) or hashlib.sha256(body[: self.sent]).digest() != (
             self._digest.digest()
         ):
-            raise _StreamBroken(
+            raise StreamBroken(
                 f"the {self.sent} body bytes relayed are not the start of the stored body "
                 f"({len(body)} bytes)"
             )
         rest = body[self.sent :]
         await self._send({"type": "http.response.body", "body": rest, "more_body": False})
-
-
-def store_detail(exc: StoreUnavailable) -> str:
-    """What a client is told of a store failure: Redis' own refusal, never where Redis is."""
-    if isinstance(exc, StoreRefused):
-        return f"Redis refused the command: {without_addresses(exc.server_message)}"
-    return "Redis could not be reached or did not answer in time; retry"
 
 
 def _storable(config: HttpConfig, dedup: Deduplicator) -> HttpConfig:
@@ -342,10 +236,6 @@ class _Throttled:
         self._log.warning(message, *args)
 
 
-class _StreamBroken(Exception):
-    """A streamed response's attempt died after part of it was sent: end it; the client retries."""
-
-
 class IdempotencyMiddleware:
     """Deduplicate keyed requests across replicas (see the module docstring)."""
 
@@ -373,11 +263,7 @@ class IdempotencyMiddleware:
             "raise" if cfg.on_duplicate == "reject" else "wait"
         )
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._budgets = (
-            Budgets(dedup.engine.store, dedup.engine.keys, cfg, dedup.config.result_ttl_ms)
-            if cfg.max_new_keys or cfg.max_stored_bytes
-            else None
-        )
+        self._budgets = Budgets(dedup, cfg) if cfg.max_new_keys or cfg.max_stored_bytes else None
         if cfg.share_keys_across_identities:
             log.warning(
                 "share_keys_across_identities is on: any client that sends another's "
@@ -415,7 +301,7 @@ class IdempotencyMiddleware:
             )
         except Rejected as rejected:
             if rejected.status == 408:
-                self.dedup.engine.observer.refused("body-timeout")
+                self.dedup.count_refusal("body-timeout")
             await reject(send, rejected)
             return
         if body is None:
@@ -483,7 +369,7 @@ class IdempotencyMiddleware:
 
         async def produce(emit: Emit) -> StoredResponse:
             if over is not None:  # the key ended meanwhile: a new key is refused
-                self.dedup.engine.observer.refused(over.kind)
+                self.dedup.count_refusal(over.kind)
                 refused = StoredResponse.capture(over.status, over.headers, b"")
                 await reject(own, over)
                 raise ShareOnly(over.detail, refused.model_dump_json().encode())
@@ -509,7 +395,7 @@ class IdempotencyMiddleware:
         outcome: Outcome[StoredResponse] | None = None
         keys: TokenKeys | None = None
         try:
-            keys = self.dedup.engine.keys.for_token(key, tenant)
+            keys = self.dedup.token_keys(key, tenant)
             if budgets is not None:
                 identity = self._identity(scope)
                 refusal = await budgets.admit(identity)
@@ -517,13 +403,11 @@ class IdempotencyMiddleware:
                     # Not a new key if it has a stored response (a replay) or runs now (a
                     # duplicate): those are served; only a new key is refused.
                     over = refusal.rejected(budgets.window)
-                    found = await self.dedup.engine.store.values_with_ttl([keys.result, keys.lease])
-                    if all(value is None for value, _ in found):
-                        self.dedup.engine.observer.refused(over.kind)
+                    if not await self.dedup.in_use(keys):
+                        self.dedup.count_refusal(over.kind)
                         await reject(send, over)
                         return
-            async for event in stream_events(
-                self.dedup.engine,
+            async for event in self.dedup.stream_events(
                 keys,
                 produce,
                 rtype=StoredResponse,
@@ -577,84 +461,19 @@ class IdempotencyMiddleware:
         log.warning("the response to key %s was sent but not stored: %r", label, exc)
 
     async def _send_error(self, send: Send, exc: Exception) -> None:
-        cap = self.config.max_retry_after
-        if isinstance(exc, PrimaryFailed):
-            await self._send_shared_failure(send, exc)
-        elif isinstance(exc, FingerprintMismatch):
-            await problem(
-                send,
-                422,
-                "key-reused",
-                "Idempotency-Key reused",
-                "this key was used for a different request",
-            )
-        elif isinstance(exc, DuplicateInFlight):
-            await problem(
-                send,
-                409,
-                "in-progress",
-                "Request in progress",
-                "a request with this key is being processed",
-                [(b"retry-after", retry_after(exc.retry_after, cap))],
-            )
-        elif isinstance(exc, WaitTimeout):
-            await problem(
-                send,
-                409,
-                "wait-timeout",
-                "Request still in progress",
-                f"gave up waiting after {exc.waited:.0f}s",
-                [(b"retry-after", b"1")],
-            )
-        elif isinstance(exc, StoreUnavailable):
-            self._store_log.warning("answered 503 store-unavailable: %s", exc)
-            await problem(
-                send,
-                503,
-                "store-unavailable",
-                "Deduplication store unavailable",
-                store_detail(exc),
-                [(b"retry-after", b"1")],
-            )
-        elif isinstance(exc, InvalidToken):
-            await problem(send, 400, "key-invalid", "Invalid Idempotency-Key", str(exc))
-        elif isinstance(exc, LeaseLost | _StreamBroken):
-            await problem(
-                send,
-                503,
-                "primary-lost",
-                "The first request was interrupted",
-                "the request with this key lost its lease; retry it",
-                [(b"retry-after", b"1")],
-            )
-        else:
-            raise exc
-
-    async def _send_shared_failure(self, send: Send, exc: PrimaryFailed) -> None:
-        if isinstance(exc, NotStored):
-            if exc.shared:
-                response = StoredResponse.model_validate_json(exc.shared)
-                headers = replay_headers(response.raw_headers(), self.config.replay_set_cookie)
-                headers.append((b"idempotent-replayed", b"true"))
-                await send_response(send, response.status, headers, response.raw_body())
-                return
-            await problem(
-                send,
-                409,
-                "not-retained",
-                "Response not retained",
-                "the first request's response was not retained; retry to run it again",
-                [(b"retry-after", b"1")],
-            )
+        """Answer a keyed request whose call raised ``exc`` (`problem_for`), or re-raise it."""
+        if isinstance(exc, NotStored) and exc.shared:  # the response, handed over unstored
+            response = StoredResponse.model_validate_json(exc.shared)
+            headers = replay_headers(response.raw_headers(), self.config.replay_set_cookie)
+            headers.append((b"idempotent-replayed", b"true"))
+            await send_response(send, response.status, headers, response.raw_body())
             return
-        kind = exc.error_type.rsplit(".", 1)[-1]
-        await problem(
-            send,
-            502,
-            "primary-failed",
-            "The first request failed",
-            f"the request with this key failed ({kind}); retry to run it again",
-        )
+        answer = problem_for(exc, self.config.max_retry_after)
+        if answer is None:
+            raise exc
+        if isinstance(exc, StoreUnavailable):
+            self._store_log.warning("answered 503 store-unavailable: %s", exc)
+        await reject(send, answer)
 
     async def _run_app(self, scope: Scope, body: bytes, emit: Emit, own: _Client) -> StoredResponse:
         """Run the app on the buffered request; its response goes straight to its client.

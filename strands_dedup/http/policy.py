@@ -18,6 +18,18 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from ..errors import (
+    DuplicateInFlight,
+    FingerprintMismatch,
+    InvalidToken,
+    LeaseLost,
+    NotStored,
+    PrimaryFailed,
+    StoreRefused,
+    StoreUnavailable,
+    WaitTimeout,
+)
+
 __all__ = [
     "ANONYMOUS",
     "CREDENTIAL_HEADERS",
@@ -26,18 +38,21 @@ __all__ = [
     "GatewayConfig",
     "HttpConfig",
     "Rejected",
+    "StreamBroken",
     "check_method",
     "declared_length",
     "default_retain",
     "identity_of",
     "is_forwarding_header",
     "parse_key",
+    "problem_for",
     "public_health",
     "relay_headers",
     "replay_headers",
     "retry_after",
     "split_upstream",
     "storable_body",
+    "store_detail",
     "stored_size_bound",
     "strip_hop_by_hop",
     "upstream_target",
@@ -535,3 +550,105 @@ def public_health(health: dict[str, Any], where: str) -> dict[str, Any]:
         )
     public["warnings"] = [without_addresses(str(w), where) for w in public.get("warnings", [])]
     return public
+
+
+class StreamBroken(Exception):
+    """A followed stream's attempt died after part of it was sent, or what was relayed is not
+    the start of the stored body: the client's connection is aborted, or (nothing sent yet)
+    it gets 503 ``primary-lost``; the client retries."""
+
+
+def store_detail(exc: StoreUnavailable) -> str:
+    """What a client is told of a store failure: Redis' own refusal, never where Redis is."""
+    if isinstance(exc, StoreRefused):
+        return f"Redis refused the command: {without_addresses(exc.server_message)}"
+    return "Redis could not be reached or did not answer in time; retry"
+
+
+_RETRY_NOW = (b"retry-after", b"1")
+
+
+def _primary_failed(exc: PrimaryFailed, cap: int) -> Rejected:
+    if isinstance(exc, NotStored):
+        return Rejected(
+            409,
+            "not-retained",
+            "Response not retained",
+            "the first request's response was not retained; retry to run it again",
+            [_RETRY_NOW],
+        )
+    kind = exc.error_type.rsplit(".", 1)[-1]  # the class only: its text stays in the logs
+    return Rejected(
+        502,
+        "primary-failed",
+        "The first request failed",
+        f"the request with this key failed ({kind}); retry to run it again",
+    )
+
+
+def _in_progress(exc: DuplicateInFlight, cap: int) -> Rejected:
+    return Rejected(
+        409,
+        "in-progress",
+        "Request in progress",
+        "a request with this key is being processed",
+        [(b"retry-after", retry_after(exc.retry_after, cap))],
+    )
+
+
+def _wait_timeout(exc: WaitTimeout, cap: int) -> Rejected:
+    return Rejected(
+        409,
+        "wait-timeout",
+        "Request still in progress",
+        f"gave up waiting after {exc.waited:.0f}s",
+        [_RETRY_NOW],
+    )
+
+
+def _store_unavailable(exc: StoreUnavailable, cap: int) -> Rejected:
+    return Rejected(
+        503, "store-unavailable", "Deduplication store unavailable", store_detail(exc), [_RETRY_NOW]
+    )
+
+
+def _primary_lost(exc: Exception, cap: int) -> Rejected:
+    return Rejected(
+        503,
+        "primary-lost",
+        "The first request was interrupted",
+        "the request with this key lost its lease; retry it",
+        [_RETRY_NOW],
+    )
+
+
+_Problem = Callable[[Any, int], Rejected]
+_PROBLEMS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], _Problem], ...] = (
+    (PrimaryFailed, _primary_failed),
+    (
+        FingerprintMismatch,
+        lambda exc, cap: Rejected(
+            422, "key-reused", "Idempotency-Key reused", "this key was used for a different request"
+        ),
+    ),
+    (DuplicateInFlight, _in_progress),
+    (WaitTimeout, _wait_timeout),
+    (StoreUnavailable, _store_unavailable),
+    (
+        InvalidToken,
+        lambda exc, cap: Rejected(400, "key-invalid", "Invalid Idempotency-Key", str(exc)),
+    ),
+    ((LeaseLost, StreamBroken), _primary_lost),
+)
+"""What a keyed request's client is told of each failure of its call, first match first."""
+
+
+def problem_for(exc: Exception, max_retry_after: int) -> Rejected | None:
+    """The problem answering a keyed request whose call raised ``exc`` (``Retry-After`` capped
+    at ``max_retry_after``); None for an error that is not the client's to see (re-raised: the
+    server answers 500). A `NotStored` failure with a response handed over is replayed, not
+    mapped: the caller checks ``shared`` first."""
+    for types, make in _PROBLEMS:
+        if isinstance(exc, types):
+            return make(exc, max_retry_after)
+    return None
