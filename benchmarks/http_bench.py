@@ -72,7 +72,7 @@ def serve(kind: str, port: int, url: str, namespace: str, upstream: str | None) 
 
         assert upstream is not None
         dedup = Deduplicator.from_url(url, namespace=namespace, lease_ttl=2, metrics=False)
-        app = Gateway(upstream, dedup)
+        app = Gateway(upstream, dedup=dedup)
     else:
         raise SystemExit(f"unknown kind {kind!r}")
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
