@@ -23,6 +23,7 @@ from ..serialization import JsonSerializer, Serializer
 from ..store import Client, client_from_url
 from ..store.connect import describe_url
 from .engine import Engine
+from .health import read_health
 from .observe import Health, PrometheusMetrics
 from .streaming import Chunk, Final, stream_events
 
@@ -211,7 +212,7 @@ class Deduplicator:
         engine = self.engine
         keys = engine.keys.for_token(token, scope)
         rtype = return_type_of(call) if returns is UNSET else returns
-        with engine.span(keys) as span:
+        with engine.observer.span(keys) as span:
             first = await engine.begin(
                 keys, normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate
             )
@@ -350,7 +351,7 @@ class Deduplicator:
 
     async def __aenter__(self) -> Deduplicator:
         try:
-            await self.engine.checked_store()
+            await self.engine.ready()
         except BaseException:
             await self.aclose()
             raise
@@ -371,7 +372,7 @@ class Deduplicator:
     async def health(self) -> Health:
         """Store reachable (one PING, bounded) and accepting writes (one small SET), subscriber
         connected, local load, renewal lag, Redis' eviction policy."""
-        return await self.engine.health()
+        return await read_health(self.engine)
 
 
 def client_name() -> str:
