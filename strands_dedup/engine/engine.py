@@ -235,7 +235,7 @@ class Engine:
         # repeat once subscribed.
         watch = self.subscriber.attach_if_subscribed(keys.channel)
         try:
-            first = await self.first_claim(keys, fingerprint, rtype, on_duplicate, started)
+            first = await self._first_claim(keys, fingerprint, rtype, on_duplicate, started)
             if not isinstance(first, Duplicate):
                 return first
             handed, watch = watch, None  # from here on `wait` owns the watch and closes it
@@ -293,7 +293,7 @@ class Engine:
         """One claim (claim.lua): a replay, the lease, or who holds it."""
         return await self.store.claim(keys, owner, meta)
 
-    async def first_claim(
+    async def _first_claim(
         self,
         keys: TokenKeys,
         fingerprint: str | None,
@@ -511,7 +511,7 @@ class Engine:
                     return cast(T, step.value)
         raise AssertionError("the waiter loop ended without a value")  # pragma: no cover
 
-    async def read_again(
+    async def _read_again(
         self, keys: TokenKeys, owner: str, meta: bytes, fingerprint: str | None, not_before: float
     ) -> ClaimReply:
         """A waiter's re-read (a claim), shared by this process's waiters of the token.
@@ -546,7 +546,7 @@ class Engine:
         entry[1].set_result((reply, owner, fingerprint))
         return reply
 
-    async def fetch_shared(self, keys: TokenKeys) -> bytes | None:
+    async def _fetch_shared(self, keys: TokenKeys) -> bytes | None:
         """Read a large stored result once per process for all of its waiters."""
         pending = self._fetches.get(keys.result)
         if pending is None:
@@ -574,7 +574,7 @@ class Engine:
             if lease.cancelling and task is not None:
                 task.uncancel()
                 self.drop(lease)
-                raise self.lost_error(lease, "the call was cancelled") from None
+                raise self._lost_error(lease, "the call was cancelled") from None
             await asyncio.shield(self.fail(lease, None))
             raise
         except BaseException as exc:
@@ -596,7 +596,7 @@ class Engine:
             lease.cancelling = True
             lease.task.cancel("strands-dedup: lease lost")
 
-    def lost_error(self, lease: HeldLease, detail: str) -> LeaseLost:
+    def _lost_error(self, lease: HeldLease, detail: str) -> LeaseLost:
         self.observer.count("lease_lost")
         return LeaseLost(
             f"lease on token {lease.keys.token!r} (fence {lease.fence}) was lost: {detail}",
@@ -692,7 +692,7 @@ class Engine:
     def settled(self, lease: HeldLease, value: T, accepted: Settled) -> Outcome[T]:
         """The primary's `Outcome` once its completion was answered; `LeaseLost` if refused."""
         if not accepted.ok:
-            raise self.lost_error(lease, f"its completion was refused ({accepted.reason})")
+            raise self._lost_error(lease, f"its completion was refused ({accepted.reason})")
         self.observer.outcome(lease.keys, lease.role, lease.fence, time.monotonic() - lease.started)
         return Outcome(value, lease.role, lease.fence)
 
@@ -882,7 +882,7 @@ class _TokenWaiter:
 
     async def read(self, not_before: float) -> Done[Outcome[Any] | HeldLease] | Listen:
         engine, keys = self.engine, self.keys
-        reply = await engine.read_again(keys, self.owner, self.meta, self.fingerprint, not_before)
+        reply = await engine._read_again(keys, self.owner, self.meta, self.fingerprint, not_before)
         if isinstance(reply, Replay):
             outcome = outcome_from_bytes(
                 reply.envelope, Role.WAITER, keys, self.fingerprint, self.rtype, self.serializer
@@ -903,7 +903,7 @@ class _TokenWaiter:
         if event is WakeUp.APPENDED:
             return listening  # a streaming primary is alive: keep waiting
         if event is WakeUp.STORED:
-            stored = await self.engine.fetch_shared(self.keys)
+            stored = await self.engine._fetch_shared(self.keys)
             if stored is None:
                 return None
             return Done(

@@ -103,7 +103,7 @@ class SessionConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> SessionConfig:
+    def _max_queue_needs_queue_mode(self) -> SessionConfig:
         if self.mode == "throw" and "max_queue" in self.model_fields_set:
             raise ValueError("max_queue applies to mode='queue' only")
         return self
