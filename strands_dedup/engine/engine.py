@@ -248,7 +248,7 @@ class Engine:
         """Before a call (of ``keys``) or ``async with``: bound to the running loop, the
         counters published, Redis' eviction policy read (and accepted), the call allowed."""
         self.bind_loop(keys)
-        if not self.closed:
+        if not self.publisher.started and not self.closed:
             self.publisher.start()
         if not self.store_policy.accepted:
             await self.store_policy.read_once()

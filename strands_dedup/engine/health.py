@@ -32,14 +32,8 @@ class StorePolicy:
         self._store = store
         self._config = config
         self._read: asyncio.Future[None] | None = None
-
-    @property
-    def accepted(self) -> bool:
+        self.accepted = False
         """The policy was read and accepted (so a call need not wait for the read)."""
-        read = self._read
-        return (
-            read is not None and read.done() and not read.cancelled() and read.exception() is None
-        )
 
     async def read_once(self) -> None:
         """Read the policy unless it was read already; `StoreRefused` when it is refused (every
@@ -67,6 +61,7 @@ class StorePolicy:
                 f"require_noeviction is set and {detail}",
                 server_message=f"maxmemory-policy {policy}",
             )
+        self.accepted = True
 
 
 class SessionActivity:

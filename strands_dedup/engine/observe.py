@@ -354,17 +354,16 @@ class StatsPublisher:
         self._timeout = timeout
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-
-    @property
-    def started(self) -> bool:
-        return self._task is not None
+        self.started = False
+        """Publishing began (it runs until `aclose`)."""
 
     def start(self) -> None:
         """Start publishing on the running loop (once; never after `aclose`)."""
-        if self._task is None and not self._closed:
+        if not self.started and not self._closed:
             self._task = asyncio.get_running_loop().create_task(
                 self._publish(), name="strands-dedup-stats"
             )
+            self.started = True
 
     async def _publish(self) -> None:
         # The hash outlives a few missed publications, not the process.
