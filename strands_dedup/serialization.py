@@ -3,7 +3,8 @@
 The default, `JsonSerializer`, writes JSON and reads it back into the callable's return type with
 pydantic: pydantic models, dataclasses, TypedDicts and builtin types round-trip to their type.
 `SignedPickleSerializer` is the only way pickle is ever used, and only with a key: every payload
-carries an HMAC-SHA256 that is checked before anything is unpickled.
+carries an HMAC-SHA256 that is checked before anything is unpickled. `outcome_from_bytes` and
+`outcome_from_envelope` read a stored (or shared) result envelope back into a caller's `Outcome`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,24 @@ import hashlib
 import hmac
 import pickle
 from functools import lru_cache
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pydantic_core
 from pydantic import TypeAdapter, ValidationError
 
-from .errors import SerializationError
+from .errors import FingerprintMismatch, NotStored, PrimaryFailed, SerializationError
+from .protocol import Envelope, Outcome, Role, decode_envelope, fingerprints_conflict
 
-__all__ = ["JsonSerializer", "Serializer", "SignedPickleSerializer"]
+if TYPE_CHECKING:
+    from .keys import TokenKeys
+
+__all__ = [
+    "JsonSerializer",
+    "Serializer",
+    "SignedPickleSerializer",
+    "outcome_from_bytes",
+    "outcome_from_envelope",
+]
 
 
 @runtime_checkable
@@ -101,3 +112,75 @@ class SignedPickleSerializer:
                 "stored result's signature does not match: refusing to unpickle"
             )
         return pickle.loads(body)  # noqa: S301 - signature checked above
+
+
+def outcome_from_bytes(
+    data: bytes,
+    role: Role,
+    keys: TokenKeys,
+    fingerprint: str | None,
+    rtype: Any,
+    serializer: Serializer,
+) -> Outcome[Any]:
+    """The `Outcome` a stored (or shared) envelope gives a caller of ``keys`` (see
+    `outcome_from_envelope`); `SerializationError` when ``data`` is no result envelope."""
+    try:
+        envelope = decode_envelope(data)
+    except (ValueError, KeyError) as exc:
+        raise SerializationError(
+            f"the value stored for token {keys.token!r} is not a strands-dedup result",
+            token=keys.token,
+        ) from exc
+    return outcome_from_envelope(envelope, role, keys, fingerprint, rtype, serializer)
+
+
+def outcome_from_envelope(
+    envelope: Envelope,
+    role: Role,
+    keys: TokenKeys,
+    fingerprint: str | None,
+    rtype: Any,
+    serializer: Serializer,
+) -> Outcome[Any]:
+    """The `Outcome` a decoded envelope gives a caller (one decode serves every waiter):
+    the value read as ``rtype``, or the error it stands for (`FingerprintMismatch` for another
+    request, `NotStored` for a value only shared, `PrimaryFailed`, `SerializationError`)."""
+    if fingerprints_conflict(fingerprint, envelope.fingerprint):
+        raise FingerprintMismatch(
+            f"token {keys.token!r} was used for a different request (fingerprint differs)",
+            token=keys.token,
+        )
+    if not envelope.stored:
+        raise NotStored(
+            f"the primary for token {keys.token!r} handed its value to the duplicates "
+            f"waiting then, without storing it: {envelope.error_message}",
+            token=keys.token,
+            reason=envelope.error_message,
+            shared=envelope.payload,
+            fence=envelope.fence,
+        )
+    if not envelope.ok:
+        raise PrimaryFailed(
+            f"the primary for token {keys.token!r} failed: "
+            f"{envelope.error_type}: {envelope.error_message}",
+            token=keys.token,
+            error_type=envelope.error_type,
+            error_message=envelope.error_message,
+            fence=envelope.fence,
+        )
+    if envelope.serializer != serializer.name:
+        raise SerializationError(
+            f"the result for token {keys.token!r} was written with serializer "
+            f"{envelope.serializer!r}; this deduplicator reads {serializer.name!r}",
+            token=keys.token,
+        )
+    try:
+        value = serializer.loads(envelope.payload, rtype)
+    except SerializationError as exc:
+        exc.token = keys.token
+        raise
+    except Exception as exc:
+        raise SerializationError(
+            f"the result for token {keys.token!r} could not be read: {exc}", token=keys.token
+        ) from exc
+    return Outcome(value, role, envelope.fence)

@@ -38,7 +38,7 @@ async def collect(stream: AsyncIterator[Any]) -> list[Any]:
 
 async def entries(dedup: Deduplicator, keys: TokenKeys) -> list[tuple[bytes, bytes]]:
     """The (kind, data) of every entry of the token's stream."""
-    found = await dedup.engine.read_stream(keys, None, 10_000)
+    found = await dedup.engine.store.read_stream(keys, None, 10_000)
     return [(fields[b"k"], fields[b"d"]) for _, fields in found]
 
 
@@ -142,7 +142,7 @@ async def stalled_stream(url: str, pid: int) -> None:
 
 
 async def _count(dedup: Deduplicator, keys: TokenKeys, n: int) -> bool:
-    return len(await dedup.engine.read_stream(keys, None, 10_000)) >= n
+    return len(await dedup.engine.store.read_stream(keys, None, 10_000)) >= n
 
 
 @pytest.mark.redis
@@ -181,7 +181,7 @@ async def test_a_cluster_node_stopped_mid_stream_appends_each_chunk_once(
 
 async def inject_duplicate(dedup: Deduplicator, keys: TokenKeys) -> None:
     """Add a copy of the stream's last entry after it (what a repeated append used to do)."""
-    last = (await dedup.engine.read_stream(keys, None, 10_000))[-1][1]
+    last = (await dedup.engine.store.read_stream(keys, None, 10_000))[-1][1]
     await dedup.engine.store.client.xadd(keys.stream, last)  # type: ignore[arg-type]
 
 

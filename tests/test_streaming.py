@@ -237,7 +237,7 @@ async def test_a_follower_follows_only_the_attempt_of_the_live_lease(
 
         first = asyncio.create_task(collect(a.stream("tok", dies)))
         deadline = asyncio.get_running_loop().time() + 5
-        while len(await a.engine.read_stream(keys, None, 100)) < 4:  # its begin and 3 chunks
+        while len(await a.engine.store.read_stream(keys, None, 100)) < 4:  # its begin and 3 chunks
             assert asyncio.get_running_loop().time() < deadline, "the chunks never arrived"
             await asyncio.sleep(0.005)  # polling the stream against a deadline
         fail.set()

@@ -26,6 +26,7 @@ from ..store import Client, client_from_url
 from ..store.commands import BudgetReply, ConversationReply
 from ..store.connect import describe_url
 from .engine import Engine
+from .health import read_health
 from .observe import Health, PrometheusMetrics
 from .streaming import Chunk, Emit, Event, Final, stream_events
 
@@ -214,7 +215,7 @@ class Deduplicator:
         engine = self.engine
         keys = engine.keys.for_token(token, scope)
         rtype = return_type_of(call) if returns is UNSET else returns
-        with engine.span(keys) as span:
+        with engine.observer.span(keys) as span:
             first = await engine.begin(
                 keys, normalize_fingerprint(fingerprint), rtype, wait_timeout, on_duplicate
             )
@@ -353,7 +354,7 @@ class Deduplicator:
 
     async def __aenter__(self) -> Deduplicator:
         try:
-            await self.engine.checked_store()
+            await self.engine.ready()
         except BaseException:
             await self.aclose()
             raise
@@ -374,14 +375,14 @@ class Deduplicator:
     async def health(self) -> Health:
         """Store reachable (one PING, bounded) and accepting writes (one small SET), subscriber
         connected, local load, renewal lag, Redis' eviction policy."""
-        return await self.engine.health()
+        return await read_health(self.engine)
 
     # -- for the surfaces built on it (HTTP middleware and gateway, agents) ----------------------
 
     @property
     def where(self) -> str:
         """Where the store is (``memory://``, a host and port, ...): for logs, never for clients."""
-        return self.engine.where
+        return self.engine.store.where
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:

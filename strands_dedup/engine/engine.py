@@ -1,11 +1,16 @@
-"""`Engine`: the one protocol implementation every surface runs its calls through.
+"""`Engine`: the protocol of one token, the one implementation every surface runs its calls
+through.
 
-One engine per deduplicator (and so per event loop) owns the store, the shared subscriber, the
-renewer, the observer, the serializer and the owner ids. Its API is small: `begin` (claim, or
-wait as a duplicate), `wait` (the one waiter loop, with hooks for stream appends and session
-grants), `run_primary`, `complete`, `fail`, `release`, `append` (a stream's chunks). It counts
-every event and opens every span, so the library, the blocking facade, streams, sessions, the
-agent wrappers, the middleware and the gateway are all observed the same way.
+One engine per deduplicator (and so per event loop) holds the parts a call needs: the store, the
+shared subscriber, the renewer, the observer, the serializer. Its methods are the protocol: claim
+(`begin`; `after_first_claim` says what a first claim's reply means), the one waiter loop
+(`wait`, with hooks for stream followers and session queues; a duplicate's `wait_duplicate`),
+`run_primary`, then `complete`, `fail` or `release` (what they send is decided by `completion`,
+`failure`, `settled` and `read_back`, shared with the blocking shell, which sends it itself) and
+a stream's fenced `append`. It counts every outcome, so every surface is observed alike.
+
+What is not the protocol lives beside it: health, Redis' eviction policy and the sessions held
+(`health`), the stats publisher (`observe`), decoding a stored result (`serialization`).
 """
 
 from __future__ import annotations
@@ -36,9 +41,7 @@ from ..errors import (
     DuplicateInFlight,
     FingerprintMismatch,
     LeaseLost,
-    NotStored,
     OutcomeUnknown,
-    PrimaryFailed,
     ReentrantCall,
     ResultTooLarge,
     SerializationError,
@@ -46,7 +49,7 @@ from ..errors import (
     StoreUnavailable,
     WaitTimeout,
 )
-from ..keys import KeySchema, SessionKeys, TokenKeys
+from ..keys import KeySchema, TokenKeys
 from ..protocol import (
     Busy,
     Claimed,
@@ -61,7 +64,6 @@ from ..protocol import (
     Wake,
     WakeUp,
     after_wake,
-    decode_envelope,
     decode_message,
     encode_envelope,
     encode_lease,
@@ -74,12 +76,12 @@ from ..protocol import (
     fingerprints_conflict,
     wait_budget,
 )
-from ..serialization import Serializer
+from ..serialization import Serializer, outcome_from_bytes, outcome_from_envelope
 from ..store import Client, RedisStore, ShardedSubscriber, Subscriber, Watch
 from ..store.commands import Settled
-from ..store.redis import describe_error, eviction_warning, warn_evicting
 from .call import is_running, primary_context
-from .observe import Health, Observer, PrometheusMetrics, SessionLoad
+from .health import SessionActivity, StorePolicy
+from .observe import Observer, PrometheusMetrics, StatsPublisher
 from .renewer import HeldLease, Renewer
 
 __all__ = ["Done", "Duplicate", "Engine", "Listen", "WaitHooks"]
@@ -184,19 +186,20 @@ class Engine:
         self._owner_seq = itertools.count(1)
         self._fetches: dict[bytes, asyncio.Future[bytes | None]] = {}
         self._rereads: dict[bytes, _Reread] = {}
-        self._stats_key = self.keys.stats_key(f"{_HOST}:{os.getpid()}:{self._owner_prefix}")
-        self._publisher: asyncio.Task[None] | None = None
-        self._sessions: dict[SessionKeys, list[int]] = {}
-        """Sessions this engine's callers hold or wait for: [held, waiting]."""
-        self._store_check: asyncio.Future[None] | None = None
-        """Reads Redis' eviction policy once, at the first call (`_check_store`)."""
+        self.store_policy = StorePolicy(self.store, config)
+        """Redis' eviction policy, read before the first call."""
+        self.publisher = StatsPublisher(
+            self.observer,
+            self.store,
+            self.keys.stats_key(f"{_HOST}:{os.getpid()}:{self._owner_prefix}"),
+            config.stats_interval,
+            config.socket_timeout,
+        )
+        """Publishes the counters for the CLI from the first call on."""
+        self.sessions = SessionActivity()
+        """The sessions this engine's callers hold or wait for (`SessionGuard` counts them)."""
         self._background: set[asyncio.Task[Any]] = set()
         """Streaming primaries whose callers may have stopped listening."""
-
-    @property
-    def where(self) -> str:
-        """The store's address, for messages."""
-        return self.store.where
 
     # -- ids and bookkeeping ----------------------------------------------------------------------
 
@@ -215,21 +218,6 @@ class Engine:
         task.add_done_callback(self._background.discard)
         return task
 
-    def session_activity(self, keys: SessionKeys, *, held: int = 0, waiting: int = 0) -> None:
-        """Count a session hold (or a wait in its queue) of this engine's callers, for `health`."""
-        entry = self._sessions.setdefault(keys, [0, 0])
-        entry[0] += held
-        entry[1] += waiting
-        if entry == [0, 0]:
-            del self._sessions[keys]
-
-    def span(
-        self, keys: TokenKeys, *, current: bool = True
-    ) -> contextlib.AbstractContextManager[Any]:
-        """One call's span (none unless tracing is configured); ``current=False`` for a call
-        that yields to its caller (a stream), whose span must not become the caller's."""
-        return self.observer.span(keys, current=current)
-
     # -- claim ------------------------------------------------------------------------------------
 
     async def begin(
@@ -247,7 +235,7 @@ class Engine:
         # repeat once subscribed.
         watch = self.subscriber.attach_if_subscribed(keys.channel)
         try:
-            first = await self.first_claim(keys, fingerprint, rtype, on_duplicate, started)
+            first = await self._first_claim(keys, fingerprint, rtype, on_duplicate, started)
             if not isinstance(first, Duplicate):
                 return first
             handed, watch = watch, None  # from here on `wait` owns the watch and closes it
@@ -257,18 +245,17 @@ class Engine:
                 watch.close()
 
     async def ready(self, keys: TokenKeys | None = None) -> None:
-        """Checks before a call: the right loop, the engine open, the store's policy read."""
+        """Before a call (of ``keys``) or ``async with``: bound to the running loop, the
+        counters published, Redis' eviction policy read (and accepted), the call allowed."""
         self.bind_loop(keys)
-        if self._publisher is None and not self.closed:
-            self._start_publisher()
-        if self._store_check is None or not self._store_check.done():
-            await self.checked_store()
-        elif self._store_check.exception() is not None:
-            self._store_check.result()  # require_noeviction refused this Redis
+        if not self.publisher.started and not self.closed:
+            self.publisher.start()
+        if not self.store_policy.accepted:
+            await self.store_policy.read_once()
         if keys is not None:
-            self.check_call(keys)
+            self.ensure_call_allowed(keys)
 
-    def check_call(self, keys: TokenKeys) -> None:
+    def ensure_call_allowed(self, keys: TokenKeys) -> None:
         """`DedupError` once closed; `ReentrantCall` inside the primary call of the same token
         (read from the caller's context)."""
         if self.closed:
@@ -285,15 +272,7 @@ class Engine:
     def is_ready(self) -> bool:
         """Ready for calls from another thread (the blocking shell's): bound to its loop,
         publishing its counters, the store's policy read and accepted."""
-        check = self._store_check
-        return (
-            self.loop is not None
-            and self._publisher is not None
-            and check is not None
-            and check.done()
-            and not check.cancelled()
-            and check.exception() is None
-        )
+        return self.loop is not None and self.publisher.started and self.store_policy.accepted
 
     def _keep(self, lease: HeldLease, *, from_thread: bool) -> None:
         """Have the renewer renew ``lease`` (on the engine's own loop)."""
@@ -314,7 +293,7 @@ class Engine:
         """One claim (claim.lua): a replay, the lease, or who holds it."""
         return await self.store.claim(keys, owner, meta)
 
-    async def first_claim(
+    async def _first_claim(
         self,
         keys: TokenKeys,
         fingerprint: str | None,
@@ -355,14 +334,16 @@ class Engine:
         first: Outcome[Any] | HeldLease
         try:
             if isinstance(reply, Replay):
-                first = self.outcome_of(reply.envelope, Role.REPLAY, keys, fingerprint, rtype)
+                first = outcome_from_bytes(
+                    reply.envelope, Role.REPLAY, keys, fingerprint, rtype, self.serializer
+                )
             elif isinstance(reply, Claimed):
-                first = self.hold(
+                first = self.take_lease(
                     keys, owner, reply.fence, meta, Role.PRIMARY, fingerprint,
                     from_thread=from_thread,
                 )  # fmt: skip
             else:
-                self.check_lease(reply.lease, keys, fingerprint)
+                self.ensure_same_request(reply.lease, keys, fingerprint)
                 if (on_duplicate or self.config.on_duplicate) == "raise":
                     raise self.in_flight(keys, reply.lease)
                 return Duplicate(keys, owner, meta, fingerprint, rtype, reply, started)
@@ -413,7 +394,7 @@ class Engine:
         else:
             self.observer.claimed(first.role)
 
-    def hold(
+    def take_lease(
         self,
         keys: TokenKeys,
         owner: str,
@@ -442,7 +423,7 @@ class Engine:
         )
 
     @staticmethod
-    def check_lease(lease: LeaseInfo, keys: TokenKeys, fingerprint: str | None) -> None:
+    def ensure_same_request(lease: LeaseInfo, keys: TokenKeys, fingerprint: str | None) -> None:
         """`FingerprintMismatch` when the token is in flight for another request."""
         if fingerprints_conflict(fingerprint, lease.fingerprint):
             raise FingerprintMismatch(
@@ -530,7 +511,7 @@ class Engine:
                     return cast(T, step.value)
         raise AssertionError("the waiter loop ended without a value")  # pragma: no cover
 
-    async def read_again(
+    async def _read_again(
         self, keys: TokenKeys, owner: str, meta: bytes, fingerprint: str | None, not_before: float
     ) -> ClaimReply:
         """A waiter's re-read (a claim), shared by this process's waiters of the token.
@@ -565,7 +546,7 @@ class Engine:
         entry[1].set_result((reply, owner, fingerprint))
         return reply
 
-    async def fetch_shared(self, keys: TokenKeys) -> bytes | None:
+    async def _fetch_shared(self, keys: TokenKeys) -> bytes | None:
         """Read a large stored result once per process for all of its waiters."""
         pending = self._fetches.get(keys.result)
         if pending is None:
@@ -573,72 +554,6 @@ class Engine:
             self._fetches[keys.result] = pending
             pending.add_done_callback(lambda _: self._fetches.pop(keys.result, None))
         return await asyncio.shield(pending)
-
-    async def read_stream(
-        self, keys: TokenKeys, after: bytes | None, count: int
-    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """A streamed attempt's entries after ``after`` (from the start when None)."""
-        return await self.store.read_stream(keys, after, count)
-
-    # -- outcomes ---------------------------------------------------------------------------------
-
-    def outcome_of(
-        self, data: bytes, role: Role, keys: TokenKeys, fingerprint: str | None, rtype: Any
-    ) -> Outcome[Any]:
-        """The `Outcome` a stored (or shared) envelope gives this caller."""
-        try:
-            envelope = decode_envelope(data)
-        except (ValueError, KeyError) as exc:
-            raise SerializationError(
-                f"the value stored for token {keys.token!r} is not a strands-dedup result",
-                token=keys.token,
-            ) from exc
-        return self.outcome_from(envelope, role, keys, fingerprint, rtype)
-
-    def outcome_from(
-        self, envelope: Envelope, role: Role, keys: TokenKeys, fingerprint: str | None, rtype: Any
-    ) -> Outcome[Any]:
-        """See `outcome_of`, for an envelope decoded already (one decode for every waiter)."""
-        if fingerprints_conflict(fingerprint, envelope.fingerprint):
-            raise FingerprintMismatch(
-                f"token {keys.token!r} was used for a different request (fingerprint differs)",
-                token=keys.token,
-            )
-        if not envelope.stored:
-            raise NotStored(
-                f"the primary for token {keys.token!r} handed its value to the duplicates "
-                f"waiting then, without storing it: {envelope.error_message}",
-                token=keys.token,
-                reason=envelope.error_message,
-                shared=envelope.payload,
-                fence=envelope.fence,
-            )
-        if not envelope.ok:
-            raise PrimaryFailed(
-                f"the primary for token {keys.token!r} failed: "
-                f"{envelope.error_type}: {envelope.error_message}",
-                token=keys.token,
-                error_type=envelope.error_type,
-                error_message=envelope.error_message,
-                fence=envelope.fence,
-            )
-        serializer = self.serializer
-        if envelope.serializer != serializer.name:
-            raise SerializationError(
-                f"the result for token {keys.token!r} was written with serializer "
-                f"{envelope.serializer!r}; this deduplicator reads {serializer.name!r}",
-                token=keys.token,
-            )
-        try:
-            value = serializer.loads(envelope.payload, rtype)
-        except SerializationError as exc:
-            exc.token = keys.token
-            raise
-        except Exception as exc:
-            raise SerializationError(
-                f"the result for token {keys.token!r} could not be read: {exc}", token=keys.token
-            ) from exc
-        return Outcome(value, role, envelope.fence)
 
     # -- the primary --------------------------------------------------------------------------
 
@@ -659,7 +574,7 @@ class Engine:
             if lease.cancelling and task is not None:
                 task.uncancel()
                 self.drop(lease)
-                raise self.lost_error(lease, "the call was cancelled") from None
+                raise self._lost_error(lease, "the call was cancelled") from None
             await asyncio.shield(self.fail(lease, None))
             raise
         except BaseException as exc:
@@ -681,7 +596,7 @@ class Engine:
             lease.cancelling = True
             lease.task.cancel("strands-dedup: lease lost")
 
-    def lost_error(self, lease: HeldLease, detail: str) -> LeaseLost:
+    def _lost_error(self, lease: HeldLease, detail: str) -> LeaseLost:
         self.observer.count("lease_lost")
         return LeaseLost(
             f"lease on token {lease.keys.token!r} (fence {lease.fence}) was lost: {detail}",
@@ -777,7 +692,7 @@ class Engine:
     def settled(self, lease: HeldLease, value: T, accepted: Settled) -> Outcome[T]:
         """The primary's `Outcome` once its completion was answered; `LeaseLost` if refused."""
         if not accepted.ok:
-            raise self.lost_error(lease, f"its completion was refused ({accepted.reason})")
+            raise self._lost_error(lease, f"its completion was refused ({accepted.reason})")
         self.observer.outcome(lease.keys, lease.role, lease.fence, time.monotonic() - lease.started)
         return Outcome(value, lease.role, lease.fence)
 
@@ -887,7 +802,7 @@ class Engine:
         ``seq`` within the attempt (safe to repeat); False: the lease is lost."""
         return await self.store.append(lease.keys, lease.owner, lease.fence, items, ttl_ms, seq)
 
-    # -- lifecycle and health -----------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------
 
     def bind_loop(self, keys: TokenKeys | None = None) -> None:
         """Remember the event loop of the first use; refuse any other one with a `DedupError`
@@ -907,117 +822,6 @@ class Engine:
                 token=keys.token if keys is not None else None,
             )
 
-    async def checked_store(self) -> None:
-        """Read Redis' eviction policy once: warn (once per process) when it can evict our keys,
-        refuse with `StoreRefused` when ``require_noeviction`` is set. An unreachable Redis is
-        checked again at the next call."""
-        self.bind_loop()
-        if self._store_check is None:
-            self._store_check = asyncio.ensure_future(self._check_store())
-        await asyncio.shield(self._store_check)
-
-    async def _check_store(self) -> None:
-        try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                policy = await self.store.eviction_policy()
-        except (StoreUnavailable, TimeoutError) as exc:
-            log.debug("could not read the eviction policy yet: %s", exc)
-            self._store_check = None
-            return
-        warn_evicting(policy, self.store.where)
-        if self.config.require_noeviction and policy != "noeviction":
-            detail = eviction_warning(policy, self.store.where) or policy
-            raise StoreRefused(
-                f"require_noeviction is set and {detail}",
-                server_message=f"maxmemory-policy {policy}",
-            )
-
-    async def health(self) -> Health:
-        """Store reachable (one PING, bounded) and accepting writes (one small SET), subscriber
-        connected, local load, renewal lag, Redis' eviction policy."""
-        self.bind_loop()
-        timeout = self.config.connect_timeout
-        started = time.monotonic()
-        error = None
-        policy: str | None = None
-        try:
-            async with asyncio.timeout(timeout):
-                await self.store.probe()
-            latency: float | None = (time.monotonic() - started) * 1000
-        except Exception as exc:
-            latency, error = None, f"{type(exc).__name__}: {describe_error(exc)}"
-        if error is None:
-            try:
-                async with asyncio.timeout(timeout):
-                    policy = await self.store.eviction_policy()
-            except Exception as exc:  # health must answer; the policy is a bonus
-                log.debug("could not read the eviction policy: %s", exc)
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.store.probe_write(self.keys.probe)
-                writable: bool | None = True
-            except Exception as exc:
-                writable, error = False, f"{type(exc).__name__}: {describe_error(exc)}"
-        else:
-            writable = None
-        warning = eviction_warning(policy, self.store.where) if policy is not None else None
-        waiters = self.subscriber.waiters
-        connected = self.subscriber.connected
-        sessions: list[SessionLoad] = []
-        if error is None and self._sessions:
-            sessions = await self._session_loads()
-        return Health(
-            ok=error is None and (connected or waiters == 0),
-            store_reachable=writable is not None,
-            store_writable=writable,
-            store_latency_ms=latency,
-            subscriber_connected=connected,
-            in_flight=self.renewer.held,
-            waiters=waiters,
-            renewal_lag_s=self.renewer.lag,
-            error=error,
-            sessions_held=sum(x[0] for x in self._sessions.values()),
-            sessions_waiting=sum(x[1] for x in self._sessions.values()),
-            sessions=sessions,
-            eviction_policy=policy,
-            warnings=[warning] if warning is not None else [],
-        )
-
-    async def _session_loads(self, limit: int = 100) -> list[SessionLoad]:
-        local = list(self._sessions.items())[:limit]
-        try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                counts = await self.store.session_loads([keys for keys, _ in local])
-        except Exception as exc:  # health must answer; the counts are a bonus
-            log.debug("could not read session loads: %s", exc)
-            return []
-        return [
-            SessionLoad(keys.name, holders, queued, held, waiting)
-            for (keys, (held, waiting)), (holders, queued) in zip(local, counts, strict=True)
-        ]
-
-    def _start_publisher(self) -> None:
-        if self._publisher is None or self._publisher.done():
-            self._publisher = asyncio.get_running_loop().create_task(
-                self._publish_counters(), name="strands-dedup-stats"
-            )
-
-    async def _publish_counters(self) -> None:
-        """Publish this process's counters for the CLI, every few seconds while they change."""
-        interval = self.config.stats_interval
-        ttl_ms = int(interval * 4 * 1000)  # outlives a few missed publications, not the process
-        while not self.closed:
-            try:
-                counts = self.observer.snapshot() if self.observer.changed else None
-                async with asyncio.timeout(self.config.socket_timeout):
-                    await self.store.publish_stats(self._stats_key, counts, ttl_ms)
-            except Exception as exc:  # best effort: counters are not part of the protocol
-                log.debug("could not publish counters: %s", exc)
-                self.observer.changed = True
-            if self.closed:  # closed meanwhile: the driver may have swallowed the cancel
-                return
-            await asyncio.sleep(interval)
-
     async def aclose(self) -> None:
         """Stop the background work, the renewer and the subscriber; close the connections if
         this engine made them."""
@@ -1028,10 +832,7 @@ class Engine:
             task.cancel()
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.config.connect_timeout)
-        if self._publisher is not None and not self._publisher.done():
-            self._publisher.cancel()
-            with contextlib.suppress(BaseException):
-                await self._publisher
+        await self.publisher.aclose()
         await self.renewer.aclose()
         await self.subscriber.aclose()
         if self._owns_client:
@@ -1049,6 +850,7 @@ class _TokenWaiter:
         "meta",
         "owner",
         "rtype",
+        "serializer",
         "started",
         "timeout",
     )
@@ -1065,6 +867,7 @@ class _TokenWaiter:
     ) -> None:
         self.engine, self.keys, self.owner, self.meta = engine, keys, owner, meta
         self.fingerprint, self.rtype = fingerprint, rtype
+        self.serializer = engine.serializer
         self.started = time.monotonic()
         self.timeout = timeout
         self.deadline = self.started + timeout
@@ -1079,18 +882,19 @@ class _TokenWaiter:
 
     async def read(self, not_before: float) -> Done[Outcome[Any] | HeldLease] | Listen:
         engine, keys = self.engine, self.keys
-        reply = await engine.read_again(keys, self.owner, self.meta, self.fingerprint, not_before)
+        reply = await engine._read_again(keys, self.owner, self.meta, self.fingerprint, not_before)
         if isinstance(reply, Replay):
-            return Done(
-                engine.outcome_of(reply.envelope, Role.WAITER, keys, self.fingerprint, self.rtype)
+            outcome = outcome_from_bytes(
+                reply.envelope, Role.WAITER, keys, self.fingerprint, self.rtype, self.serializer
             )
+            return Done(outcome)
         if isinstance(reply, Claimed):
             return Done(
-                engine.hold(
+                engine.take_lease(
                     keys, self.owner, reply.fence, self.meta, Role.TAKEOVER, self.fingerprint
                 )
             )
-        engine.check_lease(reply.lease, keys, self.fingerprint)
+        engine.ensure_same_request(reply.lease, keys, self.fingerprint)
         return self.listen(reply)
 
     async def heard(
@@ -1099,16 +903,18 @@ class _TokenWaiter:
         if event is WakeUp.APPENDED:
             return listening  # a streaming primary is alive: keep waiting
         if event is WakeUp.STORED:
-            stored = await self.engine.fetch_shared(self.keys)
+            stored = await self.engine._fetch_shared(self.keys)
             if stored is None:
                 return None
             return Done(
-                self.engine.outcome_of(stored, Role.WAITER, self.keys, self.fingerprint, self.rtype)
+                outcome_from_bytes(
+                    stored, Role.WAITER, self.keys, self.fingerprint, self.rtype, self.serializer
+                )
             )
         if isinstance(event, Envelope):
             return Done(
-                self.engine.outcome_from(
-                    event, Role.WAITER, self.keys, self.fingerprint, self.rtype
+                outcome_from_envelope(
+                    event, Role.WAITER, self.keys, self.fingerprint, self.rtype, self.serializer
                 )
             )
         return None  # not a token's message: read again

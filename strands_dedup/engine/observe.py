@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -29,8 +30,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from ..keys import TokenKeys
     from ..protocol import Role
+    from ..store import RedisStore
 
-__all__ = ["EVENTS", "ROLE_STATE", "Health", "Observer", "PrometheusMetrics", "SessionLoad"]
+__all__ = [
+    "EVENTS",
+    "ROLE_STATE",
+    "Health",
+    "Observer",
+    "PrometheusMetrics",
+    "SessionLoad",
+    "StatsPublisher",
+]
 
 log = logging.getLogger("strands_dedup")
 
@@ -328,6 +338,57 @@ class Observer:
         with self._lock:
             self.changed = False
             return dict(self.counters)
+
+
+class StatsPublisher:
+    """Publishes one deduplicator's counters to ``key`` for the CLI, every ``interval`` seconds
+    while they change (best effort: counters are not part of the protocol)."""
+
+    def __init__(
+        self, observer: Observer, store: RedisStore, key: bytes, interval: float, timeout: float
+    ) -> None:
+        self._observer = observer
+        self._store = store
+        self._key = key
+        self._interval = interval
+        self._timeout = timeout
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.started = False
+        """Publishing began (it runs until `aclose`)."""
+
+    def start(self) -> None:
+        """Start publishing on the running loop (once; never after `aclose`)."""
+        if not self.started and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(
+                self._publish(), name="strands-dedup-stats"
+            )
+            self.started = True
+
+    async def _publish(self) -> None:
+        # The hash outlives a few missed publications, not the process.
+        ttl_ms = int(self._interval * 4 * 1000)
+        observer = self._observer
+        while not self._closed:
+            try:
+                counts = observer.snapshot() if observer.changed else None
+                async with asyncio.timeout(self._timeout):
+                    await self._store.publish_stats(self._key, counts, ttl_ms)
+            except Exception as exc:
+                log.debug("could not publish counters: %s", exc)
+                observer.changed = True
+            if self._closed:  # closed meanwhile: the driver may have swallowed the cancel
+                return
+            await asyncio.sleep(self._interval)
+
+    async def aclose(self) -> None:
+        """Stop publishing."""
+        self._closed = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()

@@ -103,7 +103,7 @@ class SessionConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> SessionConfig:
+    def _max_queue_needs_queue_mode(self) -> SessionConfig:
         if self.mode == "throw" and "max_queue" in self.model_fields_set:
             raise ValueError("max_queue applies to mode='queue' only")
         return self
@@ -320,13 +320,13 @@ class SessionGuard:
                 cfg.gap_timeout,
                 seq,
             )
-        self.engine.session_activity(keys, held=1)
+        self.engine.sessions.change(keys, held=1)
         return hold
 
     async def _release(self, hold: SessionHold) -> None:
         for ticket in reversed(hold._tickets):
             await self._leave(ticket)
-        self.engine.session_activity(hold._tickets[0].keys, held=-1)
+        self.engine.sessions.change(hold._tickets[0].keys, held=-1)
 
     async def _leave(self, ticket: HeldTicket) -> None:
         """Give the place up (holder or waiter); the script admits the next in line."""
@@ -400,7 +400,7 @@ class SessionGuard:
         engine.renewer.add_ticket(ticket)
         if isinstance(reply, Grant):
             return ticket, reply  # the uncontended path: no subscription at all
-        engine.session_activity(keys, waiting=1)
+        engine.sessions.change(keys, waiting=1)
         queue = _QueueWait(self, keys, ticket, reply, (owner, mode, limit, max_queue, seq))
         try:
             # Registered after the caller joined the queue: once Redis confirms the
@@ -410,7 +410,7 @@ class SessionGuard:
             await asyncio.shield(self._leave(ticket))
             raise
         finally:
-            engine.session_activity(keys, waiting=-1)
+            engine.sessions.change(keys, waiting=-1)
 
     def _enqueue_lock(self, keys: SessionKeys) -> tuple[asyncio.Lock, list[int]]:
         entry = self._enqueueing.get(keys.holders)

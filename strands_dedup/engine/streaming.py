@@ -52,6 +52,7 @@ from ..protocol import (
     WakeUp,
     wait_budget,
 )
+from ..serialization import outcome_from_bytes, outcome_from_envelope
 from .engine import Done, Engine, Listen
 from .renewer import HeldLease
 
@@ -261,14 +262,15 @@ class _Follower:
     async def verdict(self, reply: Replay | Claimed | Busy) -> Done[list[Event | _Lead]] | Busy:
         if isinstance(reply, Replay):
             role = Role.REPLAY if self.claims == 1 and self.attempt is None else Role.WAITER
+            serializer = self.engine.serializer
             return await self.final(
-                self.engine.outcome_of(
-                    reply.envelope, role, self.keys, self.fingerprint, self.rtype
+                outcome_from_bytes(
+                    reply.envelope, role, self.keys, self.fingerprint, self.rtype, serializer
                 )
             )
         if isinstance(reply, Claimed):
             return Done([_Lead(reply.fence)])
-        self.engine.check_lease(reply.lease, self.keys, self.fingerprint)
+        self.engine.ensure_same_request(reply.lease, self.keys, self.fingerprint)
         return reply
 
     async def read(self, not_before: float) -> Done[list[Event | _Lead]] | Listen:
@@ -287,9 +289,10 @@ class _Follower:
         if event is WakeUp.APPENDED:
             return Listen(listening.until, await self.entries())
         if isinstance(event, Envelope):
+            serializer = self.engine.serializer
             return await self.final(
-                self.engine.outcome_from(
-                    event, Role.WAITER, self.keys, self.fingerprint, self.rtype
+                outcome_from_envelope(
+                    event, Role.WAITER, self.keys, self.fingerprint, self.rtype, serializer
                 )
             )
         return None  # stored (large) or a message that is not ours: claim again
@@ -305,7 +308,7 @@ class _Follower:
         """The entries of the live lease's attempt since the last read, as events."""
         events: list[Event] = []
         while True:
-            entries = await self.engine.read_stream(self.keys, self.cursor, _READ_BATCH)
+            entries = await self.engine.store.read_stream(self.keys, self.cursor, _READ_BATCH)
             if self.first_read and entries:
                 self.first_read = False
                 begins = [i for i, (_, f) in enumerate(entries) if f.get(b"k") == STREAM_BEGIN]
@@ -390,7 +393,7 @@ async def stream_events(
         best_effort,
     )
     observer = engine.observer
-    with engine.span(keys, current=False) as span:
+    with engine.observer.span(keys, current=False) as span:
         try:
             await engine.ready(keys)
             first = await follower.verdict(await follower.claim())
@@ -419,7 +422,7 @@ async def stream_events(
                 observer.claimed(role)
                 if follower.received:
                     yield StreamReset(event.fence)
-                lease = engine.hold(
+                lease = engine.take_lease(
                     keys, follower.owner, event.fence, follower.meta, role, fingerprint
                 )
                 async for led in _lead(engine, lease, produce, rtype, best_effort):

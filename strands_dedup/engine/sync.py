@@ -201,10 +201,10 @@ class SyncDeduplicator:
         keys = engine.keys.for_token(token, scope)
         rtype = return_type_of(call) if returns is UNSET else returns
         fp = normalize_fingerprint(fingerprint)
-        engine.check_call(keys)  # in this thread's context (and closed or not)
+        engine.ensure_call_allowed(keys)  # in this thread's context (and closed or not)
         if not engine.is_ready:  # the first call: bind the core to the portal, read the store
             self.portal.call(engine.ready())
-        with engine.span(keys) as span:
+        with engine.observer.span(keys) as span:
             first = self._first(keys, fp, rtype, wait_timeout, on_duplicate)
             outcome = first if isinstance(first, Outcome) else self._run_primary(first, call, rtype)
             if span is not None:
@@ -239,7 +239,7 @@ class SyncDeduplicator:
 
     def _run_primary(self, lease: HeldLease, call: Callable[[], T], rtype: Any) -> Outcome[T]:
         try:
-            with primary_context(lease, self.core.engine.where):
+            with primary_context(lease, self.core.engine.store.where):
                 value = call()
         except BaseException as exc:
             self._fail(lease, exc)
@@ -382,7 +382,7 @@ class SyncDeduplicator:
 
     def __enter__(self) -> SyncDeduplicator:
         try:
-            self.portal.call(self.core.engine.checked_store())
+            self.portal.call(self.core.engine.ready())
         except BaseException:
             self.close()
             raise
