@@ -31,6 +31,24 @@ from servers import (
 REQUIRE_REDIS = os.environ.get("STRANDS_DEDUP_REQUIRE_REDIS") == "1"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n``, ``--dist loadgroup``), a module whose tests share a
+    module-scoped fixture (a gateway, an upstream, an S3 server) runs on one worker, so the
+    fixture starts once; other tests go to whichever worker is free. Session-scoped servers
+    (the Redis Cluster, the Sentinels) are started once per worker, so no test sees another
+    worker's failovers, flushed scripts or connections."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        if any(
+            fixture.scope == "module"
+            for fixtures in info.name2fixturedefs.values()
+            for fixture in fixtures
+        ):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of a real Redis for this test session."""

@@ -131,10 +131,13 @@ async def test_tls_url(
         assert (await dedup.execute("t", lambda: "x")).value == "tls"
 
 
-async def test_killed_connections_are_retried_transparently(redis_url: str, namespace: str) -> None:
-    async with Deduplicator.from_url(redis_url, namespace=namespace) as dedup:
+async def test_killed_connections_are_retried_transparently(
+    redis_server_factory: type, namespace: str
+) -> None:
+    server = redis_server_factory()  # of its own: it kills every client connection
+    async with Deduplicator.from_url(server.url, namespace=namespace) as dedup:
         assert (await dedup.execute("a", lambda: 1)).role is Role.PRIMARY
-        admin = redis.Redis.from_url(redis_url)
+        admin = redis.Redis.from_url(server.url)
         try:
             name = dedup.engine.store.client.get_connection_kwargs()["client_name"]
             killed = admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
