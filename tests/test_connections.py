@@ -26,7 +26,7 @@ async def test_unreachable_redis_fails_fast_with_store_unavailable(namespace: st
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="unavailable") as info:
             await dedup.execute("t", lambda: 1)
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 5
         assert isinstance(info.value.__cause__, redis.ConnectionError)
         assert "127.0.0.1" in str(info.value) and "password" not in str(info.value)
 
@@ -55,14 +55,15 @@ async def test_password_and_acl_users(
         assert (await d.execute("t", lambda: "acl")).value == "pw"
 
     for bad in (f"redis://:wrong@{base}", f"redis://agent:wrong@{base}", f"redis://{base}"):
-        async with Deduplicator.from_url(bad, namespace=namespace, retry_attempts=5) as d:
+        # retried, an error would take the retry deadline (10 s)
+        async with Deduplicator.from_url(bad, namespace=namespace, retry_attempts=20) as d:
             started = time.monotonic()
             with pytest.raises(StoreUnavailable, match="credentials") as info:
                 await d.execute("t", lambda: 1)
-            assert time.monotonic() - started < 1, "credential errors are not retried"
+            assert time.monotonic() - started < 5, "credential errors are not retried"
             assert "wrong" not in str(info.value)
         # and closing does not wait out the counters' publisher (refused the same way)
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 5
 
 
 async def test_unix_socket_url(redis_server_factory: type[RedisServer], namespace: str) -> None:
