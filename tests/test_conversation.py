@@ -32,7 +32,7 @@ from strands_dedup.agents.strands import (
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.redis]
 WORKER = str(Path(__file__).with_name("conversation_worker.py"))
-LEASE = 1.0
+LEASE = 2.0  # a live holder keeps its session while a loaded machine stalls it a second
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def worker(
     children: Callable[..., Awaitable[Child]], redis_url: str, namespace: str
 ) -> Callable[..., Awaitable[Child]]:
     async def spawn(mode: str, session: str, store: tuple[str, str], *rest: str) -> Child:
-        return await children(mode, redis_url, namespace, session, *store, *rest, worker=WORKER)
+        args = (mode, redis_url, namespace, session, *store, *rest, "--lease-ttl", str(LEASE))
+        return await children(*args, worker=WORKER)
 
     return spawn
 
