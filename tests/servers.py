@@ -467,16 +467,33 @@ def process(args: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]
 
     Its stderr goes to a file (a pipe nobody reads would block it once full).
     """
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+    with processes([(args, ready_url)]) as started:
+        yield started[0]
+
+
+@contextlib.contextmanager
+def processes(
+    commands: list[tuple[list[str], str]],
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Child processes (HTTP servers) started together, each answering its ready URL within
+    20 s; stopped after (each one's stderr goes to a file)."""
+    with contextlib.ExitStack() as stack:
+        started: list[subprocess.Popen[bytes]] = []
+        for args, _ in commands:
+            log = stack.enter_context(tempfile.TemporaryFile())
+            started.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log))
+            stack.callback(_stop, started[-1])
+        deadline = time.monotonic() + 20
+        for _, ready_url in commands:
+            wait_http(ready_url, deadline)
+        yield started
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
         try:
-            wait_http(ready_url, time.monotonic() + 20)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

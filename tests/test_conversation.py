@@ -103,7 +103,8 @@ async def next_turn(
         return original(messages)
 
     model._events = spy  # type: ignore[method-assign]
-    async with Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=LEASE) as dedup:
+    # nothing waits for this turn's lease to end: a long one keeps a stalled check from losing it
+    async with Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=10) as dedup:
         agent = DedupAgent(
             dedup,
             lambda sid: Agent(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import free_port, process
+from servers import free_port, process, processes
 from timing import SLACK
 
 from strands_dedup.cli import Inspector
@@ -39,14 +39,14 @@ def upstream() -> Iterator[str]:
 def gateways(
     upstream: str, redis_url: str, namespace: str
 ) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
-    with contextlib.ExitStack() as stack:
-        replicas = []
-        for _ in range(3):
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            args = gateway_command(upstream, redis_url, namespace, port, "--lease-ttl", "1")
-            replicas.append((url, stack.enter_context(process(args, url + "/healthz"))))
-        yield replicas
+    commands = []
+    for _ in range(3):
+        port = free_port()
+        args = gateway_command(upstream, redis_url, namespace, port, "--lease-ttl", "1")
+        commands.append((args, f"http://127.0.0.1:{port}/healthz"))
+    with processes(commands) as started:  # started together, not one after another
+        urls = [ready.removesuffix("/healthz") for _, ready in commands]
+        yield list(zip(urls, started, strict=True))
 
 
 async def _storm(urls: list[str], keys: list[str]) -> list[httpx.Response]:
