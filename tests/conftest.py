@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import redis
 from children import WORKER, Child
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from servers import (
     REDIS_CLI,
     REDIS_SERVER,
@@ -89,7 +91,10 @@ def namespace(request: pytest.FixtureRequest) -> Iterator[str]:
     yield ns
     if "redis_url" in request.fixturenames:
         url = request.getfixturevalue("redis_url")
-        client = redis.Redis.from_url(url)
+        # retried once: a test elsewhere on this Redis may kill every client connection
+        client = redis.Redis.from_url(
+            url, retry=Retry(NoBackoff(), 2), retry_on_error=[redis.ConnectionError]
+        )
         try:
             keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
             for start in range(0, len(keys), 500):
