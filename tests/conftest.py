@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import redis
 from children import WORKER, Child
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from servers import (
     REDIS_CLI,
     REDIS_SERVER,
@@ -29,6 +31,24 @@ from servers import (
 )
 
 REQUIRE_REDIS = os.environ.get("STRANDS_DEDUP_REQUIRE_REDIS") == "1"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n``, ``--dist loadgroup``), a module whose tests share a
+    module-scoped fixture (a gateway, an upstream, an S3 server) runs on one worker, so the
+    fixture starts once; other tests go to whichever worker is free. Session-scoped servers
+    (the Redis Cluster, the Sentinels) are started once per worker, so no test sees another
+    worker's failovers, flushed scripts or connections."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        if any(
+            fixture.scope == "module"
+            for fixtures in info.name2fixturedefs.values()
+            for fixture in fixtures
+        ):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +91,10 @@ def namespace(request: pytest.FixtureRequest) -> Iterator[str]:
     yield ns
     if "redis_url" in request.fixturenames:
         url = request.getfixturevalue("redis_url")
-        client = redis.Redis.from_url(url)
+        # retried once: a test elsewhere on this Redis may kill every client connection
+        client = redis.Redis.from_url(
+            url, retry=Retry(NoBackoff(), 2), retry_on_error=[redis.ConnectionError]
+        )
         try:
             keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
             for start in range(0, len(keys), 500):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -35,10 +36,39 @@ STALL_OPTIONS: dict[str, Any] = {
 retries, and a lease that outlasts the stall."""
 
 
+PORTS = range(20000, 32000)
+"""Where `free_port` looks: below Linux's ephemeral range (32768-60999), so a port it hands out is
+not taken meanwhile by some outgoing connection's local port, and drawn at random, so that test
+processes running side by side (pytest-xdist workers) seldom draw the same one."""
+
+
 def free_port() -> int:
+    """A port nobody listens on now (a test server that fails to bind it starts again elsewhere:
+    see `RedisServer`)."""
+    for _ in range(100):
+        port = random.choice(PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class PortTaken(RuntimeError):
+    """A test server could not bind the port it was given."""
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
 
 
 class RedisServer:
@@ -47,12 +77,20 @@ class RedisServer:
     def __init__(self, *args: str, port: int | None = None) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not on the PATH")
-        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="strands-dedup-redis-")
         self.unixsocket = os.path.join(self.dir, "redis.sock")
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        for attempt in range(5):
+            self.port = port or free_port()
+            try:
+                self.start()
+                return
+            except PortTaken:
+                # another process bound the port between free_port and the server's bind
+                if port is not None or attempt == 4:
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                    raise
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -79,11 +117,19 @@ class RedisServer:
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            # Ready once its unix socket (in a directory of its own) accepts: the server listens
+            # on it only after it bound the TCP port, and a server of someone else on that port
+            # cannot pass for it.
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(0.2)
+                sock.connect(self.unixsocket)
                 return
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+                code, self.proc = self.proc.returncode, None
+                bus = [self.port + 10000] if "--cluster-enabled" in self.args else []
+                if any(port_in_use(p) for p in (self.port, *bus)):
+                    raise PortTaken(f"port {self.port} was taken before redis-server bound it")
+                raise RuntimeError(f"redis-server exited with {code}")
             time.sleep(0.02)
         self.stop()
         raise RuntimeError("redis-server did not start within 10 s")
@@ -240,16 +286,34 @@ class SentinelSetup:
 def free_cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is also free."""
     for _ in range(200):
-        port = free_port()
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
+        port = random.choice(CLUSTER_PORTS)
+        if not port_in_use(port) and not port_in_use(port + 10000):
+            return port
     raise RuntimeError("found no free port pair for a cluster node")
+
+
+CLUSTER_PORTS = range(10000, 20000)
+"""Where cluster nodes listen (their bus ports, +10000, stay below the ephemeral range too)."""
+
+
+def cluster_node(*args: str) -> RedisServer:
+    """A cluster-enabled redis-server on a free port pair (drawn again if another process took
+    the pair before the server bound it)."""
+    for attempt in range(5):
+        port = free_cluster_port()
+        try:
+            return RedisServer(
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                *args,
+                port=port,
+            )
+        except PortTaken:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
 
 
 class ClusterSetup:
@@ -265,19 +329,13 @@ class ClusterSetup:
         self.nodes: list[RedisServer] = []
         try:
             for _ in range(primaries * (1 + replicas_each)):
-                port = free_cluster_port()
                 self.nodes.append(
-                    RedisServer(
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        f"nodes-{port}.conf",
+                    cluster_node(
                         "--cluster-node-timeout",
                         str(self.NODE_TIMEOUT_MS),
                         "--repl-diskless-sync-delay",
                         "0",
                         *args,
-                        port=port,
                     )
                 )
             subprocess.run(
@@ -409,16 +467,33 @@ def process(args: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]
 
     Its stderr goes to a file (a pipe nobody reads would block it once full).
     """
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+    with processes([(args, ready_url)]) as started:
+        yield started[0]
+
+
+@contextlib.contextmanager
+def processes(
+    commands: list[tuple[list[str], str]],
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Child processes (HTTP servers) started together, each answering its ready URL within
+    20 s; stopped after (each one's stderr goes to a file)."""
+    with contextlib.ExitStack() as stack:
+        started: list[subprocess.Popen[bytes]] = []
+        for args, _ in commands:
+            log = stack.enter_context(tempfile.TemporaryFile())
+            started.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log))
+            stack.callback(_stop, started[-1])
+        deadline = time.monotonic() + 20
+        for _, ready_url in commands:
+            wait_http(ready_url, deadline)
+        yield started
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
         try:
-            wait_http(ready_url, time.monotonic() + 20)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -139,7 +139,7 @@ async def test_a_lost_lease_sets_the_agents_cancel_signal(redis_url: str, namesp
         started = time.monotonic()
         with pytest.raises(LeaseLost):
             await task
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 3.5  # all 200 chunks take 4 s
         assert model.chunks < 150  # stopped early, not after all 200 chunks
         side.close()
 

@@ -27,7 +27,7 @@ async def test_unreachable_redis_fails_fast_with_store_unavailable(namespace: st
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="unavailable") as info:
             await dedup.execute("t", lambda: 1)
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 5
         assert isinstance(info.value.__cause__, redis.ConnectionError)
         assert "127.0.0.1" in str(info.value) and "password" not in str(info.value)
 
@@ -56,14 +56,15 @@ async def test_password_and_acl_users(
         assert (await d.execute("t", lambda: "acl")).value == "pw"
 
     for bad in (f"redis://:wrong@{base}", f"redis://agent:wrong@{base}", f"redis://{base}"):
-        async with Deduplicator.from_url(bad, namespace=namespace, retry_attempts=5) as d:
+        # retried, an error would take the retry deadline (10 s)
+        async with Deduplicator.from_url(bad, namespace=namespace, retry_attempts=20) as d:
             started = time.monotonic()
             with pytest.raises(StoreUnavailable, match="credentials") as info:
                 await d.execute("t", lambda: 1)
-            assert time.monotonic() - started < 1, "credential errors are not retried"
+            assert time.monotonic() - started < 5, "credential errors are not retried"
             assert "wrong" not in str(info.value)
         # and closing does not wait out the counters' publisher (refused the same way)
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 5
 
 
 async def test_unix_socket_url(redis_server_factory: type[RedisServer], namespace: str) -> None:
@@ -132,10 +133,13 @@ async def test_tls_url(
         assert (await dedup.execute("t", lambda: "x")).value == "tls"
 
 
-async def test_killed_connections_are_retried_transparently(redis_url: str, namespace: str) -> None:
-    async with Deduplicator.from_url(redis_url, namespace=namespace) as dedup:
+async def test_killed_connections_are_retried_transparently(
+    redis_server_factory: type, namespace: str
+) -> None:
+    server = redis_server_factory()  # of its own: it kills every client connection
+    async with Deduplicator.from_url(server.url, namespace=namespace) as dedup:
         assert (await dedup.execute("a", lambda: 1)).role is Role.PRIMARY
-        admin = redis.Redis.from_url(redis_url)
+        admin = redis.Redis.from_url(server.url)
         try:
             name = dedup.engine.store.client.get_connection_kwargs()["client_name"]
             killed = admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")

@@ -54,7 +54,7 @@ class Gate:
         return self.value
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -140,7 +140,8 @@ async def test_wait_timeout_bounds_a_waiter(dedup: Deduplicator) -> None:
     with pytest.raises(WaitTimeout) as info:
         await dedup.execute("t", gate, wait_timeout=0.3)
     elapsed = time.monotonic() - started
-    assert 0.3 <= elapsed < 1.5 and info.value.waited >= 0.3
+    # the primary never ends on its own: any bound short of the lease's renewals shows the cap
+    assert 0.3 <= elapsed < 5 and info.value.waited >= 0.3
     gate.release.set()
     await primary
 
@@ -516,7 +517,8 @@ async def test_a_call_on_its_own_token_fails_at_once(dedup: Deduplicator) -> Non
     started = time.monotonic()
     with pytest.raises(ReentrantCall, match="'outer'") as info:
         await dedup.run("outer", outer, scope="s")
-    assert time.monotonic() - started < 1.5 and info.value.token == "outer"
+    # waiting for itself would last the wait timeout (300 s)
+    assert time.monotonic() - started < 5 and info.value.token == "outer"
     # the same token in another scope is another call
     assert await dedup.run("t", lambda: dedup.run("t", lambda: "in", scope="x")) == "in"
 

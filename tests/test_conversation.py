@@ -32,7 +32,7 @@ from strands_dedup.agents.strands import (
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.redis]
 WORKER = str(Path(__file__).with_name("conversation_worker.py"))
-LEASE = 1.0
+LEASE = 2.0  # a live holder keeps its session while a loaded machine stalls it a second
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def worker(
     children: Callable[..., Awaitable[Child]], redis_url: str, namespace: str
 ) -> Callable[..., Awaitable[Child]]:
     async def spawn(mode: str, session: str, store: tuple[str, str], *rest: str) -> Child:
-        return await children(mode, redis_url, namespace, session, *store, *rest, worker=WORKER)
+        args = (mode, redis_url, namespace, session, *store, *rest, "--lease-ttl", str(LEASE))
+        return await children(*args, worker=WORKER)
 
     return spawn
 
@@ -102,7 +103,8 @@ async def next_turn(
         return original(messages)
 
     model._events = spy  # type: ignore[method-assign]
-    async with Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=LEASE) as dedup:
+    # nothing waits for this turn's lease to end: a long one keeps a stalled check from losing it
+    async with Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=10) as dedup:
         agent = DedupAgent(
             dedup,
             lambda sid: Agent(

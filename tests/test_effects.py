@@ -30,16 +30,17 @@ from strands_dedup.http.demo import gateway_command
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 HERE = Path(__file__).parent
 WORKER = str(HERE / "effects_worker.py")
-LEASE_TTL = "1"
+LEASE_TTL = "2"  # renewed in time by a worker that a loaded machine stalls a second
 
 
 @pytest.fixture
 def upstream() -> Iterator[str]:
-    """The counting service: each POST counted per Idempotency-Key, answered after 2 s."""
+    """The counting service: each POST counted per Idempotency-Key, answered after 3 s (the
+    taker must be waiting on the first process's lease before then)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with process(
-        [sys.executable, str(HERE / "upstream_app.py"), str(port), "2.0"], url + "/executions"
+        [sys.executable, str(HERE / "upstream_app.py"), str(port), "3.0"], url + "/executions"
     ):
         yield url
 

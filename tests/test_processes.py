@@ -25,6 +25,7 @@ import redis
 from children import Child
 from conftest import Target, side_client
 from failover import until
+from timing import SLACK
 
 from strands_dedup import Deduplicator, Role, SyncDeduplicator
 from strands_dedup.protocol import decode_envelope
@@ -162,7 +163,7 @@ async def test_sigkilled_primary_is_taken_over_within_one_lease(
         a.proc.send_signal(signal.SIGKILL)
         assert await asyncio.wait_for(a.proc.wait(), 5) == -signal.SIGKILL
 
-        bound = lease_ttl + lease_ttl / 3 + 0.5
+        bound = lease_ttl + lease_ttl / 3 + 0.5 + SLACK
         outcome = await asyncio.wait_for(b, bound + 5)
         took = time.monotonic() - killed_at
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pydantic
 import pytest
+from timing import SLACK
 
 from strands_dedup import (
     BusyReason,
@@ -53,7 +54,7 @@ async def test_throw_mode_refuses_a_second_holder_at_once(make: Any) -> None:
             with pytest.raises(SessionBusy) as caught:
                 async with guard.hold("s-1"):
                     pytest.fail("admitted twice")
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 1.0 + SLACK
             assert caught.value.reason is BusyReason.TAKEN
             assert caught.value.holders == 1 and caught.value.session == "s-1"
             assert caught.value.retry_after is not None and caught.value.retry_after > 0
@@ -204,7 +205,7 @@ async def test_a_holder_that_stops_renewing_frees_the_session_within_one_lease(
         started = time.monotonic()
         async with SessionGuard(other).hold("s-crash", timeout=5) as next_hold:
             assert next_hold.fence > hold.fence
-        assert time.monotonic() - started < 0.5 + 1.0
+        assert time.monotonic() - started < 0.5 + 1.0 + SLACK
 
 
 async def test_a_lost_hold_is_signalled_and_raises_on_exit(make: Any) -> None:
