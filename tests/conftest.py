@@ -248,3 +248,18 @@ async def children() -> AsyncIterator[Callable[..., Awaitable[Child]]]:
     yield spawn
     for child in started:
         await child.stop()
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """A command run in-process (the gateway's CLI configures logging before it serves) leaves
+    the library's and uvicorn's loggers as it found them."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("strands_dedup", "uvicorn")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate, disabled) in zip(loggers, saved, strict=True):
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate, lg.disabled = propagate, disabled

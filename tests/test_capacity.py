@@ -50,7 +50,7 @@ def space(redis_url: str) -> Iterator[str]:
     ns = f"cap-{uuid.uuid4().hex[:8]}"
     yield ns
     client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{ns}:*"))
+    keys = list(client.scan_iter(match=f"{ns}:*", count=10_000))
     if keys:
         client.delete(*keys)
     client.close()
@@ -285,7 +285,7 @@ def test_stored_bytes_per_identity_are_bounded(upstream: int, redis_url: str, sp
     client = redis.Redis.from_url(redis_url)
 
     def stored() -> list[int]:
-        names = list(client.scan_iter(match=f"{space}:*result"))
+        names = list(client.scan_iter(match=f"{space}:*result", count=10_000))
         return [client.memory_usage(n) or 0 for n in names]
 
     with gateway(upstream, redis_url, space, *options) as (port, _), httpx.Client() as http:

@@ -434,7 +434,9 @@ async def test_show_and_stats_describe_a_stored_result(
 
     stats_keys = f"{namespace}:stats:*"
     await until(
-        lambda: any(r.hget(k, "replays") == b"1" for k in r.scan_iter(match=stats_keys)),
+        lambda: any(
+            r.hget(k, "replays") == b"1" for k in r.scan_iter(match=stats_keys, count=10_000)
+        ),
         5,
         "this process published its counters",
     )

@@ -88,7 +88,7 @@ def space(redis_url: str) -> Iterator[str]:
     ns = f"sec-{uuid.uuid4().hex[:8]}"
     yield ns
     client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{ns}:*"))
+    keys = list(client.scan_iter(match=f"{ns}:*", count=10_000))
     if keys:
         client.delete(*keys)
     client.close()
@@ -280,7 +280,7 @@ def test_two_identities_never_see_each_others_replay(
     # No credential is stored: scan every key of the namespace and every value.
     client = redis.Redis.from_url(redis_url)
     try:
-        for name in client.scan_iter(match=f"{space}:*"):
+        for name in client.scan_iter(match=f"{space}:*", count=10_000):
             assert b"secret-token" not in name and b"secret-cookie" not in name
             if client.type(name) == b"string":
                 value = client.get(name) or b""
@@ -443,7 +443,7 @@ def test_a_sized_response_is_stored_as_a_plain_result(
     assert response.headers["content-length"] == str(len(response.content))
     client = redis.Redis.from_url(redis_url)
     try:
-        mine = [n for n in client.scan_iter(match=f"{space}:*") if key.encode() in n]
+        mine = [n for n in client.scan_iter(match=f"{space}:*", count=10_000) if key.encode() in n]
         assert mine and not [n for n in mine if n.endswith(b":stream")]
     finally:
         client.close()

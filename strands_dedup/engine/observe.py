@@ -373,7 +373,12 @@ class StatsPublisher:
             try:
                 counts = observer.snapshot() if observer.changed else None
                 async with asyncio.timeout(self._timeout):
-                    await self._store.publish_stats(self._key, counts, ttl_ms)
+                    alive = await self._store.publish_stats(self._key, counts, ttl_ms)
+                if not alive and counts is None:
+                    # the hash expired while nothing changed (a refresh came late): write the
+                    # counts again now, or the CLI would not see this process until one changes
+                    observer.changed = True
+                    continue
             except Exception as exc:
                 log.debug("could not publish counters: %s", exc)
                 observer.changed = True

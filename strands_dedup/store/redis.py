@@ -579,13 +579,15 @@ class RedisStore:
         counts = await self._pipelined(queue)
         return [(int(counts[2 * i]), int(counts[2 * i + 1])) for i in range(len(sessions))]
 
-    async def publish_stats(self, key: bytes, counts: dict[str, int] | None, ttl_ms: int) -> None:
-        """Write a process's counters (when they changed) and keep their hash alive."""
+    async def publish_stats(self, key: bytes, counts: dict[str, int] | None, ttl_ms: int) -> bool:
+        """Write a process's counters (when they changed) and keep their hash alive; False when
+        the hash was gone (it expired while no counter changed: write them all again)."""
         async with self.client.pipeline(transaction=False) as pipe:
             if counts is not None:
                 pipe.hset(key, mapping=counts)  # type: ignore[arg-type]
             pipe.pexpire(key, ttl_ms)
-            await pipe.execute()
+            replies = await pipe.execute()
+        return bool(replies[-1])
 
     # -- inspection (what the CLI reads and repairs) ---------------------------------------------
 
