@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import pydantic
@@ -235,3 +236,23 @@ async def test_a_cancel_that_arrives_with_the_subscription_confirmation_is_not_l
     with pytest.raises(asyncio.CancelledError):
         await waiting
     watch.close()
+
+
+async def test_a_deduplicator_without_a_url_says_once_that_it_is_in_process_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from strands_dedup import Deduplicator, SyncDeduplicator
+    from strands_dedup.engine import deduplicator as module
+
+    module._warn_in_process_only.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="strands_dedup"):
+        async with Deduplicator() as first, Deduplicator() as second:
+            await first.execute("t", lambda: 1)
+            await second.execute("t", lambda: 1)
+        with SyncDeduplicator():
+            pass
+        async with Deduplicator.from_url("memory://meant"):
+            pass
+    said = [r for r in caplog.records if "in this process only" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    assert "from_url" in said[0].getMessage()

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import socket
 import weakref
@@ -120,6 +121,17 @@ def call_identity(
     return token, (scope(*args, **kwargs) if scope is not None else None), fp
 
 
+
+@functools.cache
+def _warn_in_process_only() -> None:
+    """Once per process: a deduplicator built without a client or URL dedups this process only."""
+    logging.getLogger("strands_dedup").warning(
+        "Deduplicator() without a client or URL keeps its tokens in this process only "
+        "(memory://): calls in other processes and replicas are not deduplicated; use "
+        "Deduplicator.from_url('redis://...') (or from_url('memory://') to say it is meant)"
+    )
+
+
 class Deduplicator:
     """Runs each call keyed by an idempotency token once across every process sharing a Redis.
 
@@ -150,6 +162,7 @@ class Deduplicator:
             )
         owns_client = client is None
         if client is None:
+            _warn_in_process_only()
             client = client_from_url("memory://", self.config, client_name=client_name())
         self.engine = Engine(
             client,
