@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import pydantic
@@ -238,21 +240,30 @@ async def test_a_cancel_that_arrives_with_the_subscription_confirmation_is_not_l
     watch.close()
 
 
-async def test_a_deduplicator_without_a_url_says_once_that_it_is_in_process_only(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    from strands_dedup import Deduplicator, SyncDeduplicator
-    from strands_dedup.engine import deduplicator as module
+def test_a_deduplicator_without_a_url_says_once_that_it_is_in_process_only() -> None:
+    """In a fresh process: two bare deduplicators, a blocking one and a from_url("memory://")
+    log the warning once."""
+    script = textwrap.dedent(
+        """
+        import asyncio, logging
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        from strands_dedup import Deduplicator, SyncDeduplicator
 
-    module._warn_in_process_only.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="strands_dedup"):
-        async with Deduplicator() as first, Deduplicator() as second:
-            await first.execute("t", lambda: 1)
-            await second.execute("t", lambda: 1)
+        async def main():
+            async with Deduplicator() as first, Deduplicator() as second:
+                await first.execute("t", lambda: 1)
+                await second.execute("t", lambda: 1)
+            async with Deduplicator.from_url("memory://meant"):
+                pass
+
+        asyncio.run(main())
         with SyncDeduplicator():
             pass
-        async with Deduplicator.from_url("memory://meant"):
-            pass
-    said = [r for r in caplog.records if "in this process only" in r.getMessage()]
-    assert len(said) == 1 and said[0].levelno == logging.WARNING
-    assert "from_url" in said[0].getMessage()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    said = [line for line in done.stderr.splitlines() if "in this process only" in line]
+    assert len(said) == 1 and said[0].startswith("WARNING"), done.stderr
+    assert "from_url" in said[0]
