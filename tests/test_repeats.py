@@ -16,7 +16,18 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def run_twice(store: Any, name: str) -> None:
-    """Make ``store.<name>`` run each command twice, as a retry whose first copy also ran."""
+    """Make ``store.<name>`` run each command twice, as a retry whose first copy also ran;
+    ``session_acquire`` names the session script's acquire calls (sent through ``store.run``)."""
+    if name == "session_acquire":
+        run = store.run
+
+        async def acquire_twice(call: Any, **kwargs: Any) -> Any:
+            if call.script.name == "session" and call.args[0] == "acquire":
+                await run(call, **kwargs)
+            return await run(call, **kwargs)
+
+        store.run = acquire_twice
+        return
     once = getattr(store, name)
 
     async def twice(*args: Any, **kwargs: Any) -> Any:

@@ -488,7 +488,8 @@ class Deduplicator:
     ) -> ConversationReply:
         """Write ``items`` into a session's conversation (conversation.lua): a turn's commit,
         fenced, when ``ticket`` is a holder's; else a write outside any turn."""
-        return await self.engine.store.conversation_write(
+        store = self.engine.store
+        call = store.commands.conversation(
             keys,
             items,
             ticket=ticket,
@@ -498,6 +499,7 @@ class Deduplicator:
             max_messages=max_messages,
             max_bytes=max_bytes,
         )
+        return await store.run(call, priority=True)
 
 
 def client_name() -> str:

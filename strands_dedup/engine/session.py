@@ -351,7 +351,8 @@ class SessionGuard:
         seq: int | None,
     ) -> SessionReply:
         """Join the session (``ticket`` ""), or ask again where ``ticket`` stands."""
-        return await self.engine.store.session_acquire(
+        store = self.engine.store
+        call = store.commands.session_acquire(
             keys,
             ticket=ticket,
             owner=owner,
@@ -364,6 +365,7 @@ class SessionGuard:
             first_seq=self.config.first_seq,
             idle_ttl_ms=self._idle_ms,
         )
+        return await store.run(call)
 
     async def _enter(
         self,

@@ -60,7 +60,7 @@ from ..engine.streaming import Chunk, Emit, StreamReset
 from ..errors import DedupError, NotStored, StoreUnavailable
 from ..keys import TokenKeys
 from ..protocol import LeaveClaimed, Outcome, Role, ShareOnly
-from .asgi import ASGIApp, Message, Receive, Scope, Send, problem, read_body, reject, send_response
+from .asgi import ASGIApp, Message, Receive, Scope, Send, read_body, reject, send_response
 from .budget import KEY_COST, Budgets, stored_size
 from .policy import (
     ANONYMOUS,
@@ -68,7 +68,6 @@ from .policy import (
     Rejected,
     StreamBroken,
     combine_scope,
-    default_retain,
     identity_of,
     named_identity,
     parse_key,
@@ -76,19 +75,9 @@ from .policy import (
     replay_headers,
     storable_body,
     stored_size_bound,
-    strip_hop_by_hop,
 )
 
-__all__ = [
-    "KEYED",
-    "HttpConfig",
-    "IdempotencyMiddleware",
-    "StoredResponse",
-    "default_retain",
-    "problem",
-    "read_body",
-    "strip_hop_by_hop",
-]
+__all__ = ["KEYED", "IdempotencyMiddleware", "StoredResponse"]
 
 log = logging.getLogger("strands_dedup.http")
 _OWN = object()  # marks the chunks the primary's own client already has

@@ -22,12 +22,11 @@ from tenacity import AsyncRetrying
 from ..config import DedupConfig
 from ..errors import StoreRefused, StoreUnavailable
 from ..keys import SessionKeys, TokenKeys
-from ..protocol import Claimed, ClaimReply, SessionReply
+from ..protocol import Claimed, ClaimReply
 from .commands import (
     BudgetReply,
     Call,
     Commands,
-    ConversationReply,
     HeldLeaseRef,
     HeldTicketRef,
     Settled,
@@ -497,37 +496,6 @@ class RedisStore:
 
     # -- session admission (session.lua) ----------------------------------------------------------
 
-    async def session_acquire(
-        self,
-        keys: SessionKeys,
-        *,
-        ticket: str,
-        owner: str,
-        mode: str,
-        limit: int,
-        max_queue: int,
-        meta: str,
-        seq: int | None,
-        gap_ms: int,
-        first_seq: int | None,
-        idle_ttl_ms: int,
-    ) -> SessionReply:
-        """Join (or ask again with ``ticket``) a session's holders or queue; see session.lua."""
-        call = self.commands.session_acquire(
-            keys,
-            ticket=ticket,
-            owner=owner,
-            mode=mode,
-            limit=limit,
-            max_queue=max_queue,
-            meta=meta,
-            seq=seq,
-            gap_ms=gap_ms,
-            first_seq=first_seq,
-            idle_ttl_ms=idle_ttl_ms,
-        )
-        return await self.run(call)
-
     async def session_release(self, keys: SessionKeys, ticket: str, idle_ttl_ms: int) -> bool:
         """Give a session place up (holder or waiter); the script admits the next in line.
         True when the ticket held or waited."""
@@ -541,32 +509,6 @@ class RedisStore:
         """Every field of a session's conversation hash (one HGETALL)."""
         reply: Any = await self._run(lambda: self.client.hgetall(keys.conversation))
         return cast(dict[bytes, bytes], reply or {})
-
-    async def conversation_write(
-        self,
-        keys: SessionKeys,
-        items: Sequence[tuple[str, bytes]],
-        *,
-        ticket: str,
-        fence: int,
-        turn: int,
-        idle_ttl_ms: int,
-        max_messages: int,
-        max_bytes: int,
-    ) -> ConversationReply:
-        """Run conversation.lua: set ``items`` (a turn's commit when ``ticket`` is a holder's,
-        fenced; else a write outside any turn)."""
-        call = self.commands.conversation(
-            keys,
-            items,
-            ticket=ticket,
-            fence=fence,
-            turn=turn,
-            idle_ttl_ms=idle_ttl_ms,
-            max_messages=max_messages,
-            max_bytes=max_bytes,
-        )
-        return await self.run(call, priority=True)
 
     async def session_loads(self, sessions: Sequence[SessionKeys]) -> list[tuple[int, int]]:
         """(holders, waiting) of each session, as Redis counts them now."""
