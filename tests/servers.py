@@ -497,3 +497,32 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def recording_upstream() -> Iterator[int]:
+    """tests/recording_upstream.py on a free port (the port), stopped after."""
+    import sys
+
+    port = free_port()
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recording_upstream.py")
+    with process([sys.executable, script, str(port)], f"http://127.0.0.1:{port}/seen"):
+        yield port
+
+
+@contextlib.contextmanager
+def namespace_of_its_own(redis_url: str, prefix: str) -> Iterator[str]:
+    """A fresh namespace (``<prefix>-<8 hex>``) whose keys are deleted on the way out."""
+    import uuid
+
+    ns = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield ns
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            keys = list(client.scan_iter(match=f"{ns}:*", count=10_000))
+            for start in range(0, len(keys), 500):
+                client.delete(*keys[start : start + 500])
+        finally:
+            client.close()

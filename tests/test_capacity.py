@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 from recording_upstream import pattern
-from servers import free_port, process
+from servers import free_port, namespace_of_its_own, process, recording_upstream
 from test_security import status_of
 
 from strands_dedup import Deduplicator
@@ -36,24 +36,15 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[int]:
-    import sys
-
-    port = free_port()
-    args = [sys.executable, str(HERE / "recording_upstream.py"), str(port)]
-    with process(args, f"http://127.0.0.1:{port}/seen"):
+    with recording_upstream() as port:
         yield port
 
 
 @pytest.fixture
 def space(redis_url: str) -> Iterator[str]:
     """A namespace of the test's own; its keys are deleted at the end."""
-    ns = f"cap-{uuid.uuid4().hex[:8]}"
-    yield ns
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{ns}:*", count=10_000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with namespace_of_its_own(redis_url, "cap") as ns:
+        yield ns
 
 
 @contextlib.contextmanager

@@ -30,7 +30,13 @@ import redis
 from click.testing import CliRunner
 from pydantic import ValidationError
 from recording_upstream import pattern
-from servers import RedisServer, free_port, process, wait_http
+from servers import (
+    RedisServer,
+    free_port,
+    namespace_of_its_own,
+    recording_upstream,
+    wait_http,
+)
 
 from strands_dedup import Deduplicator
 from strands_dedup.cli import main
@@ -90,21 +96,14 @@ def gateway_process(
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[int]:
-    port = free_port()
-    args = [sys.executable, str(HERE / "recording_upstream.py"), str(port)]
-    with process(args, f"http://127.0.0.1:{port}/seen"):
+    with recording_upstream() as port:
         yield port
 
 
 @pytest.fixture(scope="module")
 def space(redis_url: str) -> Iterator[str]:
-    ns = f"bnd-{uuid.uuid4().hex[:8]}"
-    yield ns
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{ns}:*", count=10_000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with namespace_of_its_own(redis_url, "bnd") as ns:
+        yield ns
 
 
 @pytest.fixture(scope="module")

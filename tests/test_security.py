@@ -31,7 +31,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from recording_upstream import pattern
-from servers import RedisServer, free_port, process
+from servers import RedisServer, free_port, namespace_of_its_own, process, recording_upstream
 
 from strands_dedup.http.demo import gateway_command
 
@@ -76,22 +76,15 @@ def canary() -> Iterator[Canary]:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[int]:
-    port = free_port()
-    args = [sys.executable, str(HERE / "recording_upstream.py"), str(port)]
-    with process(args, f"http://127.0.0.1:{port}/seen"):
+    with recording_upstream() as port:
         yield port
 
 
 @pytest.fixture(scope="module")
 def space(redis_url: str) -> Iterator[str]:
     """The module's namespace; its keys are deleted at the end."""
-    ns = f"sec-{uuid.uuid4().hex[:8]}"
-    yield ns
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{ns}:*", count=10_000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with namespace_of_its_own(redis_url, "sec") as ns:
+        yield ns
 
 
 def start_gateway(upstream: int, redis_url: str, namespace: str, *extra: str) -> Any:
