@@ -129,7 +129,7 @@ async def main() -> None:
         for item in args.rest:
             token, prompt = item.split(":", 1)
             runs.append(asyncio.ensure_future(turn(agent, args.session, token, prompt)))
-            await asyncio.sleep(0)  # each joins the queue before the next (in this order)
+            await asyncio.sleep(0)  # let it start; the order the turns are admitted in is free
         await asyncio.gather(*runs)
         emit("finished")
 
