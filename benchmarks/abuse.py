@@ -57,7 +57,7 @@ def _servers(redis_url: str) -> Iterator[tuple[int, int]]:
     """(gateway port, gateway pid), both processes stopped afterwards."""
     from servers import free_port, process
 
-    from strands_dedup.http.demo import gateway_command
+    from strands_dedup.http._demo import gateway_command
 
     up = free_port()
     upstream = [sys.executable, str(ROOT / "tests" / "recording_upstream.py"), str(up)]

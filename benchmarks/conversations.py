@@ -158,7 +158,7 @@ async def bench_turns(url: str, turns: int) -> dict[str, Any]:
     from strands import Agent
     from strands.session.file_session_manager import FileSessionManager
 
-    from strands_dedup.agents.conversation import Turn
+    from strands_dedup.agents._conversation import Turn
     from strands_dedup.agents.strands import DedupAgent, RedisSessionManager, committed_session
     from tests.fake_model import FakeModel
 

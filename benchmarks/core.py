@@ -56,7 +56,7 @@ import redis.asyncio as aredis
 
 import strands_dedup
 from strands_dedup import DedupConfig, Deduplicator, Role
-from strands_dedup.store.connect import client_from_url, describe_url
+from strands_dedup._store.connect import client_from_url, describe_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "core-latest.json"

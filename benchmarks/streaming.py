@@ -35,7 +35,7 @@ from typing import Any
 
 from benchmarks._common import median_p99, redis_for
 from strands_dedup import DedupConfig, Deduplicator
-from strands_dedup.store.connect import client_from_url, describe_url
+from strands_dedup._store.connect import client_from_url, describe_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "streaming-latest.json"

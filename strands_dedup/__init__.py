@@ -6,15 +6,14 @@ duplicate gets the primary's result; a crashed primary is replaced within one le
 
 import logging
 
-from ._version import __version__
-from .config import DedupConfig
-from .engine.call import CallContext, current_call
-from .engine.deduplicator import Deduplicator
-from .engine.observe import Health, PrometheusMetrics, SessionLoad
-from .engine.session import SessionConfig, SessionGuard, SessionHold, current_session
-from .engine.streaming import StreamReset
-from .engine.sync import SyncDeduplicator
-from .errors import (
+from ._config import DedupConfig
+from ._engine.call import CallContext, current_call
+from ._engine.deduplicator import Deduplicator
+from ._engine.observe import Health, PrometheusMetrics, SessionLoad
+from ._engine.session import SessionConfig, SessionGuard, SessionHold, current_session
+from ._engine.streaming import StreamReset
+from ._engine.sync import SyncDeduplicator
+from ._errors import (
     BusyReason,
     ConversationError,
     DedupError,
@@ -34,8 +33,9 @@ from .errors import (
     UnkeyedRequest,
     WaitTimeout,
 )
-from .protocol import Outcome, Role
-from .serialization import JsonSerializer, Serializer, SignedPickleSerializer
+from ._protocol import Outcome, Role
+from ._serialization import JsonSerializer, Serializer, SignedPickleSerializer
+from ._version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

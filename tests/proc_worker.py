@@ -32,7 +32,7 @@ import sys
 from typing import Any
 
 from strands_dedup import DedupConfig, Deduplicator, Outcome
-from strands_dedup.store import Client, client_from_url
+from strands_dedup._store import Client, client_from_url
 
 
 def emit(event: str, **fields: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from strands_dedup.store.subscriber import Subscriber
+from strands_dedup._store.subscriber import Subscriber
 
 
 class HandDriven(Subscriber):

@@ -27,7 +27,7 @@ from test_security import status_of
 
 from strands_dedup import Deduplicator
 from strands_dedup.http import IdempotencyMiddleware
-from strands_dedup.http.demo import gateway_command
+from strands_dedup.http._demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 HERE = Path(__file__).parent

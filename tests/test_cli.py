@@ -34,7 +34,7 @@ from failover import until
 
 from strands_dedup import Deduplicator, Role, SessionGuard
 from strands_dedup.cli import NAMESPACE_ENV, REDIS_URL_ENV, main
-from strands_dedup.cli.commands import event_rates
+from strands_dedup.cli._commands import event_rates
 
 HOST = socket.gethostname()
 LEASE_FIELDS = {

@@ -25,8 +25,8 @@ from failover import Gated, storm_across, until
 from servers import ClusterSetup, free_port, node_command
 
 from strands_dedup import Deduplicator, LeaseLost, Outcome, Role, StoreUnavailable
+from strands_dedup._keys import KeySchema
 from strands_dedup.cli import Inspector
-from strands_dedup.keys import KeySchema
 
 pytestmark = [pytest.mark.redis]
 

@@ -9,9 +9,9 @@ import re
 import pytest
 
 from strands_dedup import DedupConfig
-from strands_dedup.keys import KeySchema
-from strands_dedup.protocol import Busy, Claimed, Grant, Queued, QueueFull, Replay, Taken
-from strands_dedup.store.commands import (
+from strands_dedup._keys import KeySchema
+from strands_dedup._protocol import Busy, Claimed, Grant, Queued, QueueFull, Replay, Taken
+from strands_dedup._store.commands import (
     SCRIPTS,
     Commands,
     CommitLost,
@@ -42,7 +42,7 @@ SESSION = KeySchema("ns").for_session("s-1")
 def test_every_script_in_lua_is_known_with_its_sha() -> None:
     from importlib import resources
 
-    files = resources.files("strands_dedup.store").joinpath("lua")
+    files = resources.files("strands_dedup._store").joinpath("lua")
     names = {f.name.removesuffix(".lua") for f in files.iterdir() if f.name.endswith(".lua")}
     assert set(SCRIPTS) == names - {"fence"}  # fence.lua is the prelude of claim and release
     for script in SCRIPTS.values():

@@ -16,7 +16,7 @@ import redis
 from servers import RedisServer, free_port
 
 from strands_dedup import Deduplicator, Role, StoreUnavailable
-from strands_dedup.protocol import Claimed
+from strands_dedup._protocol import Claimed
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(30)]
 

@@ -28,7 +28,7 @@ from strands_dedup import (
     WaitTimeout,
     current_call,
 )
-from strands_dedup.protocol import Busy, Claimed, ShareOnly
+from strands_dedup._protocol import Busy, Claimed, ShareOnly
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -489,7 +489,7 @@ async def test_a_retried_claim_recognises_its_own_lease(dedup: Deduplicator) -> 
 async def test_a_renewal_after_the_owners_release_is_refused(
     make: Callable[..., Any], on_primary_error: str, outcome: type[BaseException]
 ) -> None:
-    from strands_dedup.store import HeldLeaseRef
+    from strands_dedup._store import HeldLeaseRef
 
     async with make(on_primary_error=on_primary_error) as dedup:
         refs: list[HeldLeaseRef] = []

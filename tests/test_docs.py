@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(10)
 ROOT = Path(__file__).parents[1]
-LUA = ROOT / "strands_dedup" / "store" / "lua"
+LUA = ROOT / "strands_dedup" / "_store" / "lua"
 PAGE = ROOT / "docs" / "internals" / "lua.md"
 
 
@@ -18,7 +18,7 @@ def test_every_script_header_is_included_whole() -> None:
     included = {
         name: (int(first), int(last))
         for name, first, last in re.findall(
-            r'--8<-- "strands_dedup/store/lua/([\w.]+\.lua):(\d+):(\d+)"', PAGE.read_text()
+            r'--8<-- "strands_dedup/_store/lua/([\w.]+\.lua):(\d+):(\d+)"', PAGE.read_text()
         )
     }
     assert set(included) == {path.name for path in LUA.glob("*.lua")}

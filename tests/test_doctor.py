@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner, Result
 from servers import REDIS_SERVER, RedisServer, free_port, node_command, redis_server
 
+from strands_dedup._store.facts import DRYRUN_ARGS, Facts, needed_commands, script_commands
 from strands_dedup.cli import main
-from strands_dedup.cli.doctor import Level, diagnose, exit_status, to_json
-from strands_dedup.store.facts import DRYRUN_ARGS, Facts, needed_commands, script_commands
+from strands_dedup.cli._doctor import Level, diagnose, exit_status, to_json
 
 pytestmark = pytest.mark.timeout(60)
 needs_server = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on the PATH")

@@ -25,7 +25,7 @@ import redis
 from children import Child
 from servers import free_port, process
 
-from strands_dedup.http.demo import gateway_command
+from strands_dedup.http._demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 HERE = Path(__file__).parent

@@ -19,11 +19,11 @@ from strands_dedup import (
     StoreRefused,
     StoreUnavailable,
 )
-from strands_dedup.engine.health import SessionActivity, StorePolicy
-from strands_dedup.engine.observe import Observer, StatsPublisher
-from strands_dedup.keys import KeySchema
-from strands_dedup.protocol import Role, decode_envelope, encode_envelope, envelope_header
-from strands_dedup.serialization import outcome_from_bytes, outcome_from_envelope
+from strands_dedup._engine.health import SessionActivity, StorePolicy
+from strands_dedup._engine.observe import Observer, StatsPublisher
+from strands_dedup._keys import KeySchema
+from strands_dedup._protocol import Role, decode_envelope, encode_envelope, envelope_header
+from strands_dedup._serialization import outcome_from_bytes, outcome_from_envelope
 
 pytestmark = pytest.mark.timeout(10)
 

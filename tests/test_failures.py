@@ -8,7 +8,7 @@ import redis.exceptions as rex
 from redis._parsers import _RESP2Parser
 
 from strands_dedup import StoreRefused, StoreUnavailable
-from strands_dedup.store.failures import (
+from strands_dedup._store.failures import (
     Verdict,
     classify,
     describe_error,

@@ -18,8 +18,8 @@ from servers import free_port, process, processes
 from timing import SLACK
 
 from strands_dedup.cli import Inspector
-from strands_dedup.http.demo import gateway_command
-from strands_dedup.http.gateway import parse_size
+from strands_dedup.http._demo import gateway_command
+from strands_dedup.http._gateway import parse_size
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 HERE = Path(__file__).parent

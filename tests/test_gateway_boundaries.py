@@ -41,8 +41,8 @@ from servers import (
 from strands_dedup import Deduplicator
 from strands_dedup.cli import main
 from strands_dedup.http import HttpConfig, IdempotencyMiddleware
-from strands_dedup.http.demo import gateway_command
-from strands_dedup.http.policy import storable_body
+from strands_dedup.http._demo import gateway_command
+from strands_dedup.http._policy import storable_body
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 HERE = Path(__file__).parent
@@ -498,7 +498,7 @@ def test_a_response_sent_but_not_stored_is_logged(
 def test_doctor_says_whether_an_identity_secret_is_configured(
     tmp_path: Path, redis_url: str
 ) -> None:
-    from strands_dedup.cli.doctor import Level, check_identity_secret
+    from strands_dedup.cli._doctor import Level, check_identity_secret
 
     secret = tmp_path / "secret"
     secret.write_text("s3cret\n")

@@ -12,8 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from strands_dedup import Deduplicator, PrometheusMetrics
-from strands_dedup.cli import main
-from strands_dedup.errors import (
+from strands_dedup._errors import (
     DedupError,
     DuplicateInFlight,
     FingerprintMismatch,
@@ -26,8 +25,9 @@ from strands_dedup.errors import (
     StoreUnavailable,
     WaitTimeout,
 )
+from strands_dedup.cli import main
 from strands_dedup.http import Gateway
-from strands_dedup.http.policy import StreamBroken, problem_for
+from strands_dedup.http._policy import StreamBroken, problem_for
 
 pytestmark = pytest.mark.timeout(60)
 

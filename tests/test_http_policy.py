@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strands_dedup.http.policy import (
+from strands_dedup.http._policy import (
     ANONYMOUS,
     GatewayConfig,
     HttpConfig,

@@ -38,9 +38,35 @@ def _defined_here(tree: ast.AST) -> set[str]:
     return {name for name in names if _private(name)}
 
 
+PACKAGE = ROOT / "strands_dedup"
+
+
+def _is_module(package: Path, name: str) -> bool:
+    return (package / f"{name}.py").is_file() or (package / name / "__init__.py").is_file()
+
+
+def _imported_package(path: Path, node: ast.ImportFrom) -> Path | None:
+    """The package directory an import's names come from (None: not this project's)."""
+    if node.level:
+        base = path.parent
+        for _ in range(node.level - 1):
+            base = base.parent
+    elif (node.module or "").split(".")[0] == "strands_dedup":
+        base = ROOT
+    else:
+        return None
+    for part in (node.module or "").split("."):
+        if part:
+            base = base / part
+    return base
+
+
 def _reaches(path: Path) -> list[str]:
+    """Private names read from another module. Inside the package a `_` *module* may be imported
+    (internals are the package's own); a `_` name defined in another module may not."""
     tree = ast.parse(path.read_text(), str(path))
     own = _defined_here(tree)
+    inside = PACKAGE in path.parents
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and _private(node.attr):
@@ -51,13 +77,16 @@ def _reaches(path: Path) -> list[str]:
                 continue
             if node.attr not in own:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
-        elif isinstance(node, ast.ImportFrom) and (
-            node.level > 0 or (node.module or "").startswith("strands_dedup")
-        ):
+        elif isinstance(node, ast.ImportFrom):
+            package = _imported_package(path, node)
+            if package is None:
+                continue
             found += [
                 f"{path.relative_to(ROOT)}:{node.lineno} import {alias.name}"
                 for alias in node.names
-                if _private(alias.name) and alias.name != "_version"
+                if _private(alias.name)
+                and alias.name != "_version"
+                and not (inside and _is_module(package, alias.name))
             ]
     return found
 
@@ -78,16 +107,20 @@ def test_the_checker_sees_a_reach() -> None:
 def test_no_import_cycles_between_layers() -> None:
     """Leaves import nothing above them; the store imports no engine; the engine no surface."""
     layers = {
-        "strands_dedup.store": (
-            "strands_dedup.engine",
+        "strands_dedup._store": (
+            "strands_dedup._engine",
             "strands_dedup.http",
             "strands_dedup.agents",
             "strands_dedup.cli",
         ),
-        "strands_dedup.engine": ("strands_dedup.http", "strands_dedup.agents", "strands_dedup.cli"),
-        "strands_dedup.protocol": ("strands_dedup.store", "strands_dedup.engine"),
-        "strands_dedup.keys": ("strands_dedup.store", "strands_dedup.engine"),
-        "strands_dedup.errors": ("strands_dedup.",),
+        "strands_dedup._engine": (
+            "strands_dedup.http",
+            "strands_dedup.agents",
+            "strands_dedup.cli",
+        ),
+        "strands_dedup._protocol": ("strands_dedup._store", "strands_dedup._engine"),
+        "strands_dedup._keys": ("strands_dedup._store", "strands_dedup._engine"),
+        "strands_dedup._errors": ("strands_dedup.",),
     }
     for path in sorted((ROOT / "strands_dedup").rglob("*.py")):
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
@@ -146,3 +179,192 @@ def test_the_engine_checker_sees_a_reach() -> None:
     assert _engine_reaches(ast.parse("def f(dedup):\n    return dedup.engine.store\n")) == [2]
     assert _engine_reaches(ast.parse("from ..engine.engine import Engine\n")) == [1]
     assert _engine_reaches(ast.parse("from ..engine.deduplicator import Deduplicator\n")) == []
+
+
+# -- the public boundary ------------------------------------------------------------------------
+
+PUBLIC: dict[str, list[str]] = {
+    "strands_dedup": sorted(strands_dedup.__all__),
+    "strands_dedup.http": [
+        "FENCE_HEADER",
+        "KEYED",
+        "Gateway",
+        "GatewayConfig",
+        "HttpConfig",
+        "IdempotencyMiddleware",
+        "IdempotentAsyncTransport",
+        "IdempotentTransport",
+        "OutgoingConfig",
+        "StoredResponse",
+        "effect_key",
+        "run_gateway",
+    ],
+    "strands_dedup.http.outgoing_requests": ["IdempotentAdapter"],
+    "strands_dedup.agents": ["idempotent_tool", "message_token", "tool_token"],
+    "strands_dedup.agents.strands": [
+        "STREAMED_KEYS",
+        "DedupAgent",
+        "RedisSessionManager",
+        "RedisSessionRepository",
+        "ReplayedMetrics",
+        "StoredAgentResult",
+        "committed_session",
+        "idempotent_tool",
+        "message_token",
+    ],
+    "strands_dedup.cli": ["NAMESPACE_ENV", "REDIS_URL_ENV", "Inspector", "main"],
+}
+"""Every public module and the names it exports. A change here is a change of the public API."""
+
+TOP_LEVEL = [
+    "BusyReason",
+    "CallContext",
+    "ConversationError",
+    "DedupConfig",
+    "DedupError",
+    "Deduplicator",
+    "DuplicateInFlight",
+    "FingerprintMismatch",
+    "Health",
+    "InvalidToken",
+    "JsonSerializer",
+    "LeaseLost",
+    "NotStored",
+    "Outcome",
+    "OutcomeUnknown",
+    "PrimaryFailed",
+    "PrometheusMetrics",
+    "ReentrantCall",
+    "ResultTooLarge",
+    "Role",
+    "SerializationError",
+    "Serializer",
+    "SessionBusy",
+    "SessionConfig",
+    "SessionGuard",
+    "SessionHold",
+    "SessionLoad",
+    "SignedPickleSerializer",
+    "StoreRefused",
+    "StoreUnavailable",
+    "StreamReset",
+    "SyncDeduplicator",
+    "UnkeyedRequest",
+    "WaitTimeout",
+    "__version__",
+    "current_call",
+    "current_session",
+]
+
+
+def _module_paths() -> list[str]:
+    return [
+        info.name
+        for info in pkgutil.walk_packages(strands_dedup.__path__, "strands_dedup.")
+        if info.name != "strands_dedup.cli.__main__"
+    ]
+
+
+def test_the_public_names_are_pinned() -> None:
+    assert sorted(strands_dedup.__all__) == sorted(TOP_LEVEL)
+    for name, exported in PUBLIC.items():
+        module = importlib.import_module(name)
+        assert sorted(module.__all__) == sorted(exported), name
+        for attribute in exported:
+            assert hasattr(module, attribute), f"{name}.{attribute}"
+
+
+def test_every_other_module_is_private() -> None:
+    """A module is public only if it is listed above; every other one has a `_` in its path."""
+    public = [
+        path
+        for path in _module_paths()
+        if not any(part.startswith("_") for part in path.split(".")) and path not in PUBLIC
+    ]
+    assert public == []
+
+
+def _internal_imports(source: str, label: str) -> list[str]:
+    """This project's private modules a file outside the package imports (or names in a string
+    handed to ``importlib``/``-m``)."""
+    tree = ast.parse(source, label)
+    found = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value] if node.value.startswith("strands_dedup.") else []
+        for name in names:
+            parts = name.split(".")
+            internal = any(_private(part) for part in parts[1:])
+            if parts[0] == "strands_dedup" and internal and name != "strands_dedup._version":
+                found.append(f"{label}:{node.lineno} {name}")
+    return found
+
+
+OUTSIDE = sorted(
+    path
+    for folder in ("tests", "examples", "benchmarks")
+    for path in (ROOT / folder).rglob("*.py")
+    if path.name != "test_layout.py"
+)
+
+WHITE_BOX = {
+    # Files that still import an internal module. Nothing else outside the package may, and this
+    # list may only shrink.
+    "benchmarks/abuse.py",
+    "benchmarks/conversations.py",
+    "benchmarks/core.py",
+    "benchmarks/sessions.py",
+    "benchmarks/streaming.py",
+    "tests/faults/worker.py",
+    "tests/proc_worker.py",
+    "tests/subscribers.py",
+    "tests/test_capacity.py",
+    "tests/test_cli.py",
+    "tests/test_cluster.py",
+    "tests/test_commands.py",
+    "tests/test_connections.py",
+    "tests/test_contract.py",
+    "tests/test_doctor.py",
+    "tests/test_effects.py",
+    "tests/test_engine_parts.py",
+    "tests/test_failures.py",
+    "tests/test_gateway.py",
+    "tests/test_gateway_boundaries.py",
+    "tests/test_healthcheck.py",
+    "tests/test_http_lifecycle.py",
+    "tests/test_http_policy.py",
+    "tests/test_metrics.py",
+    "tests/test_observe.py",
+    "tests/test_observed_surfaces.py",
+    "tests/test_pipeline.py",
+    "tests/test_processes.py",
+    "tests/test_protocol.py",
+    "tests/test_recipe_gateway.py",
+    "tests/test_renewer.py",
+    "tests/test_repeats.py",
+    "tests/test_security.py",
+    "tests/test_stream_exactly_once.py",
+    "tests/test_units.py",
+    "tests/upstream_app.py",
+}
+
+
+def test_nothing_outside_the_package_imports_its_internals() -> None:
+    reaching = {}
+    for path in OUTSIDE:
+        found = _internal_imports(path.read_text(), str(path.relative_to(ROOT)))
+        if found:
+            reaching[str(path.relative_to(ROOT))] = found
+    assert sorted(set(reaching) - set(WHITE_BOX)) == [], reaching
+    assert sorted(set(WHITE_BOX) - set(reaching)) == [], "no longer reaches in: drop it"
+
+
+def test_the_boundary_checker_sees_an_internal_import() -> None:
+    source = "from strands_dedup._store.commands import parse_claim\nimport strands_dedup._keys\n"
+    assert len(_internal_imports(source, "probe.py")) == 2
+    assert _internal_imports("from strands_dedup.http import Gateway\n", "probe.py") == []

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import free_port, process
 from test_gateway import upstream  # noqa: F401 - a fixture
 
-from strands_dedup.engine.observe import EVENTS
-from strands_dedup.http.demo import gateway_command
+from strands_dedup._engine.observe import EVENTS
+from strands_dedup.http._demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -95,7 +95,7 @@ async def test_metrics_count_and_time_every_request(gateway: str, namespace: str
 
 async def test_streamed_calls_are_counted_like_the_others() -> None:
     from strands_dedup import Deduplicator
-    from strands_dedup.errors import FingerprintMismatch
+    from strands_dedup._errors import FingerprintMismatch
 
     async def chunks() -> AsyncIterator[str]:
         yield "a"

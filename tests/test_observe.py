@@ -159,7 +159,7 @@ async def test_a_span_per_call(backend_url: str, namespace: str) -> None:
 def test_no_span_work_without_a_configured_tracer_provider() -> None:
     from opentelemetry import trace
 
-    from strands_dedup.engine.observe import Observer
+    from strands_dedup._engine.observe import Observer
 
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         pytest.skip("a tracer provider was configured globally in this process")

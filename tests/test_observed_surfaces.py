@@ -21,7 +21,7 @@ from test_metrics import _samples
 from strands_dedup import Deduplicator, PrometheusMetrics
 from strands_dedup.cli import NAMESPACE_ENV, REDIS_URL_ENV, main
 from strands_dedup.http import IdempotencyMiddleware
-from strands_dedup.http.demo import gateway_command
+from strands_dedup.http._demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 

@@ -1,4 +1,4 @@
-"""Outgoing requests keyed by their call (strands_dedup.http.outgoing), in one process.
+"""Outgoing requests keyed by their call (strands_dedup.http._outgoing), in one process.
 
 The transports send to an ``httpx.MockTransport`` that records what arrives; calls run on the
 embedded memory:// store. The end-to-end run (a primary SIGKILLed after its POST reached a

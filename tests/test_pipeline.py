@@ -19,7 +19,7 @@ import redis.exceptions as rex
 from servers import RedisServer
 
 from strands_dedup import Deduplicator, StoreUnavailable
-from strands_dedup.store.pipeline import AutoPipeline
+from strands_dedup._store.pipeline import AutoPipeline
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 

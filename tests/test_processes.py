@@ -28,7 +28,7 @@ from failover import until
 from timing import SLACK
 
 from strands_dedup import Deduplicator, Role, SyncDeduplicator
-from strands_dedup.protocol import decode_envelope
+from strands_dedup._protocol import decode_envelope
 
 OUR_NAME = f"strands-dedup:{socket.gethostname()}:{os.getpid()}"
 """CLIENT SETNAME of this process's deduplicator connections (the subscriber adds ``:sub``)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from strands_dedup.protocol import (
+from strands_dedup._protocol import (
     MSG_APPENDED,
     Grant,
     Wake,
@@ -70,7 +70,7 @@ def test_a_share_only_envelope_is_a_value_that_was_not_stored() -> None:
         created_ms=1,
         token="t",
         scope="",
-        error_type="strands_dedup.protocol.ShareOnly",
+        error_type="strands_dedup._protocol.ShareOnly",
         error_message="status 503 is not retained",
         shared_only=True,
     )

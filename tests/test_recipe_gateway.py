@@ -10,7 +10,7 @@ import httpx
 import pytest
 from recipes import Server, served, served_together, uvicorn
 
-from strands_dedup.http.demo import gateway_command
+from strands_dedup.http._demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 

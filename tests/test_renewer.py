@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from strands_dedup.engine.renewer import HeldLease, Renewer
-from strands_dedup.keys import KeySchema
-from strands_dedup.protocol import Role
+from strands_dedup._engine.renewer import HeldLease, Renewer
+from strands_dedup._keys import KeySchema
+from strands_dedup._protocol import Role
 
 pytestmark = pytest.mark.timeout(20)
 

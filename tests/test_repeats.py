@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from strands_dedup import Deduplicator, Role, SessionBusy, SessionGuard
+from strands_dedup._store.redis import RedisStore
 from strands_dedup.cli import Inspector
-from strands_dedup.store.redis import RedisStore
 
 pytestmark = pytest.mark.timeout(30)
 

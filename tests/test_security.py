@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from recording_upstream import pattern
 from servers import RedisServer, free_port, namespace_of_its_own, process, recording_upstream
 
-from strands_dedup.http.demo import gateway_command
+from strands_dedup.http._demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(120)]
 HERE = Path(__file__).parent

@@ -25,8 +25,8 @@ from starlette.routing import Route
 from test_http_streaming import serve
 
 from strands_dedup import Deduplicator, StreamReset
+from strands_dedup._keys import TokenKeys
 from strands_dedup.http import IdempotencyMiddleware
-from strands_dedup.keys import TokenKeys
 
 pytestmark = pytest.mark.timeout(30)
 CHUNKS = 20

@@ -18,8 +18,8 @@ from strands_dedup import (
     SerializationError,
     SignedPickleSerializer,
 )
-from strands_dedup.keys import MAX_TOKEN_BYTES, KeySchema, validate_namespace
-from strands_dedup.protocol import (
+from strands_dedup._keys import MAX_TOKEN_BYTES, KeySchema, validate_namespace
+from strands_dedup._protocol import (
     WakeUp,
     decode_envelope,
     decode_message,

@@ -6,7 +6,7 @@ import sys
 
 import uvicorn
 
-from strands_dedup.http.demo import FakeAgent
+from strands_dedup.http._demo import FakeAgent
 
 if __name__ == "__main__":
     port, work = int(sys.argv[1]), float(sys.argv[2])

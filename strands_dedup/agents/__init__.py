@@ -1,7 +1,7 @@
 """Agent surfaces: idempotent tools and message tokens (no extra needed here);
 `strands_dedup.agents.strands` holds `DedupAgent` (needs the ``strands`` extra)."""
 
-from .tokens import message_token
-from .tools import idempotent_tool, tool_token
+from ._tokens import message_token
+from ._tools import idempotent_tool, tool_token
 
 __all__ = ["idempotent_tool", "message_token", "tool_token"]

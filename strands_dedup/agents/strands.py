@@ -46,13 +46,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "strands_dedup.strands needs the Strands Agents SDK: pip install 'strands-dedup[strands]'"
     ) from exc
 
-from ..engine.call import current_call
-from ..engine.deduplicator import Deduplicator
-from ..engine.session import SessionGuard
-from ..engine.streaming import Chunk, Emit, StreamReset
-from ..engine.sync import Bridge, SyncDeduplicator
-from ..protocol import Outcome
-from .conversation import (
+from .._engine.call import current_call
+from .._engine.deduplicator import Deduplicator
+from .._engine.session import SessionGuard
+from .._engine.streaming import Chunk, Emit, StreamReset
+from .._engine.sync import Bridge, SyncDeduplicator
+from .._protocol import Outcome
+from ._conversation import (
     NotLoaded,
     RedisSessionManager,
     RedisSessionRepository,
@@ -60,8 +60,8 @@ from .conversation import (
     building_for,
     committed_session,
 )
-from .tokens import message_token
-from .tools import idempotent_tool
+from ._tokens import message_token
+from ._tools import idempotent_tool
 
 __all__ = [
     "STREAMED_KEYS",

@@ -1,8 +1,8 @@
 """The ``strands-dedup`` command line (`main`) and what it reads and repairs (`Inspector`)."""
 
-from .admin import Inspector
-from .commands import NAMESPACE_ENV, REDIS_URL_ENV, main
-from .healthcheck import healthcheck
+from ._admin import Inspector
+from ._commands import NAMESPACE_ENV, REDIS_URL_ENV, main
+from ._healthcheck import healthcheck
 
 main.add_command(healthcheck)
 

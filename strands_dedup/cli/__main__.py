@@ -1,5 +1,5 @@
 """``python -m strands_dedup.cli``: the ``strands-dedup`` command."""
 
-from .commands import main
+from ._commands import main
 
 main()

@@ -8,16 +8,16 @@ are counted and traced like library calls. Needs the ``http`` extra for the gate
 transports (uvicorn, httpx).
 """
 
-from .gateway import Gateway, run_gateway
-from .middleware import KEYED, IdempotencyMiddleware, StoredResponse
-from .outgoing import (
+from ._gateway import Gateway, run_gateway
+from ._middleware import KEYED, IdempotencyMiddleware, StoredResponse
+from ._outgoing import (
     FENCE_HEADER,
     IdempotentAsyncTransport,
     IdempotentTransport,
     OutgoingConfig,
     effect_key,
 )
-from .policy import GatewayConfig, HttpConfig
+from ._policy import GatewayConfig, HttpConfig
 
 __all__ = [
     "FENCE_HEADER",

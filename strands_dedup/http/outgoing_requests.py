@@ -1,4 +1,4 @@
-"""The ``requests`` form of the outgoing transports (`strands_dedup.http.outgoing`).
+"""The ``requests`` form of the outgoing transports (`strands_dedup.http._outgoing`).
 
 Needs ``requests``, which strands-dedup itself does not install::
 
@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without requests
         "strands_dedup.http.outgoing_requests needs requests: pip install requests"
     ) from exc
 
-from .outgoing import OutgoingConfig, OutgoingRules
+from ._outgoing import OutgoingConfig, OutgoingRules
 
 __all__ = ["IdempotentAdapter"]
 

@@ -35,7 +35,7 @@ from strands_dedup import (
     SyncDeduplicator,
     current_call,
 )
-from strands_dedup.store import client_from_url
+from strands_dedup._store import client_from_url
 
 Log = Callable[..., None]
 

@@ -1,0 +1,149 @@
+"""`BlockingStore`: the protocol's claim and completion on a blocking redis-py client, the
+blocking shell. It sends the same calls as the asyncio shell (``commands.py``), handles
+NOSCRIPT and retries the same way, and maps driver errors with the same table
+(``failures.py``); it runs in the caller's thread with no event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+import redis.exceptions as rex
+from tenacity import Retrying
+
+from .._config import DedupConfig
+from .._keys import TokenKeys
+from .._protocol import Claimed, ClaimReply
+from .commands import Call, Commands, Settled, claim_again
+from .failures import is_driver_error, is_transient, retry_policy, store_error
+
+__all__ = ["BlockingClient", "BlockingStore", "run_script_blocking"]
+
+R = TypeVar("R")
+log = logging.getLogger("strands_dedup._store")
+BlockingClient = redis.Redis | redis.RedisCluster
+"""A blocking client of a single Redis (direct, behind Sentinel, or the embedded fakeredis)
+or of a Redis Cluster."""
+
+
+def run_script_blocking(send: Callable[..., Any], call: Call[Any]) -> Any:
+    """Send ``call`` with ``send``: EVALSHA, and EVAL when Redis does not know the script."""
+    try:
+        return send(*call.evalsha())
+    except rex.NoScriptError:
+        return send(*call.eval())
+
+
+class BlockingStore:
+    """Claims, completions and result reads over a blocking client, safe to share between
+    threads (the client's pool hands each thread a connection). Each command is bounded by
+    the client's socket timeout (``socket_timeout``)."""
+
+    def __init__(
+        self,
+        client: BlockingClient,
+        config: DedupConfig,
+        *,
+        where: str,
+        clock: Callable[[], float] = time.monotonic,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.where = where
+        self.clock = clock
+        self.commands = Commands(config, cluster=isinstance(client, redis.RedisCluster))
+        self._config = config
+        self._on_close = on_close
+
+    def _attempt(self, op: Callable[[], R]) -> R:
+        """Run ``op``; retry a transient error; a driver error becomes the library's own."""
+        try:  # fast path: no retry machinery unless the first attempt fails
+            return op()
+        except Exception as exc:
+            if not is_transient(exc):
+                if isinstance(exc, rex.RedisError):
+                    raise store_error(exc, self.where) from exc
+                raise
+            first = exc
+        if self._config.retry_attempts <= 1:
+            raise store_error(first, self.where) from first
+        try:
+            for attempt in Retrying(**retry_policy(self._config)):
+                with attempt:
+                    return op()
+        except Exception as exc:
+            if is_driver_error(exc):
+                raise store_error(exc, self.where) from exc
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def run(self, call: Call[R]) -> R:
+        """Run one script call and parse its reply."""
+        send = self.client.execute_command
+        return call.parse(self._attempt(lambda: run_script_blocking(send, call)))
+
+    def _replicated(self, call: Call[R], timeout: float) -> R:
+        """`run`, then WAIT for ``min_replicas`` on the same connection (single Redis only)."""
+        assert isinstance(self.client, redis.Redis)
+        client = self.client
+        wait = ("WAIT", self._config.min_replicas, max(1, int(timeout * 1000)))
+
+        def send(*command: Any) -> tuple[Any, Any]:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+                pipe.execute_command(*wait)  # type: ignore[no-untyped-call]
+                first, second = pipe.execute(raise_on_error=False)
+            for reply in (first, second):
+                if isinstance(reply, Exception):
+                    raise reply
+            return first, second
+
+        reply, acked = self._attempt(lambda: run_script_blocking(send, call))
+        if int(acked) < self._config.min_replicas:
+            log.warning(
+                "only %s of %d replicas acknowledged a write within %gs",
+                acked,
+                self._config.min_replicas,
+                timeout,
+            )
+        return call.parse(reply)
+
+    def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
+        """Run claim.lua: a replay, the lease, or who holds it (see `RedisStore.claim`)."""
+        call = self.commands.claim(keys, owner, meta)
+        started = self.clock()
+        if self._config.min_replicas:
+            wait = min(self._config.replica_timeout, self._config.lease_ttl / 4)
+            reply = self._replicated(call, wait)
+        else:
+            reply = self.run(call)
+        renew_after = self._config.effective_renew_interval
+        if isinstance(reply, Claimed) and claim_again(started, self.clock(), renew_after):
+            reply = self.run(call)
+        return reply
+
+    def settle(
+        self, keys: TokenKeys, owner: str, fence: int, stored: bytes, message: bytes
+    ) -> Settled:
+        """Run settle.lua (see `RedisStore.settle`)."""
+        call = self.commands.settle(keys, owner, fence, stored, message)
+        if self._config.min_replicas:
+            return self._replicated(call, self._config.replica_timeout)
+        return self.run(call)
+
+    def get_result(self, keys: TokenKeys) -> bytes | None:
+        """The stored result of a token, or None."""
+        value = self._attempt(lambda: self.client.get(keys.result))
+        return value if value is None or isinstance(value, bytes) else str(value).encode()
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        try:
+            self.client.close()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
