@@ -56,6 +56,7 @@ import redis.asyncio as aredis
 
 import strands_dedup
 from strands_dedup import DedupConfig, Deduplicator, Role
+from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup._store.connect import client_from_url, describe_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ async def run_sequential(
 
 async def wait_parked(dedup: Deduplicator, expected: int, deadline: float) -> None:
     """Until ``expected`` duplicates are registered and each is blocked waiting for a message."""
-    sub = dedup.engine.subscriber
+    sub = engine_of(dedup).subscriber
     while sub.waiters != expected:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {sub.waiters} of {expected} waiters registered in time")

@@ -65,9 +65,7 @@ async def storm_across(
         first = asyncio.create_task(primary.execute("tok", call))
         await until(lambda: call.runs == 1, 10, "the primary runs")
         duplicates = [asyncio.create_task(others.execute("tok", call)) for _ in range(waiters)]
-        await until(
-            lambda: others.engine.subscriber.listening == waiters, 10, "the duplicates wait"
-        )
+        await until(lambda: others.activity().listening == waiters, 10, "the duplicates wait")
         await disrupt(others)
         call.gate.set()
         outcomes = await asyncio.wait_for(asyncio.gather(first, *duplicates), 60)

@@ -32,6 +32,7 @@ import sys
 from typing import Any
 
 from strands_dedup import DedupConfig, Deduplicator, Outcome
+from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup._store import Client, client_from_url
 
 
@@ -59,7 +60,9 @@ async def storm(args: argparse.Namespace, side: Client) -> None:
     async with Deduplicator.from_url(
         args.url, namespace=args.namespace, lease_ttl=args.lease_ttl, max_connections=8
     ) as dedup:
-        await dedup.engine.store.probe()  # connect before the barrier, so the calls start together
+        await engine_of(
+            dedup
+        ).store.probe()  # connect before the barrier, so the calls start together
         emit("ready")
         if await side.blpop([f"{args.namespace}:barrier"], timeout=30) is None:
             emit("error", type="BarrierTimeout", message="the barrier was not released in 30 s")
@@ -87,7 +90,7 @@ async def hold(args: argparse.Namespace, side: Client) -> None:
     async with Deduplicator.from_url(
         args.url, namespace=args.namespace, lease_ttl=args.lease_ttl, max_connections=4
     ) as dedup:
-        await dedup.engine.store.probe()
+        await engine_of(dedup).store.probe()
         emit("ready")
         try:
             emit_outcome(await dedup.execute(args.token, call))
@@ -110,7 +113,7 @@ async def stream(args: argparse.Namespace, side: Client) -> None:
     async with Deduplicator.from_url(
         args.url, namespace=args.namespace, lease_ttl=args.lease_ttl, max_connections=4
     ) as dedup:
-        await dedup.engine.store.probe()
+        await engine_of(dedup).store.probe()
         emit("ready")
         async for _ in dedup.stream(args.token, chunks):
             pass

@@ -105,7 +105,7 @@ async def test_concurrent_duplicate_waits_for_the_primary(dedup: Deduplicator) -
             asyncio.create_task(http.post("/invoke", content=b"q", headers=key("k")))
             for _ in range(5)
         ]
-        await until(lambda: dedup.engine.subscriber.listening == 5)
+        await until(lambda: dedup.activity().listening == 5)
         agent.release.set()
         responses = await asyncio.gather(first, *dups)
     assert agent.runs == 1
@@ -167,7 +167,7 @@ async def test_5xx_reaches_waiters_but_is_not_retained(dedup: Deduplicator) -> N
         first = asyncio.create_task(http.post("/invoke", headers=key("k")))
         await agent.started.wait()
         dup = asyncio.create_task(http.post("/invoke", headers=key("k")))
-        await until(lambda: dedup.engine.subscriber.listening == 1)
+        await until(lambda: dedup.activity().listening == 1)
         agent.release.set()
         r1, r2 = await asyncio.gather(first, dup)
         assert r1.status_code == r2.status_code == 503 and r1.content == r2.content
@@ -217,7 +217,7 @@ async def test_slow_handler_outliving_its_lease_runs_once(dedup: Deduplicator) -
         past = time.monotonic() + 2.5
         await until(lambda: time.monotonic() > past)
         dup = asyncio.create_task(http.post("/invoke", headers=key("k")))
-        await until(lambda: dedup.engine.subscriber.listening == 1)
+        await until(lambda: dedup.activity().listening == 1)
         agent.release.set()
         r1, r2 = await asyncio.gather(first, dup)
     assert agent.runs == 1 and r1.content == r2.content
@@ -266,7 +266,7 @@ async def test_wait_timeout_and_handler_failure(backend_url: str, namespace: str
             primary = asyncio.create_task(http.post("/crash", headers=key("boom")))
             await started.wait()
             dup = asyncio.create_task(http.post("/crash", headers=key("boom")))
-            await until(lambda: dedup.engine.subscriber.listening == 1)
+            await until(lambda: dedup.activity().listening == 1)
             go.set()
             assert (await primary).status_code == 500  # the server's own answer to a crash
             shared = await dup

@@ -26,6 +26,7 @@ from servers import free_port, namespace_of_its_own, process, recording_upstream
 from test_security import status_of
 
 from strands_dedup import Deduplicator
+from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup.http import IdempotencyMiddleware
 from strands_dedup.http._demo import gateway_command
 
@@ -306,7 +307,7 @@ def test_the_budget_script_is_safe_to_repeat(redis_url: str, space: str) -> None
     async def run() -> None:
         dedup = Deduplicator.from_url(redis_url, namespace=space, metrics=False)
         try:
-            store, schema = dedup.engine.store, dedup.engine.keys
+            store, schema = engine_of(dedup).store, engine_of(dedup).keys
             op = schema.for_budget("id-abc", "op1")
             args = (5, 8, 60_000, 1000, 10_000, 1000, 25, 60_000)
             first = await store.budget(op, args)
@@ -352,7 +353,7 @@ async def test_the_middleware_spends_budget_on_new_keys_only(
             while runs < 1:
                 await asyncio.sleep(0.005)  # polled, with the test's timeout as its deadline
             duplicates = [asyncio.create_task(post("a")) for _ in range(3)]
-            while dedup.engine.subscriber.waiters < 3:
+            while dedup.activity().waiters < 3:
                 await asyncio.sleep(0.005)
             release.set()
             answers = await asyncio.gather(first, *duplicates, post("a"), post("b"))

@@ -556,11 +556,11 @@ async def test_release_fences_a_live_primary_off_even_without_waiters(
             return "late"
 
         primary = asyncio.create_task(dedup.execute("alone", call))
-        while dedup.engine.renewer.held == 0:
+        while dedup.activity().in_flight == 0:
             await asyncio.sleep(0.005)
         assert (await inspector.release("alone")) is not None
         deadline = time.monotonic() + 2
-        while dedup.engine.renewer.held:  # the next renewal finds the lease lost
+        while dedup.activity().in_flight:  # the next renewal finds the lease lost
             assert time.monotonic() < deadline, "the released lease was renewed"
             await asyncio.sleep(0.01)
         release.set()

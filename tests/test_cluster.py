@@ -25,6 +25,7 @@ from failover import Gated, storm_across, until
 from servers import ClusterSetup, free_port, node_command
 
 from strands_dedup import Deduplicator, LeaseLost, Outcome, Role, StoreUnavailable
+from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup._keys import KeySchema
 from strands_dedup.cli import Inspector
 
@@ -93,9 +94,9 @@ async def holding(
     ):
         state = Holding(primary, other)
         state.held = [asyncio.create_task(primary.execute(t, state.slow)) for t in tokens]
-        await until(lambda: primary.engine.renewer.held == len(tokens), 10, "every token is held")
+        await until(lambda: primary.activity().in_flight == len(tokens), 10, "every token is held")
         state.waiting = [asyncio.create_task(other.execute(t, state.slow)) for t in waiting_on]
-        await until(lambda: other.engine.subscriber.listening == len(waiting_on), 10, "all wait")
+        await until(lambda: other.activity().listening == len(waiting_on), 10, "all wait")
         try:
             yield state
         finally:
@@ -134,7 +135,7 @@ async def test_waiters_share_one_sharded_connection_per_shard(
     waiting_on = [t for t in tokens for _ in range(5)]
     async with holding(cluster_setup.url, namespace, tokens, waiting_on) as state:
         others = state.other
-        assert others.engine.subscriber.shards == 3
+        assert others.activity().subscriber_shards == 3
         for port in shards:
             # one subscriber connection on each primary, shared by its 10 waiters
             assert len(sub_connections(port)) == 1, port
@@ -170,7 +171,7 @@ async def test_leases_on_every_shard_are_renewed(
         Deduplicator.from_url(cluster_setup.url, **options) as b,
     ):
         first = [asyncio.create_task(a.execute(t, lambda t=t: work(t))) for t in tokens]
-        await until(lambda: a.engine.renewer.held == len(tokens), 10, "every token is held")
+        await until(lambda: a.activity().in_flight == len(tokens), 10, "every token is held")
         second = [asyncio.create_task(b.execute(t, lambda t=t: work(t))) for t in tokens]
         outcomes = await asyncio.wait_for(asyncio.gather(*first, *second), 30)
         assert b.counters.get("takeovers", 0) == 0
@@ -223,7 +224,7 @@ async def test_release_wakes_the_waiters_on_the_tokens_shard(
 ) -> None:
     async with holding(cluster_setup.url, namespace, ["tok"], [], lease_ttl=30) as state:
         waiter = asyncio.create_task(state.other.execute("tok", lambda: "mine"))
-        await until(lambda: state.other.engine.subscriber.listening == 1, 10, "the duplicate waits")
+        await until(lambda: state.other.activity().listening == 1, 10, "the duplicate waits")
         async with Inspector.from_url(cluster_setup.url, namespace=namespace) as inspector:
             released = await inspector.release("tok")
         assert released is not None and released.listeners == 1
@@ -279,10 +280,10 @@ async def test_waiters_follow_their_channel_when_its_slot_migrates(
     async def migrate(others: Deduplicator) -> None:
         source = cluster.primary_port_for(keys.lease)
         target = next(n.port for n in cluster.nodes if n.port != source and is_primary(n.port))
-        connects = others.engine.subscriber.connects
+        connects = others.activity().subscriber_connects
         cluster.migrate_slot(redis.crc.key_slot(keys.lease), source, target)
         # the source drops the shard channel's subscribers; they move to the new shard
-        await until(lambda: others.engine.subscriber.connects > connects, 10, "resubscribed")
+        await until(lambda: others.activity().subscriber_connects > connects, 10, "resubscribed")
         await until(lambda: shard_listeners(target, keys.channel) == 1, 10, "moved")
         assert shard_listeners(source, keys.channel) == 0
 
@@ -296,7 +297,7 @@ async def test_health_checks_every_primary(
     cluster = fresh_cluster()
     async with Deduplicator.from_url(cluster.url, namespace=namespace, metrics=False) as dedup:
         assert (await dedup.health()).ok
-        default = dedup.engine.store.cluster.get_default_node().port  # type: ignore[union-attr]
+        default = engine_of(dedup).store.cluster.get_default_node().port  # type: ignore[union-attr]
         doomed = next(n for n in cluster.nodes if n.port != default and is_primary(n.port))
         assert doomed.proc is not None
         doomed.proc.kill()  # not the node a lone PING would go to
@@ -374,7 +375,7 @@ async def test_a_failover_of_the_tokens_primary_during_a_storm_loses_no_waiter(
         side = redis.Redis(port=doomed)
         assert side.execute_command("WAIT", 1, 2000) == 1  # the claim is on the replica
         side.close()
-        connects = others.engine.subscriber.connects
+        connects = others.activity().subscriber_connects
         node = cluster.node(doomed)
         assert node.proc is not None
         node.proc.kill()  # the token's primary dies: the cluster promotes its replica
@@ -388,7 +389,9 @@ async def test_a_failover_of_the_tokens_primary_during_a_storm_loses_no_waiter(
                 return False
 
         await until(promoted, 30, "a replica takes over the slot")
-        await until(lambda: others.engine.subscriber.connects > connects, 30, "waiters resubscribe")
+        await until(
+            lambda: others.activity().subscriber_connects > connects, 30, "waiters resubscribe"
+        )
 
     # with min_replicas=1 the completion's WAIT goes to the slot's new primary directly
     await storm_across(
@@ -435,7 +438,7 @@ async def test_concurrent_scripts_leave_in_batches_per_primary(
 ) -> None:
     shards = tokens_per_shard(cluster_setup, namespace, 40)
     async with Deduplicator.from_url(cluster_setup.url, namespace=namespace, metrics=False) as d:
-        pipelines = d.engine.store.node_pipelines
+        pipelines = engine_of(d).store.node_pipelines
         assert pipelines is not None and pipelines.pipelines == {}
 
         async def caller(token: str) -> list[tuple[Role, str]]:
@@ -473,7 +476,7 @@ async def test_a_slot_migrated_mid_storm_answers_every_caller(
     target = next(port for port in cluster.primaries() if port != source)
     options = {"namespace": namespace, "retry_attempts": 20, "retry_deadline": 30, "metrics": False}
     async with Deduplicator.from_url(cluster.url, **options) as d:
-        pipelines = d.engine.store.node_pipelines
+        pipelines = engine_of(d).store.node_pipelines
         assert pipelines is not None
         for token in stored:
             await d.execute(token, lambda token=token: f"v-{token}")
@@ -598,7 +601,7 @@ async def test_the_pipeline_of_a_failed_primary_is_closed(
     doomed = next(iter(shards))
     options = {"namespace": namespace, "retry_attempts": 20, "retry_deadline": 40}
     async with Deduplicator.from_url(cluster.url, metrics=False, **options) as d:
-        pipelines = d.engine.store.node_pipelines
+        pipelines = engine_of(d).store.node_pipelines
         assert pipelines is not None
         for group in shards.values():
             for token in group:

@@ -16,6 +16,7 @@ import redis
 from servers import RedisServer, free_port
 
 from strands_dedup import Deduplicator, Role, StoreUnavailable
+from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup._protocol import Claimed
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(30)]
@@ -80,7 +81,7 @@ async def test_unix_socket_url(redis_server_factory: type[RedisServer], namespac
 
         primary = asyncio.create_task(dedup.execute("t", call))
         dup = asyncio.create_task(dedup.execute("t", call))
-        while dedup.engine.subscriber.listening < 1:
+        while dedup.activity().listening < 1:
             await asyncio.sleep(0.005)
         gate.set()
         assert {(await primary).value, (await dup).value} == {"over a socket"}
@@ -141,7 +142,7 @@ async def test_killed_connections_are_retried_transparently(
         assert (await dedup.execute("a", lambda: 1)).role is Role.PRIMARY
         admin = redis.Redis.from_url(server.url)
         try:
-            name = dedup.engine.store.client.get_connection_kwargs()["client_name"]
+            name = engine_of(dedup).store.client.get_connection_kwargs()["client_name"]
             killed = admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
             assert killed >= 1
             assert not any(c["name"] == name for c in admin.client_list(_type="normal"))
@@ -179,7 +180,7 @@ async def test_a_claim_that_returns_late_is_checked_before_the_call_runs(
         Deduplicator.from_url(redis_url, **options) as dedup,
         Deduplicator.from_url(redis_url, **options) as other,
     ):
-        store = dedup.engine.store
+        store = engine_of(dedup).store
         assert store.pipeline is not None
         first_claim = store.pipeline.execute  # the first script this deduplicator runs: a claim
         calls = 0
@@ -190,10 +191,10 @@ async def test_a_claim_that_returns_late_is_checked_before_the_call_runs(
             reply: Any = await first_claim(*args)
             calls += 1
             if calls == 1:  # the lease runs out and another caller claims the token
-                keys = other.engine.keys.for_token("tok")
-                await other.engine.store.client.delete(keys.lease)
-                taken = await other.engine.store.claim(
-                    keys, other.engine.new_owner(), other.engine.lease_meta(keys, None)
+                keys = engine_of(other).keys.for_token("tok")
+                await engine_of(other).store.client.delete(keys.lease)
+                taken = await engine_of(other).store.claim(
+                    keys, engine_of(other).new_owner(), engine_of(other).lease_meta(keys, None)
                 )
                 fences.append(int(reply[1]))
                 assert isinstance(taken, Claimed) and taken.fence == fences[0] + 1

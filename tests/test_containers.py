@@ -67,7 +67,7 @@ async def test_storm_replay_and_takeover(container_url: str) -> None:
             return "once"
 
         tasks = [asyncio.create_task(dedup.execute("storm", call)) for _ in range(50)]
-        while dedup.engine.subscriber.listening < 49:
+        while dedup.activity().listening < 49:
             await asyncio.sleep(0.01)
         release.set()
         outcomes = await asyncio.gather(*tasks)
@@ -75,7 +75,7 @@ async def test_storm_replay_and_takeover(container_url: str) -> None:
         assert (await dedup.execute("storm", call)).role is Role.REPLAY
 
         blocked = asyncio.create_task(dedup.execute("crash", asyncio.Event().wait))
-        while dedup.engine.renewer.held < 1:
+        while dedup.activity().in_flight < 1:
             await asyncio.sleep(0.01)
         blocked.cancel()
         assert (await dedup.execute("crash", lambda: "after")).value == "after"

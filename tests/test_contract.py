@@ -28,6 +28,7 @@ from strands_dedup import (
     WaitTimeout,
     current_call,
 )
+from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup._protocol import Busy, Claimed, ShareOnly
 
 pytestmark = pytest.mark.timeout(30)
@@ -63,7 +64,7 @@ async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 async def waiting(dedup: Deduplicator, n: int) -> None:
-    await until(lambda: dedup.engine.subscriber.listening >= n)
+    await until(lambda: dedup.activity().listening >= n)
 
 
 async def test_primary_then_replay(dedup: Deduplicator) -> None:
@@ -94,7 +95,7 @@ async def test_concurrent_duplicates_wait_and_share_one_execution(dedup: Dedupli
     assert outcomes[0].role is Role.PRIMARY
     assert {o.role for o in outcomes[1:]} == {Role.WAITER}
     assert all(o.value == {"answer": 42} and o.fence == gate.fence for o in outcomes)
-    assert dedup.engine.subscriber.waiters == 0
+    assert dedup.activity().waiters == 0
 
 
 async def test_scopes_isolate_tenants(dedup: Deduplicator) -> None:
@@ -259,8 +260,8 @@ async def test_unserializable_result_releases_and_tells_waiters(dedup: Deduplica
         await primary
     with pytest.raises(PrimaryFailed, match="SerializationError"):
         await dup
-    keys = dedup.engine.keys.for_token("t")
-    assert await dedup.engine.store.client.exists(keys.lease, keys.result) == 0
+    keys = engine_of(dedup).keys.for_token("t")
+    assert await engine_of(dedup).store.client.exists(keys.lease, keys.result) == 0
     assert (await dedup.execute("t", lambda: "fine")).role is Role.PRIMARY
 
 
@@ -269,8 +270,8 @@ async def test_oversized_result_is_refused_without_storing(make: Callable[..., A
         with pytest.raises(ResultTooLarge) as info:
             await dedup.execute("t", lambda: "x" * 5000)
         assert info.value.size > 1000 and info.value.limit == 1000
-        keys = dedup.engine.keys.for_token("t")
-        assert await dedup.engine.store.client.exists(keys.lease, keys.result) == 0
+        keys = engine_of(dedup).keys.for_token("t")
+        assert await engine_of(dedup).store.client.exists(keys.lease, keys.result) == 0
 
 
 async def test_large_result_is_read_once_and_shared(make: Callable[..., Any]) -> None:
@@ -282,14 +283,14 @@ async def test_large_result_is_read_once_and_shared(make: Callable[..., Any]) ->
         dups = [asyncio.create_task(dedup.execute("t", gate)) for _ in range(10)]
         await waiting(dedup, 10)
         reads = 0
-        original = dedup.engine.store.get_result
+        original = engine_of(dedup).store.get_result
 
         async def counting(keys: Any) -> bytes | None:
             nonlocal reads
             reads += 1
             return await original(keys)
 
-        dedup.engine.store.get_result = counting  # type: ignore[method-assign]
+        engine_of(dedup).store.get_result = counting  # type: ignore[method-assign]
         gate.release.set()
         outcomes = await asyncio.gather(primary, *dups)
         assert all(o.value == big for o in outcomes)
@@ -337,10 +338,10 @@ async def test_lease_is_renewed_while_a_slow_primary_runs(make: Callable[..., An
         gate = Gate("slow")
         primary = asyncio.create_task(dedup.execute("t", gate))
         await gate.started.wait()
-        keys = dedup.engine.keys.for_token("t")
+        keys = engine_of(dedup).keys.for_token("t")
         renewed_past = time.monotonic() + 0.9  # three lease lifetimes
         await until(lambda: time.monotonic() > renewed_past)
-        assert await dedup.engine.store.client.pttl(keys.lease) > 0
+        assert await engine_of(dedup).store.client.pttl(keys.lease) > 0
         with pytest.raises(DuplicateInFlight):
             await dedup.execute("t", gate, on_duplicate="raise")
         gate.release.set()
@@ -349,8 +350,8 @@ async def test_lease_is_renewed_while_a_slow_primary_runs(make: Callable[..., An
 
 async def _steal(dedup: Deduplicator, token: str) -> None:
     """Make the token look claimed by someone else (fence moved on, lease theirs)."""
-    keys = dedup.engine.keys.for_token(token)
-    client = dedup.engine.store.client
+    keys = engine_of(dedup).keys.for_token(token)
+    client = engine_of(dedup).store.client
     await client.incr(keys.fence)
     await client.set(keys.lease, b"ffff|99|{}", px=60_000)
 
@@ -375,8 +376,8 @@ async def test_lost_lease_refuses_the_completion(make: Callable[..., Any]) -> No
         gate.release.set()
         with pytest.raises(LeaseLost, match="refused"):
             await primary
-        keys = dedup.engine.keys.for_token("t")
-        assert await dedup.engine.store.client.get(keys.result) is None
+        keys = engine_of(dedup).keys.for_token("t")
+        assert await engine_of(dedup).store.client.get(keys.result) is None
 
 
 @pytest.mark.parametrize(
@@ -430,8 +431,8 @@ async def test_an_expired_lease_nobody_claimed_is_taken_back(make: Callable[...,
         gate = Gate("kept")
         primary = asyncio.create_task(dedup.execute("t", gate))
         await gate.started.wait()
-        keys = dedup.engine.keys.for_token("t")
-        client = dedup.engine.store.client
+        keys = engine_of(dedup).keys.for_token("t")
+        client = engine_of(dedup).store.client
         await client.delete(keys.lease)  # as if it had expired during a pause
         deadline = time.monotonic() + 2
         while not await client.exists(keys.lease):
@@ -444,21 +445,21 @@ async def test_an_expired_lease_nobody_claimed_is_taken_back(make: Callable[...,
 
 async def test_no_watch_outlives_its_call(dedup: Deduplicator) -> None:
     # A bystander keeps the token's channel subscribed, so calls attach before they read.
-    keys = dedup.engine.keys.for_token("t")
-    bystander = dedup.engine.subscriber.register(keys.channel)
+    keys = engine_of(dedup).keys.for_token("t")
+    bystander = engine_of(dedup).subscriber.register(keys.channel)
     await bystander.ready(5)
     try:
         assert (await dedup.execute("t", lambda: "v")).role is Role.PRIMARY
-        assert dedup.engine.subscriber.waiters == 1
+        assert dedup.activity().waiters == 1
         assert (await dedup.execute("t", lambda: "w")).role is Role.REPLAY
-        assert dedup.engine.subscriber.waiters == 1
+        assert dedup.activity().waiters == 1
     finally:
         bystander.close()
-    assert dedup.engine.subscriber.waiters == 0
+    assert dedup.activity().waiters == 0
 
 
 async def test_idle_subscriber_is_not_taken_for_dead(dedup: Deduplicator) -> None:
-    dedup.engine.subscriber.health_interval = 0.05  # PING often; each PING must be answered
+    engine_of(dedup).subscriber.health_interval = 0.05  # PING often; each PING must be answered
     gate = Gate("v")
     primary = asyncio.create_task(dedup.execute("t", gate))
     await gate.started.wait()
@@ -468,15 +469,15 @@ async def test_idle_subscriber_is_not_taken_for_dead(dedup: Deduplicator) -> Non
     await asyncio.gather(primary, dup)  # the channel is unsubscribed again: plain PONG replies
     later = time.monotonic() + 0.5
     await until(lambda: time.monotonic() > later)
-    assert dedup.engine.subscriber.connected and dedup.engine.subscriber.connects == 1
+    assert dedup.activity().subscriber_connected and dedup.activity().subscriber_connects == 1
 
 
 async def test_a_retried_claim_recognises_its_own_lease(dedup: Deduplicator) -> None:
-    keys = dedup.engine.keys.for_token("t")
-    meta = dedup.engine.lease_meta(keys, None)
-    first = await dedup.engine.store.claim(keys, "abc1", meta)
-    again = await dedup.engine.store.claim(keys, "abc1", meta)  # as if the reply had been lost
-    other = await dedup.engine.store.claim(keys, "abc2", meta)
+    keys = engine_of(dedup).keys.for_token("t")
+    meta = engine_of(dedup).lease_meta(keys, None)
+    first = await engine_of(dedup).store.claim(keys, "abc1", meta)
+    again = await engine_of(dedup).store.claim(keys, "abc1", meta)  # as if the reply had been lost
+    other = await engine_of(dedup).store.claim(keys, "abc2", meta)
     assert first == again and isinstance(first, Claimed)
     assert isinstance(other, Busy)
     assert (other.lease.owner, other.lease.fence) == ("abc1", first.fence)
@@ -495,15 +496,15 @@ async def test_a_renewal_after_the_owners_release_is_refused(
         refs: list[HeldLeaseRef] = []
 
         async def call() -> None:
-            lease = dedup.engine.renewer.leases[0]
+            lease = engine_of(dedup).renewer.leases[0]
             refs.append(HeldLeaseRef(lease.keys, lease.value))
             raise outcome("gone")
 
         with pytest.raises(outcome):
             await dedup.execute("t", call)
         # a renewal sent before the release that reaches Redis after it
-        assert await dedup.engine.store.renew(refs) == [False]
-        assert not await dedup.engine.store.client.exists(refs[0].keys.lease)
+        assert await engine_of(dedup).store.renew(refs) == [False]
+        assert not await engine_of(dedup).store.client.exists(refs[0].keys.lease)
         assert (await dedup.execute("t", lambda: "next")).role is Role.PRIMARY
 
 

@@ -23,6 +23,7 @@ from strands import Agent
 from strands.session.file_session_manager import FileSessionManager
 
 from strands_dedup import ConversationError, Deduplicator, SessionGuard
+from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup.agents.strands import (
     DedupAgent,
     RedisSessionManager,
@@ -196,8 +197,8 @@ async def test_redis_sessions_load_in_one_round_trip_and_stay_bounded(
         )
         await agent.invoke_async("one", session_id="s")
         await agent.invoke_async("two", session_id="s")
-        keys = dedup.engine.keys.for_session("s")
-        side = dedup.engine.store.client
+        keys = engine_of(dedup).keys.for_session("s")
+        side = engine_of(dedup).store.client
         before = await side.hgetall(keys.conversation)
         with pytest.raises(ConversationError, match=r"'s'.*5 messages.*4 messages") as caught:
             await agent.invoke_async("three", session_id="s")
@@ -221,8 +222,8 @@ async def test_a_stored_history_that_does_not_parse_is_refused_and_kept(
             session_guard=SessionGuard(dedup),
         )
         await agent.invoke_async("one", session_id=weird)
-        keys = dedup.engine.keys.for_session(weird)
-        side = dedup.engine.store.client
+        keys = engine_of(dedup).keys.for_session(weird)
+        side = engine_of(dedup).store.client
         fields = await side.hkeys(keys.conversation)
         message = next(f for f in fields if f.startswith(b"m:"))
         await side.hset(keys.conversation, message, b"{not json")
@@ -341,13 +342,13 @@ async def test_redis_session_turns_on_every_backend(
 
         model._events = spy  # type: ignore[method-assign]
         loads: list[Any] = []
-        load = dedup.engine.store.conversation_load
+        load = engine_of(dedup).store.conversation_load
 
         async def counted(keys: Any) -> Any:
             loads.append(keys)
             return await load(keys)
 
-        monkeypatch.setattr(dedup.engine.store, "conversation_load", counted)
+        monkeypatch.setattr(engine_of(dedup).store, "conversation_load", counted)
         agent = DedupAgent(
             dedup,
             lambda sid: Agent(

@@ -1,5 +1,6 @@
-"""The error tree in the errors module's docstring is the one place it is written (the docs render it):
-it must name every error class the module defines, under its real parent, and nothing else."""
+"""The error tree in the errors module's docstring is the one place it is written (the docs
+render it): it must name every error class the module defines, under its real parent, and
+nothing else."""
 
 from __future__ import annotations
 

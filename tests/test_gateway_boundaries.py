@@ -413,7 +413,7 @@ async def test_a_response_the_store_cannot_hold_is_not_retained_rather_than_fail
             deadline = time.monotonic() + 5
             # listening: subscribed and its re-read done (a duplicate still re-reading when the
             # primary releases the token finds it free and takes it over)
-            while dedup.engine.subscriber.listening < 1:
+            while dedup.activity().listening < 1:
                 assert time.monotonic() < deadline, "the duplicate never waited"
                 await asyncio.sleep(0.005)
             release.set()

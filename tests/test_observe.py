@@ -19,6 +19,7 @@ from strands_dedup import (
     StoreUnavailable,
     SyncDeduplicator,
 )
+from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup.cli import Inspector
 
 pytestmark = pytest.mark.timeout(30)
@@ -51,7 +52,7 @@ async def test_counters_and_prometheus_metrics(backend_url: str, namespace: str)
         primary = asyncio.create_task(dedup.execute("t", call, fingerprint="a"))
         await until(lambda: sample("strands_dedup_in_flight") == 1)
         dup = asyncio.create_task(dedup.execute("t", call, fingerprint="a"))
-        await until(lambda: dedup.engine.subscriber.listening == 1)
+        await until(lambda: dedup.activity().listening == 1)
         assert sample("strands_dedup_waiters") == 1
         with pytest.raises(FingerprintMismatch):
             await dedup.execute("t", call, fingerprint="b")
@@ -96,7 +97,7 @@ async def test_health_reports_store_and_local_load(redis_url: str, namespace: st
         assert health.store_latency_ms is not None and health.store_latency_ms >= 0
         release = asyncio.Event()
         task = asyncio.create_task(dedup.execute("t", release.wait))
-        await until(lambda: dedup.engine.renewer.held == 1)
+        await until(lambda: dedup.activity().in_flight == 1)
         assert (await dedup.health()).in_flight == 1
         release.set()
         await task
@@ -147,7 +148,9 @@ async def test_a_span_per_call(backend_url: str, namespace: str) -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     async with Deduplicator.from_url(backend_url, namespace=namespace) as dedup:
-        dedup.engine.observer.tracer = trace.get_tracer("strands_dedup", tracer_provider=provider)
+        engine_of(dedup).observer.tracer = trace.get_tracer(
+            "strands_dedup", tracer_provider=provider
+        )
         await dedup.execute("t", lambda: 1)
         await dedup.execute("t", lambda: 1)
     spans = exporter.get_finished_spans()

@@ -34,7 +34,7 @@ CHILD = textwrap.dedent(
         primary = asyncio.create_task(dedup.execute("tok", call))
         await started.wait()
         waiters = [asyncio.create_task(dedup.execute("tok", call)) for _ in range(5)]
-        while dedup.engine.subscriber.listening < 5:
+        while dedup.activity().listening < 5:
             await asyncio.sleep(0.005)
         release.set()
         outcomes = await asyncio.gather(primary, *waiters)

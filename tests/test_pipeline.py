@@ -19,6 +19,7 @@ import redis.exceptions as rex
 from servers import RedisServer
 
 from strands_dedup import Deduplicator, StoreUnavailable
+from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup._store.pipeline import AutoPipeline
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -207,12 +208,12 @@ async def test_scripts_survive_a_flush_mid_stream_and_a_killed_connection(
 
 async def test_a_lone_call_is_one_write(server: RedisServer) -> None:
     async with Deduplicator.from_url(server.url, namespace="lone") as dedup:
-        pipeline = dedup.engine.store.pipeline
+        pipeline = engine_of(dedup).store.pipeline
         assert pipeline is not None
         await dedup.execute("warm", lambda: 1)  # the scripts are loaded (EVAL once each)
         before = pipeline.commands
         await dedup.execute("one", lambda: 1)
         assert pipeline.commands - before == 2  # claim, settle: one write each
     async with Deduplicator.from_url(server.url, namespace="off", auto_pipeline=False) as dedup:
-        assert dedup.engine.store.pipeline is None
+        assert engine_of(dedup).store.pipeline is None
         assert (await dedup.execute("one", lambda: 1)).value == 1

@@ -156,7 +156,7 @@ async def test_sigkilled_primary_is_taken_over_within_one_lease(
 
     async with Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=lease_ttl) as dedup:
         b = asyncio.create_task(dedup.execute("tok", mine))
-        await until(lambda: dedup.engine.subscriber.listening == 1, 5, "the test's call waits")
+        await until(lambda: dedup.activity().listening == 1, 5, "the test's call waits")
         assert runs == 0
 
         killed_at = time.monotonic()
@@ -239,13 +239,13 @@ async def test_waiters_survive_a_killed_subscriber_connection(
         redis_url, namespace=namespace, lease_ttl=2, max_connections=8
     ) as dedup:
         waiters = [asyncio.create_task(dedup.execute("tok", never)) for _ in range(100)]
-        await until(lambda: dedup.engine.subscriber.listening == 100, 10, "100 waiters listen")
+        await until(lambda: dedup.activity().listening == 100, 10, "100 waiters listen")
         await until(
             lambda: dict(r.pubsub_numsub(channel)).get(channel.encode(), 0) == 1,
             10,
             "the shared subscriber is subscribed",
         )
-        assert dedup.engine.subscriber.connects == 1
+        assert dedup.activity().subscriber_connects == 1
         subs = [c for c in our_connections(r) if c["name"] == OUR_NAME + ":sub"]
         assert len(subs) == 1, subs
         assert r.execute_command("CLIENT", "KILL", "ID", subs[0]["id"]) == 1
@@ -256,8 +256,10 @@ async def test_waiters_survive_a_killed_subscriber_connection(
         assert finished["role"] == Role.PRIMARY.value
 
         outcomes = await asyncio.wait_for(asyncio.gather(*waiters), 15)
-        await until(lambda: dedup.engine.subscriber.connects >= 2, 10, "the subscriber reconnects")
-        assert dedup.engine.subscriber.connects >= 2
+        await until(
+            lambda: dedup.activity().subscriber_connects >= 2, 10, "the subscriber reconnects"
+        )
+        assert dedup.activity().subscriber_connects >= 2
 
     assert len(outcomes) == 100
     assert {o.role for o in outcomes} == {Role.WAITER}

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from strands_dedup import Deduplicator, Role, SessionBusy, SessionGuard
+from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup._store.redis import RedisStore
 from strands_dedup.cli import Inspector
 
@@ -41,7 +42,7 @@ async def test_a_session_join_run_twice_admits_its_caller_once(
     backend_url: str, namespace: str
 ) -> None:
     async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as dedup:
-        run_twice(dedup.engine.store, "session_acquire")
+        run_twice(engine_of(dedup).store, "session_acquire")
         guard = SessionGuard(dedup, mode="throw")
         async with guard.hold("s"):  # its own first copy does not hold the session against it
             pass
@@ -54,7 +55,7 @@ async def test_a_queued_join_run_twice_takes_one_place(backend_url: str, namespa
         Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as first,
         Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as second,
     ):
-        run_twice(second.engine.store, "session_acquire")
+        run_twice(engine_of(second).store, "session_acquire")
         holding, leave = asyncio.Event(), asyncio.Event()
 
         async def hold() -> None:
@@ -72,7 +73,7 @@ async def test_a_queued_join_run_twice_takes_one_place(backend_url: str, namespa
                 entered.set()
 
         waiter = asyncio.create_task(wait_turn())
-        while second.engine.subscriber.waiters == 0:  # it is in the queue
+        while second.activity().waiters == 0:  # it is in the queue
             await asyncio.sleep(0.005)
         leave.set()
         await holder
@@ -101,16 +102,16 @@ async def test_a_release_run_again_after_a_takeover_leaves_the_new_lease(
             return "second"
 
         primary = asyncio.create_task(a.execute("tok", hangs))
-        while a.engine.renewer.held == 0:
+        while a.activity().in_flight == 0:
             await asyncio.sleep(0.005)
         waiter = asyncio.create_task(b.execute("tok", takes_over))
-        while b.engine.subscriber.waiters == 0:
+        while b.activity().waiters == 0:
             await asyncio.sleep(0.005)
         once = RedisStore.force_release
 
         async def again_after_the_takeover(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
             value = await once(self, *args, **kwargs)
-            while b.engine.renewer.held == 0:  # the waiter took over
+            while b.activity().in_flight == 0:  # the waiter took over
                 await asyncio.sleep(0.005)
             await once(self, *args, **kwargs)  # the retried copy, late
             return value
@@ -132,7 +133,7 @@ async def test_a_throw_mode_join_is_still_refused_while_another_holds(
     backend_url: str, namespace: str
 ) -> None:
     async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as dedup:
-        run_twice(dedup.engine.store, "session_acquire")
+        run_twice(engine_of(dedup).store, "session_acquire")
         guard = SessionGuard(dedup, mode="throw")
         async with guard.hold("s"):
             with pytest.raises(SessionBusy):

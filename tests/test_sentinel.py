@@ -85,7 +85,7 @@ async def test_a_claims_wait_for_replicas_costs_at_most_a_quarter_of_the_lease(
         await until(lambda: call.runs == 1, 10, "the call runs")
         assert time.monotonic() - started < 2.5  # WAIT capped at 0.25 s, not 3 s
         duplicate = asyncio.create_task(second.execute("tok", call))
-        await until(lambda: second.engine.subscriber.listening == 1, 10, "the duplicate waits")
+        await until(lambda: second.activity().listening == 1, 10, "the duplicate waits")
         await asyncio.sleep(1.5)  # 1.5 lease TTLs: only renewals keep the lease
         call.gate.set()
         outcomes = await asyncio.wait_for(asyncio.gather(primary, duplicate), 20)

@@ -22,6 +22,7 @@ from strands_dedup import (
     SyncDeduplicator,
     current_session,
 )
+from strands_dedup._engine.deduplicator import engine_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -201,7 +202,7 @@ async def test_a_holder_that_stops_renewing_frees_the_session_within_one_lease(
     async with make(lease_ttl=0.5) as dedup, make(lease_ttl=0.5) as other:
         guard = SessionGuard(dedup)
         hold = await guard.hold("s-crash").__aenter__()
-        await dedup.engine.renewer.aclose()  # the process "dies": no renewal, no release
+        await engine_of(dedup).renewer.aclose()  # the process "dies": no renewal, no release
         started = time.monotonic()
         async with SessionGuard(other).hold("s-crash", timeout=5) as next_hold:
             assert next_hold.fence > hold.fence
@@ -213,8 +214,8 @@ async def test_a_lost_hold_is_signalled_and_raises_on_exit(make: Any) -> None:
         guard = SessionGuard(dedup)
         with pytest.raises(LeaseLost):
             async with guard.hold("s-lost") as hold:
-                keys = dedup.engine.keys.for_session("s-lost")
-                await dedup.engine.store.client.delete(keys.holders)
+                keys = engine_of(dedup).keys.for_session("s-lost")
+                await engine_of(dedup).store.client.delete(keys.holders)
                 assert await asyncio.to_thread(hold.lost.wait, 5)
 
 

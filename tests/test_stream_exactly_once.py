@@ -25,6 +25,7 @@ from starlette.routing import Route
 from test_http_streaming import serve
 
 from strands_dedup import Deduplicator, StreamReset
+from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup._keys import TokenKeys
 from strands_dedup.http import IdempotencyMiddleware
 
@@ -38,7 +39,7 @@ async def collect(stream: AsyncIterator[Any]) -> list[Any]:
 
 async def entries(dedup: Deduplicator, keys: TokenKeys) -> list[tuple[bytes, bytes]]:
     """The (kind, data) of every entry of the token's stream."""
-    found = await dedup.engine.store.read_stream(keys, None, 10_000)
+    found = await engine_of(dedup).store.read_stream(keys, None, 10_000)
     return [(fields[b"k"], fields[b"d"]) for _, fields in found]
 
 
@@ -94,7 +95,7 @@ async def follow_and_finish(dedup: Deduplicator, token: str, produce: Gated) -> 
 
 async def test_an_append_run_twice_adds_each_chunk_once(backend_url: str, namespace: str) -> None:
     async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as dedup:
-        store = dedup.engine.store
+        store = engine_of(dedup).store
         once = store.append
 
         async def twice(*args: Any, **kwargs: Any) -> bool:
@@ -109,7 +110,7 @@ async def test_an_append_run_twice_adds_each_chunk_once(backend_url: str, namesp
         got = await follow_and_finish(dedup, "tok", produce)
         assert await primary == EXPECTED
         assert got == EXPECTED  # every chunk once, no reset
-        kinds = [kind for kind, _ in await entries(dedup, dedup.engine.keys.for_token("tok"))]
+        kinds = [kind for kind, _ in await entries(dedup, engine_of(dedup).keys.for_token("tok"))]
         assert kinds == [b"b"] + [b"c"] * CHUNKS + [b"e"]
 
 
@@ -119,7 +120,7 @@ async def stalled_stream(url: str, pid: int) -> None:
     copies that were sent all run then). A follower joining afterwards gets each chunk once."""
     options = {**STALL_OPTIONS, "retry_attempts": 20, "retry_deadline": 10, "lease_ttl": 30}
     async with Deduplicator.from_url(url, wait_timeout=20, **options) as dedup:
-        keys = dedup.engine.keys.for_token("stalled")
+        keys = engine_of(dedup).keys.for_token("stalled")
 
         async def stop(i: int) -> None:
             if i == 5:
@@ -142,7 +143,7 @@ async def stalled_stream(url: str, pid: int) -> None:
 
 
 async def _count(dedup: Deduplicator, keys: TokenKeys, n: int) -> bool:
-    return len(await dedup.engine.store.read_stream(keys, None, 10_000)) >= n
+    return len(await engine_of(dedup).store.read_stream(keys, None, 10_000)) >= n
 
 
 @pytest.mark.redis
@@ -165,7 +166,7 @@ async def test_a_cluster_node_stopped_mid_stream_appends_each_chunk_once(
     # a node timeout far above the stall: the stopped primary is not failed over
     cluster = fresh_cluster("--cluster-node-timeout", "30000")
     dedup = Deduplicator.from_url(cluster.url, namespace="ns")
-    keys = dedup.engine.keys.for_token("stalled")
+    keys = engine_of(dedup).keys.for_token("stalled")
     port = cluster.primary_port_for(keys.lease)
     proc = cluster.node(port).proc
     assert proc is not None
@@ -181,15 +182,15 @@ async def test_a_cluster_node_stopped_mid_stream_appends_each_chunk_once(
 
 async def inject_duplicate(dedup: Deduplicator, keys: TokenKeys) -> None:
     """Add a copy of the stream's last entry after it (what a repeated append used to do)."""
-    last = (await dedup.engine.store.read_stream(keys, None, 10_000))[-1][1]
-    await dedup.engine.store.client.xadd(keys.stream, last)  # type: ignore[arg-type]
+    last = (await engine_of(dedup).store.read_stream(keys, None, 10_000))[-1][1]
+    await engine_of(dedup).store.client.xadd(keys.stream, last)  # type: ignore[arg-type]
 
 
 async def test_a_follower_of_a_corrupted_stream_gets_a_reset_then_the_stored_value(
     backend_url: str, namespace: str
 ) -> None:
     async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as dedup:
-        keys = dedup.engine.keys.for_token("tok")
+        keys = engine_of(dedup).keys.for_token("tok")
         produce = Gated(hold_after=10)
         primary = asyncio.create_task(collect(dedup.stream("tok", produce)))
         await asyncio.wait_for(produce.held.wait(), 5)
@@ -231,7 +232,7 @@ async def test_an_http_follower_of_a_corrupted_stream_has_its_connection_aborted
     app = Starlette(routes=[Route("/chat", upstream.chat, methods=["POST"])])
     async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as dedup:
         guarded = IdempotencyMiddleware(app, dedup=dedup)
-        keys = dedup.engine.keys.for_token(b"sse", guarded.scope_of({"headers": []}))
+        keys = engine_of(dedup).keys.for_token(b"sse", guarded.scope_of({"headers": []}))
         async with serve(guarded) as base, httpx.AsyncClient(timeout=20) as client:
             url, key = base + "/chat", {"Idempotency-Key": '"sse"'}
             primary = asyncio.create_task(client.post(url, headers=key, content=b"hi"))
@@ -273,7 +274,7 @@ async def test_an_http_follower_of_a_stream_that_stopped_checks_the_stored_body(
         backend_url, namespace=namespace, lease_ttl=5, max_stream_bytes=300
     ) as dedup:
         guarded = IdempotencyMiddleware(app, dedup=dedup)
-        keys = dedup.engine.keys.for_token(b"sse", guarded.scope_of({"headers": []}))
+        keys = engine_of(dedup).keys.for_token(b"sse", guarded.scope_of({"headers": []}))
         async with serve(guarded) as base, httpx.AsyncClient(timeout=20) as client:
             url, key = base + "/chat", {"Idempotency-Key": '"sse"'}
             primary = asyncio.create_task(client.post(url, headers=key, content=b"hi"))

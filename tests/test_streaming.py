@@ -19,6 +19,7 @@ from strands_dedup import (
     ResultTooLarge,
     StreamReset,
 )
+from strands_dedup._engine.deduplicator import engine_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -57,7 +58,7 @@ async def test_a_duplicate_joining_mid_stream_gets_every_chunk_in_order(
         await asyncio.wait_for(produce.paused.wait(), 5)
         other = Producer(20)  # never runs: the first call is alive
         follower = asyncio.create_task(collect(dedup.stream("tok", other)))
-        while dedup.engine.subscriber.waiters < 1:
+        while dedup.activity().waiters < 1:
             await asyncio.sleep(0.005)
         produce.resume.set()
         mine, theirs = await asyncio.gather(primary, follower)
@@ -147,7 +148,7 @@ async def test_a_fenced_out_primary_cannot_append(redis_url: str, namespace: str
         produce = Producer(10, pause_after=3)
         primary = asyncio.create_task(collect(dedup.stream("zombie", produce)))
         await asyncio.wait_for(produce.paused.wait(), 5)
-        keys = dedup.engine.keys.for_token("zombie")
+        keys = engine_of(dedup).keys.for_token("zombie")
         side = redis.Redis.from_url(redis_url)
         side.incr(keys.fence)  # somebody else claimed the token meanwhile
         side.delete(keys.lease)
@@ -226,7 +227,7 @@ async def test_a_follower_follows_only_the_attempt_of_the_live_lease(
         Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as a,
         Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as b,
     ):
-        keys = a.engine.keys.for_token("tok")
+        keys = engine_of(a).keys.for_token("tok")
         fail = asyncio.Event()
 
         async def dies() -> AsyncIterator[dict[str, int]]:
@@ -237,7 +238,9 @@ async def test_a_follower_follows_only_the_attempt_of_the_live_lease(
 
         first = asyncio.create_task(collect(a.stream("tok", dies)))
         deadline = asyncio.get_running_loop().time() + 5
-        while len(await a.engine.store.read_stream(keys, None, 100)) < 4:  # its begin and 3 chunks
+        while (
+            len(await engine_of(a).store.read_stream(keys, None, 100)) < 4
+        ):  # its begin and 3 chunks
             assert asyncio.get_running_loop().time() < deadline, "the chunks never arrived"
             await asyncio.sleep(0.005)  # polling the stream against a deadline
         fail.set()
@@ -247,7 +250,7 @@ async def test_a_follower_follows_only_the_attempt_of_the_live_lease(
         second = asyncio.create_task(collect(b.stream("tok", live)))
         await asyncio.wait_for(live.paused.wait(), 5)
         follower = asyncio.create_task(collect(a.stream("tok", Producer(5))))
-        while a.engine.subscriber.waiters < 1:
+        while a.activity().waiters < 1:
             await asyncio.sleep(0.005)  # polling the subscriber against the test's timeout
         live.resume.set()
         followed, produced = await asyncio.gather(follower, second)

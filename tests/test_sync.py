@@ -59,10 +59,9 @@ def test_threads_share_one_execution(sync_dedup: SyncDeduplicator) -> None:
         first = pool.submit(sync_dedup.execute, "t", call)
         assert started.wait(10)
         rest = [pool.submit(sync_dedup.execute, "t", call) for _ in range(7)]
-        core = sync_dedup.core
         deadline = threading.Event()
         for _ in range(1000):
-            if core.engine.subscriber.listening >= 7:
+            if sync_dedup.activity().listening >= 7:
                 break
             deadline.wait(0.005)
         release.set()

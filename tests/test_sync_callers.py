@@ -24,6 +24,8 @@ from strands_dedup import (
     SyncDeduplicator,
     current_call,
 )
+from strands_dedup._engine.deduplicator import engine_of
+from strands_dedup._engine.sync import Bridge
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -36,13 +38,15 @@ def warm(dedup: SyncDeduplicator) -> None:
 def counting_portal(dedup: SyncDeduplicator) -> list[Any]:
     """What is handed to the portal from now on."""
     handed: list[Any] = []
-    portal_call = dedup.portal.call
+    portal = Bridge(dedup, "test").portal
+    assert portal is not None
+    portal_call = portal.call
 
     def counted(coro: Any) -> Any:
         handed.append(coro)
         return portal_call(coro)
 
-    dedup.portal.call = counted  # type: ignore[method-assign]
+    portal.call = counted  # type: ignore[method-assign]
     return handed
 
 
@@ -140,7 +144,7 @@ def test_a_lost_lease_reaches_a_call_in_a_callers_thread(redis_url: str, namespa
         def call() -> str:
             context = current_call()
             assert context is not None
-            lease_key = dedup.engine.keys.for_token("t", None).lease
+            lease_key = engine_of(dedup).keys.for_token("t", None).lease
             raw.set(lease_key, b"somebody-else", px=5000)  # another owner took the token
             seen.append(context.lost.wait(5))
             return "late"
@@ -149,7 +153,7 @@ def test_a_lost_lease_reaches_a_call_in_a_callers_thread(redis_url: str, namespa
             with pytest.raises(LeaseLost):
                 dedup.run("t", call)
         finally:
-            raw.delete(dedup.engine.keys.for_token("t", None).lease)
+            raw.delete(engine_of(dedup).keys.for_token("t", None).lease)
             raw.close()
         assert seen == [True]
         assert dedup.counters["lease_lost"] >= 1
@@ -173,9 +177,7 @@ def test_threads_that_end_leave_no_connection_behind(redis_server_factory: type)
     assert eventually(lambda: clients(server.url) == [])
 
 
-def test_more_threads_than_max_connections_wait_for_one(
-    redis_url: str, namespace: str
-) -> None:
+def test_more_threads_than_max_connections_wait_for_one(redis_url: str, namespace: str) -> None:
     with SyncDeduplicator.from_url(
         redis_url, namespace=namespace, max_connections=2, metrics=False
     ) as dedup:
@@ -215,8 +217,10 @@ def test_the_embedded_store_calls_in_the_callers_thread(namespace: str) -> None:
         assert [dedup.run(f"t{i}", lambda i=i: i) for i in range(3)] == [0, 1, 2]
         assert dedup.run("t1", lambda: "never") == 1  # replayed from the shared embedded server
         assert handed == []
+        bridge = Bridge(dedup, "test")
+        assert bridge.portal is not None
         core_sees = asyncio.run_coroutine_threadsafe(
-            dedup.core.run("t2", lambda: "never"), dedup.portal.loop
+            bridge.core.run("t2", lambda: "never"), bridge.portal.loop
         ).result(10)
         assert core_sees == 2  # the asyncio client reads what the blocking one wrote
 

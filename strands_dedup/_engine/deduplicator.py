@@ -27,8 +27,8 @@ from .._store import Client, client_from_url
 from .._store.commands import BudgetReply, ConversationReply
 from .._store.connect import describe_url
 from .engine import Engine
-from .health import read_health
-from .observe import Health, PrometheusMetrics
+from .health import read_activity, read_health
+from .observe import Activity, Health, PrometheusMetrics
 from .streaming import Chunk, Emit, Event, Final, stream_events
 
 __all__ = [
@@ -121,7 +121,6 @@ def call_identity(
     return token, (scope(*args, **kwargs) if scope is not None else None), fp
 
 
-
 @functools.cache
 def _warn_in_process_only() -> None:
     """Once per process: a deduplicator built without a client or URL dedups this process only."""
@@ -164,7 +163,7 @@ class Deduplicator:
         if client is None:
             _warn_in_process_only()
             client = client_from_url("memory://", self.config, client_name=client_name())
-        self.engine = Engine(
+        self._engine = Engine(
             client,
             self.config,
             where=describe_url("memory://") if owns_client else "redis",
@@ -172,7 +171,6 @@ class Deduplicator:
             serializer=serializer if serializer is not None else JsonSerializer(),
             metrics=metrics,
         )
-        """The protocol's machinery (store, subscriber, renewer, observer): introspection only."""
 
     @classmethod
     def from_url(
@@ -193,7 +191,7 @@ class Deduplicator:
         self = cls.__new__(cls)
         self.config = DedupConfig(**options)
         client = client_from_url(url, self.config, client_name=client_name())
-        self.engine = Engine(
+        self._engine = Engine(
             client,
             self.config,
             where=describe_url(url),
@@ -225,7 +223,7 @@ class Deduplicator:
         """
         if not callable(call):
             raise TypeError(f"call must be callable, not {type(call).__name__}")
-        engine = self.engine
+        engine = self._engine
         keys = engine.keys.for_token(token, scope)
         rtype = return_type_of(call) if returns is UNSET else returns
         with engine.observer.span(keys) as span:
@@ -287,7 +285,7 @@ class Deduplicator:
         """
         if not callable(make_stream):
             raise TypeError(f"make_stream must be callable, not {type(make_stream).__name__}")
-        keys = self.engine.keys.for_token(token, scope)
+        keys = self._engine.keys.for_token(token, scope)
 
         async def produce(emit: Callable[..., None]) -> list[Any]:
             chunks: list[Any] = []
@@ -305,7 +303,7 @@ class Deduplicator:
 
         received = 0
         async for event in stream_events(
-            self.engine,
+            self._engine,
             keys,
             produce,
             rtype=list[Any],
@@ -363,11 +361,11 @@ class Deduplicator:
 
     async def aclose(self) -> None:
         """Stop the renewer and the subscriber and close the connections (if this owns them)."""
-        await self.engine.aclose()
+        await self._engine.aclose()
 
     async def __aenter__(self) -> Deduplicator:
         try:
-            await self.engine.ready()
+            await self._engine.ready()
         except BaseException:
             await self.aclose()
             raise
@@ -383,36 +381,41 @@ class Deduplicator:
     @property
     def counters(self) -> dict[str, int]:
         """Events so far: claims, replays, waits, takeovers, lease_lost, ... (see `observe`)."""
-        return dict(self.engine.observer.counters)
+        return dict(self._engine.observer.counters)
+
+    def activity(self) -> Activity:
+        """What this deduplicator does right now (calls in flight, waiting duplicates, the shared
+        subscriber's connection, sessions), read from memory: no round trip."""
+        return read_activity(self._engine)
 
     async def health(self) -> Health:
         """Store reachable (one PING, bounded) and accepting writes (one small SET), subscriber
         connected, local load, renewal lag, Redis' eviction policy."""
-        return await read_health(self.engine)
+        return await read_health(self._engine)
 
     # -- for the surfaces built on it (HTTP middleware and gateway, agents) ----------------------
 
     @property
     def where(self) -> str:
         """Where the store is (``memory://``, a host and port, ...): for logs, never for clients."""
-        return self.engine.store.where
+        return self._engine.store.where
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
         """The event loop this deduplicator belongs to: None until its first call binds it."""
-        return self.engine.loop
+        return self._engine.loop
 
     def token_keys(self, token: Token, scope: Token | None = None) -> TokenKeys:
         """The Redis keys of ``token`` within ``scope`` (validated: `InvalidToken`)."""
-        return self.engine.keys.for_token(token, scope)
+        return self._engine.keys.for_token(token, scope)
 
     def session_keys(self, session: str) -> SessionKeys:
         """The Redis keys of a guarded session and its conversation (validated)."""
-        return self.engine.keys.for_session(session)
+        return self._engine.keys.for_session(session)
 
     async def in_use(self, keys: TokenKeys) -> bool:
         """Whether the token has a stored result or a live lease (one round trip)."""
-        found = await self.engine.store.values_with_ttl([keys.result, keys.lease])
+        found = await self._engine.store.values_with_ttl([keys.result, keys.lease])
         return any(value is not None for value, _ in found)
 
     def stream_events(
@@ -436,7 +439,7 @@ class Deduplicator:
         stops reaching them instead of failing the call; they get the stored value.
         """
         return stream_events(
-            self.engine,
+            self._engine,
             keys,
             produce,
             rtype=rtype,
@@ -449,7 +452,7 @@ class Deduplicator:
     def count_refusal(self, reason: str) -> None:
         """Count a request an HTTP surface refused or a client it cut off (``reason``: a short,
         bounded name such as ``body-timeout``; the ``http_refusals`` metric)."""
-        self.engine.observer.refused(reason)
+        self._engine.observer.refused(reason)
 
     async def observe_request(
         self,
@@ -460,19 +463,19 @@ class Deduplicator:
     ) -> None:
         """Serve one ASGI HTTP request through ``app``, observing its duration by role and
         status class (the ``request_seconds`` metric)."""
-        await self.engine.observer.timed(app, scope, receive, send)
+        await self._engine.observer.timed(app, scope, receive, send)
 
     async def reserve_budget(
         self, identity: str, operation: str, args: Sequence[int]
     ) -> BudgetReply:
         """One round trip of budget.lua on ``identity``'s fleet-wide counters (``operation``:
         a random id that lets a retried copy be recognised); see the script's header."""
-        keys = self.engine.keys.for_budget(identity, operation)
-        return await self.engine.store.budget(keys, args)
+        keys = self._engine.keys.for_budget(identity, operation)
+        return await self._engine.store.budget(keys, args)
 
     async def load_conversation(self, keys: SessionKeys) -> dict[bytes, bytes]:
         """Every field of a session's conversation hash (one HGETALL)."""
-        return await self.engine.store.conversation_load(keys)
+        return await self._engine.store.conversation_load(keys)
 
     async def write_conversation(
         self,
@@ -488,7 +491,7 @@ class Deduplicator:
     ) -> ConversationReply:
         """Write ``items`` into a session's conversation (conversation.lua): a turn's commit,
         fenced, when ``ticket`` is a holder's; else a write outside any turn."""
-        store = self.engine.store
+        store = self._engine.store
         call = store.commands.conversation(
             keys,
             items,
@@ -504,3 +507,8 @@ class Deduplicator:
 
 def client_name() -> str:
     return f"strands-dedup:{_HOST}:{os.getpid()}"
+
+
+def engine_of(dedup: Deduplicator) -> Engine:
+    """The engine a deduplicator runs its calls through (for the package's own modules)."""
+    return dedup._engine

@@ -13,7 +13,7 @@ from .._errors import StoreRefused, StoreUnavailable
 from .._keys import SessionKeys
 from .._store import RedisStore
 from .._store.redis import describe_error, eviction_warning, warn_evicting
-from .observe import Health, SessionLoad
+from .observe import Activity, Health, SessionLoad
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -94,6 +94,23 @@ class SessionActivity:
     def local(self, limit: int) -> list[tuple[SessionKeys, int, int]]:
         """Up to ``limit`` sessions with (held, waiting) here."""
         return [(keys, held, waiting) for keys, (held, waiting) in self._sessions.items()][:limit]
+
+
+def read_activity(engine: Engine) -> Activity:
+    """What the engine does right now, from memory (no round trip)."""
+    subscriber = engine.subscriber
+    waiters = subscriber.waiters
+    shards = getattr(subscriber, "shards", 1 if waiters else 0)
+    return Activity(
+        in_flight=engine.renewer.held,
+        waiters=waiters,
+        listening=subscriber.listening,
+        subscriber_connected=subscriber.connected,
+        subscriber_connects=subscriber.connects,
+        subscriber_shards=shards,
+        sessions_held=engine.sessions.held,
+        sessions_waiting=engine.sessions.waiting,
+    )
 
 
 async def read_health(engine: Engine) -> Health:

@@ -76,6 +76,29 @@ class SessionLoad:
 
 
 @dataclass(frozen=True, slots=True)
+class Activity:
+    """What one deduplicator is doing right now, read from memory (`Deduplicator.activity`): no
+    round trip. For dashboards, logs and tests that wait for a state ("the duplicate waits")."""
+
+    in_flight: int
+    """Leases this deduplicator holds (calls it runs as primary) right now."""
+    waiters: int
+    """Duplicates registered with the shared subscriber right now."""
+    listening: int
+    """Of those, the ones subscribed, re-read and blocked on a message."""
+    subscriber_connected: bool
+    """The shared subscriber's connection (every shard's, on a cluster) is up."""
+    subscriber_connects: int
+    """Connections the shared subscriber opened so far (1 + its reconnects, per shard)."""
+    subscriber_shards: int
+    """Shards the subscriber listens on for the waiters it has now (1 off a cluster)."""
+    sessions_held: int
+    """Session holds (`SessionGuard`) this deduplicator's callers have right now."""
+    sessions_waiting: int
+    """Callers of this deduplicator waiting in a session's queue right now."""
+
+
+@dataclass(frozen=True, slots=True)
 class Health:
     """A deduplicator's view of itself (`Deduplicator.health`)."""
 

@@ -40,11 +40,12 @@ from .deduplicator import (
     Token,
     call_identity,
     client_name,
+    engine_of,
     normalize_fingerprint,
     return_type_of,
 )
 from .engine import Duplicate, Engine, retry_read_back
-from .observe import Health, PrometheusMetrics
+from .observe import Activity, Health, PrometheusMetrics
 from .renewer import HeldLease
 
 __all__ = ["Bridge", "SyncDeduplicator"]
@@ -150,19 +151,20 @@ class SyncDeduplicator:
         self._setup(core, _blocking_store("memory://", core.config) if client is None else None)
 
     def _setup(self, core: Deduplicator, blocking: BlockingStore | None) -> None:
-        self.core = core
+        self._core = core
         """The asyncio deduplicator whose subscriber and renewer run on the portal loop."""
-        self.portal = _Portal()
+        self._portal = _Portal()
         """The event loop (in a daemon thread) the core's background work runs on."""
         self._closed = False
         self._store: _Settler = (
-            blocking if blocking is not None else _ThroughPortal(core.engine.store, self.portal)
+            blocking
+            if blocking is not None
+            else _ThroughPortal(engine_of(core).store, self._portal)
         )
 
     @property
-    def engine(self) -> Engine:
-        """The core's engine (introspection only)."""
-        return self.core.engine
+    def _engine(self) -> Engine:
+        return engine_of(self._core)
 
     @classmethod
     def from_url(
@@ -181,7 +183,7 @@ class SyncDeduplicator:
 
     @property
     def config(self) -> DedupConfig:
-        return self.core.config
+        return self._core.config
 
     def execute(
         self,
@@ -197,13 +199,13 @@ class SyncDeduplicator:
         """See `Deduplicator.execute`; ``call`` is a blocking callable run in this thread."""
         if not callable(call):
             raise TypeError(f"call must be callable, not {type(call).__name__}")
-        engine = self.core.engine
+        engine = engine_of(self._core)
         keys = engine.keys.for_token(token, scope)
         rtype = return_type_of(call) if returns is UNSET else returns
         fp = normalize_fingerprint(fingerprint)
         engine.ensure_call_allowed(keys)  # in this thread's context (and closed or not)
         if not engine.is_ready:  # the first call: bind the core to the portal, read the store
-            self.portal.call(engine.ready())
+            self._portal.call(engine.ready())
         with engine.observer.span(keys) as span:
             first = self._first(keys, fp, rtype, wait_timeout, on_duplicate)
             outcome = first if isinstance(first, Outcome) else self._run_primary(first, call, rtype)
@@ -221,7 +223,7 @@ class SyncDeduplicator:
         on_duplicate: str | None,
     ) -> Outcome[Any] | HeldLease:
         """Claim in this thread; a duplicate waits on the portal (the shared subscriber)."""
-        engine = self.core.engine
+        engine = engine_of(self._core)
         started = time.monotonic()
         owner = engine.new_owner()
         meta = engine.lease_meta(keys, fingerprint)
@@ -234,12 +236,12 @@ class SyncDeduplicator:
             reply, keys, owner, meta, fingerprint, rtype, on_duplicate, started, from_thread=True
         )
         if isinstance(first, Duplicate):
-            return self.portal.call(engine.wait_duplicate(first, wait_timeout))
+            return self._portal.call(engine.wait_duplicate(first, wait_timeout))
         return first
 
     def _run_primary(self, lease: HeldLease, call: Callable[[], T], rtype: Any) -> Outcome[T]:
         try:
-            with primary_context(lease, self.core.engine.store.where):
+            with primary_context(lease, engine_of(self._core).store.where):
                 value = call()
         except BaseException as exc:
             self._fail(lease, exc)
@@ -254,7 +256,7 @@ class SyncDeduplicator:
 
     def _fail(self, lease: HeldLease, exc: BaseException | None) -> None:
         """`Engine.fail`, sent from this thread."""
-        engine = self.core.engine
+        engine = engine_of(self._core)
         engine.drop(lease, from_thread=True)
         sent = engine.failure(lease, exc)
         if sent is None:
@@ -266,7 +268,7 @@ class SyncDeduplicator:
 
     def _complete(self, lease: HeldLease, value: T, rtype: Any) -> Outcome[T]:
         """`Engine.complete`, sent from this thread."""
-        engine = self.core.engine
+        engine = engine_of(self._core)
         try:
             envelope, message = engine.completion(lease, value, rtype)
         except DedupError as error:
@@ -287,7 +289,7 @@ class SyncDeduplicator:
 
     def _settle_again(self, lease: HeldLease, envelope: bytes, message: bytes) -> Settled:
         """`Engine`'s read-back after a lost completion reply, from this thread."""
-        engine = self.core.engine
+        engine = engine_of(self._core)
         retrying = Retrying(
             wait=wait_exponential(multiplier=0.05, max=1.0),
             retry=retry_if_exception(retry_read_back),
@@ -360,11 +362,15 @@ class SyncDeduplicator:
     @property
     def counters(self) -> dict[str, int]:
         """See `Deduplicator.counters`."""
-        return self.core.counters
+        return self._core.counters
+
+    def activity(self) -> Activity:
+        """What this deduplicator does right now, read from memory (see `Deduplicator.activity`)."""
+        return self._core.activity()
 
     def health(self) -> Health:
         """See `Deduplicator.health`."""
-        return self.portal.call(self.core.health())
+        return self._portal.call(self._core.health())
 
     def close(self) -> None:
         """Close the blocking connections, the core on its loop, and stop the portal thread."""
@@ -376,13 +382,13 @@ class SyncDeduplicator:
         except Exception as exc:  # closing must not fail
             log.debug("closing the blocking connections failed: %s", exc)
         try:
-            self.portal.call(self.core.aclose())
+            self._portal.call(self._core.aclose())
         finally:
-            self.portal.stop()
+            self._portal.stop()
 
     def __enter__(self) -> SyncDeduplicator:
         try:
-            self.portal.call(self.core.engine.ready())
+            self._portal.call(engine_of(self._core).ready())
         except BaseException:
             self.close()
             raise
@@ -403,14 +409,14 @@ class Bridge:
     def __init__(self, dedup: Deduplicator | SyncDeduplicator, user: str) -> None:
         self.portal: _Portal | None
         if isinstance(dedup, SyncDeduplicator):
-            self.core, self.portal = dedup.core, dedup.portal
+            self.core, self.portal = dedup._core, dedup._portal
         elif isinstance(dedup, Deduplicator):
             self.core, self.portal = dedup, None
         else:
             raise TypeError(
                 f"{user} needs a Deduplicator or SyncDeduplicator, not {type(dedup).__name__}"
             )
-        self.engine = self.core.engine
+        self.engine = engine_of(self.core)
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` on the core's loop from the current one."""
@@ -427,7 +433,7 @@ class Bridge:
         """
         if self.portal is not None:
             return self.portal.call(coro)
-        loop = self.core.engine.loop
+        loop = engine_of(self.core).loop
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:

@@ -29,7 +29,7 @@ import pydantic_core
 
 from .._engine.deduplicator import Deduplicator, return_type_of
 from .._engine.session import current_session
-from .._engine.sync import SyncDeduplicator
+from .._engine.sync import Bridge, SyncDeduplicator
 from .._errors import SerializationError
 
 __all__ = ["idempotent_tool", "tool_token"]
@@ -86,6 +86,8 @@ def idempotent_tool(
         )
     skip = frozenset(ignore)
 
+    bridge = Bridge(dedup, "idempotent_tool")
+
     def decorate(func: F) -> F:
         tool_name = name or func.__name__
         returns = return_type_of(func)
@@ -104,13 +106,8 @@ def idempotent_tool(
                 def call() -> Any:
                     return func(*args, **kwargs)
 
-                if isinstance(dedup, SyncDeduplicator):
-                    future = asyncio.run_coroutine_threadsafe(
-                        dedup.core.run(token, call, scope=scope, returns=returns),
-                        dedup.portal.loop,
-                    )
-                    return await asyncio.wrap_future(future)
-                return await dedup.run(token, call, scope=scope, returns=returns)
+                core = bridge.core  # over a SyncDeduplicator: on its background loop
+                return await bridge.run(core.run(token, call, scope=scope, returns=returns))
 
             return cast(F, run_async)
 

@@ -35,6 +35,8 @@ from strands_dedup import (
     SyncDeduplicator,
     current_call,
 )
+from strands_dedup._engine.deduplicator import engine_of
+from strands_dedup._engine.sync import Bridge
 from strands_dedup._store import client_from_url
 
 Log = Callable[..., None]
@@ -143,15 +145,17 @@ def run_blocking(args: argparse.Namespace, log: Log) -> None:
     side = client_from_url(args.url, DedupConfig(), client_name="fault-worker-side")
     stop_key = f"{args.namespace}:stop"
     with SyncDeduplicator.from_url(args.url, **options(args)) as dedup:
+        portal = Bridge(dedup, "fault worker").portal
+        assert portal is not None
 
         def stopped() -> bool:  # read on the facade's loop, where the side client lives
             try:
-                return bool(dedup.portal.call(side.exists(stop_key)))
+                return bool(portal.call(side.exists(stop_key)))
             except Exception:  # Redis is restarting: keep going
                 time.sleep(0.1)
                 return False
 
-        dedup.portal.call(dedup.engine.store.probe())
+        portal.call(engine_of(dedup).store.probe())
         print("ready", flush=True)
 
         def loop(seed: int) -> None:
@@ -179,7 +183,7 @@ def run_blocking(args: argparse.Namespace, log: Log) -> None:
             thread.start()
         for thread in threads:
             thread.join()
-        dedup.portal.call(side.aclose())
+        portal.call(side.aclose())
 
 
 async def run(args: argparse.Namespace, log: Log) -> None:
@@ -187,7 +191,7 @@ async def run(args: argparse.Namespace, log: Log) -> None:
     side = client_from_url(args.url, DedupConfig(), client_name="fault-worker-side")
     stop_key = f"{args.namespace}:stop"
     async with Deduplicator.from_url(args.url, **options(args)) as dedup:
-        await dedup.engine.store.probe()
+        await engine_of(dedup).store.probe()
         print("ready", flush=True)
 
         async def one(token: str) -> None:
