@@ -9,7 +9,7 @@ import logging
 from ._config import DedupConfig
 from ._engine.call import CallContext, current_call
 from ._engine.deduplicator import Deduplicator
-from ._engine.observe import Health, PrometheusMetrics, SessionLoad
+from ._engine.observe import Activity, Health, PrometheusMetrics, SessionLoad
 from ._engine.session import SessionConfig, SessionGuard, SessionHold, current_session
 from ._engine.streaming import StreamReset
 from ._engine.sync import SyncDeduplicator
@@ -40,6 +40,7 @@ from ._version import __version__
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "Activity",
     "BusyReason",
     "CallContext",
     "ConversationError",

@@ -219,6 +219,7 @@ PUBLIC: dict[str, list[str]] = {
 """Every public module and the names it exports. A change here is a change of the public API."""
 
 TOP_LEVEL = [
+    "Activity",
     "BusyReason",
     "CallContext",
     "ConversationError",
