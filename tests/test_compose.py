@@ -81,6 +81,32 @@ def test_the_services_run_the_image_built_here() -> None:
         assert "pip install" not in json.dumps(service.get("command")), name
 
 
+def _seconds(duration: str) -> float:
+    """A Compose duration such as ``2s``, ``500ms`` or ``1m30s``, in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_a_service_that_fails_after_its_start_is_marked_unhealthy_soon() -> None:
+    # the start is covered by start_period, so that retries stay few: with thirty retries a
+    # gateway that lost Redis went on reporting healthy for over two minutes
+    for name, service in _services().items():
+        check = service.get("healthcheck")
+        if not check:
+            continue
+        assert _seconds(check["start_period"]) >= 10, name
+        failing = (_seconds(check["interval"]) + _seconds(check["timeout"])) * check["retries"]
+        assert failing <= 20, f"{name}: unhealthy only after {failing:.0f} s of failures"
+
+
+def test_durations_are_read_as_compose_reads_them() -> None:
+    assert _seconds("2s") == 2 and _seconds("500ms") == 0.5 and _seconds("1m30s") == 90
+    with pytest.raises(AssertionError):
+        _seconds("2 seconds")
+
+
 def test_redis_never_evicts_and_persists() -> None:
     redis = _services()["redis"]
     command = redis["command"]

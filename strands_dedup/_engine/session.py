@@ -80,26 +80,44 @@ class SessionConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     mode: Literal["throw", "queue"] = Field(
-        "queue", description="A taken session fails at once (throw) or callers wait (queue)."
+        "queue",
+        description='`"throw"`: a caller finding the session taken fails at once with '
+        '`SessionBusy` (reason `taken`, with `retry_after`); `"queue"`: callers wait their '
+        "turn.",
     )
-    max_concurrent: int = Field(1, ge=1, le=10_000, description="Holders per session at once.")
+    max_concurrent: int = Field(1, ge=1, le=10_000, description="Holders of one session at once.")
     max_concurrent_total: int | None = Field(
-        None, ge=1, le=1_000_000, description="Holders of all sessions at once, fleet-wide."
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Holders of every session at once, fleet-wide (`None`: no bound).",
     )
-    max_queue: int = Field(1000, ge=0, le=_TOTAL_QUEUE, description="Waiters per session.")
+    max_queue: int = Field(
+        1000,
+        ge=0,
+        le=_TOTAL_QUEUE,
+        description='Callers waiting per session (`mode="queue"` only); one more fails at once '
+        "with `SessionBusy` (reason `queue_full`, with `depth`).",
+    )
     queue_timeout: float | None = Field(
-        None, gt=0, description="Longest wait in the queue; default: the dedup's wait_timeout."
+        None,
+        gt=0,
+        description="Longest wait in the queue, then `SessionBusy` (reason `queue_timeout`); "
+        "`None`: the deduplicator's `wait_timeout`; per call: `hold(..., timeout=)`.",
     )
     gap_timeout: float = Field(
-        5.0, ge=0, le=3600, description="How long a missing sequence number is waited for."
+        5.0,
+        ge=0,
+        le=3600,
+        description="How long a missing sequence number is waited for before it is skipped.",
     )
     first_seq: int | None = Field(
         None,
         ge=0,
-        description="The number a new session's sequence starts at; default: the first one seen.",
+        description="The number a new session's sequence starts at (`None`: the first one seen).",
     )
     idle_ttl: float = Field(
-        86400.0, gt=0, description="Keys of a session nobody enters for this long are dropped."
+        86400.0, gt=0, description="The keys of a session nobody enters for this long expire."
     )
 
     @model_validator(mode="after")

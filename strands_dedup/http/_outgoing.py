@@ -93,15 +93,29 @@ class OutgoingConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     methods: tuple[str, ...] = Field(
-        ("POST", "PUT", "PATCH", "DELETE"), description="Methods that get a key and the fence."
+        ("POST", "PUT", "PATCH", "DELETE"),
+        description="Methods that get a key and the fence; the others go as they are.",
     )
-    header: str = Field("Idempotency-Key", min_length=1, description="The key's header.")
-    fence_header: str = Field(FENCE_HEADER, min_length=1, description="The fence's header.")
+    header: str = Field(
+        "Idempotency-Key",
+        min_length=1,
+        description="The key's header; a key the caller set is kept.",
+    )
+    fence_header: str = Field(
+        FENCE_HEADER,
+        min_length=1,
+        description="The fence's header; a fence the caller set is kept.",
+    )
     strict: bool = Field(
-        False, description="Refuse an unkeyed request of these methods made outside a call."
+        False,
+        description="Refuse (`UnkeyedRequest`, nothing sent) an unkeyed request of these methods "
+        "made outside a call; otherwise it goes as it is.",
     )
     max_body_bytes: int = Field(
-        1024 * 1024, ge=0, description="Largest streamed body read into memory to be digested."
+        1024 * 1024,
+        ge=0,
+        description="Largest streamed body (a generator, a file) read into memory to be "
+        "digested; a larger one is refused with `UnkeyedRequest` before any of it is sent.",
     )
 
     @field_validator("methods")

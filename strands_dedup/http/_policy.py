@@ -158,47 +158,94 @@ class HttpConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
-    methods: tuple[str, ...] = Field(("POST", "PATCH"), description="Methods that are keyed.")
-    header: str = Field("Idempotency-Key", min_length=1, description="The key's header.")
-    require_key: bool = Field(False, description="A keyed method without a key is a 400.")
-    scope_header: str | None = Field(None, description="Header naming the tenant.")
+    methods: tuple[str, ...] = Field(
+        ("POST", "PATCH"), description="Methods that are keyed; the others pass through."
+    )
+    header: str = Field(
+        "Idempotency-Key", min_length=1, description="The header holding the idempotency key."
+    )
+    require_key: bool = Field(
+        False, description="A keyed method without a key is refused: 400 `key-missing`."
+    )
+    scope_header: str | None = Field(
+        None,
+        description="Header naming the tenant: keys are scoped by it and by the caller's "
+        "identity. Not a credential header (a scope is stored and shown in clear).",
+    )
     scope: Callable[[Any], str | bytes | None] | None = Field(
-        None, description="Callable of the ASGI scope naming the tenant."
+        None,
+        description="Callable of the ASGI scope naming the tenant (instead of `scope_header`).",
     )
     identity_headers: tuple[str, ...] = Field(
         ("authorization", "x-api-key"),
-        description="Headers holding the caller's credentials; their digest scopes its keys.",
+        description="Headers holding the caller's credentials; a digest of them scopes its keys.",
     )
     identity: Callable[[Any], str | bytes | None] | None = Field(
-        None, description="Callable of the ASGI scope naming the caller (instead of headers)."
+        None,
+        description="Callable of the ASGI scope naming the caller (instead of `identity_headers`).",
     )
     identity_secret: SecretStr | None = Field(
-        None, description="HMAC key of the credentials' digest (else a fixed key: plain SHA-256)."
+        None,
+        description="HMAC key of the credentials' digest (`None`: a fixed, public key, so whoever "
+        "reads Redis can test guesses of short credentials).",
     )
     share_keys_across_identities: bool = Field(
-        False, description="Let every caller replay every other caller's responses (unsafe)."
+        False,
+        description="Unsafe: any caller may replay any other caller's response for the same key.",
     )
-    fingerprint_headers: tuple[str, ...] = Field((), description="Headers in the fingerprint.")
+    fingerprint_headers: tuple[str, ...] = Field(
+        (),
+        description="Headers in the request's fingerprint, besides method, path, query, "
+        "`Content-Type` and body.",
+    )
     on_duplicate: Literal["wait", "reject"] = Field(
-        "wait", description="A concurrent duplicate waits, or gets 409 with Retry-After."
+        "wait",
+        description='A concurrent duplicate waits for the response (`"wait"`), or gets 409 with '
+        '`Retry-After` (`"reject"`).',
     )
     retain: Callable[[int], bool] = Field(
-        default_retain, description="Which statuses are stored for later retries."
+        default_retain,
+        description="Which statuses are stored for later retries (by default 2xx, and 4xx "
+        "but 409 and 429).",
     )
-    replay_set_cookie: bool = Field(False, description="Store and replay Set-Cookie headers.")
-    max_request_body: int = Field(10 * MiB, gt=0, description="Largest request body accepted.")
-    max_stored_body: int = Field(MiB, gt=0, description="Largest response body retained.")
-    max_key_length: int = Field(255, gt=0, le=4096, description="Longest Idempotency-Key.")
-    max_retry_after: int = Field(60, ge=1, description="Cap of a 409's Retry-After, seconds.")
+    replay_set_cookie: bool = Field(
+        False,
+        description="Store and replay `Set-Cookie` headers (by default a replayed response has "
+        "none).",
+    )
+    max_request_body: int = Field(
+        10 * MiB,
+        gt=0,
+        description="Largest request body accepted, any request; then 413 `body-too-large`.",
+    )
+    max_stored_body: int = Field(
+        MiB,
+        gt=0,
+        description="Largest response body stored for retries; a larger one still reaches its "
+        "own client whole. At most what the deduplicator's `max_result_bytes` holds (the "
+        "default is lowered to it; a larger value is a `ValueError`).",
+    )
+    max_key_length: int = Field(
+        255, gt=0, le=4096, description="Longest key accepted; then 400 `key-invalid`."
+    )
+    max_retry_after: int = Field(60, ge=1, description="Cap of a 409's `Retry-After`, seconds.")
     body_timeout: float = Field(
-        30.0, gt=0, description="Seconds a request body may take to arrive (then 408)."
+        30.0,
+        gt=0,
+        description="Seconds a request body may take to arrive; then 408 `body-timeout`.",
     )
     max_new_keys: int = Field(
-        6000, ge=0, description="New keys per identity per new_keys_window (0: no limit)."
+        6000,
+        ge=0,
+        description="New keys per identity per `new_keys_window`, fleet-wide; then 429 "
+        "`key-budget` (0: no limit).",
     )
-    new_keys_window: float = Field(60.0, gt=0, description="The new-key window, seconds.")
+    new_keys_window: float = Field(60.0, gt=0, description="The window of `max_new_keys`, seconds.")
     max_stored_bytes: int = Field(
-        64 * MiB, ge=0, description="Bytes one identity may keep stored (0: no limit)."
+        64 * MiB,
+        ge=0,
+        description="Bytes of responses one identity may keep stored, fleet-wide; then 429 "
+        "`byte-budget` (0: no limit).",
     )
 
     @field_validator("methods")
@@ -247,12 +294,28 @@ class HttpConfig(BaseModel):
 class GatewayConfig(HttpConfig):
     """Options of the gateway: the middleware's, plus the upstream and its limits."""
 
-    upstream: str = Field(description="The service to protect: http(s)://host[:port][/base].")
-    upstream_timeout: float = Field(60.0, gt=0, description="Longest wait for the upstream.")
-    max_upstream_connections: int = Field(100, gt=0, description="Pooled upstream connections.")
-    shutdown_timeout: float = Field(30.0, ge=0, description="Grace for requests on SIGTERM.")
+    upstream: str = Field(
+        description="The service to protect: `http(s)://host[:port][/base]`, with no "
+        "credentials, query or fragment.",
+    )
+    upstream_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait for the upstream, seconds; then 504 `upstream-timeout`.",
+    )
+    max_upstream_connections: int = Field(
+        100, gt=0, description="Pooled connections to the upstream."
+    )
+    shutdown_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long requests in flight may finish, seconds; then their "
+        "keys are released.",
+    )
     send_timeout: float = Field(
-        10.0, gt=0, description="Seconds a client may accept no response bytes (then cut off)."
+        10.0,
+        gt=0,
+        description="Seconds a client may accept no response bytes before it is cut off.",
     )
 
     @field_validator("upstream")
