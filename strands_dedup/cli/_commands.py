@@ -758,7 +758,9 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
     try:
         facts = asyncio.run(checks.read_facts(url, namespace))
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError) as exc:
-        raise Unreachable(f"cannot reach Redis at {describe_url(url)}: {exc}") from None
+        raise Unreachable(
+            f"cannot reach Redis at {describe_url(url)}: {describe_error(exc)}"
+        ) from None
     findings = [*checks.diagnose(facts), checks.check_identity_secret(os.environ)]
     if as_json:
         _echo_json(checks.to_json(facts, findings))
