@@ -19,11 +19,11 @@ import pytest
 from children import Child
 from conversation_worker import BUCKET, Model, texts
 from servers import free_port, process
+from side import open_side
 from strands import Agent
 from strands.session.file_session_manager import FileSessionManager
 
 from strands_dedup import ConversationError, Deduplicator, SessionGuard
-from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup.agents.strands import (
     DedupAgent,
     RedisSessionManager,
@@ -197,14 +197,15 @@ async def test_redis_sessions_load_in_one_round_trip_and_stay_bounded(
         )
         await agent.invoke_async("one", session_id="s")
         await agent.invoke_async("two", session_id="s")
-        keys = engine_of(dedup).keys.for_session("s")
-        side = engine_of(dedup).store.client
+        keys = dedup.session_keys("s")
+        side = open_side(redis_url)
         before = await side.hgetall(keys.conversation)
         with pytest.raises(ConversationError, match=r"'s'.*5 messages.*4 messages") as caught:
             await agent.invoke_async("three", session_id="s")
         assert caught.value.session == "s"
         assert await side.hgetall(keys.conversation) == before  # nothing written
         assert 0 < await side.pttl(keys.conversation) <= 86_400_000
+        await side.aclose()
 
 
 async def test_a_stored_history_that_does_not_parse_is_refused_and_kept(
@@ -222,8 +223,8 @@ async def test_a_stored_history_that_does_not_parse_is_refused_and_kept(
             session_guard=SessionGuard(dedup),
         )
         await agent.invoke_async("one", session_id=weird)
-        keys = engine_of(dedup).keys.for_session(weird)
-        side = engine_of(dedup).store.client
+        keys = dedup.session_keys(weird)
+        side = open_side(redis_url)
         fields = await side.hkeys(keys.conversation)
         message = next(f for f in fields if f.startswith(b"m:"))
         await side.hset(keys.conversation, message, b"{not json")
@@ -232,6 +233,7 @@ async def test_a_stored_history_that_does_not_parse_is_refused_and_kept(
             await agent.invoke_async("two", session_id=weird)
         assert caught.value.session == keys.name and repr(keys.name) in str(caught.value)
         assert await side.hgetall(keys.conversation) == before
+        await side.aclose()
 
 
 async def test_an_unwrapped_session_manager_is_refused(tmp_path: Path, namespace: str) -> None:
@@ -342,13 +344,13 @@ async def test_redis_session_turns_on_every_backend(
 
         model._events = spy  # type: ignore[method-assign]
         loads: list[Any] = []
-        load = engine_of(dedup).store.conversation_load
+        load = dedup.load_conversation
 
         async def counted(keys: Any) -> Any:
             loads.append(keys)
             return await load(keys)
 
-        monkeypatch.setattr(engine_of(dedup).store, "conversation_load", counted)
+        monkeypatch.setattr(dedup, "load_conversation", counted)
         agent = DedupAgent(
             dedup,
             lambda sid: Agent(
