@@ -5,7 +5,9 @@ redis-server on a free port (never 6379) where it needs special settings."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -142,7 +144,7 @@ async def test_killed_connections_are_retried_transparently(
         assert (await dedup.execute("a", lambda: 1)).role is Role.PRIMARY
         admin = redis.Redis.from_url(server.url)
         try:
-            name = engine_of(dedup).store.client.get_connection_kwargs()["client_name"]
+            name = f"strands-dedup:{socket.gethostname()}:{os.getpid()}"  # CLIENT SETNAME
             killed = admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
             assert killed >= 1
             assert not any(c["name"] == name for c in admin.client_list(_type="normal"))
