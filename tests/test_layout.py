@@ -320,9 +320,6 @@ WHITE_BOX = {
     # list may only shrink.
     "benchmarks/abuse.py",
     "benchmarks/conversations.py",
-    "benchmarks/core.py",
-    "benchmarks/sessions.py",
-    "benchmarks/streaming.py",
     "tests/faults/worker.py",
     "tests/subscribers.py",
     "tests/test_capacity.py",
