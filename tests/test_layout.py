@@ -326,7 +326,6 @@ WHITE_BOX = {
     "tests/test_cli.py",
     "tests/test_cluster.py",
     "tests/test_commands.py",
-    "tests/test_connections.py",
     "tests/test_contract.py",
     "tests/test_doctor.py",
     "tests/test_effects.py",
