@@ -19,7 +19,7 @@ import pytest
 from children import Child
 from conversation_worker import BUCKET, Model, texts
 from servers import free_port, process
-from side import open_side
+from side import side_of
 from strands import Agent
 from strands.session.file_session_manager import FileSessionManager
 
@@ -184,7 +184,10 @@ async def test_queued_turns_of_several_tokens_commit_whole_and_in_order(
 async def test_redis_sessions_load_in_one_round_trip_and_stay_bounded(
     redis_url: str, namespace: str
 ) -> None:
-    async with Deduplicator.from_url(redis_url, namespace=namespace) as dedup:
+    async with (
+        Deduplicator.from_url(redis_url, namespace=namespace) as dedup,
+        side_of(redis_url) as side,
+    ):
         model = Model("fine", 0.0)
         agent = DedupAgent(
             dedup,
@@ -198,21 +201,22 @@ async def test_redis_sessions_load_in_one_round_trip_and_stay_bounded(
         await agent.invoke_async("one", session_id="s")
         await agent.invoke_async("two", session_id="s")
         keys = dedup.session_keys("s")
-        side = open_side(redis_url)
         before = await side.hgetall(keys.conversation)
         with pytest.raises(ConversationError, match=r"'s'.*5 messages.*4 messages") as caught:
             await agent.invoke_async("three", session_id="s")
         assert caught.value.session == "s"
         assert await side.hgetall(keys.conversation) == before  # nothing written
         assert 0 < await side.pttl(keys.conversation) <= 86_400_000
-        await side.aclose()
 
 
 async def test_a_stored_history_that_does_not_parse_is_refused_and_kept(
     redis_url: str, namespace: str
 ) -> None:
     weird = "s/../\u00e9{x}:* \n"  # any characters make a session id
-    async with Deduplicator.from_url(redis_url, namespace=namespace) as dedup:
+    async with (
+        Deduplicator.from_url(redis_url, namespace=namespace) as dedup,
+        side_of(redis_url) as side,
+    ):
         agent = DedupAgent(
             dedup,
             lambda sid: Agent(
@@ -224,7 +228,6 @@ async def test_a_stored_history_that_does_not_parse_is_refused_and_kept(
         )
         await agent.invoke_async("one", session_id=weird)
         keys = dedup.session_keys(weird)
-        side = open_side(redis_url)
         fields = await side.hkeys(keys.conversation)
         message = next(f for f in fields if f.startswith(b"m:"))
         await side.hset(keys.conversation, message, b"{not json")
@@ -233,7 +236,6 @@ async def test_a_stored_history_that_does_not_parse_is_refused_and_kept(
             await agent.invoke_async("two", session_id=weird)
         assert caught.value.session == keys.name and repr(keys.name) in str(caught.value)
         assert await side.hgetall(keys.conversation) == before
-        await side.aclose()
 
 
 async def test_an_unwrapped_session_manager_is_refused(tmp_path: Path, namespace: str) -> None:
