@@ -9,9 +9,9 @@ Run from the repository root::
 In one run, on one Redis and one event loop, it measures:
 
 floor
-    A raw redis-py asyncio ``SET key val NX PX 30000`` on a fresh key, over a client built by
-    the library's own ``client_from_url`` (same pool bound, timeouts, RESP2; hiredis when
-    installed), called directly.
+    A raw redis-py asyncio ``SET key val NX PX 30000`` on a fresh key, over a client with the
+    options the library gives its own (same pool bound, timeouts, RESP2, no retries; hiredis
+    when installed), called directly.
 fresh
     ``await dedup.execute(new_token, call)``, one call at a time: claim, run a trivial
     ``async def`` returning a small dict, store the result and publish it.
@@ -55,9 +55,9 @@ import redis
 import redis.asyncio as aredis
 
 import strands_dedup
-from strands_dedup import DedupConfig, Deduplicator, Role
-from strands_dedup._engine.deduplicator import engine_of
-from strands_dedup._store.connect import client_from_url, describe_url
+from benchmarks._common import describe_url
+from benchmarks._common import floor_client as plain_client
+from strands_dedup import Deduplicator, Role
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "core-latest.json"
@@ -117,13 +117,15 @@ async def work() -> dict[str, Any]:
 
 
 def floor_client(url: str) -> aredis.Redis | aredis.RedisCluster:
-    """A plain redis-py asyncio client built exactly as the library builds its own.
+    """A plain redis-py asyncio client with the options the library gives its own.
 
     Same pool bound, timeouts, RESP2 and no client-side retries; hiredis parses replies when it
     is installed. Commands go to it directly, with none of the library's code in between.
     """
-    config = DedupConfig(max_connections=MAX_CONNECTIONS)
-    return client_from_url(url, config, client_name="strands-dedup-bench:floor")
+    client: aredis.Redis | aredis.RedisCluster = plain_client(
+        url, MAX_CONNECTIONS, "strands-dedup-bench:floor"
+    )
+    return client
 
 
 @dataclass
@@ -186,30 +188,17 @@ async def run_sequential(
 
 
 async def wait_parked(dedup: Deduplicator, expected: int, deadline: float) -> None:
-    """Until ``expected`` duplicates are registered and each is blocked waiting for a message."""
-    sub = engine_of(dedup).subscriber
-    while sub.waiters != expected:
+    """Until ``expected`` duplicates are registered and each is blocked waiting for a message
+    (`Deduplicator.activity`: ``waiters``, then ``listening``)."""
+    while (waiters := dedup.activity().waiters) != expected:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {sub.waiters} of {expected} waiters registered in time")
+            raise RuntimeError(f"only {waiters} of {expected} waiters registered in time")
         await asyncio.sleep(0.005)
     # A registered duplicate may still be confirming its subscription or re-reading the token;
-    # it is parked once its watch holds a pending wake-up future. (This scan is O(waiters), so it
-    # is polled less often, to leave the loop to the duplicates.)
-    subs = list(getattr(sub, "_names", [sub]))  # a cluster has one subscriber per shard
-    while True:
-        watches = [
-            w
-            for one in subs
-            for state in getattr(one, "_channels", {}).values()
-            for w in state.watches
-        ]
-        if watches and not hasattr(watches[0], "_waiter"):
-            return  # no way to look deeper: registered is the best available signal
-        pending = sum(1 for w in watches if w._waiter is not None and not w._waiter.done())
-        if pending >= expected:
-            return
+    # it is parked once it listens for the message.
+    while (listening := dedup.activity().listening) < expected:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {pending} of {expected} waiters parked in time")
+            raise RuntimeError(f"only {listening} of {expected} waiters parked in time")
         await asyncio.sleep(0.02)
 
 

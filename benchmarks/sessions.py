@@ -31,9 +31,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import median_p99, redis_for
+from benchmarks._common import describe_url, floor_client, median_p99, redis_for
 from strands_dedup import DedupConfig, Deduplicator, SessionGuard
-from strands_dedup._store.connect import client_from_url, describe_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "sessions-latest.json"
@@ -46,7 +45,7 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 async def bench(url: str, samples: int, waiters: int) -> dict[str, Any]:
     namespace = f"bench-sessions-{uuid.uuid4().hex[:8]}"
-    raw = client_from_url(url, DedupConfig(namespace=namespace), client_name="bench-floor")
+    raw = floor_client(url, DedupConfig().max_connections, "bench-floor")
     floor: list[float] = []
     hold: list[float] = []
     async with Deduplicator.from_url(url, namespace=namespace, metrics=False) as dedup:

@@ -33,9 +33,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import median_p99, redis_for
+from benchmarks._common import describe_url, floor_client, median_p99, redis_for
 from strands_dedup import DedupConfig, Deduplicator
-from strands_dedup._store.connect import client_from_url, describe_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "streaming-latest.json"
@@ -93,7 +92,7 @@ async def one_run(
 
 async def bench(url: str, runs: int, chunks: int, interval: float, join: int) -> dict[str, Any]:
     namespace = f"bench-stream-{uuid.uuid4().hex[:8]}"
-    raw = client_from_url(url, DedupConfig(namespace=namespace), client_name="bench-floor")
+    raw = floor_client(url, DedupConfig().max_connections, "bench-floor")
     floor = []
     for i in range(500):
         started = time.perf_counter()

@@ -31,9 +31,9 @@ import os
 import sys
 from typing import Any
 
-from strands_dedup import DedupConfig, Deduplicator, Outcome
-from strands_dedup._engine.deduplicator import engine_of
-from strands_dedup._store import Client, client_from_url
+from side import Side, open_side
+
+from strands_dedup import Deduplicator, Outcome
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -49,7 +49,7 @@ def emit_error(exc: BaseException) -> None:
     emit("error", type=type(exc).__name__, message=str(exc))
 
 
-async def storm(args: argparse.Namespace, side: Client) -> None:
+async def storm(args: argparse.Namespace, side: Side) -> None:
     """``--calls`` concurrent calls of TOKEN, each taking ``--seconds``, after the barrier."""
 
     async def call() -> dict[str, Any]:
@@ -60,9 +60,7 @@ async def storm(args: argparse.Namespace, side: Client) -> None:
     async with Deduplicator.from_url(
         args.url, namespace=args.namespace, lease_ttl=args.lease_ttl, max_connections=8
     ) as dedup:
-        await engine_of(
-            dedup
-        ).store.probe()  # connect before the barrier, so the calls start together
+        await dedup.health()  # connect before the barrier, so the calls start together
         emit("ready")
         if await side.blpop([f"{args.namespace}:barrier"], timeout=30) is None:
             emit("error", type="BarrierTimeout", message="the barrier was not released in 30 s")
@@ -78,7 +76,7 @@ async def storm(args: argparse.Namespace, side: Client) -> None:
         emit("finished")
 
 
-async def hold(args: argparse.Namespace, side: Client) -> None:
+async def hold(args: argparse.Namespace, side: Side) -> None:
     """One call of TOKEN that says it started and finishes when a line arrives on stdin."""
 
     async def call() -> dict[str, Any]:
@@ -90,7 +88,7 @@ async def hold(args: argparse.Namespace, side: Client) -> None:
     async with Deduplicator.from_url(
         args.url, namespace=args.namespace, lease_ttl=args.lease_ttl, max_connections=4
     ) as dedup:
-        await engine_of(dedup).store.probe()
+        await dedup.health()  # connected before it reports ready
         emit("ready")
         try:
             emit_outcome(await dedup.execute(args.token, call))
@@ -99,7 +97,7 @@ async def hold(args: argparse.Namespace, side: Client) -> None:
         emit("finished")
 
 
-async def stream(args: argparse.Namespace, side: Client) -> None:
+async def stream(args: argparse.Namespace, side: Side) -> None:
     """Stream TOKEN: ``--calls`` chunks ``{"pid", "i"}``, one every ``--seconds``; reports
     ``streaming`` after the third chunk."""
 
@@ -113,7 +111,7 @@ async def stream(args: argparse.Namespace, side: Client) -> None:
     async with Deduplicator.from_url(
         args.url, namespace=args.namespace, lease_ttl=args.lease_ttl, max_connections=4
     ) as dedup:
-        await engine_of(dedup).store.probe()
+        await dedup.health()  # connected before it reports ready
         emit("ready")
         async for _ in dedup.stream(args.token, chunks):
             pass
@@ -134,7 +132,7 @@ async def main(argv: list[str]) -> None:
     )
     args = parser.parse_args(argv)
     side_url = args.side_url or args.url
-    side = client_from_url(side_url, DedupConfig(), client_name="proc-worker-side")
+    side = open_side(side_url, client_name="proc-worker-side")
     try:
         await {"storm": storm, "hold": hold, "stream": stream}[args.mode](args, side)
     finally:

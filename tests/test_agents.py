@@ -38,7 +38,6 @@ from strands_dedup import (
     current_call,
     current_session,
 )
-from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup.agents import idempotent_tool, message_token
 from strands_dedup.agents.strands import DedupAgent, StoredAgentResult
 
@@ -129,7 +128,7 @@ async def test_a_lost_lease_sets_the_agents_cancel_signal(redis_url: str, namesp
     async with Deduplicator.from_url(redis_url, namespace=namespace, lease_ttl=0.4) as dedup:
         guarded = DedupAgent(dedup, agent_of(model))
         side = redis.Redis.from_url(redis_url)
-        keys = engine_of(dedup).keys.for_token("req-lost", "s")
+        keys = dedup.token_keys("req-lost", "s")
         task = asyncio.create_task(
             guarded.invoke_async("q", session_id="s", idempotency_token="req-lost")
         )

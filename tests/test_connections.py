@@ -5,19 +5,21 @@ redis-server on a free port (never 6379) where it needs special settings."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 from servers import RedisServer, free_port
+from side import side_of
 
 from strands_dedup import Deduplicator, Role, StoreUnavailable
-from strands_dedup._engine.deduplicator import engine_of
-from strands_dedup._protocol import Claimed
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(30)]
 
@@ -142,7 +144,7 @@ async def test_killed_connections_are_retried_transparently(
         assert (await dedup.execute("a", lambda: 1)).role is Role.PRIMARY
         admin = redis.Redis.from_url(server.url)
         try:
-            name = engine_of(dedup).store.client.get_connection_kwargs()["client_name"]
+            name = f"strands-dedup:{socket.gethostname()}:{os.getpid()}"  # CLIENT SETNAME
             killed = admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
             assert killed >= 1
             assert not any(c["name"] == name for c in admin.client_list(_type="normal"))
@@ -166,51 +168,121 @@ async def test_redis_restart_is_survived(
         assert (await dedup.execute("b", lambda: 2)).role is Role.PRIMARY
 
 
+class LateReplies:
+    """A TCP proxy to Redis that holds the replies of the connection whose request carries
+    ``marker`` (set it to arm the proxy) until ``release`` is set: a reply that comes back late
+    (a stalled process, a slow network). ``held`` is set when Redis has answered that request."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.marker: bytes | None = None
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.links: list[tuple[asyncio.Task[Any], asyncio.StreamWriter, asyncio.StreamWriter]] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        holding = False
+
+        async def requests() -> None:
+            nonlocal holding
+            while data := await reader.read(65536):
+                if self.marker is not None and self.marker in data:
+                    self.marker, holding = None, True  # before Redis can answer
+                up_writer.write(data)
+                await up_writer.drain()
+
+        pump = asyncio.ensure_future(requests())
+        serving = asyncio.current_task()
+        assert serving is not None
+        self.links.append((serving, writer, up_writer))
+        try:
+            while data := await up_reader.read(65536):
+                if holding:
+                    self.held.set()
+                    await self.release.wait()
+                    holding = False
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            pump.cancel()
+            writer.close()
+            up_writer.close()
+
+    async def close(self) -> None:
+        """Stop listening, cut every connection and wait until each one's proxying ended."""
+        self.release.set()
+        if self.server is not None:
+            self.server.close()
+        for _, writer, up_writer in self.links:
+            writer.close()
+            up_writer.close()
+        await asyncio.gather(*(serving for serving, _, _ in self.links), return_exceptions=True)
+
+
 async def test_a_claim_that_returns_late_is_checked_before_the_call_runs(
-    redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, namespace: str
 ) -> None:
     # The first claim's reply comes back a whole lease TTL after Redis set the lease (a stalled
     # process, a slow network): meanwhile the lease ran out and another caller took the token.
     # The late claim is checked (claimed again, same owner) before the call runs: it sees the
-    # other holder and waits, then takes over when that lease runs out.
-    clock = {"skew": 0.0}
-
+    # other holder and waits, then takes over when that holder lets the token go.
+    where = urlsplit(redis_url)
+    proxy = LateReplies(where.hostname or "127.0.0.1", where.port or 6379)
+    late_url = f"redis://127.0.0.1:{await proxy.start()}{where.path}"
     options = {"namespace": namespace, "lease_ttl": 1, "metrics": False}
-    async with (
-        Deduplicator.from_url(redis_url, **options) as dedup,
-        Deduplicator.from_url(redis_url, **options) as other,
-    ):
-        store = engine_of(dedup).store
-        assert store.pipeline is not None
-        first_claim = store.pipeline.execute  # the first script this deduplicator runs: a claim
-        calls = 0
-        fences: list[int] = []
+    try:
+        async with (
+            Deduplicator.from_url(late_url, **options) as dedup,
+            Deduplicator.from_url(redis_url, **options) as other,
+            side_of(redis_url) as side,
+        ):
+            await dedup.execute("warm", lambda: 0)  # connected, its scripts loaded
+            keys = dedup.token_keys("tok")
+            runs = 0
 
-        async def late_claim(*args: object) -> object:
-            nonlocal calls
-            reply: Any = await first_claim(*args)
-            calls += 1
-            if calls == 1:  # the lease runs out and another caller claims the token
-                keys = engine_of(other).keys.for_token("tok")
-                await engine_of(other).store.client.delete(keys.lease)
-                taken = await engine_of(other).store.claim(
-                    keys, engine_of(other).new_owner(), engine_of(other).lease_meta(keys, None)
-                )
-                fences.append(int(reply[1]))
-                assert isinstance(taken, Claimed) and taken.fence == fences[0] + 1
-                clock["skew"] += 1.0
-            return reply
+            def call() -> str:
+                nonlocal runs
+                runs += 1
+                return "mine"
 
-        monkeypatch.setattr(store.pipeline, "execute", late_claim)
-        store.clock = lambda: time.monotonic() + clock["skew"]  # the store's injected clock
-        runs = 0
+            proxy.marker = keys.lease  # the claim of "tok" is the first request that names it
+            late = asyncio.create_task(dedup.execute("tok", call))
+            await asyncio.wait_for(proxy.held.wait(), 5)  # Redis ran the claim; no reply yet
+            fence = int(await side.get(keys.fence))
+            deadline = time.monotonic() + 5
+            while await side.exists(keys.lease):  # nobody renews a lease it does not know of
+                assert time.monotonic() < deadline, "the unanswered claim's lease never ran out"
+                await asyncio.sleep(0.02)
+            release = asyncio.Event()
 
-        def call() -> str:
-            nonlocal runs
-            runs += 1
-            return "mine"
+            async def holds() -> str:
+                await release.wait()
+                return "theirs"
 
-        outcome = await asyncio.wait_for(dedup.execute("tok", call), 10)
+            taken = asyncio.create_task(other.execute("tok", holds))
+            while other.activity().in_flight == 0:
+                await asyncio.sleep(0.005)
+            assert int(await side.get(keys.fence)) == fence + 1
+            proxy.release.set()  # the first claim's reply arrives, over a lease TTL late
+            while dedup.activity().listening == 0:  # it saw the other holder: it waits
+                assert time.monotonic() < deadline + 5, "the late claim was not checked"
+                await asyncio.sleep(0.005)
+            assert runs == 0
+            taken.cancel()  # the other holder lets the token go
+            with pytest.raises(asyncio.CancelledError):
+                await taken
+            outcome = await asyncio.wait_for(late, 10)
+    finally:
+        await proxy.close()
     assert runs == 1
-    # not its first fence (that would have run alongside the other holder's next one)
-    assert (outcome.role, outcome.fence) == (Role.TAKEOVER, fences[0] + 2)
+    # not its first fence (that would have run alongside the other holder's): the other
+    # holder's claim took fence + 1, its release moved the fence on, the takeover claimed next
+    assert (outcome.role, outcome.fence) == (Role.TAKEOVER, fence + 3)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pydantic
 import pytest
+from side import side_of
 
 from strands_dedup import (
     DedupError,
@@ -249,7 +250,9 @@ async def test_cancelled_primary_releases_and_a_waiter_takes_over(dedup: Dedupli
     assert outcome.fence > gate.fence
 
 
-async def test_unserializable_result_releases_and_tells_waiters(dedup: Deduplicator) -> None:
+async def test_unserializable_result_releases_and_tells_waiters(
+    dedup: Deduplicator, backend_url: str
+) -> None:
     gate = Gate(object())
     primary = asyncio.create_task(dedup.execute("t", gate))
     await gate.started.wait()
@@ -260,18 +263,24 @@ async def test_unserializable_result_releases_and_tells_waiters(dedup: Deduplica
         await primary
     with pytest.raises(PrimaryFailed, match="SerializationError"):
         await dup
-    keys = engine_of(dedup).keys.for_token("t")
-    assert await engine_of(dedup).store.client.exists(keys.lease, keys.result) == 0
+    keys = dedup.token_keys("t")
+    async with side_of(backend_url) as side:
+        assert await side.exists(keys.lease, keys.result) == 0
     assert (await dedup.execute("t", lambda: "fine")).role is Role.PRIMARY
 
 
-async def test_oversized_result_is_refused_without_storing(make: Callable[..., Any]) -> None:
-    async with make(max_result_bytes=1000, inline_result_bytes=100) as dedup:
+async def test_oversized_result_is_refused_without_storing(
+    make: Callable[..., Any], backend_url: str
+) -> None:
+    async with (
+        make(max_result_bytes=1000, inline_result_bytes=100) as dedup,
+        side_of(backend_url) as side,
+    ):
         with pytest.raises(ResultTooLarge) as info:
             await dedup.execute("t", lambda: "x" * 5000)
         assert info.value.size > 1000 and info.value.limit == 1000
-        keys = engine_of(dedup).keys.for_token("t")
-        assert await engine_of(dedup).store.client.exists(keys.lease, keys.result) == 0
+        keys = dedup.token_keys("t")
+        assert await side.exists(keys.lease, keys.result) == 0
 
 
 async def test_large_result_is_read_once_and_shared(make: Callable[..., Any]) -> None:
@@ -333,51 +342,57 @@ async def test_idempotent_decorator_round_trips_the_return_type(dedup: Deduplica
         dedup.idempotent()(lambda: 1)
 
 
-async def test_lease_is_renewed_while_a_slow_primary_runs(make: Callable[..., Any]) -> None:
-    async with make(lease_ttl=0.3) as dedup:
+async def test_lease_is_renewed_while_a_slow_primary_runs(
+    make: Callable[..., Any], backend_url: str
+) -> None:
+    async with make(lease_ttl=0.3) as dedup, side_of(backend_url) as side:
         gate = Gate("slow")
         primary = asyncio.create_task(dedup.execute("t", gate))
         await gate.started.wait()
-        keys = engine_of(dedup).keys.for_token("t")
+        keys = dedup.token_keys("t")
         renewed_past = time.monotonic() + 0.9  # three lease lifetimes
         await until(lambda: time.monotonic() > renewed_past)
-        assert await engine_of(dedup).store.client.pttl(keys.lease) > 0
+        assert await side.pttl(keys.lease) > 0
         with pytest.raises(DuplicateInFlight):
             await dedup.execute("t", gate, on_duplicate="raise")
         gate.release.set()
         assert (await primary).role is Role.PRIMARY and gate.runs == 1
 
 
-async def _steal(dedup: Deduplicator, token: str) -> None:
+async def _steal(url: str, dedup: Deduplicator, token: str) -> None:
     """Make the token look claimed by someone else (fence moved on, lease theirs)."""
-    keys = engine_of(dedup).keys.for_token(token)
-    client = engine_of(dedup).store.client
-    await client.incr(keys.fence)
-    await client.set(keys.lease, b"ffff|99|{}", px=60_000)
+    keys = dedup.token_keys(token)
+    async with side_of(url) as client:
+        await client.incr(keys.fence)
+        await client.set(keys.lease, b"ffff|99|{}", px=60_000)
 
 
-async def test_lost_lease_cancels_the_primary_when_asked(make: Callable[..., Any]) -> None:
+async def test_lost_lease_cancels_the_primary_when_asked(
+    make: Callable[..., Any], backend_url: str
+) -> None:
     async with make(lease_ttl=0.3, on_lease_lost="cancel") as dedup:
         gate = Gate()
         primary = asyncio.create_task(dedup.execute("t", gate))
         await gate.started.wait()
-        await _steal(dedup, "t")
+        await _steal(backend_url, dedup, "t")
         with pytest.raises(LeaseLost) as info:
             await asyncio.wait_for(primary, 2)
         assert info.value.fence == gate.fence
 
 
-async def test_lost_lease_refuses_the_completion(make: Callable[..., Any]) -> None:
+async def test_lost_lease_refuses_the_completion(
+    make: Callable[..., Any], backend_url: str
+) -> None:
     async with make(lease_ttl=2) as dedup:
         gate = Gate("late")
         primary = asyncio.create_task(dedup.execute("t", gate))
         await gate.started.wait()
-        await _steal(dedup, "t")
+        await _steal(backend_url, dedup, "t")
         gate.release.set()
         with pytest.raises(LeaseLost, match="refused"):
             await primary
-        keys = engine_of(dedup).keys.for_token("t")
-        assert await engine_of(dedup).store.client.get(keys.result) is None
+        async with side_of(backend_url) as side:
+            assert await side.get(dedup.token_keys("t").result) is None
 
 
 @pytest.mark.parametrize(
@@ -426,13 +441,14 @@ async def test_a_call_outliving_the_fence_ttl_still_completes(make: Callable[...
         assert (await primary).role is Role.PRIMARY
 
 
-async def test_an_expired_lease_nobody_claimed_is_taken_back(make: Callable[..., Any]) -> None:
-    async with make(lease_ttl=0.3) as dedup:
+async def test_an_expired_lease_nobody_claimed_is_taken_back(
+    make: Callable[..., Any], backend_url: str
+) -> None:
+    async with make(lease_ttl=0.3) as dedup, side_of(backend_url) as client:
         gate = Gate("kept")
         primary = asyncio.create_task(dedup.execute("t", gate))
         await gate.started.wait()
-        keys = engine_of(dedup).keys.for_token("t")
-        client = engine_of(dedup).store.client
+        keys = dedup.token_keys("t")
         await client.delete(keys.lease)  # as if it had expired during a pause
         deadline = time.monotonic() + 2
         while not await client.exists(keys.lease):

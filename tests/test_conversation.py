@@ -19,11 +19,11 @@ import pytest
 from children import Child
 from conversation_worker import BUCKET, Model, texts
 from servers import free_port, process
+from side import side_of
 from strands import Agent
 from strands.session.file_session_manager import FileSessionManager
 
 from strands_dedup import ConversationError, Deduplicator, SessionGuard
-from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup.agents.strands import (
     DedupAgent,
     RedisSessionManager,
@@ -184,7 +184,10 @@ async def test_queued_turns_of_several_tokens_commit_whole_and_in_order(
 async def test_redis_sessions_load_in_one_round_trip_and_stay_bounded(
     redis_url: str, namespace: str
 ) -> None:
-    async with Deduplicator.from_url(redis_url, namespace=namespace) as dedup:
+    async with (
+        Deduplicator.from_url(redis_url, namespace=namespace) as dedup,
+        side_of(redis_url) as side,
+    ):
         model = Model("fine", 0.0)
         agent = DedupAgent(
             dedup,
@@ -197,8 +200,7 @@ async def test_redis_sessions_load_in_one_round_trip_and_stay_bounded(
         )
         await agent.invoke_async("one", session_id="s")
         await agent.invoke_async("two", session_id="s")
-        keys = engine_of(dedup).keys.for_session("s")
-        side = engine_of(dedup).store.client
+        keys = dedup.session_keys("s")
         before = await side.hgetall(keys.conversation)
         with pytest.raises(ConversationError, match=r"'s'.*5 messages.*4 messages") as caught:
             await agent.invoke_async("three", session_id="s")
@@ -211,7 +213,10 @@ async def test_a_stored_history_that_does_not_parse_is_refused_and_kept(
     redis_url: str, namespace: str
 ) -> None:
     weird = "s/../\u00e9{x}:* \n"  # any characters make a session id
-    async with Deduplicator.from_url(redis_url, namespace=namespace) as dedup:
+    async with (
+        Deduplicator.from_url(redis_url, namespace=namespace) as dedup,
+        side_of(redis_url) as side,
+    ):
         agent = DedupAgent(
             dedup,
             lambda sid: Agent(
@@ -222,8 +227,7 @@ async def test_a_stored_history_that_does_not_parse_is_refused_and_kept(
             session_guard=SessionGuard(dedup),
         )
         await agent.invoke_async("one", session_id=weird)
-        keys = engine_of(dedup).keys.for_session(weird)
-        side = engine_of(dedup).store.client
+        keys = dedup.session_keys(weird)
         fields = await side.hkeys(keys.conversation)
         message = next(f for f in fields if f.startswith(b"m:"))
         await side.hset(keys.conversation, message, b"{not json")
@@ -342,13 +346,13 @@ async def test_redis_session_turns_on_every_backend(
 
         model._events = spy  # type: ignore[method-assign]
         loads: list[Any] = []
-        load = engine_of(dedup).store.conversation_load
+        load = dedup.load_conversation
 
         async def counted(keys: Any) -> Any:
             loads.append(keys)
             return await load(keys)
 
-        monkeypatch.setattr(engine_of(dedup).store, "conversation_load", counted)
+        monkeypatch.setattr(dedup, "load_conversation", counted)
         agent = DedupAgent(
             dedup,
             lambda sid: Agent(

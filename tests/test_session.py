@@ -11,6 +11,7 @@ from typing import Any
 
 import pydantic
 import pytest
+from side import side_of
 from timing import SLACK
 
 from strands_dedup import (
@@ -22,7 +23,6 @@ from strands_dedup import (
     SyncDeduplicator,
     current_session,
 )
-from strands_dedup._engine.deduplicator import engine_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -202,20 +202,19 @@ async def test_a_holder_that_stops_renewing_frees_the_session_within_one_lease(
     async with make(lease_ttl=0.5) as dedup, make(lease_ttl=0.5) as other:
         guard = SessionGuard(dedup)
         hold = await guard.hold("s-crash").__aenter__()
-        await engine_of(dedup).renewer.aclose()  # the process "dies": no renewal, no release
+        await dedup.aclose()  # the process "dies": no renewal, no release
         started = time.monotonic()
         async with SessionGuard(other).hold("s-crash", timeout=5) as next_hold:
             assert next_hold.fence > hold.fence
         assert time.monotonic() - started < 0.5 + 1.0 + SLACK
 
 
-async def test_a_lost_hold_is_signalled_and_raises_on_exit(make: Any) -> None:
-    async with make(lease_ttl=0.3) as dedup:
+async def test_a_lost_hold_is_signalled_and_raises_on_exit(make: Any, backend_url: str) -> None:
+    async with make(lease_ttl=0.3) as dedup, side_of(backend_url) as side:
         guard = SessionGuard(dedup)
         with pytest.raises(LeaseLost):
             async with guard.hold("s-lost") as hold:
-                keys = engine_of(dedup).keys.for_session("s-lost")
-                await engine_of(dedup).store.client.delete(keys.holders)
+                await side.delete(dedup.session_keys("s-lost").holders)
                 assert await asyncio.to_thread(hold.lost.wait, 5)
 
 

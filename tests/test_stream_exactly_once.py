@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from servers import STALL_OPTIONS, ClusterSetup, RedisServer
+from side import Side, side_of
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -26,7 +27,6 @@ from test_http_streaming import serve
 
 from strands_dedup import Deduplicator, StreamReset
 from strands_dedup._engine.deduplicator import engine_of
-from strands_dedup._keys import TokenKeys
 from strands_dedup.http import IdempotencyMiddleware
 
 pytestmark = pytest.mark.timeout(30)
@@ -37,9 +37,9 @@ async def collect(stream: AsyncIterator[Any]) -> list[Any]:
     return [item async for item in stream]
 
 
-async def entries(dedup: Deduplicator, keys: TokenKeys) -> list[tuple[bytes, bytes]]:
-    """The (kind, data) of every entry of the token's stream."""
-    found = await engine_of(dedup).store.read_stream(keys, None, 10_000)
+async def entries(side: Side, keys: Any) -> list[tuple[bytes, bytes]]:
+    """The (kind, data) of every entry of the token's stream (``keys``: `token_keys`')."""
+    found = await side.xrange(keys.stream)
     return [(fields[b"k"], fields[b"d"]) for _, fields in found]
 
 
@@ -110,7 +110,8 @@ async def test_an_append_run_twice_adds_each_chunk_once(backend_url: str, namesp
         got = await follow_and_finish(dedup, "tok", produce)
         assert await primary == EXPECTED
         assert got == EXPECTED  # every chunk once, no reset
-        kinds = [kind for kind, _ in await entries(dedup, engine_of(dedup).keys.for_token("tok"))]
+        async with side_of(backend_url) as side:
+            kinds = [kind for kind, _ in await entries(side, dedup.token_keys("tok"))]
         assert kinds == [b"b"] + [b"c"] * CHUNKS + [b"e"]
 
 
@@ -119,12 +120,15 @@ async def stalled_stream(url: str, pid: int) -> None:
     append leaves while Redis is stopped, times out and is sent again until Redis resumes (the
     copies that were sent all run then). A follower joining afterwards gets each chunk once."""
     options = {**STALL_OPTIONS, "retry_attempts": 20, "retry_deadline": 10, "lease_ttl": 30}
-    async with Deduplicator.from_url(url, wait_timeout=20, **options) as dedup:
-        keys = engine_of(dedup).keys.for_token("stalled")
+    async with (
+        Deduplicator.from_url(url, wait_timeout=20, **options) as dedup,
+        side_of(url) as side,
+    ):
+        keys = dedup.token_keys("stalled")
 
         async def stop(i: int) -> None:
             if i == 5:
-                await until(lambda: _count(dedup, keys, 6), "chunks 0-4 appended")
+                await until(lambda: _count(side, keys, 6), "chunks 0-4 appended")
                 os.kill(pid, signal.SIGSTOP)
                 asyncio.get_running_loop().call_later(1.5, os.kill, pid, signal.SIGCONT)
 
@@ -134,16 +138,16 @@ async def stalled_stream(url: str, pid: int) -> None:
         primary = asyncio.create_task(collect(dedup.stream("stalled", produce)))
         await asyncio.wait_for(produce.held.wait(), 10)
         # every chunk emitted so far is appended (the stall is over)
-        await until(lambda: _count(dedup, keys, 13), "the appends after the stall", 15)
+        await until(lambda: _count(side, keys, 13), "the appends after the stall", 15)
         got = await follow_and_finish(dedup, "stalled", produce)
         assert await primary == EXPECTED
         assert got == EXPECTED
-        kinds = [kind for kind, _ in await entries(dedup, keys)]
+        kinds = [kind for kind, _ in await entries(side, keys)]
         assert kinds == [b"b"] + [b"c"] * CHUNKS + [b"e"]
 
 
-async def _count(dedup: Deduplicator, keys: TokenKeys, n: int) -> bool:
-    return len(await engine_of(dedup).store.read_stream(keys, None, 10_000)) >= n
+async def _count(side: Side, keys: Any, n: int) -> bool:
+    return bool(await side.xlen(keys.stream) >= n)
 
 
 @pytest.mark.redis
@@ -166,7 +170,7 @@ async def test_a_cluster_node_stopped_mid_stream_appends_each_chunk_once(
     # a node timeout far above the stall: the stopped primary is not failed over
     cluster = fresh_cluster("--cluster-node-timeout", "30000")
     dedup = Deduplicator.from_url(cluster.url, namespace="ns")
-    keys = engine_of(dedup).keys.for_token("stalled")
+    keys = dedup.token_keys("stalled")
     port = cluster.primary_port_for(keys.lease)
     proc = cluster.node(port).proc
     assert proc is not None
@@ -180,22 +184,25 @@ async def test_a_cluster_node_stopped_mid_stream_appends_each_chunk_once(
 # -- a corrupted stream --------------------------------------------------------------------------
 
 
-async def inject_duplicate(dedup: Deduplicator, keys: TokenKeys) -> None:
+async def inject_duplicate(side: Side, keys: Any) -> None:
     """Add a copy of the stream's last entry after it (what a repeated append used to do)."""
-    last = (await engine_of(dedup).store.read_stream(keys, None, 10_000))[-1][1]
-    await engine_of(dedup).store.client.xadd(keys.stream, last)  # type: ignore[arg-type]
+    last = (await side.xrevrange(keys.stream, count=1))[0][1]
+    await side.xadd(keys.stream, last)
 
 
 async def test_a_follower_of_a_corrupted_stream_gets_a_reset_then_the_stored_value(
     backend_url: str, namespace: str
 ) -> None:
-    async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as dedup:
-        keys = engine_of(dedup).keys.for_token("tok")
+    async with (
+        Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as dedup,
+        side_of(backend_url) as side,
+    ):
+        keys = dedup.token_keys("tok")
         produce = Gated(hold_after=10)
         primary = asyncio.create_task(collect(dedup.stream("tok", produce)))
         await asyncio.wait_for(produce.held.wait(), 5)
-        await until(lambda: _count(dedup, keys, 11), "the first ten chunks")
-        await inject_duplicate(dedup, keys)
+        await until(lambda: _count(side, keys, 11), "the first ten chunks")
+        await inject_duplicate(side, keys)
         got = await follow_and_finish(dedup, "tok", produce)
         assert await primary == EXPECTED
         resets = [i for i, item in enumerate(got) if isinstance(item, StreamReset)]
@@ -232,13 +239,17 @@ async def test_an_http_follower_of_a_corrupted_stream_has_its_connection_aborted
     app = Starlette(routes=[Route("/chat", upstream.chat, methods=["POST"])])
     async with Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as dedup:
         guarded = IdempotencyMiddleware(app, dedup=dedup)
-        keys = engine_of(dedup).keys.for_token(b"sse", guarded.scope_of({"headers": []}))
-        async with serve(guarded) as base, httpx.AsyncClient(timeout=20) as client:
+        keys = dedup.token_keys(b"sse", guarded.scope_of({"headers": []}))
+        async with (
+            serve(guarded) as base,
+            httpx.AsyncClient(timeout=20) as client,
+            side_of(backend_url) as side,
+        ):
             url, key = base + "/chat", {"Idempotency-Key": '"sse"'}
             primary = asyncio.create_task(client.post(url, headers=key, content=b"hi"))
             await asyncio.wait_for(upstream.held.wait(), 5)
-            await until(lambda: _count(dedup, keys, 12), "the head and ten chunks")
-            await inject_duplicate(dedup, keys)
+            await until(lambda: _count(side, keys, 12), "the head and ten chunks")
+            await inject_duplicate(side, keys)
 
             following = asyncio.Event()
 
@@ -274,14 +285,18 @@ async def test_an_http_follower_of_a_stream_that_stopped_checks_the_stored_body(
         backend_url, namespace=namespace, lease_ttl=5, max_stream_bytes=300
     ) as dedup:
         guarded = IdempotencyMiddleware(app, dedup=dedup)
-        keys = engine_of(dedup).keys.for_token(b"sse", guarded.scope_of({"headers": []}))
-        async with serve(guarded) as base, httpx.AsyncClient(timeout=20) as client:
+        keys = dedup.token_keys(b"sse", guarded.scope_of({"headers": []}))
+        async with (
+            serve(guarded) as base,
+            httpx.AsyncClient(timeout=20) as client,
+            side_of(backend_url) as side,
+        ):
             url, key = base + "/chat", {"Idempotency-Key": '"sse"'}
             primary = asyncio.create_task(client.post(url, headers=key, content=b"hi"))
             await asyncio.wait_for(upstream.held.wait(), 5)
-            await until(lambda: _count(dedup, keys, 12), "the head and ten chunks")
+            await until(lambda: _count(side, keys, 12), "the head and ten chunks")
             if corrupted:
-                await inject_duplicate(dedup, keys)
+                await inject_duplicate(side, keys)
             following = asyncio.Event()
 
             async def follow() -> bytes:
@@ -297,7 +312,7 @@ async def test_an_http_follower_of_a_stream_that_stopped_checks_the_stored_body(
             upstream.go.set()
             expected = "".join(f"data: token-{i}\n\n" for i in range(CHUNKS)).encode()
             assert (await primary).content == expected
-            kinds = [kind for kind, _ in await entries(dedup, keys)]
+            kinds = [kind for kind, _ in await entries(side, keys)]
             assert b"e" not in kinds and len(kinds) < CHUNKS  # the stream stopped
             if corrupted:
                 with pytest.raises(httpx.RemoteProtocolError):

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 from children import Child
+from side import side_of
 
 from strands_dedup import (
     Deduplicator,
@@ -19,7 +20,6 @@ from strands_dedup import (
     ResultTooLarge,
     StreamReset,
 )
-from strands_dedup._engine.deduplicator import engine_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -148,7 +148,7 @@ async def test_a_fenced_out_primary_cannot_append(redis_url: str, namespace: str
         produce = Producer(10, pause_after=3)
         primary = asyncio.create_task(collect(dedup.stream("zombie", produce)))
         await asyncio.wait_for(produce.paused.wait(), 5)
-        keys = engine_of(dedup).keys.for_token("zombie")
+        keys = dedup.token_keys("zombie")
         side = redis.Redis.from_url(redis_url)
         side.incr(keys.fence)  # somebody else claimed the token meanwhile
         side.delete(keys.lease)
@@ -226,8 +226,9 @@ async def test_a_follower_follows_only_the_attempt_of_the_live_lease(
     async with (
         Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as a,
         Deduplicator.from_url(backend_url, namespace=namespace, lease_ttl=5) as b,
+        side_of(backend_url) as side,
     ):
-        keys = engine_of(a).keys.for_token("tok")
+        keys = a.token_keys("tok")
         fail = asyncio.Event()
 
         async def dies() -> AsyncIterator[dict[str, int]]:
@@ -238,9 +239,7 @@ async def test_a_follower_follows_only_the_attempt_of_the_live_lease(
 
         first = asyncio.create_task(collect(a.stream("tok", dies)))
         deadline = asyncio.get_running_loop().time() + 5
-        while (
-            len(await engine_of(a).store.read_stream(keys, None, 100)) < 4
-        ):  # its begin and 3 chunks
+        while await side.xlen(keys.stream) < 4:  # its begin and 3 chunks
             assert asyncio.get_running_loop().time() < deadline, "the chunks never arrived"
             await asyncio.sleep(0.005)  # polling the stream against a deadline
         fail.set()

@@ -18,13 +18,13 @@ import redis
 from servers import STALL_OPTIONS
 
 from strands_dedup import (
+    Deduplicator,
     LeaseLost,
     Role,
     StoreUnavailable,
     SyncDeduplicator,
     current_call,
 )
-from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup._engine.sync import Bridge
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -144,7 +144,7 @@ def test_a_lost_lease_reaches_a_call_in_a_callers_thread(redis_url: str, namespa
         def call() -> str:
             context = current_call()
             assert context is not None
-            lease_key = engine_of(dedup).keys.for_token("t", None).lease
+            lease_key = dedup.token_keys("t").lease
             raw.set(lease_key, b"somebody-else", px=5000)  # another owner took the token
             seen.append(context.lost.wait(5))
             return "late"
@@ -153,7 +153,7 @@ def test_a_lost_lease_reaches_a_call_in_a_callers_thread(redis_url: str, namespa
             with pytest.raises(LeaseLost):
                 dedup.run("t", call)
         finally:
-            raw.delete(engine_of(dedup).keys.for_token("t", None).lease)
+            raw.delete(dedup.token_keys("t").lease)
             raw.close()
         assert seen == [True]
         assert dedup.counters["lease_lost"] >= 1
@@ -217,12 +217,12 @@ def test_the_embedded_store_calls_in_the_callers_thread(namespace: str) -> None:
         assert [dedup.run(f"t{i}", lambda i=i: i) for i in range(3)] == [0, 1, 2]
         assert dedup.run("t1", lambda: "never") == 1  # replayed from the shared embedded server
         assert handed == []
-        bridge = Bridge(dedup, "test")
-        assert bridge.portal is not None
-        core_sees = asyncio.run_coroutine_threadsafe(
-            bridge.core.run("t2", lambda: "never"), bridge.portal.loop
-        ).result(10)
-        assert core_sees == 2  # the asyncio client reads what the blocking one wrote
+
+        async def asyncio_sees() -> int:
+            async with Deduplicator.from_url("memory://", namespace=namespace) as core:
+                return await core.run("t2", lambda: "never")  # type: ignore[no-any-return]
+
+        assert asyncio.run(asyncio_sees()) == 2  # an asyncio client reads what the blocking wrote
 
 
 def test_a_killed_connection_and_flushed_scripts_cost_a_retry(

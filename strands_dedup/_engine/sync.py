@@ -26,7 +26,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from .._config import DedupConfig
 from .._errors import DedupError, StoreRefused, StoreUnavailable
-from .._keys import TokenKeys
+from .._keys import SessionKeys, TokenKeys
 from .._protocol import ClaimReply, Outcome
 from .._serialization import Serializer
 from .._store import RedisStore
@@ -367,6 +367,15 @@ class SyncDeduplicator:
     def activity(self) -> Activity:
         """What this deduplicator does right now, read from memory (see `Deduplicator.activity`)."""
         return self._core.activity()
+
+    def token_keys(self, token: Token, scope: Token | None = None) -> TokenKeys:
+        """The Redis keys of ``token`` within ``scope`` (see `Deduplicator.token_keys`)."""
+        return self._core.token_keys(token, scope)
+
+    def session_keys(self, session: str) -> SessionKeys:
+        """The Redis keys of a guarded session and its conversation (see
+        `Deduplicator.session_keys`)."""
+        return self._core.session_keys(session)
 
     def health(self) -> Health:
         """See `Deduplicator.health`."""
