@@ -22,13 +22,12 @@ import httpx
 import pytest
 import redis
 from recording_upstream import pattern
-from servers import free_port, namespace_of_its_own, process, recording_upstream
+from servers import free_port, gateway_command, namespace_of_its_own, process, recording_upstream
 from test_security import status_of
 
 from strands_dedup import Deduplicator
 from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup.http import IdempotencyMiddleware
-from strands_dedup.http._demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 HERE = Path(__file__).parent

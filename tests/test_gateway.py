@@ -14,11 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import free_port, process, processes
+from servers import fake_agent_command, free_port, gateway_command, process, processes
 from timing import SLACK
 
 from strands_dedup.cli import Inspector
-from strands_dedup.http._demo import gateway_command
 from strands_dedup.http._gateway import parse_size
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -29,9 +28,7 @@ HERE = Path(__file__).parent
 def upstream() -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with process(
-        [sys.executable, str(HERE / "upstream_app.py"), str(port), "1.0"], url + "/executions"
-    ):
+    with process(fake_agent_command(port, 1.0), url + "/executions"):
         yield url
 
 

@@ -33,6 +33,7 @@ from recording_upstream import pattern
 from servers import (
     RedisServer,
     free_port,
+    gateway_command,
     namespace_of_its_own,
     recording_upstream,
     wait_http,
@@ -41,7 +42,6 @@ from servers import (
 from strands_dedup import Deduplicator
 from strands_dedup.cli import main
 from strands_dedup.http import HttpConfig, IdempotencyMiddleware
-from strands_dedup.http._demo import gateway_command
 from strands_dedup.http._policy import storable_body
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]

@@ -8,10 +8,9 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from servers import free_port, process
+from servers import free_port, gateway_command, process
 
 from strands_dedup.cli._healthcheck import probe_url
-from strands_dedup.http._demo import gateway_command
 
 pytestmark = pytest.mark.timeout(60)
 CLI = [sys.executable, "-m", "strands_dedup.cli", "healthcheck", "--"]

@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, process
+from servers import free_port, gateway_command, process
 from test_gateway import upstream  # noqa: F401 - a fixture
 
 from strands_dedup._engine.observe import EVENTS
-from strands_dedup.http._demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 
