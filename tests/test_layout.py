@@ -335,7 +335,6 @@ WHITE_BOX = {
     "tests/test_doctor.py",
     "tests/test_engine_parts.py",
     "tests/test_failures.py",
-    "tests/test_http_policy.py",
     "tests/test_pipeline.py",
     "tests/test_processes.py",
     "tests/test_protocol.py",
