@@ -326,7 +326,6 @@ WHITE_BOX = {
     "tests/proc_worker.py",
     "tests/subscribers.py",
     "tests/test_agents.py",
-    "tests/test_cli.py",
     "tests/test_cluster.py",
     "tests/test_commands.py",
     "tests/test_connections.py",
