@@ -331,7 +331,6 @@ WHITE_BOX = {
     "tests/test_connections.py",
     "tests/test_contract.py",
     "tests/test_conversation.py",
-    "tests/test_doctor.py",
     "tests/test_engine_parts.py",
     "tests/test_failures.py",
     "tests/test_pipeline.py",
