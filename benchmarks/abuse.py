@@ -55,9 +55,7 @@ def _refusals(port: int, reason: str) -> float:
 @contextlib.contextmanager
 def _servers(redis_url: str) -> Iterator[tuple[int, int]]:
     """(gateway port, gateway pid), both processes stopped afterwards."""
-    from servers import free_port, process
-
-    from strands_dedup.http._demo import gateway_command
+    from servers import free_port, gateway_command, process
 
     up = free_port()
     upstream = [sys.executable, str(ROOT / "tests" / "recording_upstream.py"), str(up)]

@@ -8,6 +8,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -499,11 +500,46 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def gateway_command(
+    upstream: str, redis_url: str, namespace: str, port: int, *extra: str
+) -> list[str]:
+    """The command line of one `strands-dedup gateway` replica on ``port``."""
+    return [
+        sys.executable,
+        "-m",
+        "strands_dedup.cli",
+        "gateway",
+        "--upstream",
+        upstream,
+        "--redis-url",
+        redis_url,
+        "--namespace",
+        namespace,
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
+def fake_agent_command(port: int, work: float) -> list[str]:
+    """The command line of `strands-dedup fake-agent` on ``port``: a POST answers after ``work``
+    seconds (five times that under ``/slow``), counted per Idempotency-Key at ``GET
+    /executions``."""
+    return [
+        sys.executable,
+        "-m",
+        "strands_dedup.cli",
+        "fake-agent",
+        "--port",
+        str(port),
+        "--work",
+        str(work),
+    ]
+
+
 @contextlib.contextmanager
 def recording_upstream() -> Iterator[int]:
     """tests/recording_upstream.py on a free port (the port), stopped after."""
-    import sys
-
     port = free_port()
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recording_upstream.py")
     with process([sys.executable, script, str(port)], f"http://127.0.0.1:{port}/seen"):

@@ -22,13 +22,12 @@ import httpx
 import pytest
 import redis
 from recording_upstream import pattern
-from servers import free_port, namespace_of_its_own, process, recording_upstream
+from servers import free_port, gateway_command, namespace_of_its_own, process, recording_upstream
 from test_security import status_of
 
+import strands_dedup
 from strands_dedup import Deduplicator
-from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup.http import IdempotencyMiddleware
-from strands_dedup.http._demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 HERE = Path(__file__).parent
@@ -302,25 +301,27 @@ def test_stored_bytes_per_identity_are_bounded(upstream: int, redis_url: str, sp
 
 
 def test_the_budget_script_is_safe_to_repeat(redis_url: str, space: str) -> None:
-    import asyncio
+    """budget.lua run on Redis as the store runs it (its keys: an identity's key counter and
+    byte buckets, one operation's marker, in one slot)."""
+    script = Path(strands_dedup.__file__).parent / "_store" / "lua" / "budget.lua"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        budget = client.register_script(script.read_text())
 
-    async def run() -> None:
-        dedup = Deduplicator.from_url(redis_url, namespace=space, metrics=False)
-        try:
-            store, schema = engine_of(dedup).store, engine_of(dedup).keys
-            op = schema.for_budget("id-abc", "op1")
-            args = (5, 8, 60_000, 1000, 10_000, 1000, 25, 60_000)
-            first = await store.budget(op, args)
-            again = await store.budget(op, args)  # a retried copy of the same call
-            assert first[0] == again[0] == 5 and first[2] == again[2] == 1000
-            second = await store.budget(schema.for_budget("id-abc", "op2"), args)
-            assert second[0] == 3 and second[2] == 2000  # only what the window had left
-            third = await store.budget(schema.for_budget("id-abc", "op3"), args)
-            assert third[0] == 0 and 0 < third[1] <= 60_000
-        finally:
-            await dedup.aclose()
+        def op(name: str) -> list[str]:
+            base = f"{space}:{{!budget|id-abc}}:"
+            return [base + "keys", base + "bytes", base + "op:" + name]
 
-    asyncio.run(run())
+        args = (5, 8, 60_000, 1000, 10_000, 1000, 25, 60_000)
+        first = budget(keys=op("op1"), args=args)
+        again = budget(keys=op("op1"), args=args)  # a retried copy of the same call
+        assert first[0] == again[0] == 5 and first[2] == again[2] == 1000
+        second = budget(keys=op("op2"), args=args)
+        assert second[0] == 3 and second[2] == 2000  # only what the window had left
+        third = budget(keys=op("op3"), args=args)
+        assert third[0] == 0 and 0 < third[1] <= 60_000
+    finally:
+        client.close()
 
 
 async def test_the_middleware_spends_budget_on_new_keys_only(

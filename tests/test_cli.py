@@ -34,7 +34,6 @@ from failover import until
 
 from strands_dedup import Deduplicator, Role, SessionGuard
 from strands_dedup.cli import NAMESPACE_ENV, REDIS_URL_ENV, main
-from strands_dedup.cli._commands import event_rates
 
 HOST = socket.gethostname()
 LEASE_FIELDS = {
@@ -478,16 +477,45 @@ async def test_ls_table_and_watch_show_the_token(cli: Invoke, local: Deduplicato
         assert "per second" in twice.stdout  # rates need two snapshots
 
 
-@pytest.mark.timeout(5)
-def test_rates_are_per_second_and_never_negative() -> None:
-    before = (10.0, {"claims": 5, "takeovers": 3, "waits": 7})
-    after = (12.0, {"claims": 9, "replays": 4, "waits": 1})  # a process exited: waits fell
-    assert event_rates(before, after) == {
-        "claims": 2.0,
-        "replays": 2.0,
-        "takeovers": 0.0,
-        "waits": 0.0,
-    }
+@pytest.mark.timeout(30)
+def test_rates_are_per_second_and_never_negative(redis_url: str, namespace: str) -> None:
+    """`watch --json` between two samples: one process published its counters, then it stopped
+    (its waits and takeovers left the totals) and another published higher ones."""
+    client = redis.Redis.from_url(redis_url)
+    gone, live = f"{namespace}:stats:host-a:1:a", f"{namespace}:stats:host-b:2:b"
+    client.hset(gone, mapping={"claims": 5, "takeovers": 3, "waits": 7})
+    watch = ["watch", "--json", "--interval", "2", "--iterations", "2"]
+    environ = clean_environ(**{REDIS_URL_ENV: redis_url, NAMESPACE_ENV: namespace})
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-m", "strands_dedup.cli", *watch],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=environ,
+        ) as proc:
+            assert proc.stdout is not None
+            try:
+                first = json.loads(proc.stdout.readline())
+                client.delete(gone)  # within the 2 s before the next sample
+                client.hset(live, mapping={"claims": 9, "replays": 4, "waits": 1})
+                second = json.loads(proc.stdout.readline())
+                assert proc.wait(timeout=10) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    finally:
+        client.delete(gone, live)
+        client.close()
+    assert first["rates"] is None and first["elapsed_s"] is None
+    assert (first["counters"]["claims"], first["counters"]["waits"]) == (5, 7)
+    assert first["counters"]["replays"] == 0  # unpublished: 0
+    elapsed = second["elapsed_s"]
+    assert elapsed >= 2
+    rates = second["rates"]
+    assert rates["claims"] == pytest.approx(4 / elapsed)
+    assert rates["replays"] == pytest.approx(4 / elapsed)
+    assert rates["takeovers"] == rates["waits"] == 0.0  # fell: not negative
+    assert set(rates) == {"claims", "replays", "takeovers", "waits"}
 
 
 @pytest.mark.timeout(30)

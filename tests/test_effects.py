@@ -1,7 +1,7 @@
 """Effects across takeovers, with real processes on a real Redis.
 
 - An outgoing POST: a primary (tests/effects_worker.py) is SIGKILLed right after its POST reached
-  a counting service (tests/upstream_app.py) behind a `strands-dedup gateway` process; a second
+  a counting service (`strands-dedup fake-agent`) behind a `strands-dedup gateway` process; a second
   process takes the token over after the lease and sends the POST again, with the same derived
   Idempotency-Key: the service ran once, and the taker gets the gateway's replay.
 - A tool: a Strands agent's `idempotent_tool` ran (its executions counted in Redis), then the
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,9 +22,7 @@ import httpx
 import pytest
 import redis
 from children import Child
-from servers import free_port, process
-
-from strands_dedup.http._demo import gateway_command
+from servers import fake_agent_command, free_port, gateway_command, process
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 HERE = Path(__file__).parent
@@ -39,9 +36,7 @@ def upstream() -> Iterator[str]:
     taker must be waiting on the first process's lease before then)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with process(
-        [sys.executable, str(HERE / "upstream_app.py"), str(port), "3.0"], url + "/executions"
-    ):
+    with process(fake_agent_command(port, 3.0), url + "/executions"):
         yield url
 
 

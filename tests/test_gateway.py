@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,12 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import free_port, process, processes
+from click.testing import CliRunner
+from servers import fake_agent_command, free_port, gateway_command, process, processes
 from timing import SLACK
 
-from strands_dedup.cli import Inspector
-from strands_dedup.http._demo import gateway_command
-from strands_dedup.http._gateway import parse_size
+from strands_dedup.cli import Inspector, main
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 HERE = Path(__file__).parent
@@ -29,9 +29,7 @@ HERE = Path(__file__).parent
 def upstream() -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with process(
-        [sys.executable, str(HERE / "upstream_app.py"), str(port), "1.0"], url + "/executions"
-    ):
+    with process(fake_agent_command(port, 1.0), url + "/executions"):
         yield url
 
 
@@ -151,12 +149,28 @@ def test_demo_on_the_embedded_default() -> None:
     assert "upstream executions" in out
 
 
+def parse_size(text: str) -> int:
+    """What `strands-dedup gateway --max-stored-body TEXT` reads TEXT as: a size above what
+    the store can hold is refused with the bytes it read."""
+    result = CliRunner().invoke(
+        main, ["gateway", "--upstream", "http://127.0.0.1:9", "--max-stored-body", text]
+    )
+    assert result.exit_code == 2
+    found = re.search(
+        r"--max-stored-body: (\d+) bytes is more than the store can hold", result.output
+    )
+    assert found is not None, result.output
+    return int(found[1])
+
+
 def test_sizes_parse() -> None:
-    assert parse_size("10MB") == 10_000_000
-    assert parse_size("512KiB") == 524_288
-    assert parse_size("2048") == 2048
-    with pytest.raises(ValueError, match="not a size"):
-        parse_size("ten")
+    assert parse_size("20MB") == 20_000_000
+    assert parse_size("16384KiB") == 16_777_216
+    assert parse_size("13000000") == 13_000_000
+    refused = CliRunner().invoke(
+        main, ["gateway", "--upstream", "http://127.0.0.1:9", "--max-body", "ten"]
+    )
+    assert refused.exit_code == 2 and "not a size: 'ten'" in refused.output
 
 
 @pytest.mark.timeout(90)

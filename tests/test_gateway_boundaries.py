@@ -33,6 +33,7 @@ from recording_upstream import pattern
 from servers import (
     RedisServer,
     free_port,
+    gateway_command,
     namespace_of_its_own,
     recording_upstream,
     wait_http,
@@ -41,8 +42,6 @@ from servers import (
 from strands_dedup import Deduplicator
 from strands_dedup.cli import main
 from strands_dedup.http import HttpConfig, IdempotencyMiddleware
-from strands_dedup.http._demo import gateway_command
-from strands_dedup.http._policy import storable_body
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 HERE = Path(__file__).parent
@@ -316,6 +315,11 @@ def test_content_type_is_part_of_the_fingerprint(gateway: Running) -> None:
     assert again.headers["idempotent-replayed"] == "true" and again.json() == first.json()
 
 
+CEILING = 12_533_760
+"""The largest response body the store holds under the default 16 MiB ``max_result_bytes``
+(its base64 in JSON, with room for its headers), as docs/guides/http.md states it."""
+
+
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "strands_dedup.cli", "gateway", "--upstream", "http://u:1",
@@ -327,7 +331,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
 def test_limits_and_credential_scopes_are_refused_at_start(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_text("\n")
-    ceiling = storable_body(16 * MiB)
+    ceiling = CEILING  # under the default 16 MiB result bound
     cases = {
         "--max-stored-body": (["--max-stored-body", "100MiB"], str(ceiling)),
         "above by one": (["--max-stored-body", str(ceiling + 1)], str(ceiling)),
@@ -370,11 +374,13 @@ async def test_the_middleware_refuses_a_stored_body_the_store_cannot_hold() -> N
 
     dedup = Deduplicator.from_url(f"memory://{uuid.uuid4().hex[:8]}", max_result_bytes=MiB)
     try:
-        ceiling = storable_body(MiB)
+        lowered = IdempotencyMiddleware(app, dedup=dedup)  # the default 1 MiB: lowered to fit
+        ceiling = lowered.config.max_stored_body
+        assert 3 * MiB // 4 - 64 * 1024 <= ceiling < MiB  # base64 of the body, and its headers
         with pytest.raises(ValueError, match=f"at most {ceiling} bytes"):
             IdempotencyMiddleware(app, dedup=dedup, max_stored_body=MiB)
-        lowered = IdempotencyMiddleware(app, dedup=dedup)  # the default 1 MiB: lowered to fit
-        assert lowered.config.max_stored_body == ceiling
+        with pytest.raises(ValueError, match=f"at most {ceiling} bytes"):
+            IdempotencyMiddleware(app, dedup=dedup, max_stored_body=ceiling + 1)
         assert IdempotencyMiddleware(app, dedup=dedup, max_stored_body=ceiling)
         for name in ("Cookie", "authorization", "X-Api-Key", "Proxy-Authorization"):
             with pytest.raises(ValidationError, match="is a credential header"):
@@ -383,11 +389,38 @@ async def test_the_middleware_refuses_a_stored_body_the_store_cannot_hold() -> N
         await dedup.aclose()
 
 
+async def test_a_body_at_the_ceiling_is_stored_and_replayed() -> None:
+    """The ceiling the middleware takes is one the store holds: a response of that many bytes
+    is replayed to a retry without running again."""
+    runs = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        runs.append(1)
+        body = b"b" * size
+        headers = [(b"content-length", str(size).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async with Deduplicator.from_url(
+        f"memory://{uuid.uuid4().hex[:8]}", max_result_bytes=MiB
+    ) as dedup:
+        middleware = IdempotencyMiddleware(app, dedup=dedup)
+        size = middleware.config.max_stored_body
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+            key = {"Idempotency-Key": "at-the-ceiling"}
+            first = await http.post("/x", headers=key)
+            again = await http.post("/x", headers=key)
+    assert first.status_code == again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert len(again.content) == size and runs == [1]
+
+
 async def test_a_response_the_store_cannot_hold_is_not_retained_rather_than_failed() -> None:
     """A body within max_stored_body whose headers take it over the store's bound: the waiting
     duplicate gets 409 not-retained, not a 502 as if the primary had failed."""
     limit = 64 * 1024
-    size = storable_body(limit)
     started, release = asyncio.Event(), asyncio.Event()
     runs = []
 
@@ -403,7 +436,8 @@ async def test_a_response_the_store_cannot_hold_is_not_retained_rather_than_fail
     url = f"memory://{uuid.uuid4().hex[:8]}"
     async with Deduplicator.from_url(url, max_result_bytes=limit) as dedup:
         middleware = IdempotencyMiddleware(app, dedup=dedup)
-        assert middleware.config.max_stored_body == size
+        size = middleware.config.max_stored_body
+        assert 0 < size < limit  # the default lowered to what the store holds
         transport = httpx.ASGITransport(app=middleware)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
             key = {"Idempotency-Key": "too-large"}
@@ -498,19 +532,24 @@ def test_a_response_sent_but_not_stored_is_logged(
 def test_doctor_says_whether_an_identity_secret_is_configured(
     tmp_path: Path, redis_url: str
 ) -> None:
-    from strands_dedup.cli._doctor import Level, check_identity_secret
+    def identity(**environ: str) -> dict[str, Any]:
+        unset: dict[str, str | None] = {
+            "STRANDS_DEDUP_IDENTITY_SECRET": None,
+            "STRANDS_DEDUP_IDENTITY_SECRET_FILE": None,
+        }
+        result = CliRunner().invoke(
+            main, ["doctor", "--redis-url", redis_url, "--json"], env={**unset, **environ}
+        )
+        [found] = [f for f in json.loads(result.output)["findings"] if f["check"] == "identity"]
+        return dict(found)
 
     secret = tmp_path / "secret"
     secret.write_text("s3cret\n")
-    assert check_identity_secret({}).level == Level.INFO
-    assert "public key" in check_identity_secret({}).summary
-    assert check_identity_secret({"STRANDS_DEDUP_IDENTITY_SECRET": "x"}).level == Level.OK
-    assert (
-        check_identity_secret({"STRANDS_DEDUP_IDENTITY_SECRET_FILE": str(secret)}).level == Level.OK
-    )
-    missing = check_identity_secret({"STRANDS_DEDUP_IDENTITY_SECRET_FILE": str(tmp_path / "no")})
-    assert missing.level == Level.WARN
-    env = {"STRANDS_DEDUP_IDENTITY_SECRET": "", "STRANDS_DEDUP_IDENTITY_SECRET_FILE": ""}
-    result = CliRunner().invoke(main, ["doctor", "--redis-url", redis_url, "--json"], env=env)
-    [found] = [f for f in json.loads(result.output)["findings"] if f["check"] == "identity"]
-    assert found["level"] == "info" and "public key" in found["summary"]
+    missing = identity()
+    assert missing["level"] == "info" and "public key" in missing["summary"]
+    assert identity(STRANDS_DEDUP_IDENTITY_SECRET="x")["level"] == "ok"
+    assert identity(STRANDS_DEDUP_IDENTITY_SECRET_FILE=str(secret))["level"] == "ok"
+    unreadable = identity(STRANDS_DEDUP_IDENTITY_SECRET_FILE=str(tmp_path / "no"))
+    assert unreadable["level"] == "warn"
+    empty = identity(STRANDS_DEDUP_IDENTITY_SECRET="", STRANDS_DEDUP_IDENTITY_SECRET_FILE="")
+    assert empty["level"] == "info" and "public key" in empty["summary"]

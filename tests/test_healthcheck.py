@@ -8,13 +8,25 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from servers import free_port, process
+from click.testing import CliRunner
+from servers import free_port, gateway_command, process
 
-from strands_dedup.cli._healthcheck import probe_url
-from strands_dedup.http._demo import gateway_command
+from strands_dedup.cli import main
 
 pytestmark = pytest.mark.timeout(60)
 CLI = [sys.executable, "-m", "strands_dedup.cli", "healthcheck", "--"]
+
+
+def probe_url(argv: list[str]) -> str | None:
+    """The URL `healthcheck` probes for the command line ``argv`` (None: nothing to probe): it
+    names it whether the probe passes, or fails as nothing listens there."""
+    result = CliRunner().invoke(main, ["healthcheck", "--timeout", "0.2", "--", *argv])
+    if "nothing to check" in result.stdout:
+        assert result.exit_code == 0
+        return None
+    lines = [line for line in result.output.splitlines() if line.startswith("http")]
+    assert len(lines) == 1, result.output
+    return lines[0].split(": ", 1)[0]
 
 
 def test_the_probe_follows_the_gateway_command_line(monkeypatch: pytest.MonkeyPatch) -> None:

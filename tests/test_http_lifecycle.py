@@ -5,31 +5,61 @@ deduplicator options, and the public methods the surfaces use instead of the eng
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner
 
-from strands_dedup import Deduplicator, PrometheusMetrics
-from strands_dedup._errors import (
+from strands_dedup import (
     DedupError,
+    Deduplicator,
     DuplicateInFlight,
     FingerprintMismatch,
     InvalidToken,
     LeaseLost,
     NotStored,
     PrimaryFailed,
+    PrometheusMetrics,
     ResultTooLarge,
     StoreRefused,
     StoreUnavailable,
     WaitTimeout,
 )
 from strands_dedup.cli import main
-from strands_dedup.http import Gateway
-from strands_dedup.http._policy import StreamBroken, problem_for
+from strands_dedup.http import Gateway, IdempotencyMiddleware
 
 pytestmark = pytest.mark.timeout(60)
+
+
+class Failing(Deduplicator):
+    """A deduplicator whose every keyed call raises ``failure``: what the middleware answers
+    is its table from a call's failure to the client's problem."""
+
+    failure: Exception = RuntimeError("not set")
+
+    def stream_events(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async def events() -> AsyncIterator[Any]:
+            raise self.failure
+            yield  # an async generator
+
+        return events()
+
+
+async def answer(exc: Exception, max_retry_after: int = 60) -> httpx.Response:
+    """The response of the middleware to a keyed POST whose call raised ``exc``."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("not called")
+
+    async with Failing.from_url(f"memory://{uuid.uuid4().hex[:8]}", metrics=False) as dedup:
+        dedup.failure = exc
+        middleware = IdempotencyMiddleware(app, dedup=dedup, max_retry_after=max_retry_after)
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await http.post("/x", headers={"Idempotency-Key": "k"}, content=b"1")
 
 
 @pytest.mark.parametrize(
@@ -38,43 +68,43 @@ pytestmark = pytest.mark.timeout(60)
         (PrimaryFailed("x", token="t", error_type="app.Boom", error_message="secret", fence=1),
          502, "primary-failed", None),
         (NotStored("x", token="t", reason="status 500", shared=b"", fence=1),
-         409, "not-retained", b"1"),
+         409, "not-retained", "1"),
         (FingerprintMismatch("x", token="t"), 422, "key-reused", None),
         (DuplicateInFlight("x", token="t", owner="o", fence=1, retry_after=7.2),
-         409, "in-progress", b"8"),
+         409, "in-progress", "8"),
         (DuplicateInFlight("x", token="t", owner="o", fence=1, retry_after=500.0),
-         409, "in-progress", b"60"),
-        (WaitTimeout("x", token="t", waited=3.0), 409, "wait-timeout", b"1"),
-        (StoreUnavailable("x"), 503, "store-unavailable", b"1"),
+         409, "in-progress", "60"),
+        (WaitTimeout("x", token="t", waited=3.0), 409, "wait-timeout", "1"),
+        (StoreUnavailable("x"), 503, "store-unavailable", "1"),
         (InvalidToken("the token is empty"), 400, "key-invalid", None),
-        (LeaseLost("x", token="t", fence=1), 503, "primary-lost", b"1"),
-        (StreamBroken("x"), 503, "primary-lost", b"1"),
+        (LeaseLost("x", token="t", fence=1), 503, "primary-lost", "1"),
     ],
 )  # fmt: skip
-def test_each_failure_has_one_problem(
-    exc: Exception, status: int, kind: str, retry: bytes | None
+async def test_each_failure_has_one_problem(
+    exc: Exception, status: int, kind: str, retry: str | None
 ) -> None:
-    problem = problem_for(exc, max_retry_after=60)
-    assert problem is not None
-    assert (problem.status, problem.kind) == (status, kind)
-    assert dict(problem.headers).get(b"retry-after") == retry
+    response = await answer(exc, max_retry_after=60)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"].rsplit("/", 1)[1] == kind and problem["status"] == status
+    assert response.headers.get("retry-after") == retry
 
 
-def test_a_failure_problem_names_the_class_only() -> None:
+async def test_a_failure_problem_names_the_class_only() -> None:
     exc = PrimaryFailed(
         "x", token="t", error_type="app.errors.Boom", error_message="card 4242 declined", fence=1
     )
-    problem = problem_for(exc, 60)
-    assert problem is not None
-    assert "Boom" in problem.detail and "4242" not in problem.detail
+    response = await answer(exc)
+    assert response.status_code == 502
+    assert "Boom" in response.json()["detail"] and "4242" not in response.text
 
 
-def test_a_store_refusal_is_told_without_where_redis_is() -> None:
+async def test_a_store_refusal_is_told_without_where_redis_is() -> None:
     exc = StoreRefused("x", server_message="READONLY You can't write against 10.0.0.7:6379")
-    problem = problem_for(exc, 60)
-    assert problem is not None
-    assert problem.status == 503 and "READONLY" in problem.detail
-    assert "10.0.0.7" not in problem.detail
+    response = await answer(exc)
+    assert response.status_code == 503 and "READONLY" in response.json()["detail"]
+    assert "10.0.0.7" not in response.text
 
 
 @pytest.mark.parametrize(
@@ -85,8 +115,11 @@ def test_a_store_refusal_is_told_without_where_redis_is() -> None:
         DedupError("x"),
     ],
 )
-def test_a_failure_outside_the_table_is_not_answered(exc: Exception) -> None:
-    assert problem_for(exc, 60) is None
+async def test_a_failure_outside_the_table_is_not_answered(exc: Exception) -> None:
+    """Re-raised to the server (which answers 500), not told to the client as a problem."""
+    with pytest.raises(type(exc)) as raised:
+        await answer(exc)
+    assert raised.value is exc
 
 
 def test_the_gateway_needs_a_deduplicator() -> None:

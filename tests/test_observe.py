@@ -19,7 +19,6 @@ from strands_dedup import (
     StoreUnavailable,
     SyncDeduplicator,
 )
-from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup.cli import Inspector
 
 pytestmark = pytest.mark.timeout(30)
@@ -138,32 +137,61 @@ def test_quiet_by_default() -> None:
     assert any(isinstance(h, logging.NullHandler) for h in logger.handlers)
 
 
+SPANS = """
+import asyncio, json, sys
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from strands_dedup import Deduplicator
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+
+async def main():
+    async with Deduplicator.from_url(sys.argv[1], namespace=sys.argv[2]) as dedup:
+        await dedup.execute("t", lambda: 1)
+        await dedup.execute("t", lambda: 1)
+
+asyncio.run(main())
+print(json.dumps([[s.name, dict(s.attributes)] for s in exporter.get_finished_spans()]))
+"""
+
+
 async def test_a_span_per_call(backend_url: str, namespace: str) -> None:
+    """A process whose OpenTelemetry tracer provider is configured gets one span per call."""
+    import json
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SPANS, backend_url, namespace, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 25)
+    assert proc.returncode == 0
+    spans = json.loads(out)
+    assert [name for name, _ in spans] == ["strands_dedup.call"] * 2
+    assert [attributes["strands_dedup.role"] for _, attributes in spans] == ["primary", "replay"]
+    assert len({attributes["strands_dedup.fence"] for _, attributes in spans}) == 1
+
+
+async def test_no_span_work_without_a_configured_tracer_provider(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    async with Deduplicator.from_url(backend_url, namespace=namespace) as dedup:
-        engine_of(dedup).observer.tracer = trace.get_tracer(
-            "strands_dedup", tracer_provider=provider
-        )
-        await dedup.execute("t", lambda: 1)
-        await dedup.execute("t", lambda: 1)
-    spans = exporter.get_finished_spans()
-    assert [s.name for s in spans] == ["strands_dedup.call"] * 2
-    assert [s.attributes["strands_dedup.role"] for s in spans] == ["primary", "replay"]
-    assert len({s.attributes["strands_dedup.fence"] for s in spans}) == 1
-
-
-def test_no_span_work_without_a_configured_tracer_provider() -> None:
-    from opentelemetry import trace
-
-    from strands_dedup._engine.observe import Observer
 
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         pytest.skip("a tracer provider was configured globally in this process")
-    assert Observer("ns", None).active_tracer() is None
+    started: list[str] = []
+
+    def start(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        started.append(name)
+        raise AssertionError("a span was started with no tracer provider configured")
+
+    monkeypatch.setattr(trace.ProxyTracer, "start_span", start)
+    monkeypatch.setattr(trace.ProxyTracer, "start_as_current_span", start)
+    async with Deduplicator.from_url("memory://no-spans", metrics=False) as dedup:
+        assert (await dedup.execute("t", lambda: 1)).value == 1
+        assert (await dedup.execute("t", lambda: 1)).value == 1
+    assert started == []

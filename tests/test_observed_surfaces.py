@@ -14,14 +14,13 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, generate_latest
-from servers import free_port, process
+from servers import free_port, gateway_command, process
 from test_gateway import upstream  # noqa: F401 - a fixture
 from test_metrics import _samples
 
 from strands_dedup import Deduplicator, PrometheusMetrics
 from strands_dedup.cli import NAMESPACE_ENV, REDIS_URL_ENV, main
 from strands_dedup.http import IdempotencyMiddleware
-from strands_dedup.http._demo import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(60)]
 

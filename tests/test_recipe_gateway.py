@@ -9,8 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from recipes import Server, served, served_together, uvicorn
-
-from strands_dedup.http._demo import gateway_command
+from servers import gateway_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 

@@ -31,9 +31,14 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from recording_upstream import pattern
-from servers import RedisServer, free_port, namespace_of_its_own, process, recording_upstream
-
-from strands_dedup.http._demo import gateway_command
+from servers import (
+    RedisServer,
+    free_port,
+    gateway_command,
+    namespace_of_its_own,
+    process,
+    recording_upstream,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(120)]
 HERE = Path(__file__).parent

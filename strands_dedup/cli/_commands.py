@@ -617,8 +617,15 @@ def show(token: str, scope: str | None, show_value: bool, as_json: bool) -> None
 )
 @scope_option
 @click.option("--iterations", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON document a line per refresh (the tokens in flight, the counters, "
+    "their rates and the seconds they are over) instead of the live view.",
+)
 @_target_options(on_group=False)
-def watch(interval: float, scope: str | None, iterations: int | None) -> None:
+def watch(interval: float, scope: str | None, iterations: int | None, as_json: bool) -> None:
     """Live view of the tokens in flight (as `ls`) and of event rates; Ctrl-C quits.
 
     Rates per second (claims, replays, takeovers, ...) are computed from the counters the
@@ -627,7 +634,29 @@ def watch(interval: float, scope: str | None, iterations: int | None) -> None:
     url, namespace = _target()
     where = describe_url(url)
 
+    async def lines(inspector: Inspector) -> None:
+        previous: tuple[float, dict[str, int]] | None = None
+        done = 0
+        while True:
+            sample = (time.monotonic(), await inspector.counters())
+            views = await inspector.leases(scope)
+            line = {
+                "in_flight": [view.to_json() for view in views],
+                "counters": {**dict.fromkeys(KNOWN_EVENTS, 0), **sample[1]},
+                "rates": event_rates(previous, sample) if previous is not None else None,
+                "elapsed_s": sample[0] - previous[0] if previous is not None else None,
+            }
+            previous = sample
+            _echo_json(line)  # click.echo flushes: a reader gets each line as it is made
+            done += 1
+            if iterations is not None and done >= iterations:
+                return
+            await asyncio.sleep(interval)
+
     async def refresh(inspector: Inspector) -> None:
+        if as_json:
+            await lines(inspector)
+            return
         previous: tuple[float, dict[str, int]] | None = None
         done = 0
         console = _console()
