@@ -3,9 +3,12 @@
     python -m benchmarks --scenarios capacity           # inside the peer benchmark
     python -m benchmarks.capacity                       # alone; --help for the sizes
 
-It always runs on Redis servers of its own (throwaway, started and stopped here): it resets
-their statistics (CONFIG RESETSTAT), flushes them between subjects and watches them with
-MONITOR, none of which may be done to a shared Redis. Subjects:
+It always runs on Redis servers of its own (throwaway, started and stopped here): it flushes
+them between subjects and watches them with MONITOR (never to be done to a shared Redis), and
+their counters must count its own commands only. Counters are differences of INFO snapshots,
+not reset with CONFIG RESETSTAT: on Redis 7 that frees each command's latency histogram, and
+the histograms allocated again on the next calls (tens of KB each) would land in the memory
+figures. Subjects:
 
 - ``redis-py (raw)``: the least a dedup layer must do, on one key per token: ``SET NX PX``
   (claim) then ``SET ... PX`` of the result JSON for a fresh call; ``GET`` for a replay.
@@ -21,12 +24,15 @@ cost
     sent; a script's inner commands are inside its time, so they are left out), commands sent
     and run inside scripts, bytes on the wire (``total_net_input_bytes`` /
     ``total_net_output_bytes``), the server's CPU time (``used_cpu_user + used_cpu_sys``), and
-    the fresh calls one Redis core could serve (1e6 / command usec). Which commands were sent
+    the fresh calls one Redis core could serve (1e6 / command usec, and 1e6 / CPU usec). Which
+    commands were sent
     and which ran inside a script is read from a MONITOR sample of a few calls (one at a
     time) taken first; the sample also lists every command of one fresh call and one replay.
 memory
     In the same run, ``used_memory`` over the emptied server after 1k / 10k / 50k completed
-    tokens (``--growth``) and after ``--calls``; ``MEMORY USAGE`` of sampled keys; for
+    tokens (``--growth``) and after ``--calls``, read with the subject closed (its connections'
+    buffers come and go with the load: with them the figure moves by tens of bytes per token),
+    split into dataset and key tables (MEMORY STATS); ``MEMORY USAGE`` of sampled keys; for
     strands-dedup and raw, every key one completed token leaves, and the envelope's fields.
 throughput
     Distinct tokens per second at concurrency 64, ``--rounds`` rounds of ``--round-calls``
@@ -607,17 +613,18 @@ async def measure_subject(
         await subject.open()
         try:
             seconds, _ = await drive(subject, tokens[done:point], "fresh")
+            after = Snapshot.take(admin)
         finally:
             await subject.close()
-        after = await quiet_snapshot(admin)
         if point <= calls:
             fresh.add(before, after, seconds)
-        used = after.used_memory - empty.used_memory
+        quiet = await quiet_snapshot(admin)
+        used = quiet.used_memory - empty.used_memory
         memory.append(
             {
                 "tokens": point,
-                "keys": after.keys,
-                "keys_per_token": after.keys / point,
+                "keys": quiet.keys,
+                "keys_per_token": quiet.keys / point,
                 "used_memory_delta": used,
                 "bytes_per_token": used / point,
                 "split_per_token": keyspace_split(admin, empty_stats, point),
@@ -626,7 +633,7 @@ async def measure_subject(
         )
         progress(
             f"  {subject.name}: {point} tokens, {used / point:.0f} B each (used_memory), "
-            f"{after.keys / point:.2f} keys each"
+            f"{quiet.keys / point:.2f} keys each"
         )
         done = point
     at_calls = next(m for m in memory if m["tokens"] == calls)
