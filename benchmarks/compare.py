@@ -21,6 +21,10 @@ crash       the primary's process is SIGKILLed: time until a duplicate has a res
 http        the gateway / middlewares in front of a trivial app vs the app alone; a storm
             through three replicas
 variants    strands-dedup with and without hiredis, on asyncio and on uvloop
+capacity    what one call costs Redis (command time, commands, bytes on the wire, memory) and
+            tokens/s at concurrency 64 on a redis-server and a 3-primary cluster, against raw
+            redis-py; a per-script breakdown (see capacity.py). On servers of its own, whatever
+            ``--redis-url`` says; writes ``capacity-latest.json`` (alone: only that file)
 """
 
 from __future__ import annotations
@@ -47,11 +51,22 @@ import redis
 import redis.asyncio as aredis
 
 from benchmarks._common import median_p99, redis_for
+from benchmarks.capacity import Settings, parse_sizes
 from benchmarks.peers import PEERS, Floor, Peer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SCENARIOS = ("fresh", "replay", "storm", "throughput", "waiters", "crash", "http", "variants")
+SCENARIOS = (
+    "fresh",
+    "replay",
+    "storm",
+    "throughput",
+    "waiters",
+    "crash",
+    "http",
+    "variants",
+    "capacity",
+)
 WORK = 0.2  # seconds a storm's call takes
 CRASH_DEADLINE = 90.0  # seconds a crash scenario waits for a duplicate to get a result
 STARTED = time.perf_counter()
@@ -624,8 +639,41 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         res["http"] = await bounded(http(url, 200 if quick else 1000, 100), 600, "http")
     if "variants" in wanted:
         res["variants"] = await asyncio.to_thread(variants, url, 200 if quick else 2000)
+    if "capacity" in wanted:
+        res["capacity"] = await capacity_scenario(args)
     report["elapsed_s"] = time.perf_counter() - STARTED
     return report
+
+
+def capacity_settings(args: argparse.Namespace) -> Settings:
+    quick = Settings(calls=2000, growth=(1000, 5000), rounds=3, round_calls=1000, script_calls=2000)
+    base = quick if args.quick else Settings()
+    return Settings(
+        calls=args.capacity_calls or base.calls,
+        growth=args.capacity_growth or base.growth,
+        rounds=args.capacity_rounds or base.rounds,
+        round_calls=args.capacity_round_calls or base.round_calls,
+        script_calls=args.capacity_script_calls or base.script_calls,
+        cluster=not args.capacity_no_cluster,
+        peers=tuple(p for p in args.peers if p in base.peers),
+    )
+
+
+async def capacity_scenario(args: argparse.Namespace) -> dict[str, Any]:
+    """The capacity scenario (capacity.py): its whole report to ``capacity-latest.json``, its
+    tables to stdout; the headline figures for latest.json."""
+    from benchmarks.capacity import render, run_capacity, summary
+
+    progress("capacity (on servers of its own)")
+    report = await run_capacity(capacity_settings(args))
+    report["command"] = "python -m benchmarks " + " ".join(sys.argv[1:])
+    report["elapsed_s"] = time.perf_counter() - STARTED
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "capacity-latest.json"
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    progress(f"wrote {path}")
+    print(render(report), flush=True)
+    return summary(report)
 
 
 def _ints(text: str | None) -> tuple[int, ...]:
@@ -664,6 +712,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--storm-processes", default="1,4", help="comma-separated (1,4)")
     parser.add_argument("--throughput-calls", type=int, help="calls per peer (5000)")
     parser.add_argument("--waiters", help="comma-separated waiter counts (1000,10000)")
+    parser.add_argument("--capacity-calls", type=int, help="capacity: calls of each kind (20000)")
+    parser.add_argument(
+        "--capacity-growth", type=parse_sizes, help="capacity: token counts (1000,10000,50000)"
+    )
+    parser.add_argument("--capacity-rounds", type=int, help="capacity: throughput rounds (7)")
+    parser.add_argument(
+        "--capacity-round-calls", type=int, help="capacity: calls per subject and round (5000)"
+    )
+    parser.add_argument(
+        "--capacity-script-calls", type=int, help="capacity: calls per script case (10000)"
+    )
+    parser.add_argument(
+        "--capacity-no-cluster", action="store_true", help="capacity: no cluster throughput"
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -676,6 +738,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.waiters = _ints(args.waiters)
     except ValueError as exc:
         parser.error(str(exc))
+    for option in ("calls", "rounds", "round_calls", "script_calls"):
+        value = getattr(args, f"capacity_{option}")
+        if value is not None and value < 1:
+            parser.error(f"--capacity-{option.replace('_', '-')} must be at least 1")
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = set(args.peers) - set(PEERS)
     if unknown:
@@ -700,6 +766,9 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(storm_worker(peer, url, token, int(n), counter, barrier, namespace))
         elif kind == "hold":
             asyncio.run(hold_worker(*rest))
+        return 0
+    if args.scenarios == ["capacity"]:  # on servers of its own: no shared one, no latest.*
+        asyncio.run(capacity_scenario(args))
         return 0
     with redis_for(args.redis_url, progress=True, cluster=args.cluster) as url:
         report = asyncio.run(run(args, url))

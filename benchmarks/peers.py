@@ -174,7 +174,8 @@ class Powertools(Peer):
         )
 
         self._fns: dict[str, Any] = {}
-        store = RedisCachePersistenceLayer(client=redis.Redis.from_url(self.url))
+        self._client = redis.Redis.from_url(self.url)
+        store = RedisCachePersistenceLayer(client=self._client)
         config = IdempotencyConfig(event_key_jmespath="token", expires_after_seconds=3600)
         fns = self._fns
 
@@ -188,6 +189,9 @@ class Powertools(Peer):
             return fns[request["token"]]()  # type: ignore[no-any-return]
 
         self._work = work
+
+    async def close(self) -> None:
+        self._client.close()
 
     def call_sync(self, token: str, fn: SyncFn) -> dict[str, Any]:
         self._fns[token] = fn

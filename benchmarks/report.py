@@ -182,7 +182,33 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{row['replay']['median'] / floor:.2f}x |"
             )
         out.append("")
+    if "capacity" in res:
+        out += capacity_table(res["capacity"])
     return "\n".join(out)
+
+
+def capacity_table(capacity: dict[str, Any]) -> list[str]:
+    """The capacity scenario's headline figures (its whole report: capacity-latest.json)."""
+    out = [
+        "### 9. Capacity: what one call costs Redis (private servers; see capacity-latest.json)",
+        "",
+        "| subject | command µs per fresh call | per replay | bytes per completed call | keys |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in capacity["cost"].items():
+        out.append(
+            f"| {name} | {row['fresh_command_usec']:.2f} | {row['replay_command_usec']:.2f} | "
+            f"{row['bytes_per_completed_call']:.0f} | {row['keys_per_completed_call']:.2f} |"
+        )
+    out.append("")
+    for where, rates in capacity["throughput"].items():
+        out += [f"| tokens/s at concurrency 64, {where} | median |", "|---|---|"]
+        out += [f"| {name} | {rate:.0f} |" for name, rate in rates.items()]
+        out.append("")
+    for target in capacity["targets"]:
+        verdict = "met" if target["met"] else "missed"
+        out.append(f"- target {verdict}: {target['name']} (measured {target['measured']:.2f}x)")
+    return [*out, ""]
 
 
 def draw_plots(report: dict[str, Any], out: Path) -> list[Path]:

@@ -98,3 +98,59 @@ def test_bad_options_are_refused() -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "unknown scenario(s): nope" in done.stderr
+
+
+def test_the_capacity_scenario_reports_cost_memory_throughput_and_scripts(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--scenarios",
+            "capacity",
+            "--capacity-calls",
+            "300",
+            "--capacity-growth",
+            "100,400",
+            "--capacity-rounds",
+            "2",
+            "--capacity-round-calls",
+            "200",
+            "--capacity-script-calls",
+            "100",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "latest.json").exists()  # alone, it writes only its own file
+    report = json.loads((tmp_path / "capacity-latest.json").read_text())
+    cost = report["cost"]
+    assert set(cost) == {"redis-py (raw)", "strands-dedup", "idemkit", "powertools"}
+    for name, row in cost.items():
+        for kind in ("fresh", "replay"):
+            assert row[kind]["command_usec"] > 0 and row[kind]["net_in_bytes"] > 0, (name, kind)
+        assert row["replay"]["wrong_results"] == 0, name
+        assert [g["tokens"] for g in row["memory"]["growth"]] == [100, 300, 400]
+        assert row["memory"]["bytes_per_call"] > 0
+    raw, ours = cost["redis-py (raw)"], cost["strands-dedup"]
+    assert raw["fresh"]["commands_sent"] >= 2 and raw["fresh"]["commands_in_scripts"] == 0
+    assert ours["fresh"]["commands_in_scripts"] > 0  # the scripts' inner commands, left out
+    assert ours["commands"]["fresh"]["sent"][0].startswith("EVALSHA")
+    assert {k["key"].rsplit(":", 1)[1] for k in ours["one_token_keys"]} >= {"result"}
+    for where, subjects in (
+        ("single", {"redis-py SET NX PX", "redis-py (raw)", "strands-dedup", "idemkit"}),
+        ("cluster", {"redis-py SET NX PX", "redis-py (raw)", "strands-dedup"}),
+    ):
+        rates = report["throughput"][where]
+        assert subjects <= set(rates), where
+        assert all(len(r["rounds"]) == 2 and r["median"] > 0 for r in rates.values())
+    cases = {row["name"]: row for row in report["scripts"]["cases"]}
+    assert cases["claim.lua: new token (claimed)"]["inner"]["incr"]["calls_per_call"] == 1
+    assert cases["EVALSHA return 1 (no keys, no args)"]["usec"] > 0
+    assert len(report["targets"]) == 5
+    assert "Cost per call" in done.stdout and "target" in done.stdout
