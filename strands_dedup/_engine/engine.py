@@ -560,16 +560,15 @@ class Engine:
         self, lease: HeldLease, call: Callable[[], Awaitable[T]] | Callable[[], T], rtype: Any
     ) -> Outcome[T]:
         """Run ``call`` as the primary of ``lease`` (on this loop) and settle the token."""
-        task = asyncio.current_task()
         if self.config.on_lease_lost == "cancel":
-            lease.task = task
+            lease.task = asyncio.current_task()
         try:
             with primary_context(lease, self.store.where):
                 result = call()
                 if inspect.isawaitable(result):
                     result = await result
         except asyncio.CancelledError:
-            lease.task = None
+            task, lease.task = lease.task, None  # set only when a lost lease cancels the call
             if lease.cancelling and task is not None:
                 task.uncancel()
                 self.drop(lease)

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aredis
@@ -398,14 +398,15 @@ class RedisStore:
             reply = await self.run(call)
         return reply
 
-    async def settle(
+    def settle(
         self, keys: TokenKeys, owner: str, fence: int, stored: bytes, message: bytes
-    ) -> Settled:
-        """Run settle.lua: store ``stored`` (unless empty), drop the lease, publish ``message``."""
+    ) -> Coroutine[Any, Any, Settled]:
+        """Run settle.lua: store ``stored`` (unless empty), drop the lease, publish ``message``.
+        (The coroutine of `run`, or `_replicated`: no coroutine of its own on every call's path.)"""
         call = self.commands.settle(keys, owner, fence, stored, message)
         if self._config.min_replicas:
-            return await self._replicated(call, self._config.replica_timeout, priority=True)
-        return await self.run(call, priority=True)
+            return self._replicated(call, self._config.replica_timeout, priority=True)
+        return self.run(call, priority=True)
 
     async def _per_slot(
         self,
