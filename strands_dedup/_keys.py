@@ -92,6 +92,14 @@ def display_form(raw: bytes) -> str:
     return text if len(text) <= _MAX_DISPLAY else text[: _MAX_DISPLAY - 3] + "..."
 
 
+def _display(given: str | bytes | None, raw: bytes) -> str:
+    """`display_form` of ``raw``, the bytes of ``given``: printable text is its own display
+    form (it holds no surrogates, so its UTF-8 decodes back to it)."""
+    if type(given) is str and len(given) <= _MAX_DISPLAY and given.isprintable():
+        return given
+    return display_form(raw)
+
+
 def _json_string(text: str) -> str:
     """``json.dumps(text)``, without its machinery for the usual printable ASCII text."""
     if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
@@ -195,7 +203,8 @@ class KeySchema:
             + _encode(raw, _PLAIN_TOKEN, b"token")
             + b"}:"
         )
-        token_text, scope_text = display_form(raw), display_form(raw_scope)
+        token_text = _display(token, raw)
+        scope_text = _display(scope, raw_scope) if raw_scope else ""
         return TokenKeys(
             lease=tag + b"lease",
             fence=tag + b"fence",

@@ -68,6 +68,7 @@ __all__ = [
     "decode_message",
     "decode_meta",
     "encode_envelope",
+    "encode_result_envelope",
     "encode_lease_meta",
     "encode_released_message",
     "encode_session_meta",
@@ -308,6 +309,41 @@ def envelope_header(
         header["et"] = error_type
         header["em"] = error_message
     return header
+
+
+def encode_result_envelope(
+    owner: str,
+    payload: bytes,
+    *,
+    ok: bool,
+    fence: int,
+    fingerprint: str | None,
+    serializer: str,
+    created_ms: int,
+    key_meta: str,
+    error_type: str = "",
+    error_message: str = "",
+    shared_only: bool = False,
+) -> bytes:
+    """``encode_envelope(owner, envelope_header(...), payload)``, byte for byte, with the
+    token's and scope's display forms given as their JSON fields (``key_meta``: `TokenKeys.meta`)
+    rather than encoded again."""
+    status = STATUS_SHARED if shared_only else "ok" if ok else "error"
+    fp = "null" if fingerprint is None else _json_text(fingerprint)
+    head = (
+        f'{owner}|{{"st":"{status}","f":{int(fence)},"fp":{fp},'
+        f'"ser":{_json_text(serializer)},"t":{int(created_ms)},{key_meta}'
+    )
+    if not ok:
+        head += f',"et":{_json_text(error_type)},"em":{_json_text(error_message)}'
+    return ENVELOPE_MAGIC + head.encode() + b"}\n" + payload
+
+
+def _json_text(text: str) -> str:
+    """``json.dumps(text)`` (ASCII only), without its machinery for plain printable ASCII."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)
 
 
 def fence_of(stored: bytes) -> int | None:

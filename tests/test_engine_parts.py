@@ -195,3 +195,34 @@ def test_the_publisher_starts_once_sends_changed_counters_and_never_after_it_clo
         assert not closed.started
 
     asyncio.run(main())
+
+
+# -- what a primary's call knows about itself -------------------------------------------------
+
+
+def test_a_call_sees_its_own_context_and_a_loss_reported_before_it_first_asked() -> None:
+    from strands_dedup._engine.call import current_call, is_running, primary_context
+    from strands_dedup._engine.renewer import HeldLease
+
+    outer = HeldLease(KEYS, "own-1", 4, b"v", Role.PRIMARY, None)
+    inner_keys = KeySchema("parts").for_token("req-2")
+    inner = HeldLease(inner_keys, "own-2", 9, b"v", Role.TAKEOVER, None)
+    assert current_call() is None
+    with primary_context(outer, "redis"):
+        first = current_call()
+        assert first is not None and current_call() is first  # one context per call
+        assert (first.token, first.scope, first.fence, first.role) == (
+            "req-1",
+            "tenant-1",
+            4,
+            Role.PRIMARY,
+        )
+        assert first.identity == b"parts:{tenant-1:req-1}" and not first.lost.is_set()
+        inner.lost = True  # the renewer found it lost before the call asked for its context
+        with primary_context(inner, "redis"):
+            context = current_call()
+            assert context is not None and context.fence == 9 and context.lost.is_set()
+            assert is_running("redis", KEYS.lease) and is_running("redis", inner_keys.lease)
+            assert not is_running("elsewhere", KEYS.lease)
+        assert current_call() is first and not is_running("redis", inner_keys.lease)
+    assert current_call() is None and not is_running("redis", KEYS.lease)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from strands_dedup._keys import KeySchema
 from strands_dedup._protocol import (
     MSG_APPENDED,
     Grant,
@@ -18,6 +21,7 @@ from strands_dedup._protocol import (
     encode_lease,
     encode_lease_meta,
     encode_released_message,
+    encode_result_envelope,
     encode_session_meta,
     encode_stored_message,
     encode_value_message,
@@ -78,6 +82,55 @@ def test_a_share_only_envelope_is_a_value_that_was_not_stored() -> None:
     assert (shared.stored, shared.ok, shared.payload) == (False, False, b"the response")
     assert shared.error_message == "status 503 is not retained"
     assert decode_envelope(_envelope()).stored and decode_envelope(_envelope(ok=False)).stored
+
+
+_TEXT = st.text(
+    st.sampled_from(
+        ["a", "Z", '"', "\\", "\x00", "\x1f", "\x7f", "é", "☃", "\ud800", "😀", " ", "\u2028"]
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    token=_TEXT.filter(bool),
+    scope=st.none() | _TEXT,
+    fingerprint=st.none() | _TEXT,
+    serializer=_TEXT,
+    ok=st.booleans(),
+    shared_only=st.booleans(),
+    error_type=_TEXT,
+    error_message=_TEXT,
+    fence=st.integers(0, 2**53),
+)
+def test_a_result_envelope_is_the_same_bytes_however_it_is_encoded(
+    token: str,
+    scope: str | None,
+    fingerprint: str | None,
+    serializer: str,
+    ok: bool,
+    shared_only: bool,
+    error_type: str,
+    error_message: str,
+    fence: int,
+) -> None:
+    keys = KeySchema("ns").for_token(token, scope)
+    common = {
+        "ok": ok,
+        "fence": fence,
+        "fingerprint": fingerprint,
+        "serializer": serializer,
+        "created_ms": 1_700_000_000_123,
+        "error_type": error_type,
+        "error_message": error_message,
+        "shared_only": shared_only,
+    }
+    header = envelope_header(token=keys.token, scope=keys.scope, **common)  # type: ignore[arg-type]
+    expected = encode_envelope("0a1b", header, b"payload")
+    encoded = encode_result_envelope("0a1b", b"payload", key_meta=keys.meta, **common)  # type: ignore[arg-type]
+    assert encoded == expected
+    assert decode_envelope(encoded).token == keys.token
 
 
 def test_lease_and_session_metadata_round_trip() -> None:

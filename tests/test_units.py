@@ -10,6 +10,8 @@ from typing import Any
 
 import pydantic
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from strands_dedup import (
     DedupConfig,
@@ -18,7 +20,7 @@ from strands_dedup import (
     SerializationError,
     SignedPickleSerializer,
 )
-from strands_dedup._keys import MAX_TOKEN_BYTES, KeySchema, validate_namespace
+from strands_dedup._keys import MAX_TOKEN_BYTES, KeySchema, display_form, validate_namespace
 from strands_dedup._protocol import (
     WakeUp,
     decode_envelope,
@@ -48,6 +50,21 @@ def test_plain_token_keys_share_one_hash_tag() -> None:
 def test_str_and_bytes_tokens_are_the_same_token() -> None:
     schema = KeySchema("ns")
     assert schema.for_token("abc") == schema.for_token(b"abc")
+
+
+@given(
+    st.text(
+        st.sampled_from(
+            ["a", "~", "\x00", "\x7f", "\xad", "é", "\ud800", "😀", "\u2028", "\u0378"]
+        ),
+        min_size=1,
+        max_size=260,
+    )
+)
+def test_a_str_token_is_displayed_as_its_bytes_are(token: str) -> None:
+    raw = token.encode("utf-8", "surrogatepass")
+    keys = KeySchema("ns").for_token(token, scope=token)
+    assert keys.token == keys.scope == display_form(raw) == KeySchema("ns").for_token(raw).token
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -68,37 +67,72 @@ class CallContext:
     Redis holds it (what outgoing requests derive their idempotency keys from)."""
 
 
-_CURRENT_CALL: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
-    "strands_dedup_call", default=None
+class _Running:
+    """A primary call running in this context: its lease, its store, and the call it runs
+    inside of (None at the outermost)."""
+
+    __slots__ = ("lease", "outer", "where")
+
+    def __init__(self, lease: HeldLease, where: str, outer: _Running | None) -> None:
+        self.lease = lease
+        self.where = where
+        self.outer = outer
+
+
+_RUNNING: contextvars.ContextVar[_Running | None] = contextvars.ContextVar(
+    "strands_dedup_running", default=None
 )
-_RUNNING: contextvars.ContextVar[frozenset[tuple[str, bytes]]] = contextvars.ContextVar(
-    "strands_dedup_running", default=frozenset()
-)
-"""The (store, lease key) of every primary running in this context: the current call and the
-calls it runs inside of."""
+"""The primary calls running in this context: the current call, then the calls it runs inside
+of (one context variable, set and reset once per call)."""
+_CREATE = threading.Lock()
+"""Makes a call's `CallContext` once, whichever thread of the call asks first."""
 
 
 def current_call() -> CallContext | None:
     """The primary call running in this context (its token and fence), or None outside one."""
-    return _CURRENT_CALL.get()
+    running = _RUNNING.get()
+    if running is None:
+        return None
+    lease = running.lease
+    context = lease.context
+    if context is None:  # made when first asked for: most calls never ask
+        with _CREATE:
+            context = lease.context
+            if context is None:
+                keys = lease.keys
+                context = CallContext(
+                    keys.token, keys.scope, lease.fence, lease.role, identity=keys.identity
+                )
+                lease.context = context
+        # The renewer marks the lease lost before it looks for a context to signal: a loss it
+        # reported before this context existed is seen here.
+        if lease.lost:
+            context.lost.set()
+    return context
 
 
 def is_running(where: str, lease_key: bytes) -> bool:
     """True inside the primary call of this lease (a nested call on it would wait for itself)."""
-    return (where, lease_key) in _RUNNING.get()
+    running = _RUNNING.get()
+    while running is not None:
+        if running.lease.keys.lease == lease_key and running.where == where:
+            return True
+        running = running.outer
+    return False
 
 
-@contextlib.contextmanager
-def primary_context(lease: HeldLease, where: str) -> Iterator[CallContext]:
+class primary_context:
     """Run a primary's call as `current_call()` (a nested call on its own token is refused)."""
-    keys = lease.keys
-    context = lease.context = CallContext(
-        keys.token, keys.scope, lease.fence, lease.role, identity=keys.identity
-    )
-    call_token = _CURRENT_CALL.set(context)
-    running_token = _RUNNING.set(_RUNNING.get() | {(where, keys.lease)})
-    try:
-        yield context
-    finally:
-        _RUNNING.reset(running_token)
-        _CURRENT_CALL.reset(call_token)
+
+    __slots__ = ("_reset", "_running")
+
+    def __init__(self, lease: HeldLease, where: str) -> None:
+        self._running = _Running(lease, where, _RUNNING.get())
+        self._reset: contextvars.Token[_Running | None] | None = None
+
+    def __enter__(self) -> None:
+        self._reset = _RUNNING.set(self._running)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._reset is not None
+        _RUNNING.reset(self._reset)

@@ -65,13 +65,12 @@ from .._protocol import (
     WakeUp,
     after_wake,
     decode_message,
-    encode_envelope,
     encode_lease,
     encode_lease_meta,
     encode_released_message,
+    encode_result_envelope,
     encode_stored_message,
     encode_value_message,
-    envelope_header,
     fence_of,
     fingerprints_conflict,
     wait_budget,
@@ -561,16 +560,15 @@ class Engine:
         self, lease: HeldLease, call: Callable[[], Awaitable[T]] | Callable[[], T], rtype: Any
     ) -> Outcome[T]:
         """Run ``call`` as the primary of ``lease`` (on this loop) and settle the token."""
-        task = asyncio.current_task()
         if self.config.on_lease_lost == "cancel":
-            lease.task = task
+            lease.task = asyncio.current_task()
         try:
             with primary_context(lease, self.store.where):
                 result = call()
                 if inspect.isawaitable(result):
                     result = await result
         except asyncio.CancelledError:
-            lease.task = None
+            task, lease.task = lease.task, None  # set only when a lost lease cancels the call
             if lease.cancelling and task is not None:
                 task.uncancel()
                 self.drop(lease)
@@ -606,19 +604,30 @@ class Engine:
 
     def _envelope(self, lease: HeldLease, payload: bytes, exc: BaseException | None) -> bytes:
         """The primary's result (``exc`` None) or shared failure, as an envelope."""
-        header = envelope_header(
-            ok=exc is None,
+        if exc is None:
+            return encode_result_envelope(
+                lease.owner,
+                payload,
+                ok=True,
+                fence=lease.fence,
+                fingerprint=lease.fingerprint,
+                serializer=self.serializer.name,
+                created_ms=int(time.time() * 1000),
+                key_meta=lease.keys.meta,
+            )
+        return encode_result_envelope(
+            lease.owner,
+            payload,
+            ok=False,
             fence=lease.fence,
             fingerprint=lease.fingerprint,
             serializer=self.serializer.name,
             created_ms=int(time.time() * 1000),
-            token=lease.keys.token,
-            scope=lease.keys.scope,
-            error_type="" if exc is None else f"{type(exc).__module__}.{type(exc).__qualname__}",
-            error_message="" if exc is None else str(exc)[:_MAX_ERROR_TEXT],
+            key_meta=lease.keys.meta,
+            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            error_message=str(exc)[:_MAX_ERROR_TEXT],
             shared_only=isinstance(exc, ShareOnly),
         )
-        return encode_envelope(lease.owner, header, payload)
 
     # -- settling: what to send (both shells), then sending it (this shell) ----------------------
 

@@ -250,12 +250,12 @@ class Observer:
     def claimed(self, role: Role) -> None:
         """A claim took the token (as primary, or as a takeover)."""
         self.count("claims")
-        if role.value == "takeover":
+        if role == "takeover":  # a StrEnum: compared as the text it is
             self.count("takeovers")
 
     def received(self, keys: TokenKeys, role: Role, fence: int, duration: float) -> None:
         """A duplicate got the stored value: replayed at once, or after waiting."""
-        self.count("replays" if role.value == "replay" else "waits")
+        self.count("replays" if role == "replay" else "waits")
         self.outcome(keys, role, fence, duration)
 
     async def timed(self, app: _App, scope: _Scope, receive: Any, send: Any) -> None:
@@ -288,9 +288,9 @@ class Observer:
     def outcome(self, keys: TokenKeys, role: Role, fence: int, duration: float) -> None:
         """A call ended with a value (or, for a primary, stored one)."""
         if self._metrics is not None:
-            if role.value in ("primary", "takeover"):
+            if role in ("primary", "takeover"):
                 self._metrics.call_seconds.labels(self.namespace, role.value).observe(duration)
-            elif role.value == "waiter":
+            elif role == "waiter":
                 self._metrics.wait_seconds.labels(self.namespace).observe(duration)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aredis
@@ -210,16 +210,21 @@ class RedisStore:
             else:
                 result = await op()
         except Exception as exc:
-            if not is_transient(exc):
-                if isinstance(exc, rex.RedisError):
-                    raise store_error(exc, self.where) from exc
-                raise
-            log.debug("transient Redis error, retrying: %s", exc)
-            return await self._retry(op, exc)
+            return await self._failed(op, exc)
         if task is not None and task.cancelling() > cancelling:
             # A client swallowed our cancellation (its reply raced it): honour it here.
             raise asyncio.CancelledError
         return result
+
+    async def _failed(self, op: Callable[[], Awaitable[R]], exc: Exception) -> R:
+        """After ``op``'s first attempt raised ``exc``: retry it if the error is transient,
+        else raise it (a driver error as the library's own)."""
+        if not is_transient(exc):
+            if isinstance(exc, rex.RedisError):
+                raise store_error(exc, self.where) from exc
+            raise exc
+        log.debug("transient Redis error, retrying: %s", exc)
+        return await self._retry(op, exc)
 
     async def _retry(self, op: Callable[[], Awaitable[R]], first: Exception) -> R:
         if self._config.retry_attempts <= 1:
@@ -242,11 +247,24 @@ class RedisStore:
         """Run one script call (`commands`) and parse its reply. Through the auto-pipeline it
         needs no connection slot and no timeout of its own (the pipeline bounds each batch);
         else like `_run`. ``priority``: a completion or renewal (see `_run`)."""
-        op: Callable[[], Awaitable[Any]] = lambda: self._eval(call)  # noqa: E731
-        if self.pipeline is None and self.node_pipelines is None:
-            reply = await self._run(op, priority=priority)
-        else:
-            reply = await self._attempt(op, bounded=False)
+        pipeline = self.pipeline
+        if pipeline is None:
+            op: Callable[[], Awaitable[Any]] = lambda: self._eval(call)  # noqa: E731
+            if self.node_pipelines is None:
+                return call.parse(await self._run(op, priority=priority))
+            return call.parse(await self._attempt(op, bounded=False))
+        # The auto-pipeline's path, every call's: `_attempt` of `_eval`, unrolled.
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
+        try:
+            try:
+                reply = await pipeline.execute(*call.evalsha())
+            except rex.NoScriptError:
+                reply = await pipeline.execute(*call.eval())
+        except Exception as exc:
+            return call.parse(await self._failed(lambda: self._eval(call), exc))
+        if task is not None and task.cancelling() > cancelling:
+            raise asyncio.CancelledError  # a client swallowed our cancellation (see `_attempt`)
         return call.parse(reply)
 
     async def _replicated(self, call: Call[R], timeout: float, *, priority: bool = False) -> R:
@@ -380,14 +398,15 @@ class RedisStore:
             reply = await self.run(call)
         return reply
 
-    async def settle(
+    def settle(
         self, keys: TokenKeys, owner: str, fence: int, stored: bytes, message: bytes
-    ) -> Settled:
-        """Run settle.lua: store ``stored`` (unless empty), drop the lease, publish ``message``."""
+    ) -> Coroutine[Any, Any, Settled]:
+        """Run settle.lua: store ``stored`` (unless empty), drop the lease, publish ``message``.
+        (The coroutine of `run`, or `_replicated`: no coroutine of its own on every call's path.)"""
         call = self.commands.settle(keys, owner, fence, stored, message)
         if self._config.min_replicas:
-            return await self._replicated(call, self._config.replica_timeout, priority=True)
-        return await self.run(call, priority=True)
+            return self._replicated(call, self._config.replica_timeout, priority=True)
+        return self.run(call, priority=True)
 
     async def _per_slot(
         self,
