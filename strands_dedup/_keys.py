@@ -122,6 +122,12 @@ class TokenKeys:
     """The token and scope as a JSON object fragment, for lease metadata."""
 
     @property
+    def digested(self) -> bool:
+        """Whether the key names hold a digest of the token or scope instead of its text (``#``
+        is in no plain form and no namespace)."""
+        return b"#" in self.lease
+
+    @property
     def identity(self) -> bytes:
         """``<namespace>:{<scope>:<token>}``: names the call alone, whatever its attempt (the
         encoded forms, so a long token is not cut as its display form is)."""

@@ -9,7 +9,7 @@ import pytest
 import redis
 from servers import RedisServer
 
-from strands_dedup import Deduplicator, Role, SyncDeduplicator
+from strands_dedup import Deduplicator, FingerprintMismatch, Role, SyncDeduplicator
 from strands_dedup._engine.deduplicator import engine_of
 from strands_dedup._keys import KeySchema
 from strands_dedup._protocol import Claimed, encode_lease
@@ -87,3 +87,20 @@ async def test_a_zombie_is_refused_once_the_result_deleted_the_fence(
         assert await store.force_release(keys, "aaaa") is None
     assert client.get(keys.result) == envelope
     assert client.exists(keys.lease) == 0
+
+
+async def test_a_result_stored_in_the_previous_format_is_replayed(
+    server: RedisServer, client: redis.Redis
+) -> None:
+    keys = KeySchema("ns").for_token("tok")
+    header = '{"st":"ok","f":1796200759227312,"fp":"abc","ser":"json","t":1,"tok":"tok","sc":""}'
+    client.set(keys.result, f"SD1|8c78843340|{header}\n".encode() + b'{"n":1}', px=60_000)
+    async with Deduplicator.from_url(server.url, namespace="ns") as dedup:
+        outcome = await dedup.execute("tok", lambda: {"n": 2}, fingerprint="abc")
+        assert (outcome.role, outcome.value, outcome.fence) == (
+            Role.REPLAY,
+            {"n": 1},
+            1796200759227312,
+        )
+        with pytest.raises(FingerprintMismatch):
+            await dedup.execute("tok", lambda: {"n": 3}, fingerprint="other")

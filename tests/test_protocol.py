@@ -113,3 +113,38 @@ def test_every_message_decodes_to_what_a_waiter_acts_on() -> None:
 )
 def test_what_a_waiter_does_after_each_wake_up(event: object, action: Wake) -> None:
     assert after_wake(event) is action
+
+
+def test_the_envelope_holds_each_field_once() -> None:
+    env = _envelope()
+    assert env == b'SD2|abc|7|o|json|1|fp|{"tok":"t","sc":"s"}\n"v"'
+    plain = envelope_header(
+        ok=True, fence=7, fingerprint=None, serializer="json", created_ms=1, token="", scope=""
+    )
+    assert encode_envelope("abc", plain, b"1") == b"SD2|abc|7|o|json|1||\n1"
+    odd = envelope_header(
+        ok=True, fence=7, fingerprint="a|b\nc", serializer="x|y", created_ms=1, token="", scope=""
+    )
+    decoded = decode_envelope(encode_envelope("abc", odd, b"1"))
+    assert (decoded.fingerprint, decoded.serializer, decoded.token) == ("a|b\nc", "x|y", "")
+
+
+def test_an_envelope_of_the_previous_format_is_still_read() -> None:
+    old = b'SD1|abc|{"st":"ok","f":7,"fp":"fp","ser":"json","t":1,"tok":"t","sc":"s"}\n"v"'
+    env = decode_envelope(old)
+    assert (env.owner, env.fence, env.ok, env.fingerprint, env.serializer) == (
+        "abc",
+        7,
+        True,
+        "fp",
+        "json",
+    )
+    assert (env.created_ms, env.token, env.scope, env.payload, env.stored) == (
+        1,
+        "t",
+        "s",
+        b'"v"',
+        True,
+    )
+    assert fence_of(old) == 7
+    assert decode_envelope(old) == decode_message(encode_value_message(old))

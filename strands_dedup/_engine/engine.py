@@ -612,8 +612,9 @@ class Engine:
             fingerprint=lease.fingerprint,
             serializer=self.serializer.name,
             created_ms=int(time.time() * 1000),
-            token=lease.keys.token,
-            scope=lease.keys.scope,
+            # the key names hold the token and scope unless they are digests
+            token=lease.keys.token if lease.keys.digested else "",
+            scope=lease.keys.scope if lease.keys.digested else "",
             error_type="" if exc is None else f"{type(exc).__module__}.{type(exc).__qualname__}",
             error_message="" if exc is None else str(exc)[:_MAX_ERROR_TEXT],
             shared_only=isinstance(exc, ShareOnly),
