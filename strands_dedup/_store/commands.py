@@ -23,6 +23,7 @@ from .._protocol import (
     CLAIM_BUSY,
     CLAIM_CLAIMED,
     CLAIM_REPLAY,
+    MSG_VALUE,
     Busy,
     Claimed,
     ClaimReply,
@@ -338,7 +339,14 @@ class Commands:
     def settle(
         self, keys: TokenKeys, owner: str, fence: int, stored: bytes, message: bytes
     ) -> Call[Settled]:
-        """settle.lua: store ``stored`` (unless empty), drop the lease, publish ``message``."""
+        """settle.lua: store ``stored`` (unless empty), drop the lease, publish ``message``
+        (sent as ``''`` when it is the stored envelope's value message: the script builds it)."""
+        if (
+            len(message) == len(stored) + 1
+            and message.startswith(MSG_VALUE)
+            and message.endswith(stored)
+        ):
+            message = b""
         return Call(
             SCRIPTS["settle"],
             (keys.lease, keys.fence, keys.result),

@@ -3,7 +3,7 @@ KEYS[1]  lease key     KEYS[2]  fence key     KEYS[3]  result key
 ARGV[1]  owner id                ARGV[2]  the primary's fence
 ARGV[3]  envelope to store under the result key ('' stores nothing)
 ARGV[4]  result TTL in ms        ARGV[5]  channel of the token
-ARGV[6]  message to publish
+ARGV[6]  message to publish ('' publishes 'V' .. ARGV[3]: the envelope goes over the wire once)
 ARGV[7]  publish command: 'PUBLISH' (or 'SPUBLISH' on a cluster)
 Accepted only while the fence still equals the primary's and the lease is the primary's or absent:
 a primary paused past its lease, whose token was claimed again, is refused. A stored result
@@ -41,5 +41,9 @@ if ARGV[3] ~= '' then
 else
   redis.call('INCR', KEYS[2])
 end
-redis.call(ARGV[7], ARGV[5], ARGV[6])
+local message = ARGV[6]
+if message == '' then
+  message = 'V' .. ARGV[3]
+end
+redis.call(ARGV[7], ARGV[5], message)
 return {1, 'ok'}
