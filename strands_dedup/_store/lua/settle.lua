@@ -12,8 +12,8 @@ keeps one key. Every later settle of that token then finds no fence and is refus
 LeaseLost), except a repeat of this same settle (same owner, same envelope), which finds its
 envelope stored and is accepted with nothing written. Once the result expires, a claim seeds the
 fence from Redis' clock (fence.lua): every fence the token was given is at most the clock in
-microseconds when it was given, and a result outlives its fence by result TTL, so the new fence
-is higher. A settle that stores nothing (a release, or a failure that is not cached) moves the
+microseconds when it was given, a result TTL or more before, so the new fence is higher (as long
+as the clock does not step back). A settle that stores nothing (a release, or a failure that is not cached) moves the
 fence on, so the lease ends for good: a renewal still on its way is refused instead of taking the
 lease back; claims and renewals keep the fence key alive for result TTL + 2 lease TTLs.
 Returns
