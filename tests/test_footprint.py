@@ -10,12 +10,11 @@ import redis
 from servers import RedisServer
 
 from strands_dedup import Deduplicator, FingerprintMismatch, Role, SyncDeduplicator
-from strands_dedup._engine.deduplicator import engine_of
-from strands_dedup._keys import KeySchema
-from strands_dedup._protocol import Claimed, encode_lease
-from strands_dedup._store.commands import HeldLeaseRef, Settled
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+RESULT = b"ns:{:tok}:result"
+"""The result key of token ``tok`` in namespace ``ns`` (no scope)."""
 
 
 @pytest.fixture
@@ -59,42 +58,14 @@ def test_a_blocking_replay_is_one_plain_get(server: RedisServer, client: redis.R
 async def test_a_completed_token_leaves_one_key(server: RedisServer, client: redis.Redis) -> None:
     async with Deduplicator.from_url(server.url, namespace="ns") as dedup:
         await dedup.execute("tok", lambda: "v")
-    keys = KeySchema("ns").for_token("tok")
-    assert client.keys("ns:{*") == [keys.result]
-
-
-async def test_a_zombie_is_refused_once_the_result_deleted_the_fence(
-    server: RedisServer, client: redis.Redis
-) -> None:
-    keys = KeySchema("ns").for_token("tok")
-    async with Deduplicator.from_url(server.url, namespace="ns") as dedup:
-        store = engine_of(dedup).store
-        zombie = await store.claim(keys, "aaaa", b"{}")
-        assert isinstance(zombie, Claimed)
-        client.delete(keys.lease)  # its lease ran out while it was paused
-        taker = await store.claim(keys, "bbbb", b"{}")
-        assert isinstance(taker, Claimed) and taker.fence > zombie.fence
-        envelope = b"SD1|bbbb|{}\n1"
-        assert (await store.settle(keys, "bbbb", taker.fence, envelope, b"x")).ok
-        assert client.exists(keys.fence, keys.lease) == 0
-        # the takeover's settle, sent twice (a retry whose first copy ran), is accepted again
-        assert (await store.settle(keys, "bbbb", taker.fence, envelope, b"x")).ok
-        lease = encode_lease("aaaa", zombie.fence, b"{}")
-        assert await store.renew([HeldLeaseRef(keys, lease)]) == [False]
-        late = await store.settle(keys, "aaaa", zombie.fence, b"SD1|aaaa|{}\n2", b"x")
-        assert late == Settled(False, "fence")
-        assert not await store.append(keys, "aaaa", zombie.fence, [(b"c", b"x")], 1000, 0)
-        assert await store.force_release(keys, "aaaa") is None
-    assert client.get(keys.result) == envelope
-    assert client.exists(keys.lease) == 0
+    assert client.keys("ns:{*") == [RESULT]
 
 
 async def test_a_result_stored_in_the_previous_format_is_replayed(
     server: RedisServer, client: redis.Redis
 ) -> None:
-    keys = KeySchema("ns").for_token("tok")
     header = '{"st":"ok","f":1796200759227312,"fp":"abc","ser":"json","t":1,"tok":"tok","sc":""}'
-    client.set(keys.result, f"SD1|8c78843340|{header}\n".encode() + b'{"n":1}', px=60_000)
+    client.set(RESULT, f"SD1|8c78843340|{header}\n".encode() + b'{"n":1}', px=60_000)
     async with Deduplicator.from_url(server.url, namespace="ns") as dedup:
         outcome = await dedup.execute("tok", lambda: {"n": 2}, fingerprint="abc")
         assert (outcome.role, outcome.value, outcome.fence) == (
