@@ -534,8 +534,24 @@ def token_keys(admin: redis.Redis, pattern: str, token: str) -> list[dict[str, A
 
 
 def envelope_parts(value: bytes) -> dict[str, Any] | None:
-    """A value shaped ``<prefix>{header JSON}\\n<payload>``: the bytes of each part and of each
-    header field (``"name":value`` as stored), or None for any other value."""
+    """A value shaped ``<prefix>{header JSON}\\n<payload>`` (or ``SD2|<a>|<b>|...\\n<payload>``):
+    the bytes of each part and of each header field (``"name":value`` or ``value|`` as stored),
+    or None for any other value."""
+    if value.startswith(b"SD2|") and b"\n" in value:
+        end = value.index(b"\n")
+        names = ("owner", "f", "st", "ser", "t", "fp", "extra")
+        parts = value[4:end].split(b"|", len(names) - 1)
+        return {
+            "prefix": "SD2|",
+            "prefix_bytes": 4,
+            "header_bytes": end - 4,
+            "fields": {
+                name: {"value": part.decode(errors="replace"), "bytes": len(part) + 1}
+                for name, part in zip(names, parts, strict=False)
+            },
+            "separator_bytes": 1,
+            "payload_bytes": len(value) - end - 1,
+        }
     try:
         start = value.index(b"{")
         end = value.index(b"\n", start)
@@ -768,10 +784,8 @@ def _meta(token: str) -> str:
 
 
 def _envelope(token: str, fence: int) -> bytes:
-    header = (
-        f'{{"st":"ok","f":{fence},"fp":null,"ser":"json","t":{NOW_MS},"tok":"{token}","sc":""}}'
-    )
-    return f"SD1|{OWNER}|{header}\n".encode() + RESULT_JSON
+    """A result envelope as the package writes it (the token is in the key name)."""
+    return f"SD2|{OWNER}|{fence}|o|json|{NOW_MS}||\n".encode() + RESULT_JSON
 
 
 def script_cases(admin: redis.Redis) -> list[Case]:
@@ -790,7 +804,8 @@ def script_cases(admin: redis.Redis) -> list[Case]:
     def settle_args(case: str, i: int) -> list[Any]:
         envelope = _envelope(f"{case}-{i}", fence)
         channel = f"cap:{{:{case}-{i}}}:chan"
-        return [OWNER, str(fence), envelope, result_ttl, channel, b"V" + envelope, "PUBLISH"]
+        # the package sends '' for the message when it is "V" + the envelope (built in Lua)
+        return [OWNER, str(fence), envelope, result_ttl, channel, b"", "PUBLISH"]
 
     def load(source: str) -> str:
         return str(admin.script_load(source))

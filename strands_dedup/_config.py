@@ -196,5 +196,6 @@ class DedupConfig(BaseModel):
 
     @property
     def fence_ttl_ms(self) -> int:
-        """The fence counter outlives any result and any lease of its token."""
+        """The fence counter outlives any lease of its token by a result TTL (a stored result,
+        which carries its fence, deletes it)."""
         return self.result_ttl_ms + 2 * self.lease_ttl_ms

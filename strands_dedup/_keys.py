@@ -3,7 +3,7 @@
 All keys of one token share one Redis Cluster hash slot::
 
     <namespace>:{<scope>:<token>}:lease     the primary's lease (SET NX PX), "owner|fence|meta"
-    <namespace>:{<scope>:<token>}:fence     the token's fence counter
+    <namespace>:{<scope>:<token>}:fence     the token's fence counter (until a result is stored)
     <namespace>:{<scope>:<token>}:result    the stored result envelope
     <namespace>:{<scope>:<token>}:chan      pub/sub channel that wakes waiting duplicates
     <namespace>:{<scope>:<token>}:stream    a streamed call's chunks, for followers (Redis Stream)
@@ -128,6 +128,12 @@ class TokenKeys:
     """Display form of the scope ("" when there is none)."""
     meta: str
     """The token and scope as a JSON object fragment, for lease metadata."""
+
+    @property
+    def digested(self) -> bool:
+        """Whether the key names hold a digest of the token or scope instead of its text (``#``
+        is in no plain form and no namespace)."""
+        return b"#" in self.lease
 
     @property
     def identity(self) -> bytes:

@@ -3,8 +3,14 @@
 Wire formats (all bytes):
 
 - lease value:   ``<owner>|<fence>|<meta JSON>``; owner ids are hex, so Lua splits on ``|``.
-- result envelope: ``SD1|<owner>|<header JSON>\\n<payload>``; the owner prefix lets a retried
-  completion recognise its own result inside the script.
+- result envelope (`encode_envelope`):
+  ``SD2|<owner>|<fence>|<status>|<serializer>|<created ms>|<fp>|<extra>\\n<payload>``; status
+  ``o`` (ok), ``e`` (a failure), ``s`` (a value shared, never stored); ``fp`` the request
+  fingerprint when it is plain text (else empty); ``extra`` empty, or a JSON object of what has no
+  plain field: a fingerprint that is not plain text (``fp``), the token and scope when the key
+  names hold digests of them (``tok``, ``sc``), a failure's type and text (``et``, ``em``). Each
+  field once: the key name holds the token and scope when they are plain. The previous format,
+  ``SD1|<owner>|<header JSON>\\n<payload>``, is still read.
 - wake-up message on the token's channel: ``V<envelope>`` (the result or shared failure travels
   inside), ``S<fence>`` (stored, too large to travel: read the result key) or ``R<fence>``
   (released without a result: re-read, and one waiter takes over); ``A<fence>`` (a streaming
@@ -26,6 +32,7 @@ import enum
 import hashlib
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -68,7 +75,6 @@ __all__ = [
     "decode_message",
     "decode_meta",
     "encode_envelope",
-    "encode_result_envelope",
     "encode_lease_meta",
     "encode_released_message",
     "encode_session_meta",
@@ -82,7 +88,11 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-ENVELOPE_MAGIC = b"SD1|"
+ENVELOPE_MAGIC = b"SD2|"
+ENVELOPE_MAGIC_V1 = b"SD1|"
+"""The previous envelope format (a JSON header): still read, never written."""
+_STATUS_CODES = {"ok": b"o", "error": b"e", "shared": b"s"}
+_PLAIN_FIELD = re.compile(rb"[A-Za-z0-9._~@=+/:\-]+")
 
 # Tags of the messages on a token's (or session's) channel.
 MSG_VALUE = b"V"
@@ -227,20 +237,81 @@ class WakeUp(enum.Enum):
 
 
 def encode_envelope(owner: str, header: dict[str, Any], payload: bytes) -> bytes:
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
-    return ENVELOPE_MAGIC + owner.encode() + b"|" + head + b"\n" + payload
+    """The envelope of ``header`` (`envelope_header`) and ``payload``: each field once, in a
+    ``|``-separated text header; what has no plain text form goes in a JSON ``extra``."""
+    extra: dict[str, Any] = {}
+    fp = header.get("fp")
+    fp_field = b""
+    if fp is not None:
+        fp_bytes = str(fp).encode("utf-8", "surrogatepass")
+        if _PLAIN_FIELD.fullmatch(fp_bytes):
+            fp_field = fp_bytes
+        else:
+            extra["fp"] = fp
+    ser = str(header.get("ser", "")).encode("utf-8", "surrogatepass")
+    if ser and not _PLAIN_FIELD.fullmatch(ser):
+        extra["ser"], ser = str(header.get("ser", "")), b""
+    for name in ("tok", "sc", "et", "em"):
+        if header.get(name):
+            extra[name] = header[name]
+    head = b"|".join(
+        (
+            owner.encode(),
+            b"%d" % header["f"],
+            _STATUS_CODES[header["st"]],
+            ser,
+            b"%d" % header.get("t", 0),
+            fp_field,
+            json.dumps(extra, separators=(",", ":"), ensure_ascii=True).encode() if extra else b"",
+        )
+    )
+    return ENVELOPE_MAGIC + head + b"\n" + payload
+
+
+_STATUS_NAMES = {code: name for name, code in _STATUS_CODES.items()}
 
 
 def decode_envelope(data: bytes) -> Envelope:
-    """Parse an envelope; raises ``ValueError`` on bytes that are not one."""
+    """Parse an envelope (this format or the previous one); raises ``ValueError`` on bytes that
+    are not one. A token and scope the key names hold in clear decode as ``""``."""
+    if data.startswith(ENVELOPE_MAGIC_V1):
+        return _decode_envelope_v1(data)
     if not data.startswith(ENVELOPE_MAGIC):
         raise ValueError("not a strands-dedup result envelope")
-    owner_end = data.index(b"|", len(ENVELOPE_MAGIC))
+    head_end = data.index(b"\n")
+    owner, fence, status, ser, created, fp, extra_json = data[len(ENVELOPE_MAGIC) : head_end].split(
+        b"|", 6
+    )
+    extra = json.loads(extra_json) if extra_json else {}
+    if not isinstance(extra, dict):
+        raise ValueError("the envelope's extra fields are not a JSON object")
+    st = _STATUS_NAMES[status]
+    payload = data[head_end + 1 :]
+    return Envelope(
+        owner=owner.decode(),
+        fence=int(fence),
+        ok=st == "ok",
+        fingerprint=fp.decode() if fp else extra.get("fp"),
+        serializer=ser.decode() if ser else extra.get("ser", ""),
+        created_ms=int(created),
+        token=extra.get("tok", ""),
+        scope=extra.get("sc", ""),
+        payload=payload,
+        error_type=extra.get("et", ""),
+        error_message=extra.get("em", ""),
+        size=len(payload),
+        stored=st != STATUS_SHARED,
+    )
+
+
+def _decode_envelope_v1(data: bytes) -> Envelope:
+    """The previous format: ``SD1|<owner>|<header JSON>\\n<payload>``."""
+    owner_end = data.index(b"|", len(ENVELOPE_MAGIC_V1))
     head_end = data.index(b"\n", owner_end)
     header = json.loads(data[owner_end + 1 : head_end])
     payload = data[head_end + 1 :]
     return Envelope(
-        owner=data[len(ENVELOPE_MAGIC) : owner_end].decode(),
+        owner=data[len(ENVELOPE_MAGIC_V1) : owner_end].decode(),
         fence=int(header["f"]),
         ok=header["st"] == "ok",
         fingerprint=header.get("fp"),
@@ -295,7 +366,8 @@ def envelope_header(
     error_message: str = "",
     shared_only: bool = False,
 ) -> dict[str, Any]:
-    """The JSON header of a result envelope (`decode_envelope` reads it back)."""
+    """The fields of a result envelope (`encode_envelope` writes them; `decode_envelope` reads
+    them back). ``token`` and ``scope`` empty: the key names hold them in clear."""
     header: dict[str, Any] = {
         "st": STATUS_SHARED if shared_only else "ok" if ok else "error",
         "f": fence,
@@ -311,46 +383,11 @@ def envelope_header(
     return header
 
 
-def encode_result_envelope(
-    owner: str,
-    payload: bytes,
-    *,
-    ok: bool,
-    fence: int,
-    fingerprint: str | None,
-    serializer: str,
-    created_ms: int,
-    key_meta: str,
-    error_type: str = "",
-    error_message: str = "",
-    shared_only: bool = False,
-) -> bytes:
-    """``encode_envelope(owner, envelope_header(...), payload)``, byte for byte, with the
-    token's and scope's display forms given as their JSON fields (``key_meta``: `TokenKeys.meta`)
-    rather than encoded again."""
-    status = STATUS_SHARED if shared_only else "ok" if ok else "error"
-    fp = "null" if fingerprint is None else _json_text(fingerprint)
-    head = (
-        f'{owner}|{{"st":"{status}","f":{int(fence)},"fp":{fp},'
-        f'"ser":{_json_text(serializer)},"t":{int(created_ms)},{key_meta}'
-    )
-    if not ok:
-        head += f',"et":{_json_text(error_type)},"em":{_json_text(error_message)}'
-    return ENVELOPE_MAGIC + head.encode() + b"}\n" + payload
-
-
-def _json_text(text: str) -> str:
-    """``json.dumps(text)`` (ASCII only), without its machinery for plain printable ASCII."""
-    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
-        return f'"{text}"'
-    return json.dumps(text)
-
-
 def fence_of(stored: bytes) -> int | None:
     """The fence a stored result was written under (None when it is not a result envelope)."""
     try:
         return decode_envelope(stored).fence
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 

@@ -61,7 +61,10 @@ def test_the_claim_and_settle_calls() -> None:
     assert claim.evalsha() == ("EVALSHA", SCRIPTS["claim"].sha, 3, *claim.keys, *claim.args)
     assert claim.eval()[:2] == ("EVAL", SCRIPTS["claim"].source)
     settle = commands.settle(KEYS, "ab1", 7, b"env", b"Venv")
-    assert settle.args == ("ab1", "7", b"env", b"60000", KEYS.channel, b"Venv", "PUBLISH")
+    # the value message of the stored envelope is built by the script: sent once
+    assert settle.args == ("ab1", "7", b"env", b"60000", KEYS.channel, b"", "PUBLISH")
+    shared = commands.settle(KEYS, "ab1", 7, b"", b"Venv")  # a failure shared, not stored
+    assert (shared.args[2], shared.args[5]) == (b"", b"Venv")
     assert Commands(CONFIG, cluster=True).settle(KEYS, "o", 1, b"", b"R1").args[-1] == "SPUBLISH"
 
 

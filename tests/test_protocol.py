@@ -21,7 +21,6 @@ from strands_dedup._protocol import (
     encode_lease,
     encode_lease_meta,
     encode_released_message,
-    encode_result_envelope,
     encode_session_meta,
     encode_stored_message,
     encode_value_message,
@@ -104,7 +103,7 @@ _TEXT = st.text(
     error_message=_TEXT,
     fence=st.integers(0, 2**53),
 )
-def test_a_result_envelope_is_the_same_bytes_however_it_is_encoded(
+def test_a_result_envelope_round_trips_whatever_its_fields_hold(
     token: str,
     scope: str | None,
     fingerprint: str | None,
@@ -127,10 +126,13 @@ def test_a_result_envelope_is_the_same_bytes_however_it_is_encoded(
         "shared_only": shared_only,
     }
     header = envelope_header(token=keys.token, scope=keys.scope, **common)  # type: ignore[arg-type]
-    expected = encode_envelope("0a1b", header, b"payload")
-    encoded = encode_result_envelope("0a1b", b"payload", key_meta=keys.meta, **common)  # type: ignore[arg-type]
-    assert encoded == expected
-    assert decode_envelope(encoded).token == keys.token
+    decoded = decode_envelope(encode_envelope("0a1b", header, b"pay|load\n"))
+    assert (decoded.owner, decoded.fence, decoded.payload) == ("0a1b", fence, b"pay|load\n")
+    assert (decoded.token, decoded.scope) == (keys.token, keys.scope)
+    assert (decoded.fingerprint, decoded.serializer) == (fingerprint, serializer)
+    assert decoded.ok == (ok and not shared_only) and decoded.stored == (not shared_only)
+    if not ok:
+        assert (decoded.error_type, decoded.error_message) == (error_type, error_message)
 
 
 def test_lease_and_session_metadata_round_trip() -> None:
@@ -166,3 +168,38 @@ def test_every_message_decodes_to_what_a_waiter_acts_on() -> None:
 )
 def test_what_a_waiter_does_after_each_wake_up(event: object, action: Wake) -> None:
     assert after_wake(event) is action
+
+
+def test_the_envelope_holds_each_field_once() -> None:
+    env = _envelope()
+    assert env == b'SD2|abc|7|o|json|1|fp|{"tok":"t","sc":"s"}\n"v"'
+    plain = envelope_header(
+        ok=True, fence=7, fingerprint=None, serializer="json", created_ms=1, token="", scope=""
+    )
+    assert encode_envelope("abc", plain, b"1") == b"SD2|abc|7|o|json|1||\n1"
+    odd = envelope_header(
+        ok=True, fence=7, fingerprint="a|b\nc", serializer="x|y", created_ms=1, token="", scope=""
+    )
+    decoded = decode_envelope(encode_envelope("abc", odd, b"1"))
+    assert (decoded.fingerprint, decoded.serializer, decoded.token) == ("a|b\nc", "x|y", "")
+
+
+def test_an_envelope_of_the_previous_format_is_still_read() -> None:
+    old = b'SD1|abc|{"st":"ok","f":7,"fp":"fp","ser":"json","t":1,"tok":"t","sc":"s"}\n"v"'
+    env = decode_envelope(old)
+    assert (env.owner, env.fence, env.ok, env.fingerprint, env.serializer) == (
+        "abc",
+        7,
+        True,
+        "fp",
+        "json",
+    )
+    assert (env.created_ms, env.token, env.scope, env.payload, env.stored) == (
+        1,
+        "t",
+        "s",
+        b'"v"',
+        True,
+    )
+    assert fence_of(old) == 7
+    assert decode_envelope(old) == decode_message(encode_value_message(old))

@@ -10,6 +10,9 @@ import pytest
 
 from strands_dedup import Deduplicator, Role, SessionBusy, SessionGuard
 from strands_dedup._engine.deduplicator import engine_of
+from strands_dedup._keys import KeySchema
+from strands_dedup._protocol import Claimed, encode_lease
+from strands_dedup._store.commands import HeldLeaseRef, Settled
 from strands_dedup._store.redis import RedisStore
 from strands_dedup.cli import Inspector
 
@@ -139,3 +142,33 @@ async def test_a_throw_mode_join_is_still_refused_while_another_holds(
             with pytest.raises(SessionBusy):
                 async with guard.hold("s"):
                     pytest.fail("admitted twice")
+
+
+async def test_a_settle_run_twice_is_accepted_and_a_zombie_is_refused_once_the_fence_is_gone(
+    backend_url: str, namespace: str
+) -> None:
+    """Storing a result deletes the fence key: the settle's own repeat still succeeds, while
+    everything a zombie of an earlier fence sends is refused."""
+    keys = KeySchema(namespace).for_token("tok")
+    async with Deduplicator.from_url(backend_url, namespace=namespace) as dedup:
+        store = engine_of(dedup).store
+        client = store.client
+        zombie = await store.claim(keys, "aaaa", b"{}")
+        assert isinstance(zombie, Claimed)
+        await client.delete(keys.lease)  # its lease ran out while it was paused
+        taker = await store.claim(keys, "bbbb", b"{}")
+        assert isinstance(taker, Claimed) and taker.fence > zombie.fence
+        envelope = b"SD2|bbbb|%d|o|json|1||\n1" % taker.fence
+        assert (await store.settle(keys, "bbbb", taker.fence, envelope, b"")).ok
+        assert await client.exists(keys.fence) == 0 and await client.exists(keys.lease) == 0
+        # the same settle again (a retry whose first copy ran): accepted, nothing changes
+        assert (await store.settle(keys, "bbbb", taker.fence, envelope, b"")).ok
+        lease = encode_lease("aaaa", zombie.fence, b"{}")
+        assert await store.renew([HeldLeaseRef(keys, lease)]) == [False]
+        late = await store.settle(keys, "aaaa", zombie.fence, b"SD2|aaaa|1|o|json|1||\n2", b"")
+        assert late == Settled(False, "fence")
+        assert not await store.append(keys, "aaaa", zombie.fence, [(b"c", b"x")], 1000, 0)
+        assert await store.force_release(keys, "aaaa") is None
+        assert await client.get(keys.result) == envelope
+        assert await client.exists(keys.lease) == 0
+        assert (await dedup.execute("tok", lambda: "other")).fence == taker.fence

@@ -65,12 +65,13 @@ from .._protocol import (
     WakeUp,
     after_wake,
     decode_message,
+    encode_envelope,
     encode_lease,
     encode_lease_meta,
     encode_released_message,
-    encode_result_envelope,
     encode_stored_message,
     encode_value_message,
+    envelope_header,
     fence_of,
     fingerprints_conflict,
     wait_budget,
@@ -604,30 +605,20 @@ class Engine:
 
     def _envelope(self, lease: HeldLease, payload: bytes, exc: BaseException | None) -> bytes:
         """The primary's result (``exc`` None) or shared failure, as an envelope."""
-        if exc is None:
-            return encode_result_envelope(
-                lease.owner,
-                payload,
-                ok=True,
-                fence=lease.fence,
-                fingerprint=lease.fingerprint,
-                serializer=self.serializer.name,
-                created_ms=int(time.time() * 1000),
-                key_meta=lease.keys.meta,
-            )
-        return encode_result_envelope(
-            lease.owner,
-            payload,
-            ok=False,
+        header = envelope_header(
+            ok=exc is None,
             fence=lease.fence,
             fingerprint=lease.fingerprint,
             serializer=self.serializer.name,
             created_ms=int(time.time() * 1000),
-            key_meta=lease.keys.meta,
-            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-            error_message=str(exc)[:_MAX_ERROR_TEXT],
+            # the key names hold the token and scope unless they are digests
+            token=lease.keys.token if lease.keys.digested else "",
+            scope=lease.keys.scope if lease.keys.digested else "",
+            error_type="" if exc is None else f"{type(exc).__module__}.{type(exc).__qualname__}",
+            error_message="" if exc is None else str(exc)[:_MAX_ERROR_TEXT],
             shared_only=isinstance(exc, ShareOnly),
         )
+        return encode_envelope(lease.owner, header, payload)
 
     # -- settling: what to send (both shells), then sending it (this shell) ----------------------
 

@@ -18,7 +18,7 @@ from tenacity import Retrying
 from .._config import DedupConfig
 from .._keys import TokenKeys
 from .._protocol import Claimed, ClaimReply
-from .commands import Call, Commands, Settled, claim_again
+from .commands import Call, Commands, Read, Settled, claim_again
 from .failures import is_driver_error, is_transient, retry_policy, store_error
 
 __all__ = ["BlockingClient", "BlockingStore", "run_script_blocking"]
@@ -86,6 +86,11 @@ class BlockingStore:
         send = self.client.execute_command
         return call.parse(self._attempt(lambda: run_script_blocking(send, call)))
 
+    def read(self, read: Read[R]) -> R:
+        """Send one plain command and parse its reply."""
+        send = self.client.execute_command
+        return read.parse(self._attempt(lambda: send(*read.command)))  # type: ignore[no-untyped-call]
+
     def _replicated(self, call: Call[R], timeout: float) -> R:
         """`run`, then WAIT for ``min_replicas`` on the same connection (single Redis only)."""
         assert isinstance(self.client, redis.Redis)
@@ -113,7 +118,10 @@ class BlockingStore:
         return call.parse(reply)
 
     def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
-        """Run claim.lua: a replay, the lease, or who holds it (see `RedisStore.claim`)."""
+        """A replay (a plain GET), else claim.lua (see `RedisStore.claim`)."""
+        stored = self.read(self.commands.stored(keys))
+        if stored is not None:
+            return stored
         call = self.commands.claim(keys, owner, meta)
         started = self.clock()
         if self._config.min_replicas:

@@ -23,6 +23,7 @@ from .._protocol import (
     CLAIM_BUSY,
     CLAIM_CLAIMED,
     CLAIM_REPLAY,
+    MSG_VALUE,
     Busy,
     Claimed,
     ClaimReply,
@@ -43,6 +44,7 @@ __all__ = [
     "Commands",
     "Committed",
     "CommitLost",
+    "Read",
     "ConversationReply",
     "HeldLeaseRef",
     "HeldTicketRef",
@@ -59,6 +61,7 @@ __all__ = [
     "parse_session",
     "parse_session_release",
     "parse_settle",
+    "parse_stored",
     "parse_stream_append",
 ]
 
@@ -123,6 +126,16 @@ class Call(Generic[R]):
 
     def eval(self) -> tuple[Any, ...]:
         return self.script.eval(self.keys, self.args)
+
+
+@dataclass(frozen=True, slots=True)
+class Read(Generic[R]):
+    """One plain command (no script) on ``key``'s slot: what to send, and how to read its
+    reply. The shells send it the way they send scripts (auto-pipeline, node pipelines)."""
+
+    key: bytes
+    command: tuple[Any, ...]
+    parse: Callable[[Any], R]
 
 
 class HeldLeaseRef(NamedTuple):
@@ -199,6 +212,13 @@ def parse_claim(reply: Any) -> ClaimReply:
     if kind == CLAIM_BUSY:
         return Busy(decode_lease(reply[1], int(reply[2])))
     raise _unexpected("claim", reply)
+
+
+def parse_stored(reply: Any) -> Replay | None:
+    """A plain GET of the result key: the stored envelope as a `Replay`, or None."""
+    if reply is None:
+        return None
+    return Replay(reply if isinstance(reply, bytes) else str(reply).encode())
 
 
 def parse_settle(reply: Any) -> Settled:
@@ -302,6 +322,11 @@ class Commands:
         self.publish = "SPUBLISH" if cluster else "PUBLISH"
         """Notifications use sharded pub/sub on a cluster."""
 
+    def stored(self, keys: TokenKeys) -> Read[Replay | None]:
+        """A plain GET of the result key: a replay costs no script. Sent before claim.lua,
+        which still replays a result stored in between."""
+        return Read(keys.result, ("GET", keys.result), parse_stored)
+
     def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> Call[ClaimReply]:
         """claim.lua: replay, take the lease under ``owner``, or report who holds it."""
         return Call(
@@ -314,7 +339,14 @@ class Commands:
     def settle(
         self, keys: TokenKeys, owner: str, fence: int, stored: bytes, message: bytes
     ) -> Call[Settled]:
-        """settle.lua: store ``stored`` (unless empty), drop the lease, publish ``message``."""
+        """settle.lua: store ``stored`` (unless empty), drop the lease, publish ``message``
+        (sent as ``''`` when it is the stored envelope's value message: the script builds it)."""
+        if (
+            len(message) == len(stored) + 1
+            and message.startswith(MSG_VALUE)
+            and message.endswith(stored)
+        ):
+            message = b""
         return Call(
             SCRIPTS["settle"],
             (keys.lease, keys.fence, keys.result),

@@ -29,6 +29,7 @@ from .commands import (
     Commands,
     HeldLeaseRef,
     HeldTicketRef,
+    Read,
     Settled,
     claim_again,
 )
@@ -267,6 +268,17 @@ class RedisStore:
             raise asyncio.CancelledError  # a client swallowed our cancellation (see `_attempt`)
         return call.parse(reply)
 
+    async def read(self, read: Read[R]) -> R:
+        """Send one plain command (`commands`) like `run` sends a script, and parse its reply."""
+        op: Callable[[], Awaitable[Any]] = lambda: self._send(  # noqa: E731
+            read.key, lambda send: send(*read.command)
+        )
+        if self.pipeline is None and self.node_pipelines is None:
+            reply = await self._run(op)
+        else:
+            reply = await self._attempt(op, bounded=False)
+        return read.parse(reply)
+
     async def _replicated(self, call: Call[R], timeout: float, *, priority: bool = False) -> R:
         """Run ``call``, then ``WAIT`` for ``min_replicas`` on the same connection (one round
         trip). Fewer acknowledgements within ``timeout`` are logged, not raised: WAIT narrows
@@ -337,29 +349,40 @@ class RedisStore:
             node.release(conn)
 
     async def _eval(self, call: Call[Any]) -> Any:
-        """Send a script call once: through the auto-pipeline, the cluster's node pipelines, or
-        a pooled connection (`run_script` handles NOSCRIPT)."""
+        """Send a script call once (`run_script` handles NOSCRIPT): see `_send`."""
+        return await self._send(call.keys[0], lambda send: run_script(send, call))
+
+    async def _send(
+        self, key: bytes, how: Callable[[Callable[..., Awaitable[Any]]], Awaitable[Any]]
+    ) -> Any:
+        """Send one command once, as ``how`` sends it with a sender: through the
+        auto-pipeline, the cluster's node pipeline of ``key``'s slot, or a pooled connection."""
         pipeline = self.pipeline
         if pipeline is not None:
-            return await run_script(pipeline.execute, call)
+            return await how(pipeline.execute)
         if self.node_pipelines is not None:
-            return await self._eval_on_node(self.node_pipelines, call)
-        return await run_script(self.client.execute_command, call)
+            return await self._send_on_node(self.node_pipelines, key, how)
+        return await how(self.client.execute_command)
 
-    async def _eval_on_node(self, pipelines: NodePipelines, call: Call[Any]) -> Any:
-        """Cluster: run a script through the pipeline of its slot's primary (every script's keys
-        share one slot). A redirection (MOVED: the slot has a new primary; ASK: it is being
+    async def _send_on_node(
+        self,
+        pipelines: NodePipelines,
+        key: bytes,
+        how: Callable[[Callable[..., Awaitable[Any]]], Awaitable[Any]],
+    ) -> Any:
+        """Cluster: send a command through the pipeline of its slot's primary (every script's
+        keys share one slot). A redirection (MOVED: the slot has a new primary; ASK: it is being
         migrated) sends it through redis-py's routing, which follows the redirection and
         updates the slot map; a connection that failed has the slot map read again before the
         error goes to the retry."""
         assert self.cluster is not None
         try:
-            pipeline = await pipelines.for_key(call.keys[0])
-            return await run_script(pipeline.execute, call)
-        except rex.AskError:  # and MovedError; refused before the script ran
+            pipeline = await pipelines.for_key(key)
+            return await how(pipeline.execute)
+        except rex.AskError:  # and MovedError; refused before the command ran
             pipelines.redirected += 1
             async with asyncio.timeout(self._timeout):
-                reply = await run_script(self.cluster.execute_command, call)
+                reply = await how(self.cluster.execute_command)
             pipelines.prune()
             return reply
         except (rex.ConnectionError, rex.TimeoutError):
@@ -385,7 +408,11 @@ class RedisStore:
     # -- operations -------------------------------------------------------------------------
 
     async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
-        """Run claim.lua: a replay, the lease, or who holds it."""
+        """A replay (a plain GET of the result key), else claim.lua: a replay (of a result
+        stored in between), the lease, or who holds it."""
+        stored = await self.read(self.commands.stored(keys))
+        if stored is not None:
+            return stored
         call = self.commands.claim(keys, owner, meta)
         started = self.clock()
         if self._config.min_replicas:

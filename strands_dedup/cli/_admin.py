@@ -283,7 +283,7 @@ class Inspector:
             )
         return ResultView(
             token=env.token or keys.token,
-            scope=env.scope,
+            scope=env.scope or keys.scope,
             status="ok" if env.ok else "error",
             fence=env.fence,
             size=env.size,

@@ -36,8 +36,9 @@ log = logging.getLogger("strands_dedup.http")
 
 KEY_COST = 256
 """Bytes charged per new key for what it leaves in Redis besides its response's envelope: the
-fence counter (136 bytes, kept for the results' TTL) and the result key's own overhead (about
-100 bytes); MEMORY USAGE on Redis 7.0 for a 32-character key in an identity's scope."""
+fence counter (136 bytes while the call runs or after a failure; a stored result deletes it) and
+the result key's own overhead (about 100 bytes); MEMORY USAGE on Redis 7.0 for a 32-character
+key in an identity's scope."""
 _ENTRIES = 10_000  # identities remembered per process (the least recent is forgotten)
 _OP_TTL_MS = 60_000  # how long a reservation's marker recognises a retried copy
 _BUCKETS = 24  # stored bytes are counted in 24 buckets over the results' TTL

@@ -1,19 +1,20 @@
 --[[ fence: shared by the scripts that hand out a token's fence (loaded in front of them).
-next_fence(key, ttl) increments the fence counter at `key`, sets its TTL to `ttl` ms, and returns
-the new fence as a decimal string. A missing counter (a new token, or one Redis lost: a restart
-without persistence, a failover, a flush, an eviction, its expiry) is seeded from Redis' clock
-in microseconds, so the new fence is above every fence the token was given before, as long as
-the clock does not step back and a token gets fewer than a million fences a second.
+next_fence(key, ttl) returns the token's next fence as a decimal string and leaves it, with a TTL
+of `ttl` ms, in the counter at `key`. A missing counter (a new token; one Redis lost: a restart
+without persistence, a failover, a flush, an eviction; its expiry; or a completed token's, which
+settle.lua deleted when it stored the result) is seeded from Redis' clock in microseconds (TIME,
+then SET NX PX); an existing one is incremented. Every fence the token was given is at most the
+clock in microseconds when it was given, so the seed is above all of them, as long as the clock
+does not step back and a token gets fewer than a million fences a second.
 Fences stay below 2^53, so Lua numbers hold them exactly; they are kept as strings here.
 ]]
 local function next_fence(key, ttl)
-  local fence = redis.call('INCR', key)
-  if fence == 1 then
-    local now = redis.call('TIME')
-    local seeded = now[1] .. string.format('%06d', tonumber(now[2]))
-    redis.call('SET', key, seeded, 'PX', ttl)
-    return seeded
+  local now = redis.call('TIME')
+  local seeded = now[1] .. string.format('%06d', tonumber(now[2]))
+  if redis.call('SET', key, seeded, 'NX', 'PX', ttl) then
+    return seeded  -- a new token's first fence: two commands, no INCR
   end
+  local fence = redis.call('INCR', key)
   redis.call('PEXPIRE', key, ttl)
   return string.format('%d', fence)
 end

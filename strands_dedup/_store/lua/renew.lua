@@ -4,7 +4,8 @@ ARGV[1]  lease TTL in ms
 ARGV[2]  fence TTL in ms (a renewed lease keeps its fence counter alive too)
 ARGV[2+i] the full value of lease i ("owner|fence|meta"): its owner and fence identify it
 A lease that expired while nobody claimed the token since (fence unchanged, no result stored) is
-taken back: nobody else can have run the call in between.
+taken back: nobody else can have run the call in between. Storing a result deletes the fence key
+(settle.lua), so a completed token's lease is never taken back.
 Returns an array of n integers: 1 renewed (or taken back), 0 lost.
 ]]
 local ttl = ARGV[1]

@@ -12,7 +12,8 @@ d (data). Redis refuses an id that is not above the stream's last one: that item
 skipped, so a repeat adds nothing; fences grow with every claim, so a new attempt's ids are above
 the old ones.
 "A<fence>" is published when something was added.
-Returns 1, or 0 when the lease is no longer this owner's or the fence moved on (nothing written).
+Returns 1, or 0 when the lease is no longer this owner's or the fence moved on (or is gone: a
+stored result deleted it) (nothing written).
 ]]
 local lease = redis.call('GET', KEYS[1])
 if not lease or string.sub(lease, 1, #ARGV[1] + 1) ~= ARGV[1] .. '|' then
