@@ -24,7 +24,17 @@ from strands_dedup.cli import main
 
 pytestmark = pytest.mark.timeout(60)
 needs_server = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on the PATH")
-CHECKS = ["version", "eviction", "persistence", "replication", "cluster", "latency", "clock", "acl"]
+CHECKS = [
+    "version",
+    "path",
+    "eviction",
+    "persistence",
+    "replication",
+    "cluster",
+    "latency",
+    "clock",
+    "acl",
+]
 
 
 @dataclass
@@ -373,3 +383,18 @@ def test_an_unreachable_port_exits_3_at_once() -> None:
 
 def test_memory_urls_are_refused() -> None:
     assert doctor("memory://").exit_code == 2
+
+
+def test_doctor_says_which_commands_each_step_of_a_call_gets() -> None:
+    _, found = scripted_doctor(Scripted())
+    path = found["path"]
+    assert path["level"] == "ok"
+    assert path["data"]["replay"] == "GET"
+    assert "settle.lua" in path["data"]["complete"]
+    assert path["data"]["native_conditional_set"] is False
+    assert "IFEQ" not in path["summary"]
+    _, found = scripted_doctor(with_info(server_name="valkey", valkey_version="9.1.2"))
+    assert found["path"]["data"]["native_conditional_set"] is True
+    assert "IFEQ" in found["path"]["summary"]
+    _, found = scripted_doctor(with_info(redis_version="8.4.0"))
+    assert found["path"]["data"]["native_conditional_set"] is True

@@ -108,6 +108,34 @@ def check_version(facts: Facts) -> Finding:
     return Finding("version", Level.OK, f"{where}: has every feature used ({features})", None, data)
 
 
+def check_path(facts: Facts) -> Finding:
+    """Which commands this server gets for each step of a call."""
+    info = facts.info
+    if "redis_version" not in info:
+        return _unread("path", facts, "INFO server")
+    server = str(info.get("server_name") or "redis")
+    version = _version(str(info.get("valkey_version") or info["redis_version"]))
+    native = version >= ((8, 1) if server == "valkey" else (8, 4))
+    data = {
+        "replay": "GET",
+        "claim": "EVALSHA claim.lua (after a GET that found no result)",
+        "complete": "EVALSHA settle.lua",
+        "renew": "EVALSHA renew.lua (one call for every lease a process holds)",
+        "native_conditional_set": native,
+    }
+    summary = (
+        "a replay is one plain GET; a fresh call sends that GET, then the claim script, then the "
+        "settle script (fenced, one round trip each); renewals are one script call per period "
+        "for every lease of a process"
+    )
+    if native:
+        summary += (
+            "; this server has a conditional SET (SET ... IFEQ), which this version does not use "
+            "yet: the scripts run everywhere"
+        )
+    return Finding("path", Level.OK, summary, None, data)
+
+
 def check_eviction(facts: Facts) -> Finding:
     policy = facts.info.get("maxmemory_policy") or facts.config.get("maxmemory-policy")
     if policy is None:
@@ -395,6 +423,7 @@ def _unread(check: str, facts: Facts, what: str) -> Finding:
 
 CHECKS = (
     check_version,
+    check_path,
     check_eviction,
     check_persistence,
     check_replication,
