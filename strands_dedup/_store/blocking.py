@@ -7,6 +7,7 @@ NOSCRIPT and retries the same way, and maps driver errors with the same table
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,13 +22,72 @@ from .._protocol import Claimed, ClaimReply
 from .commands import Call, Commands, Read, Settled, claim_again
 from .failures import is_driver_error, is_transient, retry_policy, store_error
 
-__all__ = ["BlockingClient", "BlockingStore", "run_script_blocking"]
+__all__ = ["BlockingClient", "BlockingStore", "lean_sender", "run_script_blocking"]
 
 R = TypeVar("R")
 log = logging.getLogger("strands_dedup._store")
 BlockingClient = redis.Redis | redis.RedisCluster
 """A blocking client of a single Redis (direct, behind Sentinel, or the embedded fakeredis)
 or of a Redis Cluster."""
+
+
+def lean_sender(client: BlockingClient) -> Callable[..., Any]:
+    """What sends one command and returns its raw reply. For a client of a single Redis (direct
+    or behind Sentinel): a pooled connection's ``send_command`` and ``read_response``, without
+    ``execute_command``'s per-command layers (argument checks, telemetry hooks, a retry wrapper
+    the library's own retries make redundant); our replies need none of its response callbacks
+    (scripts, GET). Anything else (a cluster client, the embedded store) sends through
+    ``execute_command``."""
+    pool = getattr(client, "connection_pool", None)
+    if type(client) is not redis.Redis or pool is None or client.connection is not None:
+        return client.execute_command
+    if not issubclass(pool.connection_class, redis.connection.AbstractConnection):
+        return client.execute_command  # the embedded store's own connection class
+    if "fakeredis" in pool.connection_class.__module__:
+        return client.execute_command
+
+    # Connections back from a command wait here for the next one, most recent first: taking one
+    # from the pool costs more than the round trip (a queue, a readiness check, telemetry). A
+    # reply is always read whole before a connection comes back, so none holds stale data. At
+    # most half the pool waits here, so the client's own commands always find one.
+    idle: list[Any] = []
+    keep = max(1, min(16, int(getattr(pool, "max_connections", 2) or 2) // 2))
+
+    pid = [os.getpid()]
+
+    def send(*command: Any) -> Any:
+        if pid[0] != os.getpid():  # a forked child must not share its parent's sockets
+            idle.clear()
+            pid[0] = os.getpid()
+        try:
+            connection = idle.pop()
+        except IndexError:
+            connection = pool.get_connection()
+        try:
+            connection.send_command(*command)
+            reply = connection.read_response()
+        except rex.ResponseError:
+            _give_back(connection)  # Redis answered with an error: the reply was read whole
+            raise
+        except BaseException:
+            connection.disconnect()  # a reply half read must not reach the next command
+            pool.release(connection)
+            raise
+        _give_back(connection)
+        return reply
+
+    def _give_back(connection: Any) -> None:
+        if len(idle) < keep:
+            idle.append(connection)
+        else:
+            pool.release(connection)
+
+    def close() -> None:
+        while idle:
+            pool.release(idle.pop())
+
+    send.close = close  # type: ignore[attr-defined]
+    return send
 
 
 def run_script_blocking(send: Callable[..., Any], call: Call[Any]) -> Any:
@@ -56,6 +116,7 @@ class BlockingStore:
         self.where = where
         self.clock = clock
         self.commands = Commands(config, cluster=isinstance(client, redis.RedisCluster))
+        self._send = lean_sender(client)
         self._config = config
         self._on_close = on_close
 
@@ -83,13 +144,13 @@ class BlockingStore:
 
     def run(self, call: Call[R]) -> R:
         """Run one script call and parse its reply."""
-        send = self.client.execute_command
+        send = self._send
         return call.parse(self._attempt(lambda: run_script_blocking(send, call)))
 
     def read(self, read: Read[R]) -> R:
         """Send one plain command and parse its reply."""
-        send = self.client.execute_command
-        return read.parse(self._attempt(lambda: send(*read.command)))  # type: ignore[no-untyped-call]
+        send = self._send
+        return read.parse(self._attempt(lambda: send(*read.command)))
 
     def _replicated(self, call: Call[R], timeout: float) -> R:
         """`run`, then WAIT for ``min_replicas`` on the same connection (single Redis only)."""
@@ -145,12 +206,16 @@ class BlockingStore:
 
     def get_result(self, keys: TokenKeys) -> bytes | None:
         """The stored result of a token, or None."""
-        value = self._attempt(lambda: self.client.get(keys.result))
+        send = self._send
+        value = self._attempt(lambda: send("GET", keys.result))
         return value if value is None or isinstance(value, bytes) else str(value).encode()
 
     def close(self) -> None:
         """Close the client's connections."""
         try:
+            release = getattr(self._send, "close", None)
+            if release is not None:
+                release()
             self.client.close()
         finally:
             if self._on_close is not None:
