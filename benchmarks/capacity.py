@@ -448,10 +448,13 @@ async def monitor_sample(admin: redis.Redis, port: int, subject: Subject) -> dic
             "in_scripts": [_clip(c) for t, c in first if t == "lua"],
             "counts": {name: {"sent": s, "in_scripts": i} for name, (s, i) in counts.items()},
         }
+    # per kind: a GET is sent by a replay but mostly runs inside the scripts of a fresh call
     out["sent_share"] = {
-        name: c["sent"] / (c["sent"] + c["in_scripts"])
+        kind: {
+            name: c["sent"] / (c["sent"] + c["in_scripts"])
+            for name, c in out[kind]["counts"].items()
+        }
         for kind in ("fresh", "replay")
-        for name, c in out[kind]["counts"].items()
     }
     return out
 
@@ -668,8 +671,11 @@ async def measure_subject(
     if subject.key_pattern is not None:
         keys = token_keys(admin, subject.key_pattern(tokens[0]), tokens[0])
     return {
-        "fresh": cost_per_call(fresh, calls, shares, overhead),
-        "replay": {**cost_per_call(replay, calls, shares, overhead), "wrong_results": wrong},
+        "fresh": cost_per_call(fresh, calls, shares["fresh"], overhead),
+        "replay": {
+            **cost_per_call(replay, calls, shares["replay"], overhead),
+            "wrong_results": wrong,
+        },
         "memory": {
             "tokens": calls,
             "bytes_per_call": at_calls["bytes_per_token"],
