@@ -18,6 +18,7 @@ from strands_dedup._store.commands import (
     Committed,
     HeldLeaseRef,
     HeldTicketRef,
+    ReadFirst,
     Settled,
     TooFull,
     TurnMoved,
@@ -166,3 +167,28 @@ def test_conversation_replies() -> None:
 def test_a_slow_claim_is_sent_again() -> None:
     assert not claim_again(10.0, 10.5, 1.0)
     assert claim_again(10.0, 11.5, 1.0)
+
+
+def test_claims_read_first_only_while_replays_are_common() -> None:
+    read_first = ReadFirst()
+    assert not read_first  # a new store claims first: a fresh call is one round trip
+    for _ in range(3):
+        read_first.saw(True)
+    assert not read_first
+    read_first.saw(True)  # the fourth replay in a row
+    assert read_first
+    for _ in range(200):  # replays only, for a while
+        read_first.saw(True)
+    fresh = 0
+    while read_first:
+        read_first.saw(False)
+        fresh += 1
+    assert 60 <= fresh <= 80  # then about 70 fresh calls in a row switch back
+    for _ in range(200):  # one replay in twenty: claim first
+        for i in range(20):
+            read_first.saw(i == 0)
+    assert not read_first
+    for _ in range(200):  # one in five: read first
+        for i in range(5):
+            read_first.saw(i == 0)
+    assert read_first

@@ -1,5 +1,5 @@
-"""What one call costs Redis: the commands a replay sends, the keys a completed token leaves
-(own servers: these read INFO commandstats and count keys)."""
+"""What one call costs Redis: the commands a replay and a fresh call send, the keys a completed
+token leaves (own servers: these read INFO commandstats and count keys)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import redis
 from servers import RedisServer
 
-from strands_dedup import Deduplicator, FingerprintMismatch, Role, SyncDeduplicator
+from strands_dedup import Deduplicator, FingerprintMismatch, Role
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -35,9 +35,13 @@ def calls(client: redis.Redis, command: str) -> int:
     return int(stats["calls"]) if stats else 0
 
 
-async def test_a_replay_is_one_plain_get(server: RedisServer, client: redis.Redis) -> None:
+async def test_while_replays_are_common_a_replay_is_one_plain_get(
+    server: RedisServer, client: redis.Redis
+) -> None:
     async with Deduplicator.from_url(server.url, namespace="ns") as dedup:
         first = await dedup.execute("tok", lambda: "v")
+        for _ in range(8):  # replays become common among this deduplicator's claims
+            await dedup.execute("tok", lambda: "other")
         scripts, gets = calls(client, "evalsha") + calls(client, "eval"), calls(client, "get")
         again = await dedup.execute("tok", lambda: "other")
     assert (again.role, again.value, again.fence) == (Role.REPLAY, "v", first.fence)
@@ -45,14 +49,23 @@ async def test_a_replay_is_one_plain_get(server: RedisServer, client: redis.Redi
     assert calls(client, "get") == gets + 1
 
 
-def test_a_blocking_replay_is_one_plain_get(server: RedisServer, client: redis.Redis) -> None:
-    with SyncDeduplicator.from_url(server.url, namespace="ns") as dedup:
-        first = dedup.execute("tok", lambda: "v")
+async def test_while_calls_are_fresh_a_claim_sends_no_read_first(
+    server: RedisServer, client: redis.Redis
+) -> None:
+    async with Deduplicator.from_url(server.url, namespace="ns") as dedup:
+        for i in range(8):
+            await dedup.execute(f"fresh-{i}", lambda: "v")
         scripts, gets = calls(client, "evalsha") + calls(client, "eval"), calls(client, "get")
-        again = dedup.execute("tok", lambda: "other")
-    assert (again.role, again.value, again.fence) == (Role.REPLAY, "v", first.fence)
-    assert calls(client, "evalsha") + calls(client, "eval") == scripts
-    assert calls(client, "get") == gets + 1
+        await dedup.execute("tok", lambda: "v")  # a fresh call: the claim script first
+        fresh_gets = calls(client, "get") - gets
+        assert calls(client, "evalsha") + calls(client, "eval") == scripts + 2
+        scripts, gets = calls(client, "evalsha") + calls(client, "eval"), calls(client, "get")
+        again = await dedup.execute("tok", lambda: "other")  # a rare replay: the script answers
+    assert again.role is Role.REPLAY and again.value == "v"
+    assert calls(client, "evalsha") + calls(client, "eval") == scripts + 1
+    # the fresh call's GETs are the scripts' own (result and lease, fence and lease): a read
+    # first would have made it one more
+    assert fresh_gets == 4
 
 
 async def test_a_completed_token_leaves_one_key(server: RedisServer, client: redis.Redis) -> None:

@@ -18,8 +18,8 @@ from tenacity import Retrying
 
 from .._config import DedupConfig
 from .._keys import TokenKeys
-from .._protocol import Claimed, ClaimReply
-from .commands import Call, Commands, Read, Settled, claim_again
+from .._protocol import Claimed, ClaimReply, Replay
+from .commands import Call, Commands, Read, ReadFirst, Settled, claim_again
 from .failures import is_driver_error, is_transient, retry_policy, store_error
 
 __all__ = ["BlockingClient", "BlockingStore", "lean_sender", "run_script_blocking"]
@@ -116,6 +116,8 @@ class BlockingStore:
         self.where = where
         self.clock = clock
         self.commands = Commands(config, cluster=isinstance(client, redis.RedisCluster))
+        self.read_first = ReadFirst()
+        """Whether claims read the result key first (replays are common here lately)."""
         self._send = lean_sender(client)
         self._config = config
         self._on_close = on_close
@@ -179,10 +181,13 @@ class BlockingStore:
         return call.parse(reply)
 
     def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
-        """A replay (a plain GET), else claim.lua (see `RedisStore.claim`)."""
-        stored = self.read(self.commands.stored(keys))
-        if stored is not None:
-            return stored
+        """claim.lua, after a plain GET while replays are common (see `RedisStore.claim`)."""
+        read_first = self.read_first
+        if read_first:
+            stored = self.read(self.commands.stored(keys))
+            if stored is not None:
+                read_first.saw(True)
+                return stored
         call = self.commands.claim(keys, owner, meta)
         started = self.clock()
         if self._config.min_replicas:
@@ -193,6 +198,7 @@ class BlockingStore:
         renew_after = self._config.effective_renew_interval
         if isinstance(reply, Claimed) and claim_again(started, self.clock(), renew_after):
             reply = self.run(call)
+        read_first.saw(isinstance(reply, Replay))
         return reply
 
     def settle(

@@ -22,7 +22,7 @@ from tenacity import AsyncRetrying
 from .._config import DedupConfig
 from .._errors import StoreRefused, StoreUnavailable
 from .._keys import SessionKeys, TokenKeys
-from .._protocol import Claimed, ClaimReply
+from .._protocol import Claimed, ClaimReply, Replay
 from .commands import (
     BudgetReply,
     Call,
@@ -30,6 +30,7 @@ from .commands import (
     HeldLeaseRef,
     HeldTicketRef,
     Read,
+    ReadFirst,
     Settled,
     claim_again,
 )
@@ -130,6 +131,8 @@ class RedisStore:
         notifications use sharded pub/sub (SPUBLISH, SSUBSCRIBE)."""
         self._config = config
         self.commands = Commands(config, cluster=self.cluster is not None)
+        self.read_first = ReadFirst()
+        """Whether claims read the result key first (replays are common here lately)."""
         """Each script's keys, arguments and reply parser (no I/O; the blocking shell's too)."""
         self.pipeline: AutoPipeline | None = (
             AutoPipeline(client.connection_pool, timeout=config.socket_timeout)
@@ -408,11 +411,14 @@ class RedisStore:
     # -- operations -------------------------------------------------------------------------
 
     async def claim(self, keys: TokenKeys, owner: str, meta: bytes) -> ClaimReply:
-        """A replay (a plain GET of the result key), else claim.lua: a replay (of a result
-        stored in between), the lease, or who holds it."""
-        stored = await self.read(self.commands.stored(keys))
-        if stored is not None:
-            return stored
+        """claim.lua: a replay, the lease, or who holds it; while replays are common here
+        (`ReadFirst`), a plain GET of the result key first, so a replay runs no script."""
+        read_first = self.read_first
+        if read_first:
+            stored = await self.read(self.commands.stored(keys))
+            if stored is not None:
+                read_first.saw(True)
+                return stored
         call = self.commands.claim(keys, owner, meta)
         started = self.clock()
         if self._config.min_replicas:
@@ -423,6 +429,7 @@ class RedisStore:
             reply = await self.run(call)
         if isinstance(reply, Claimed) and claim_again(started, self.clock(), self._renew_after):
             reply = await self.run(call)
+        read_first.saw(isinstance(reply, Replay))
         return reply
 
     def settle(

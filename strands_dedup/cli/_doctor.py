@@ -117,16 +117,17 @@ def check_path(facts: Facts) -> Finding:
     version = _version(str(info.get("valkey_version") or info["redis_version"]))
     native = version >= ((8, 1) if server == "valkey" else (8, 4))
     data = {
-        "replay": "GET",
-        "claim": "EVALSHA claim.lua (after a GET that found no result)",
+        "replay": "GET while replays are common, else EVALSHA claim.lua",
+        "claim": "EVALSHA claim.lua (after a GET while replays are common)",
         "complete": "EVALSHA settle.lua",
         "renew": "EVALSHA renew.lua (one call for every lease a process holds)",
         "native_conditional_set": native,
     }
     summary = (
-        "a replay is one plain GET; a fresh call sends that GET, then the claim script, then the "
-        "settle script (fenced, one round trip each); renewals are one script call per period "
-        "for every lease of a process"
+        "a fresh call sends the claim script, then the settle script (fenced, one round trip "
+        "each); while replays are common a claim reads the result with a plain GET first, so a "
+        "replay runs no script; renewals are one script call per period for every lease of a "
+        "process"
     )
     if native:
         summary += (
