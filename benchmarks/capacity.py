@@ -1085,7 +1085,7 @@ def script_breakdown(admin: redis.Redis, calls: int, rounds: int = 5) -> dict[st
     return {
         "calls_per_case": per_round * rounds,
         "rounds": rounds,
-        "lua_dir": str(lua_dir()),
+        "lua_dir": str(where.relative_to(ROOT)) if (where := lua_dir()) is not None else None,
         "cases": rows,
         "derived": derived,
     }
