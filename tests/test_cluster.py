@@ -373,7 +373,10 @@ async def test_a_failover_of_the_tokens_primary_during_a_storm_loses_no_waiter(
     async def fail_over(others: Deduplicator) -> None:
         doomed = cluster.primary_port_for(keys.lease)
         side = redis.Redis(port=doomed)
-        assert side.execute_command("WAIT", 1, 2000) == 1  # the claim is on the replica
+        # WAIT counts the writes of its own connection: one of ours in the token's slot, after
+        # the claim in the replication stream, makes sure the claim is on the replica too
+        side.set(keys.lease + b":replicated", b"1", px=60_000)
+        assert side.execute_command("WAIT", 1, 2000) == 1
         side.close()
         connects = others.activity().subscriber_connects
         node = cluster.node(doomed)
