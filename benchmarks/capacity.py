@@ -166,11 +166,8 @@ async def raw_client(url: str) -> aredis.Redis | aredis.RedisCluster:
     return aredis.Redis.from_url(url)
 
 
-class RawDedup(Subject):
-    """The least a dedup layer must do, one key per token: claim with ``SET NX PX``, store the
-    result JSON over it with ``SET ... PX`` (the result TTL); a replay is one ``GET``."""
-
-    name = "redis-py (raw)"
+class RawClient(Subject):
+    """A subject that sends plain commands on a redis-py client of its own."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -180,6 +177,13 @@ class RawDedup(Subject):
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+class RawDedup(RawClient):
+    """The least a dedup layer must do, one key per token: claim with ``SET NX PX``, store the
+    result JSON over it with ``SET ... PX`` (the result TTL); a replay is one ``GET``."""
+
+    name = "redis-py (raw)"
 
     async def fresh(self, token: str) -> Any:
         key = f"raw:{token}"
@@ -198,19 +202,10 @@ class RawDedup(Subject):
         return f"raw:{token}"
 
 
-class SetNx(Subject):
+class SetNx(RawClient):
     """The claim alone: one ``SET NX PX`` per token (the throughput floor)."""
 
     name = "redis-py SET NX PX"
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    async def open(self) -> None:
-        self.client = await raw_client(self.url)
-
-    async def close(self) -> None:
-        await self.client.aclose()
 
     async def fresh(self, token: str) -> Any:
         return await self.client.set(f"floor:{token}", b"1", nx=True, px=LEASE_TTL_MS)
