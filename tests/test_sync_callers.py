@@ -285,3 +285,34 @@ def test_a_stalled_redis_fails_a_claim_in_time_and_the_next_one_works(
             assert dedup.run("tok2", lambda: "ok") == "ok"
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_connections_killed_while_several_wait_for_the_next_command_cost_one_retry(
+    redis_server_factory: type,
+) -> None:
+    """Threads leave several connections waiting for the next command; once the server drops
+    them all, a call fails over to fresh ones within its retries (here two attempts)."""
+    server = redis_server_factory()
+    admin = redis.Redis.from_url(server.url)
+    try:
+        with SyncDeduplicator.from_url(
+            server.url, namespace="ns", metrics=False, retry_attempts=2
+        ) as dedup:
+            barrier = threading.Barrier(6)
+
+            def work(n: int) -> None:
+                barrier.wait(10)
+                for j in range(20):
+                    dedup.run(f"{n}-{j}", lambda: j)
+
+            threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(20)
+            assert len(clients(server.url)) >= 3  # several connections in use, now waiting
+            admin.client_kill_filter(_type="normal", skipme=True)
+            outcomes = [dedup.execute(f"after-{i}", lambda i=i: i) for i in range(10)]
+            assert [(o.role, o.value) for o in outcomes] == [(Role.PRIMARY, i) for i in range(10)]
+    finally:
+        admin.close()

@@ -72,6 +72,7 @@ def lean_sender(client: BlockingClient) -> Callable[..., Any]:
         except BaseException:
             connection.disconnect()  # a reply half read must not reach the next command
             pool.release(connection)
+            close()  # the server may have gone: the waiting ones are as stale (the pool checks)
             raise
         _give_back(connection)
         return reply
@@ -84,7 +85,10 @@ def lean_sender(client: BlockingClient) -> Callable[..., Any]:
 
     def close() -> None:
         while idle:
-            pool.release(idle.pop())
+            try:
+                pool.release(idle.pop())
+            except IndexError:  # another thread took the last one
+                break
 
     send.close = close  # type: ignore[attr-defined]
     return send
