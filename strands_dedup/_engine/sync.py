@@ -44,7 +44,7 @@ from .deduplicator import (
     normalize_fingerprint,
     return_type_of,
 )
-from .engine import Duplicate, Engine, retry_read_back
+from .engine import Duplicate, retry_read_back
 from .observe import Activity, Health, PrometheusMetrics
 from .renewer import HeldLease
 
@@ -161,10 +161,6 @@ class SyncDeduplicator:
             if blocking is not None
             else _ThroughPortal(engine_of(core).store, self._portal)
         )
-
-    @property
-    def _engine(self) -> Engine:
-        return engine_of(self._core)
 
     @classmethod
     def from_url(

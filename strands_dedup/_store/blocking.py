@@ -22,7 +22,7 @@ from .._protocol import Claimed, ClaimReply, Replay
 from .commands import Call, Commands, Read, ReadFirst, Settled, claim_again
 from .failures import is_driver_error, is_transient, retry_policy, store_error
 
-__all__ = ["BlockingClient", "BlockingStore", "lean_sender", "run_script_blocking"]
+__all__ = ["BlockingClient", "BlockingStore", "PooledSender", "run_script_blocking"]
 
 R = TypeVar("R")
 log = logging.getLogger("strands_dedup._store")
@@ -31,67 +31,76 @@ BlockingClient = redis.Redis | redis.RedisCluster
 or of a Redis Cluster."""
 
 
-def lean_sender(client: BlockingClient) -> Callable[..., Any]:
-    """What sends one command and returns its raw reply. For a client of a single Redis (direct
-    or behind Sentinel): a pooled connection's ``send_command`` and ``read_response``, without
+class PooledSender:
+    """Sends one command and returns its raw reply on a pooled connection of a single Redis
+    (direct or behind Sentinel): ``send_command`` and ``read_response``, without
     ``execute_command``'s per-command layers (argument checks, telemetry hooks, a retry wrapper
     the library's own retries make redundant); our replies need none of its response callbacks
-    (scripts, GET). Anything else (a cluster client, the embedded store) sends through
-    ``execute_command``."""
-    pool = getattr(client, "connection_pool", None)
-    if type(client) is not redis.Redis or pool is None or client.connection is not None:
-        return client.execute_command
-    if not issubclass(pool.connection_class, redis.connection.AbstractConnection):
-        return client.execute_command  # the embedded store's own connection class
-    if "fakeredis" in pool.connection_class.__module__:
-        return client.execute_command
+    (scripts, GET).
 
-    # Connections back from a command wait here for the next one, most recent first: taking one
-    # from the pool costs more than the round trip (a queue, a readiness check, telemetry). A
-    # reply is always read whole before a connection comes back, so none holds stale data. At
-    # most half the pool waits here, so the client's own commands always find one.
-    idle: list[Any] = []
-    keep = max(1, min(16, int(getattr(pool, "max_connections", 2) or 2) // 2))
+    Connections back from a command wait in a short list for the next one, most recent first:
+    taking one from the pool costs more than the round trip (a queue, a readiness check,
+    telemetry). A reply is always read whole before a connection comes back, so none holds stale
+    data; at most half the pool waits there, so the client's own commands always find one.
+    """
 
-    pid = [os.getpid()]
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._idle: list[Any] = []
+        self._keep = max(1, min(16, int(getattr(pool, "max_connections", 2) or 2) // 2))
+        self._pid = os.getpid()
 
-    def send(*command: Any) -> Any:
-        if pid[0] != os.getpid():  # a forked child must not share its parent's sockets
+    @classmethod
+    def for_client(cls, client: BlockingClient) -> PooledSender | None:
+        """One for ``client``, or None where ``execute_command`` must send (a cluster client,
+        a client holding one connection, the embedded store)."""
+        pool = getattr(client, "connection_pool", None)
+        if type(client) is not redis.Redis or pool is None or client.connection is not None:
+            return None
+        connection_class = pool.connection_class
+        if not issubclass(connection_class, redis.connection.AbstractConnection):
+            return None
+        return None if "fakeredis" in connection_class.__module__ else cls(pool)
+
+    def __call__(self, *command: Any) -> Any:
+        idle = self._idle
+        if self._pid != os.getpid():  # a forked child must not share its parent's sockets
             idle.clear()
-            pid[0] = os.getpid()
+            self._pid = os.getpid()
         try:
             connection = idle.pop()
         except IndexError:
-            connection = pool.get_connection()
+            connection = self._pool.get_connection()
         try:
             connection.send_command(*command)
             reply = connection.read_response()
         except rex.ResponseError:
-            _give_back(connection)  # Redis answered with an error: the reply was read whole
+            self._give_back(connection)  # Redis answered with an error: the reply was read whole
             raise
         except BaseException:
             connection.disconnect()  # a reply half read must not reach the next command
-            pool.release(connection)
-            close()  # the server may have gone: the waiting ones are as stale (the pool checks)
+            self._pool.release(connection)
+            self.close()  # the server may have gone: so have the waiting ones (the pool checks)
             raise
-        _give_back(connection)
-        return reply
-
-    def _give_back(connection: Any) -> None:
-        if len(idle) < keep:
+        if len(idle) < self._keep:
             idle.append(connection)
         else:
-            pool.release(connection)
+            self._pool.release(connection)
+        return reply
 
-    def close() -> None:
-        while idle:
+    def _give_back(self, connection: Any) -> None:
+        if len(self._idle) < self._keep:
+            self._idle.append(connection)
+        else:
+            self._pool.release(connection)
+
+    def close(self) -> None:
+        """Hand the waiting connections back to the pool."""
+        while self._idle:
             try:
-                pool.release(idle.pop())
+                self._pool.release(self._idle.pop())
             except IndexError:  # another thread took the last one
                 break
-
-    send.close = close  # type: ignore[attr-defined]
-    return send
 
 
 def run_script_blocking(send: Callable[..., Any], call: Call[Any]) -> Any:
@@ -122,7 +131,10 @@ class BlockingStore:
         self.commands = Commands(config, cluster=isinstance(client, redis.RedisCluster))
         self.read_first = ReadFirst()
         """Whether claims read the result key first (replays are common here lately)."""
-        self._send = lean_sender(client)
+        self._pooled = PooledSender.for_client(client)
+        self._send: Callable[..., Any] = (
+            self._pooled if self._pooled is not None else client.execute_command
+        )
         self._config = config
         self._on_close = on_close
 
@@ -223,9 +235,8 @@ class BlockingStore:
     def close(self) -> None:
         """Close the client's connections."""
         try:
-            release = getattr(self._send, "close", None)
-            if release is not None:
-                release()
+            if self._pooled is not None:
+                self._pooled.close()
             self.client.close()
         finally:
             if self._on_close is not None:

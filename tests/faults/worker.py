@@ -145,7 +145,8 @@ def run_blocking(args: argparse.Namespace, log: Log) -> None:
     side = client_from_url(args.url, DedupConfig(), client_name="fault-worker-side")
     stop_key = f"{args.namespace}:stop"
     with SyncDeduplicator.from_url(args.url, **options(args)) as dedup:
-        portal = Bridge(dedup, "fault worker").portal
+        bridge = Bridge(dedup, "fault worker")
+        portal = bridge.portal
         assert portal is not None
 
         def stopped() -> bool:  # read on the facade's loop, where the side client lives
@@ -155,7 +156,7 @@ def run_blocking(args: argparse.Namespace, log: Log) -> None:
                 time.sleep(0.1)
                 return False
 
-        portal.call(engine_of(dedup).store.probe())
+        portal.call(bridge.engine.store.probe())
         print("ready", flush=True)
 
         def loop(seed: int) -> None:
