@@ -938,9 +938,8 @@ def script_cases(admin: redis.Redis) -> list[Case]:
     claim_steps = [
         ("GET result", "redis.call('GET', KEYS[3])"),
         ("GET lease", "redis.call('GET', KEYS[1])"),
-        ("INCR fence", "redis.call('INCR', KEYS[2])"),
         ("TIME", "redis.call('TIME')"),
-        ("SET fence PX", "redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[4])"),
+        ("SET fence NX PX", "redis.call('SET', KEYS[2], ARGV[5], 'NX', 'PX', ARGV[4])"),
         ("SET lease PX", "redis.call('SET', KEYS[1], ARGV[6], 'PX', ARGV[2])"),
     ]
     settle_steps = [
@@ -948,7 +947,8 @@ def script_cases(admin: redis.Redis) -> list[Case]:
         ("GET lease", "redis.call('GET', KEYS[1])"),
         ("DEL lease", "redis.call('DEL', KEYS[1])"),
         ("SET result PX", "redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])"),
-        ("PUBLISH", "redis.call(ARGV[7], ARGV[5], ARGV[6])"),
+        ("DEL fence", "redis.call('DEL', KEYS[2])"),
+        ("PUBLISH", "redis.call(ARGV[7], ARGV[5], 'V' .. ARGV[3])"),
     ]
 
     def straight_claim_args(case: str, i: int) -> list[Any]:
