@@ -217,3 +217,90 @@ async def test_a_lone_call_is_one_write(server: RedisServer) -> None:
     async with Deduplicator.from_url(server.url, namespace="off", auto_pipeline=False) as dedup:
         assert engine_of(dedup).store.pipeline is None
         assert (await dedup.execute("one", lambda: 1)).value == 1
+
+
+async def _written(pipe: AutoPipeline, count: int, holding: asyncio.Future[object]) -> None:
+    """Wait (5 s at most) until ``count`` batches were written, failing if ``holding`` (a
+    command whose reply DEBUG SLEEP holds back) was answered first."""
+    deadline = time.monotonic() + 5
+    while pipe.batches < count:
+        assert not holding.done(), "the held batch was answered before the next one was written"
+        assert time.monotonic() < deadline, "the next batch was never written"
+        await asyncio.sleep(0.005)  # polling the pipeline's count against a deadline
+
+
+async def test_a_batch_leaves_while_the_one_before_is_unanswered(pipe: AutoPipeline) -> None:
+    # The first command goes alone; what is issued meanwhile is one batch, whose replies DEBUG
+    # SLEEP holds back; commands issued then leave at once, on the same connection, in order.
+    before = pipe.batches
+    lone = asyncio.ensure_future(pipe.execute("ECHO", "lone"))
+    held = [
+        asyncio.ensure_future(pipe.execute(*args))
+        for args in (("DEBUG", "SLEEP", "1"), ("ECHO", "a"))
+    ]
+    assert await lone == b"lone"
+    await _written(pipe, before + 2, held[0])
+    second = [asyncio.ensure_future(pipe.execute("ECHO", str(i))) for i in range(3)]
+    await _written(pipe, before + 3, held[0])
+    third = asyncio.ensure_future(pipe.execute("ECHO", "c"))
+    await _written(pipe, before + 4, held[0])
+    async with asyncio.timeout(5):
+        assert await asyncio.gather(*held) == [b"OK", b"a"]
+        assert await asyncio.gather(*second) == [b"0", b"1", b"2"]
+        assert await third == b"c"
+
+
+async def test_at_most_depth_batches_are_unanswered(server: RedisServer) -> None:
+    client = aredis.Redis(port=server.port, protocol=2)
+    pipe = AutoPipeline(client.connection_pool, timeout=5, depth=1)
+    try:
+        before = pipe.batches
+        lone = asyncio.ensure_future(pipe.execute("ECHO", "lone"))
+        held = asyncio.ensure_future(pipe.execute("DEBUG", "SLEEP", "0.3"))
+        assert await lone == b"lone"
+        await _written(pipe, before + 2, held)
+        waiting = asyncio.ensure_future(pipe.execute("ECHO", "next"))
+        deadline = time.monotonic() + 5
+        while not held.done():  # `next` waits for the held batch's reply before it leaves
+            assert pipe.batches == before + 2
+            assert time.monotonic() < deadline, "the held batch was never answered"
+            await asyncio.sleep(0.005)  # polling the pipeline's count against a deadline
+        async with asyncio.timeout(5):
+            assert await held == b"OK"
+            assert await waiting == b"next"
+        assert pipe.batches == before + 3
+    finally:
+        await pipe.aclose()
+        await client.aclose()
+    with pytest.raises(ValueError, match="depth"):
+        AutoPipeline(client.connection_pool, timeout=1, depth=0)
+
+
+async def test_a_connection_dropped_with_two_batches_unanswered_fails_both(
+    server: RedisServer,
+) -> None:
+    proxy = CuttingProxy(server.port)
+    client = aredis.Redis(port=await proxy.start(), protocol=2)
+    pipe = AutoPipeline(client.connection_pool, timeout=5)
+    try:
+        before = pipe.batches
+        lone = asyncio.ensure_future(pipe.execute("ECHO", "lone"))
+        held = [
+            asyncio.ensure_future(pipe.execute(*args))
+            for args in (("DEBUG", "SLEEP", "0.5"), ("ECHO", "a"))
+        ]
+        assert await lone == b"lone"
+        proxy.budget = len(b"+OK\r\n") + 3  # the held batch's first reply, then a cut
+        await _written(pipe, before + 2, held[0])
+        second = [asyncio.ensure_future(pipe.execute("ECHO", str(i))) for i in range(3)]
+        await _written(pipe, before + 3, held[0])
+        async with asyncio.timeout(5):  # nobody hangs
+            results = await asyncio.gather(*held, *second, return_exceptions=True)
+        assert results[0] == b"OK"
+        assert all(isinstance(r, rex.ConnectionError) for r in results[1:]), results
+        proxy.budget = None
+        assert await pipe.execute("ECHO", "after") == b"after"  # a new connection
+    finally:
+        await pipe.aclose()
+        await client.aclose()
+        await proxy.close()

@@ -2,20 +2,23 @@
 
 A command given to `AutoPipeline.execute` while nothing is in flight is written at once by its
 caller, who reads its reply; every command given while something is in flight joins the next
-batch: one write of every queued command (at most ``max_batch``) on one connection, then its
-replies, read in order and handed to their callers. Under concurrency a batch carries what many
-calls issued while the previous one was answered, and a lone call costs one round trip, with no
-hop to another task.
+batch: one write of every queued command (at most ``max_batch``) on one connection. Up to
+``depth`` batches are written and unanswered at once; a reader task hands their replies to
+their callers in order, and halfway through a batch lets the callers answered so far run on, so
+their next commands leave as another batch while the rest of the replies are handed out: Redis
+works on one batch while this process works on another, instead of each waiting for the other.
+A lone call costs one round trip, with no hop to another task.
 Nothing is transactional: each command succeeds or fails on its own (an error reply goes to its
 caller only).
 
 - A caller cancelled while its command waits in the queue is dropped before the write; one
   cancelled after the write has its reply read and discarded (a lone caller cancelled while it
   reads its own reply closes the connection: the next command opens another).
-- A connection that fails (connect, write or read error; the batch not answered within
-  ``timeout``) is closed, every caller of its batch gets that error (the store turns it into
-  `StoreUnavailable`, or retries what is safe to repeat), and the next batch opens a new
-  connection from the pool (behind Sentinel: to the current primary).
+- A connection that fails (connect, write or read error; a batch not answered within
+  ``timeout`` of its turn to be read) is closed, every caller of its unanswered batches gets
+  that error (the store turns it into `StoreUnavailable`, or retries what is safe to repeat),
+  and the next batch opens a new connection from the pool (behind Sentinel: to the current
+  primary).
 - The connection comes from the client's pool and is held for the pipeline's life, so it counts
   towards ``max_connections``.
 
@@ -27,9 +30,11 @@ leave together. Routing by slot, redirections and failovers are the store's busi
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import redis.exceptions as rex
@@ -81,19 +86,65 @@ pack = _hiredis_packer()
 """Pack one command in RESP."""
 
 
+async def _read_response(conn: Any) -> Any:
+    return await conn.read_response(timeout=math.inf)
+
+
+def reply_reader(conn: Any) -> Callable[[Any], Awaitable[Any]]:
+    """How the reader takes one reply off ``conn``: redis-py's ``read_response``, or, on a
+    RESP2 connection parsed by hiredis, hiredis' own reader directly (the replies of a batch
+    arrive together: most are taken from what was read already, without a coroutine of
+    redis-py's per reply). Falls back to ``read_response`` if redis-py's parser is not what is
+    expected."""
+    parser = getattr(conn, "_parser", None)
+    hireader = getattr(parser, "_reader", None)
+    fill = getattr(parser, "read_from_socket", None)
+    if (
+        hireader is None
+        or fill is None
+        or not type(hireader).__module__.startswith("hiredis")
+        or str(getattr(conn, "protocol", 2)) != "2"
+    ):
+        return _read_response
+    gets = hireader.gets
+    # What hiredis answers while a reply is incomplete: the parser module's sentinel (False in
+    # redis-py releases that have none; RESP2 has no booleans).
+    missing = getattr(sys.modules.get(type(parser).__module__), "NOT_ENOUGH_DATA", False)
+
+    async def read(conn: Any) -> Any:
+        reply = gets()
+        while reply is missing:
+            await fill()
+            reply = gets()
+        if isinstance(reply, BaseException):  # an error reply (hiredis returns it)
+            raise reply
+        if type(reply) is list and reply and isinstance(reply[0], rex.ConnectionError):
+            raise reply[0]
+        return reply
+
+    return read
+
+
 class AutoPipeline:
     """Batches the commands of concurrent callers on one connection of ``pool``."""
 
-    def __init__(self, pool: Any, *, timeout: float, max_batch: int = 256) -> None:
+    def __init__(self, pool: Any, *, timeout: float, max_batch: int = 256, depth: int = 4) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
         self.pool = pool
         """Where the connection comes from."""
         self._timeout = timeout
         self._max_batch = max_batch
+        self._depth = depth
         self._queue: list[_Pending] = []
         self._conn: Any = None
         self._writer: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        # Batches written and not yet answered, oldest first, with the connection they went on.
+        self._inflight: collections.deque[tuple[Any, list[_Pending]]] = collections.deque()
+        self._room: asyncio.Future[None] | None = None  # the writer waits here for a free slot
         self._alone = False  # a caller is writing (and reading) a command of its own
         self._closed = False
         self.batches = 0
@@ -107,12 +158,12 @@ class AutoPipeline:
             raise rex.ConnectionError("the pipeline is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if self._writer is None and not self._alone and not self._queue:
+        if self._writer is None and self._reader is None and not self._alone and not self._queue:
             # Nothing in flight: this caller writes its command itself (no hop to a writer task);
             # what others send meanwhile gathers into the next batch.
             self._alone = True
             try:
-                await self._send([(args, future)])
+                await self._send_alone(args, future)
             finally:
                 self._alone = False
                 if self._closed:  # closed while this caller used the connection: it gives it back
@@ -126,49 +177,131 @@ class AutoPipeline:
         return await future
 
     async def _drain(self) -> None:
-        """Write batches until the queue is empty (a batch's replies are read before the next
-        batch is written: what arrives meanwhile gathers into it)."""
+        """Write batches until the queue is empty, at most ``depth`` of them unanswered at once
+        (what arrives while the slots are taken gathers into the next batch)."""
+        loop = asyncio.get_running_loop()
         try:
-            while self._queue:
+            while self._queue and not self._closed:
+                if len(self._inflight) >= self._depth:
+                    self._room = loop.create_future()
+                    await self._room
+                    continue
                 batch = [item for item in self._queue[: self._max_batch] if not item[1].done()]
                 del self._queue[: self._max_batch]
                 if batch:
-                    await self._send(batch)
+                    await self._write(batch)
                     # Let the callers just answered run on: their next commands join the batch.
                     await asyncio.sleep(0)
         finally:
-            self._writer = None
-            if self._queue and not self._closed:  # queued while we were being cancelled
-                self._writer = asyncio.get_running_loop().create_task(self._drain())
+            if self._writer is asyncio.current_task():
+                self._writer = None
+            if self._queue and not self._closed and self._writer is None:
+                # queued while we were being cancelled
+                self._writer = loop.create_task(self._drain())
 
-    async def _send(self, batch: list[_Pending]) -> None:
+    async def _write(self, batch: list[_Pending]) -> None:
+        conn = self._conn
         try:
             async with asyncio.timeout(self._timeout):
                 conn = await self._connection()
                 await conn.send_packed_command(
                     [pack(args) for args, _ in batch], check_health=False
                 )
-                self.batches += 1
-                self.commands += len(batch)
-                for _, future in batch:
-                    try:
-                        reply = await conn.read_response(timeout=math.inf)
-                    except rex.ResponseError as refused:  # an error reply: this caller's alone
-                        if not future.done():
-                            future.set_exception(refused)
-                    else:
-                        if not future.done():
-                            future.set_result(reply)
         except BaseException as exc:
-            await self._drop()
-            error: BaseException = exc
-            if isinstance(exc, TimeoutError):
-                error = rex.TimeoutError(f"no reply from Redis within {self._timeout:g}s")
-            elif isinstance(exc, asyncio.CancelledError):
-                error = rex.ConnectionError("the pipeline's writer was cancelled")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            await self._fail(exc, conn, batch)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self.batches += 1
+        self.commands += len(batch)
+        self._inflight.append((conn, batch))
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read(conn))
+
+    async def _read(self, conn: Any) -> None:
+        """Read the replies of the batches written on ``conn``, in order, each batch within
+        ``timeout``. Halfway through a batch its callers answered so far run on, so their next
+        commands leave (another slot) while the rest of the replies are handed out: the server
+        works on one batch while this process works on the other."""
+        read = reply_reader(conn)
+        try:
+            while self._inflight and self._inflight[0][0] is conn:
+                batch = self._inflight[0][1]
+                half = len(batch) // 2 if self._depth > 1 and len(batch) >= 8 else 0
+                async with asyncio.timeout(self._timeout):
+                    for i, (_, future) in enumerate(batch, 1):
+                        try:
+                            reply = await read(conn)
+                        except rex.ResponseError as refused:  # an error reply: this caller's alone
+                            if not future.done():
+                                future.set_exception(refused)
+                        else:
+                            if not future.done():
+                                future.set_result(reply)
+                        if i == half:
+                            await asyncio.sleep(0)
+                if self._inflight and self._inflight[0][1] is batch:
+                    self._inflight.popleft()
+                self._wake_writer()
+        except BaseException as exc:
+            await self._fail(exc, conn)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            if self._reader is asyncio.current_task():
+                self._reader = None
+                if self._inflight and not self._closed:  # written on a newer connection
+                    newer = self._inflight[0][0]
+                    self._reader = asyncio.get_running_loop().create_task(self._read(newer))
+
+    def _wake_writer(self) -> None:
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    async def _fail(self, exc: BaseException, conn: Any, batch: Sequence[_Pending] = ()) -> None:
+        """``conn`` failed: its callers (``batch`` and every batch unanswered on it) get the
+        error, and it is closed; the next batch opens another connection."""
+        pending = list(batch)
+        if conn is not None and conn is self._conn:
+            self._conn = None
+            for _, unanswered in self._inflight:
+                pending += unanswered
+            self._inflight.clear()
+            reader = self._reader
+            if reader is not None and reader is not asyncio.current_task():
+                self._reader = None
+                reader.cancel()  # it reads from the connection being closed
+        else:
+            conn = None  # already closed by whoever failed first
+        self._wake_writer()
+        error: BaseException = exc
+        if isinstance(exc, TimeoutError):
+            error = rex.TimeoutError(f"no reply from Redis within {self._timeout:g}s")
+        elif isinstance(exc, asyncio.CancelledError):
+            error = rex.ConnectionError("the pipeline's writer was cancelled")
+        for _, future in pending:
+            if not future.done():
+                future.set_exception(error)
+        if conn is not None:
+            await self._close(conn)
+
+    async def _send_alone(self, args: Sequence[Any], future: asyncio.Future[Any]) -> None:
+        conn = self._conn
+        try:
+            async with asyncio.timeout(self._timeout):
+                conn = await self._connection()
+                await conn.send_packed_command(pack(args), check_health=False)
+                self.batches += 1
+                self.commands += 1
+                try:
+                    reply = await conn.read_response(timeout=math.inf)
+                except rex.ResponseError as refused:
+                    future.set_exception(refused)
+                else:
+                    future.set_result(reply)
+        except BaseException as exc:
+            await self._fail(exc, conn, [(args, future)])
             if isinstance(exc, asyncio.CancelledError):
                 raise
 
@@ -181,26 +314,30 @@ class AutoPipeline:
             self._conn = conn
         return self._conn
 
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.disconnect(nowait=True)
-            with contextlib.suppress(Exception):
-                await self.pool.release(conn)
+    async def _close(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            await conn.disconnect(nowait=True)
+        with contextlib.suppress(Exception):
+            await self.pool.release(conn)
 
     async def aclose(self) -> None:
-        """Fail what is queued, stop the writer and give the connection back."""
+        """Fail what is queued and what is unanswered, stop the writer and the reader and give
+        the connection back."""
         self._closed = True
         queued, self._queue = self._queue, []
         for _, future in queued:
             if not future.done():
                 future.set_exception(rex.ConnectionError("the pipeline is closed"))
-        writer = self._writer
-        if writer is not None and not writer.done():
-            writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
+        for task in (self._writer, self._reader):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        unanswered = [item for _, batch in self._inflight for item in batch]
+        self._inflight.clear()
+        for _, future in unanswered:
+            if not future.done():
+                future.set_exception(rex.ConnectionError("the pipeline is closed"))
         if not self._alone:  # else the lone caller reading its reply gives the connection back
             await self._release()
 
