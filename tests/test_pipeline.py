@@ -304,3 +304,27 @@ async def test_a_connection_dropped_with_two_batches_unanswered_fails_both(
         await pipe.aclose()
         await client.aclose()
         await proxy.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_replies_and_error_replies_on_either_protocol(
+    server: RedisServer, protocol: int
+) -> None:
+    client = aredis.Redis(port=server.port, protocol=protocol)
+    pipe = AutoPipeline(client.connection_pool, timeout=5)
+    try:
+        await pipe.execute("SET", "k", "v")
+        results = await asyncio.gather(
+            *(pipe.execute("GET", "k") for _ in range(40)),
+            pipe.execute("EVALSHA", "0" * 40, 0),
+            pipe.execute("HSET", "h", "f", "1"),
+            pipe.execute("HGETALL", "h"),
+            return_exceptions=True,
+        )
+        assert results[:40] == [b"v"] * 40
+        assert isinstance(results[40], rex.NoScriptError)  # the error's own type
+        assert results[41] == 1
+        assert results[42] in ([b"f", b"1"], {b"f": b"1"})  # RESP2 array, RESP3 map
+    finally:
+        await pipe.aclose()
+        await client.aclose()

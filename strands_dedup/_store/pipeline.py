@@ -4,9 +4,11 @@ A command given to `AutoPipeline.execute` while nothing is in flight is written 
 caller, who reads its reply; every command given while something is in flight joins the next
 batch: one write of every queued command (at most ``max_batch``) on one connection. Up to
 ``depth`` batches are written and unanswered at once; a reader task hands their replies to
-their callers in order, and halfway through a batch lets the callers answered so far run on, so
-their next commands leave as another batch while the rest of the replies are handed out: Redis
-works on one batch while this process works on another, instead of each waiting for the other.
+their callers in order, and halfway through a batch of 32 or more lets the callers answered so
+far run on, so their next commands leave as another batch while the rest of the replies are
+handed out: Redis works on one batch while this process works on another, instead of each
+waiting for the other. (Smaller batches are not split: on a cluster, where each primary's
+pipeline gets a share of the calls, splitting them cost more client time than it saved.)
 A lone call costs one round trip, with no hop to another task.
 Nothing is transactional: each command succeeds or fails on its own (an error reply goes to its
 caller only).
@@ -138,6 +140,7 @@ class AutoPipeline:
         self._timeout = timeout
         self._max_batch = max_batch
         self._depth = depth
+        self._split = 32  # the smallest batch whose callers answered first run on halfway
         self._queue: list[_Pending] = []
         self._conn: Any = None
         self._writer: asyncio.Task[None] | None = None
@@ -220,14 +223,14 @@ class AutoPipeline:
 
     async def _read(self, conn: Any) -> None:
         """Read the replies of the batches written on ``conn``, in order, each batch within
-        ``timeout``. Halfway through a batch its callers answered so far run on, so their next
-        commands leave (another slot) while the rest of the replies are handed out: the server
-        works on one batch while this process works on the other."""
+        ``timeout``. Halfway through a large batch its callers answered so far run on, so their
+        next commands leave (another slot) while the rest of the replies are handed out: the
+        server works on one batch while this process works on the other."""
         read = reply_reader(conn)
         try:
             while self._inflight and self._inflight[0][0] is conn:
                 batch = self._inflight[0][1]
-                half = len(batch) // 2 if self._depth > 1 and len(batch) >= 8 else 0
+                half = len(batch) // 2 if self._depth > 1 and len(batch) >= self._split else 0
                 async with asyncio.timeout(self._timeout):
                     for i, (_, future) in enumerate(batch, 1):
                         try:
