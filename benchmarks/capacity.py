@@ -65,7 +65,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -382,10 +382,17 @@ def cost_per_call(
 # -- MONITOR: which commands a call sends ------------------------------------------------------
 
 
-async def monitor_sample(admin: redis.Redis, port: int, subject: Subject) -> dict[str, Any]:
+async def monitor_sample(
+    admin: redis.Redis,
+    port: int,
+    subject: Subject,
+    prepare: dict[str, Callable[[], Awaitable[Any]]] | None = None,
+) -> dict[str, Any]:
     """MONITOR while the subject makes MONITOR_CALLS fresh calls and as many replays, one at a
     time, each after an ECHO marker: per kind, the commands of its first call (sent, and run
-    inside scripts) and each command name's share of calls sent by the client."""
+    inside scripts) and each command name's share of calls sent by the client. ``prepare``:
+    per kind, what runs before its calls (behind a marker of its own, so left out): the state
+    the subject is measured in (a store that has been answering replays reads first)."""
     lines: list[tuple[str, str]] = []
     ready = threading.Event()
     end = f"capacity|end|{uuid.uuid4().hex}"
@@ -410,6 +417,9 @@ async def monitor_sample(admin: redis.Redis, port: int, subject: Subject) -> dic
         raise RuntimeError("MONITOR did not start")
     run = uuid.uuid4().hex[:8]
     for kind in ("fresh", "replay"):
+        if prepare and kind in prepare:
+            admin.echo("capacity|prepare|0")
+            await prepare[kind]()
         for i in range(MONITOR_CALLS):
             admin.echo(f"capacity|{kind}|{i}")
             token = f"monitor-{run}-{i}"
@@ -609,8 +619,24 @@ async def measure_subject(
     try:
         await drive(subject, warm, "fresh")
         await drive(subject, warm, "replay")
+    finally:
+        await subject.close()
+    # Sampled in the state each kind is measured in: fresh calls on a newly opened subject that
+    # has made a few (as in the fresh windows, where it has seen no replay; its opening
+    # commands left out), replays after a run of replays.
+    opening = [f"open-{run}-{i}" for i in range(8)]
+    await subject.open()
+    try:
         progress(f"  {subject.name}: MONITOR sample")
-        sample = await monitor_sample(admin, port, subject)
+        sample = await monitor_sample(
+            admin,
+            port,
+            subject,
+            prepare={
+                "fresh": lambda: drive(subject, opening, "fresh"),
+                "replay": lambda: drive(subject, warm, "replay"),
+            },
+        )
     finally:
         await subject.close()
     admin.flushall()

@@ -7,8 +7,9 @@ batch: one write of every queued command (at most ``max_batch``) on one connecti
 their callers in order, and halfway through a batch of 32 or more lets the callers answered so
 far run on, so their next commands leave as another batch while the rest of the replies are
 handed out: Redis works on one batch while this process works on another, instead of each
-waiting for the other. (Smaller batches are not split: on a cluster, where each primary's
-pipeline gets a share of the calls, splitting them cost more client time than it saved.)
+waiting for the other. (Smaller batches are not split, and a cluster primary's pipeline keeps
+one batch in flight: each gets a share of the calls, and splitting their small batches cost
+more client time than it saved.)
 A lone call costs one round trip, with no hop to another task.
 Nothing is transactional: each command succeeds or fails on its own (an error reply goes to its
 caller only).
@@ -436,8 +437,11 @@ class NodePipelines:
                 raise rex.ConnectionError("the pipelines are closed")
             if pipeline is not None:  # the node left and came back: a new ClusterNode
                 self._retire(node.name)
+            # One batch in flight per primary: each gets a share of the calls, so its batches
+            # are small, and writing the next before the last is answered made them smaller
+            # still (more writes per call, measured slower); the primaries overlap instead.
             pipeline = AutoPipeline(
-                NodePool(node), timeout=self._timeout, max_batch=self._max_batch
+                NodePool(node), timeout=self._timeout, max_batch=self._max_batch, depth=1
             )
             self._pipelines[node.name] = pipeline
         return pipeline

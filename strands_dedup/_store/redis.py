@@ -252,19 +252,27 @@ class RedisStore:
         needs no connection slot and no timeout of its own (the pipeline bounds each batch);
         else like `_run`. ``priority``: a completion or renewal (see `_run`)."""
         pipeline = self.pipeline
-        if pipeline is None:
+        nodes = self.node_pipelines
+        if pipeline is None and nodes is None:
             op: Callable[[], Awaitable[Any]] = lambda: self._eval(call)  # noqa: E731
-            if self.node_pipelines is None:
-                return call.parse(await self._run(op, priority=priority))
-            return call.parse(await self._attempt(op, bounded=False))
-        # The auto-pipeline's path, every call's: `_attempt` of `_eval`, unrolled.
+            return call.parse(await self._run(op, priority=priority))
+        # The auto-pipeline's path (on a cluster, the slot's node pipeline), every call's:
+        # `_attempt` of `_eval`, unrolled.
         task = asyncio.current_task()
         cancelling = task.cancelling() if task is not None else 0
         try:
             try:
-                reply = await pipeline.execute(*call.evalsha())
-            except rex.NoScriptError:
-                reply = await pipeline.execute(*call.eval())
+                if pipeline is None:
+                    assert nodes is not None
+                    pipeline = await nodes.for_key(call.keys[0])
+                try:
+                    reply = await pipeline.execute(*call.evalsha())
+                except rex.NoScriptError:
+                    reply = await pipeline.execute(*call.eval())
+            except Exception as exc:
+                if nodes is None:
+                    raise
+                reply = await self._node_failed(nodes, lambda send: run_script(send, call), exc)
         except Exception as exc:
             return call.parse(await self._failed(lambda: self._eval(call), exc))
         if task is not None and task.cancelling() > cancelling:
@@ -378,19 +386,31 @@ class RedisStore:
         migrated) sends it through redis-py's routing, which follows the redirection and
         updates the slot map; a connection that failed has the slot map read again before the
         error goes to the retry."""
-        assert self.cluster is not None
         try:
             pipeline = await pipelines.for_key(key)
             return await how(pipeline.execute)
-        except rex.AskError:  # and MovedError; refused before the command ran
+        except Exception as exc:
+            return await self._node_failed(pipelines, how, exc)
+
+    async def _node_failed(
+        self,
+        pipelines: NodePipelines,
+        how: Callable[[Callable[..., Awaitable[Any]]], Awaitable[Any]],
+        exc: Exception,
+    ) -> Any:
+        """Cluster: after a command sent through a node pipeline (as ``how`` sends it) raised
+        ``exc``: a redirection sends it through redis-py's routing; a failed connection has the
+        slot map read again; the error (then) goes to the caller's retry."""
+        assert self.cluster is not None
+        if isinstance(exc, rex.AskError):  # and MovedError; refused before the command ran
             pipelines.redirected += 1
             async with asyncio.timeout(self._timeout):
                 reply = await how(self.cluster.execute_command)
             pipelines.prune()
             return reply
-        except (rex.ConnectionError, rex.TimeoutError):
+        if isinstance(exc, (rex.ConnectionError, rex.TimeoutError)):
             await pipelines.refresh(self._config.connect_timeout)
-            raise
+        raise exc
 
     def slot_primary(self, key: bytes) -> ClusterNode:
         """Cluster: the primary serving ``key``'s hash slot, as the client's slot map has it
