@@ -131,9 +131,9 @@ class RedisStore:
         notifications use sharded pub/sub (SPUBLISH, SSUBSCRIBE)."""
         self._config = config
         self.commands = Commands(config, cluster=self.cluster is not None)
+        """Each script's keys, arguments and reply parser (no I/O; the blocking shell's too)."""
         self.read_first = ReadFirst()
         """Whether claims read the result key first (replays are common here lately)."""
-        """Each script's keys, arguments and reply parser (no I/O; the blocking shell's too)."""
         self.pipeline: AutoPipeline | None = (
             AutoPipeline(client.connection_pool, timeout=config.socket_timeout)
             if isinstance(client, aredis.Redis) and config.auto_pipeline
