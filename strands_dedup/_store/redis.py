@@ -261,18 +261,16 @@ class RedisStore:
         task = asyncio.current_task()
         cancelling = task.cancelling() if task is not None else 0
         try:
-            try:
-                if pipeline is None:
-                    assert nodes is not None
-                    pipeline = await nodes.for_key(call.keys[0])
+            if pipeline is None:
+                assert nodes is not None
+                reply = await self._send_on_node(
+                    nodes, call.keys[0], lambda send: run_script(send, call)
+                )
+            else:
                 try:
                     reply = await pipeline.execute(*call.evalsha())
                 except rex.NoScriptError:
                     reply = await pipeline.execute(*call.eval())
-            except Exception as exc:
-                if nodes is None:
-                    raise
-                reply = await self._node_failed(nodes, lambda send: run_script(send, call), exc)
         except Exception as exc:
             return call.parse(await self._failed(lambda: self._eval(call), exc))
         if task is not None and task.cancelling() > cancelling:
@@ -386,31 +384,19 @@ class RedisStore:
         migrated) sends it through redis-py's routing, which follows the redirection and
         updates the slot map; a connection that failed has the slot map read again before the
         error goes to the retry."""
+        assert self.cluster is not None
         try:
             pipeline = await pipelines.for_key(key)
             return await how(pipeline.execute)
-        except Exception as exc:
-            return await self._node_failed(pipelines, how, exc)
-
-    async def _node_failed(
-        self,
-        pipelines: NodePipelines,
-        how: Callable[[Callable[..., Awaitable[Any]]], Awaitable[Any]],
-        exc: Exception,
-    ) -> Any:
-        """Cluster: after a command sent through a node pipeline (as ``how`` sends it) raised
-        ``exc``: a redirection sends it through redis-py's routing; a failed connection has the
-        slot map read again; the error (then) goes to the caller's retry."""
-        assert self.cluster is not None
-        if isinstance(exc, rex.AskError):  # and MovedError; refused before the command ran
+        except rex.AskError:  # and MovedError; refused before the command ran
             pipelines.redirected += 1
             async with asyncio.timeout(self._timeout):
                 reply = await how(self.cluster.execute_command)
             pipelines.prune()
             return reply
-        if isinstance(exc, (rex.ConnectionError, rex.TimeoutError)):
+        except (rex.ConnectionError, rex.TimeoutError):
             await pipelines.refresh(self._config.connect_timeout)
-        raise exc
+            raise
 
     def slot_primary(self, key: bytes) -> ClusterNode:
         """Cluster: the primary serving ``key``'s hash slot, as the client's slot map has it

@@ -97,7 +97,7 @@ class DemoReport:
 def gateway_command(
     upstream: str, redis_url: str, namespace: str, port: int, *extra: str
 ) -> list[str]:
-    """The command line of one `strands-dedup gateway` replica (used by the demo and tests)."""
+    """The command line of one `strands-dedup gateway` replica (used by the demo)."""
     return [
         sys.executable,
         "-m",
