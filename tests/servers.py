@@ -75,8 +75,9 @@ def port_in_use(port: int) -> bool:
 class RedisServer:
     """A redis-server child process on a free port (never 6379), stopped by `stop`."""
 
-    def __init__(self, *args: str, port: int | None = None) -> None:
-        if REDIS_SERVER is None:
+    def __init__(self, *args: str, port: int | None = None, binary: str | None = None) -> None:
+        self.binary = binary or REDIS_SERVER
+        if self.binary is None:
             raise RuntimeError("redis-server is not on the PATH")
         self.dir = tempfile.mkdtemp(prefix="strands-dedup-redis-")
         self.unixsocket = os.path.join(self.dir, "redis.sock")
@@ -96,7 +97,7 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [
-                REDIS_SERVER,
+                self.binary,
                 "--port",
                 str(self.port),
                 "--bind",

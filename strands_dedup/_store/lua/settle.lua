@@ -1,12 +1,16 @@
 --[[ settle: a primary's completion, failure or release, fenced, in one round trip.
 KEYS[1]  lease key     KEYS[2]  fence key     KEYS[3]  result key
-ARGV[1]  owner id                ARGV[2]  the primary's fence
+ARGV[1]  owner id (not read: the fence identifies the primary, see below)
+ARGV[2]  the primary's fence
 ARGV[3]  envelope to store under the result key ('' stores nothing)
 ARGV[4]  result TTL in ms        ARGV[5]  channel of the token
 ARGV[6]  message to publish ('' publishes 'V' .. ARGV[3]: the envelope goes over the wire once)
 ARGV[7]  publish command: 'PUBLISH' (or 'SPUBLISH' on a cluster)
-Accepted only while the fence still equals the primary's and the lease is the primary's or absent:
-a primary paused past its lease, whose token was claimed again, is refused. A stored result
+Accepted only while the fence still equals the primary's, and then the lease is the primary's or
+absent: every lease holds the counter's value at the time it was written (claim.lua writes a new
+lease with the next fence; renew.lua takes back only a lease whose fence is still the counter's),
+so another owner's lease would come with another fence, and the lease is deleted unread. A
+primary paused past its lease, whose token was claimed again, is refused. A stored result
 carries its fence inside the envelope, so storing one deletes the fence key: a completed token
 keeps one key. Every later settle of that token then finds no fence and is refused (a zombie's:
 LeaseLost), except a repeat of this same settle (same owner, same envelope), which finds its
@@ -19,7 +23,6 @@ lease back; claims and renewals keep the fence key alive for result TTL + 2 leas
 Returns
   {1, 'ok'}                   accepted: stored (if asked), lease deleted, message published
   {0, 'fence', current}       the token was claimed again since, or completed ('' if no fence)
-  {0, 'owner'}                another owner holds the lease
 ]]
 local current = redis.call('GET', KEYS[2])
 if current ~= ARGV[2] then
@@ -28,17 +31,11 @@ if current ~= ARGV[2] then
   end
   return {0, 'fence', current or ''}
 end
-local lease = redis.call('GET', KEYS[1])
-if lease then
-  if string.sub(lease, 1, #ARGV[1] + 1) ~= ARGV[1] .. '|' then
-    return {0, 'owner'}
-  end
-  redis.call('DEL', KEYS[1])
-end
 if ARGV[3] ~= '' then
   redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[1], KEYS[2])
 else
+  redis.call('DEL', KEYS[1])
   redis.call('INCR', KEYS[2])
 end
 local message = ARGV[6]
