@@ -1350,9 +1350,8 @@ async def run_capacity(settings: Settings) -> dict[str, Any]:
     if settings.valkey:
         with private_server(settings.valkey) as server:
             admin = admin_client(server.port)
-            version = admin.info("server").get("valkey_version") or admin.info("server").get(
-                "redis_version"
-            )
+            info = admin.info("server")
+            version = info.get("valkey_version") or info.get("redis_version")
             progress(f"cost on a private valkey-server {version}")
             subjects = [
                 RawDedup(server.url),
@@ -1504,21 +1503,8 @@ def _cost_table(cost: dict[str, Any]) -> list[str]:
     )
 
 
-def render(report: dict[str, Any]) -> str:
-    out: list[str] = []
-    cost = report.get("cost", {})
+def _memory_table(cost: dict[str, Any]) -> list[str]:
     raw = cost.get(RAW)
-    settings = report["settings"]
-    out.append(
-        f"Cost per call: {settings['calls']} calls of each kind at concurrency "
-        f"{settings['concurrency']}, private Redis {report['environment']['redis_server']}"
-    )
-    out += _cost_table(cost)
-    out.append("")
-    out.append(
-        "Memory per completed call: used_memory over the emptied server (read with no other "
-        "client connected), its split (MEMORY STATS), MEMORY USAGE of sampled keys"
-    )
     rows = []
     base = raw["memory"]["bytes_per_call"] if raw else None
     for name, row in cost.items():
@@ -1538,7 +1524,7 @@ def render(report: dict[str, Any]) -> str:
                 growth,
             )
         )
-    out += _table(
+    return _table(
         (
             "subject",
             "keys",
@@ -1550,6 +1536,23 @@ def render(report: dict[str, Any]) -> str:
         ),
         rows,
     )
+
+
+def render(report: dict[str, Any]) -> str:
+    out: list[str] = []
+    cost = report.get("cost", {})
+    settings = report["settings"]
+    out.append(
+        f"Cost per call: {settings['calls']} calls of each kind at concurrency "
+        f"{settings['concurrency']}, private Redis {report['environment']['redis_server']}"
+    )
+    out += _cost_table(cost)
+    out.append("")
+    out.append(
+        "Memory per completed call: used_memory over the emptied server (read with no other "
+        "client connected), its split (MEMORY STATS), MEMORY USAGE of sampled keys"
+    )
+    out += _memory_table(cost)
     for where, rates in report.get("throughput", {}).items():
         out.append("")
         out.append(
@@ -1589,19 +1592,7 @@ def render(report: dict[str, Any]) -> str:
             "each kind)"
         )
         out += _cost_table(valkey["subjects"])
-        rows = []
-        base = valkey["subjects"].get(RAW, {}).get("memory", {}).get("bytes_per_call")
-        for name, row in valkey["subjects"].items():
-            m = row["memory"]
-            rows.append(
-                (
-                    name,
-                    f"{m['keys_per_call']:.2f}",
-                    f"{m['bytes_per_call']:.0f}",
-                    _x(m["bytes_per_call"], base),
-                )
-            )
-        out += ["", *_table(("subject", "keys", "B per completed call", "x raw"), rows)]
+        out += ["", *_memory_table(valkey["subjects"])]
     scripts = report.get("scripts")
     if scripts:
         out.append("")
