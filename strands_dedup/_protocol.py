@@ -285,22 +285,15 @@ def decode_envelope(data: bytes) -> Envelope:
     extra = json.loads(extra_json) if extra_json else {}
     if not isinstance(extra, dict):
         raise ValueError("the envelope's extra fields are not a JSON object")
-    st = _STATUS_NAMES[status]
-    payload = data[head_end + 1 :]
-    return Envelope(
-        owner=owner.decode(),
-        fence=int(fence),
-        ok=st == "ok",
-        fingerprint=fp.decode() if fp else extra.get("fp"),
-        serializer=ser.decode() if ser else extra.get("ser", ""),
-        created_ms=int(created),
-        token=extra.get("tok", ""),
-        scope=extra.get("sc", ""),
-        payload=payload,
-        error_type=extra.get("et", ""),
-        error_message=extra.get("em", ""),
-        size=len(payload),
-        stored=st != STATUS_SHARED,
+    return _envelope(
+        owner.decode(),
+        int(fence),
+        _STATUS_NAMES[status],
+        fp.decode() if fp else extra.get("fp"),
+        ser.decode() if ser else extra.get("ser", ""),
+        int(created),
+        extra,
+        data[head_end + 1 :],
     )
 
 
@@ -309,21 +302,44 @@ def _decode_envelope_v1(data: bytes) -> Envelope:
     owner_end = data.index(b"|", len(ENVELOPE_MAGIC_V1))
     head_end = data.index(b"\n", owner_end)
     header = json.loads(data[owner_end + 1 : head_end])
-    payload = data[head_end + 1 :]
+    return _envelope(
+        data[len(ENVELOPE_MAGIC_V1) : owner_end].decode(),
+        int(header["f"]),
+        header["st"],
+        header.get("fp"),
+        header.get("ser", ""),
+        int(header.get("t", 0)),
+        header,
+        data[head_end + 1 :],
+    )
+
+
+def _envelope(
+    owner: str,
+    fence: int,
+    status: str,
+    fingerprint: str | None,
+    serializer: str,
+    created_ms: int,
+    fields: dict[str, Any],
+    payload: bytes,
+) -> Envelope:
+    """The `Envelope` of either format's fields (``fields``: the optional ones by short name:
+    token, scope, error type and message)."""
     return Envelope(
-        owner=data[len(ENVELOPE_MAGIC_V1) : owner_end].decode(),
-        fence=int(header["f"]),
-        ok=header["st"] == "ok",
-        fingerprint=header.get("fp"),
-        serializer=header.get("ser", ""),
-        created_ms=int(header.get("t", 0)),
-        token=header.get("tok", ""),
-        scope=header.get("sc", ""),
+        owner=owner,
+        fence=fence,
+        ok=status == "ok",
+        fingerprint=fingerprint,
+        serializer=serializer,
+        created_ms=created_ms,
+        token=fields.get("tok", ""),
+        scope=fields.get("sc", ""),
         payload=payload,
-        error_type=header.get("et", ""),
-        error_message=header.get("em", ""),
+        error_type=fields.get("et", ""),
+        error_message=fields.get("em", ""),
         size=len(payload),
-        stored=header["st"] != STATUS_SHARED,
+        stored=status != STATUS_SHARED,
     )
 
 

@@ -129,7 +129,7 @@ def test_claim_replies() -> None:
 def test_settle_release_renew_append_replies() -> None:
     assert parse_settle([1, b"ok"]) == Settled(True, "ok")
     assert parse_settle([0, b"fence", b"9"]) == Settled(False, "fence")
-    assert parse_settle([0, "owner"]) == (False, "owner")
+    assert parse_settle([0, "fence", ""]) == (False, "fence")  # decoded: a completed token
     with pytest.raises(ValueError, match="unexpected settle reply"):
         parse_settle(1)
     assert parse_release([1, b"ab|3|{}"]) == b"ab|3|{}"

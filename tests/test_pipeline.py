@@ -229,21 +229,32 @@ async def _written(pipe: AutoPipeline, count: int, holding: asyncio.Future[objec
         await asyncio.sleep(0.005)  # polling the pipeline's count against a deadline
 
 
-async def test_a_batch_leaves_while_the_one_before_is_unanswered(pipe: AutoPipeline) -> None:
-    # The first command goes alone; what is issued meanwhile is one batch, whose replies DEBUG
-    # SLEEP holds back; commands issued then leave at once, on the same connection, in order.
+async def _held_batch(
+    pipe: AutoPipeline, seconds: str, *echoes: str
+) -> list[asyncio.Future[object]]:
+    """A lone ``ECHO`` first; meanwhile ``DEBUG SLEEP seconds`` and an ``ECHO`` of each of
+    ``echoes`` are issued: one batch, whose replies the sleep holds back. Its futures, once the
+    lone reply came and the batch is written."""
     before = pipe.batches
     lone = asyncio.ensure_future(pipe.execute("ECHO", "lone"))
     held = [
-        asyncio.ensure_future(pipe.execute(*args))
-        for args in (("DEBUG", "SLEEP", "1"), ("ECHO", "a"))
+        asyncio.ensure_future(pipe.execute("DEBUG", "SLEEP", seconds)),
+        *(asyncio.ensure_future(pipe.execute("ECHO", e)) for e in echoes),
     ]
     assert await lone == b"lone"
     await _written(pipe, before + 2, held[0])
+    return held
+
+
+async def test_a_batch_leaves_while_the_one_before_is_unanswered(pipe: AutoPipeline) -> None:
+    # The first command goes alone; what is issued meanwhile is one batch, whose replies DEBUG
+    # SLEEP holds back; commands issued then leave at once, on the same connection, in order.
+    held = await _held_batch(pipe, "1", "a")
+    written = pipe.batches
     second = [asyncio.ensure_future(pipe.execute("ECHO", str(i))) for i in range(3)]
-    await _written(pipe, before + 3, held[0])
+    await _written(pipe, written + 1, held[0])
     third = asyncio.ensure_future(pipe.execute("ECHO", "c"))
-    await _written(pipe, before + 4, held[0])
+    await _written(pipe, written + 2, held[0])
     async with asyncio.timeout(5):
         assert await asyncio.gather(*held) == [b"OK", b"a"]
         assert await asyncio.gather(*second) == [b"0", b"1", b"2"]
@@ -254,21 +265,18 @@ async def test_at_most_depth_batches_are_unanswered(server: RedisServer) -> None
     client = aredis.Redis(port=server.port, protocol=2)
     pipe = AutoPipeline(client.connection_pool, timeout=5, depth=1)
     try:
-        before = pipe.batches
-        lone = asyncio.ensure_future(pipe.execute("ECHO", "lone"))
-        held = asyncio.ensure_future(pipe.execute("DEBUG", "SLEEP", "0.3"))
-        assert await lone == b"lone"
-        await _written(pipe, before + 2, held)
+        (held,) = await _held_batch(pipe, "0.3")
+        written = pipe.batches
         waiting = asyncio.ensure_future(pipe.execute("ECHO", "next"))
         deadline = time.monotonic() + 5
         while not held.done():  # `next` waits for the held batch's reply before it leaves
-            assert pipe.batches == before + 2
+            assert pipe.batches == written
             assert time.monotonic() < deadline, "the held batch was never answered"
             await asyncio.sleep(0.005)  # polling the pipeline's count against a deadline
         async with asyncio.timeout(5):
             assert await held == b"OK"
             assert await waiting == b"next"
-        assert pipe.batches == before + 3
+        assert pipe.batches == written + 1
     finally:
         await pipe.aclose()
         await client.aclose()
@@ -283,17 +291,11 @@ async def test_a_connection_dropped_with_two_batches_unanswered_fails_both(
     client = aredis.Redis(port=await proxy.start(), protocol=2)
     pipe = AutoPipeline(client.connection_pool, timeout=5)
     try:
-        before = pipe.batches
-        lone = asyncio.ensure_future(pipe.execute("ECHO", "lone"))
-        held = [
-            asyncio.ensure_future(pipe.execute(*args))
-            for args in (("DEBUG", "SLEEP", "0.5"), ("ECHO", "a"))
-        ]
-        assert await lone == b"lone"
+        held = await _held_batch(pipe, "0.5", "a")
         proxy.budget = len(b"+OK\r\n") + 3  # the held batch's first reply, then a cut
-        await _written(pipe, before + 2, held[0])
+        written = pipe.batches
         second = [asyncio.ensure_future(pipe.execute("ECHO", str(i))) for i in range(3)]
-        await _written(pipe, before + 3, held[0])
+        await _written(pipe, written + 1, held[0])
         async with asyncio.timeout(5):  # nobody hangs
             results = await asyncio.gather(*held, *second, return_exceptions=True)
         assert results[0] == b"OK"
